@@ -1,0 +1,1 @@
+"""Kernels and kernel references: pure-PyTorch gated delta rule (ground truth, CPU path) and fla compat shims."""

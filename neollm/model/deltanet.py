@@ -1,0 +1,265 @@
+"""NeoLLM's Gated DeltaNet mixer: fla's GatedDeltaNet layer, meta-device friendly, with a pure-PyTorch path.
+
+Why our own module rather than ``fla.layers.GatedDeltaNet``: the trainer builds models on the meta device and
+re-initialises them with ``init_weights()``, and CPU runs need a path without Triton. Parameter names and shapes
+are those of ``fla.layers.GatedDeltaNet(hidden_size=dim, head_dim=head_dim, num_heads=num_heads,
+expand_v=expand_v, mode='chunk', use_gate=True, use_short_conv=True, conv_size=conv_size)`` (fla 0.6.0,
+fla/layers/gated_deltanet.py:148-198), so state dicts load either way.
+
+Math (fla/layers/gated_deltanet.py:247-354 on the training path, no cache / mask / varlen):
+    q, k, v = SiLU(causal_depthwise_conv(x W_q | W_k | W_v))       (ShortConvolution, no bias)
+    q, k    = q / sqrt(|q|^2 + 1e-6), k likewise                     (fla l2norm, eps inside the sqrt)
+    beta    = sigmoid(x W_b);  g = -exp(A_log) * softplus(x W_a + dt_bias)   (log decay <= 0)
+    o       = gated delta rule(q, k, v, g, beta), scale K^-0.5
+    y       = W_o( RMSNorm_eps(o) * o_norm.weight * SiLU(x W_g) )     (per head over V, fp32 inside)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
+
+__all__ = ["GatedDeltaNet", "gdn_flops_per_token"]
+
+_BACKENDS = ("auto", "fla", "torch")
+_fla_workaround_checked = False
+
+
+def _ensure_fla_workaround() -> None:
+    global _fla_workaround_checked
+    if not _fla_workaround_checked:
+        from neollm.kernels.fla_compat import install_fla_hopper_workaround
+
+        install_fla_hopper_workaround()
+        _fla_workaround_checked = True
+
+
+class _GatedRMSNorm(nn.Module):
+    """Holds ``o_norm.weight`` ([head_v_dim], init 1) and computes fla's FusedRMSNormGated(swish) in torch."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        x32 = _f32(x)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y * _f32(self.weight) * F.silu(_f32(gate))
+        return y.to(x.dtype)
+
+
+def _f32(x: Tensor) -> Tensor:
+    """Upcast to at least fp32 (fp64 stays fp64, so the module can be checked in double precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _short_conv(x: Tensor, weight: Tensor) -> Tensor:
+    """Causal depthwise conv1d + SiLU on [B, T, C]: y_t = silu(sum_j w[:, j] x_{t-(W-1)+j}), as fla's causal_conv1d."""
+    T, W = x.shape[1], weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), padding=W - 1, groups=x.shape[-1])[..., :T]
+    return F.silu(y.transpose(1, 2))
+
+
+def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    x32 = _f32(x)
+    return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton), "torch", or "auto".
+
+    "auto" picks fla when the input is on CUDA, else the pure-torch path (our chunked reference).
+    """
+
+    chunk_size: int = 64  # fla's default chunk for chunk_gated_delta_rule; the torch path uses the same
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 2.0,
+        conv_size: int = 4,
+        norm_eps: float = 1e-5,
+        backend: str = "auto",
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        head_v_dim = head_dim * expand_v
+        if not math.isclose(head_v_dim, round(head_v_dim), rel_tol=0, abs_tol=1e-6):
+            raise ValueError(f"head_dim * expand_v must be an integer, got {head_dim} * {expand_v}")
+        self.hidden_size = dim
+        self.num_heads = num_heads
+        self.head_dim = self.head_k_dim = head_dim
+        self.expand_v = expand_v
+        self.head_v_dim = int(round(head_v_dim))
+        self.key_dim = num_heads * head_dim
+        self.value_dim = num_heads * self.head_v_dim
+        self.conv_size = conv_size
+        self.norm_eps = norm_eps
+        self.backend = backend
+        self.layer_idx = layer_idx
+
+        # Registration order follows fla's layer so state_dict() lists keys in the same order.
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(dim, num_heads, bias=False)
+        self.b_proj = nn.Linear(dim, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.q_conv1d = self._make_conv(self.key_dim)
+        self.k_conv1d = self._make_conv(self.key_dim)
+        self.v_conv1d = self._make_conv(self.value_dim)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.o_norm = _GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.init_weights()
+
+    def _make_conv(self, channels: int) -> nn.Conv1d:
+        # Same parameter as fla's ShortConvolution (an nn.Conv1d subclass): weight [C, 1, W], no bias.
+        return nn.Conv1d(channels, channels, self.conv_size, groups=channels, padding=self.conv_size - 1, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        """(Re)initialise every parameter; safe on meta tensors and, being in-place, on sharded DTensors.
+
+        Linear weights ~ N(0, init_std), o_proj ~ N(0, out_std or init_std), convs as nn.Conv1d's default,
+        o_norm.weight = 1, and fla's formulas (fla/layers/gated_deltanet.py:154-164):
+        A ~ U(0, 16), A_log = log A;  dt = exp(U(0,1) (ln 0.1 - ln 1e-3) + ln 1e-3) clamped >= 1e-4,
+        dt_bias = dt + log(-expm1(-dt)) (inverse softplus, so softplus(dt_bias) = dt in [1e-3, 0.1]).
+        """
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.o_norm.reset_parameters()
+
+        self.A_log.uniform_(0.0, 16.0).log_()
+        dt_min, dt_max, dt_floor = 1e-3, 1e-1, 1e-4
+        dt = self.dt_bias
+        dt.uniform_(0.0, 1.0).mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_()
+        dt.clamp_(min=dt_floor)
+        dt.add_(torch.log(-torch.expm1(-dt)))
+        # fla's flag for optimizers that group parameters (these two should not be weight-decayed).
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"expected x of shape [B, T, D], got {tuple(x.shape)}")
+        backend = self.backend
+        if backend == "auto":
+            backend = "fla" if x.is_cuda else "torch"
+        if backend == "fla":
+            if not x.is_cuda:
+                raise ValueError("backend='fla' needs a CUDA input (fla's kernels are Triton); use 'torch' or 'auto'")
+            return self._forward_fla(x)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = _short_conv(self.q_proj(x), self.q_conv1d.weight).reshape(B, T, H, K)
+        k = _short_conv(self.k_proj(x), self.k_conv1d.weight).reshape(B, T, H, K)
+        v = _short_conv(self.v_proj(x), self.v_conv1d.weight).reshape(B, T, H, V)
+        q, k = _l2norm(q), _l2norm(k)
+        beta = torch.sigmoid(_f32(self.b_proj(x)))
+        g = -_f32(self.A_log).exp() * F.softplus(_f32(self.a_proj(x)) + _f32(self.dt_bias))
+        o, _ = chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=self.chunk_size)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        o = self.o_norm(o, gate).reshape(B, T, H * V)
+        return self.o_proj(o)
+
+    def _forward_fla(self, x: Tensor) -> Tensor:
+        _ensure_fla_workaround()
+        from fla.modules.convolution import causal_conv1d
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        # fla's fused q/k/v conv path (taken when there is no cache / varlen): one kernel over the concatenation.
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        weight = torch.cat([c.weight.squeeze(1) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)], dim=0)
+        qkv, _ = causal_conv1d(
+            x=qkv, weight=weight, bias=None, activation="silu",
+            backend=os.environ.get("FLA_CONV_BACKEND", "triton"),  # ShortConvolution's default
+        )
+        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        o, _ = chunk_gated_delta_rule(
+            q=q.reshape(B, T, H, K),
+            k=k.reshape(B, T, H, K),
+            v=v.reshape(B, T, H, V),
+            g=self.a_proj(x),
+            beta=self.b_proj(x),
+            initial_state=None,
+            output_final_state=False,
+            use_qk_l2norm_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+            allow_neg_eigval=False,
+            state_v_first=True,
+            use_gate_in_kernel=True,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+        )
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        o = rms_norm_gated(x=o, g=gate, weight=self.o_norm.weight, bias=None, activation="swish", eps=self.norm_eps)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
+            f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, backend={self.backend!r}"
+        )
+
+
+def gdn_flops_per_token(
+    dim: int,
+    num_heads: int,
+    head_dim: int,
+    expand_v: float,
+    conv_size: int,
+    chunk_size: int = 64,
+) -> int:
+    """Training (forward + backward) FLOPs per token of one GatedDeltaNet layer, for MFU.
+
+    Convention as neollm.model.flops: a matmul costs 2 FLOPs per multiply-add forward and twice that backward
+    (x3 total); elementwise work (norms, gates, activations) is not counted; recomputation is not counted.
+    With H heads, K = head_dim, V = head_dim * expand_v, C = chunk_size:
+      projections: 6 * (D(2HK + 2HV + 2H) + HV D)        [q, k, v, g, a, b and o_proj weights]
+      short conv:  6 * conv_size * (2HK + HV)            [depthwise taps]
+      recurrence, per head and token, forward, counting full C x C blocks as the kernels compute them:
+        K K^T inside the chunk (the A matrix)             2CK
+        inverting the unit-triangular (I + A)             C^2 / 3   (C^3/3 per chunk)
+        W = T beta (K Gamma), U = T beta V                2C(K + V)
+        V_new = U - W S                                   2KV
+        O = (Q Gamma) S                                   2KV
+        + (Q K^T * decay) V_new                           2CK + 2CV
+        S <- decay S + (K decay)^T V_new                  2KV
+      = 6CK + 4CV + 6KV + C^2/3, times 3 for forward + backward.
+    At D=512, H=4, K=64, V=128 this is ~6.4M (projections) + ~1.3M (recurrence) FLOPs per token.
+    """
+    H, K, C = num_heads, head_dim, chunk_size
+    V = int(round(head_dim * expand_v))
+    key_dim, value_dim = H * K, H * V
+    linear_params = dim * (2 * key_dim + 2 * value_dim + 2 * H) + value_dim * dim
+    projections = 6 * linear_params
+    conv = 6 * conv_size * (2 * key_dim + value_dim)
+    recurrence = H * (3 * (6 * C * K + 4 * C * V + 6 * K * V) + C * C)  # 3 * C^2/3 = C^2
+    return projections + conv + recurrence

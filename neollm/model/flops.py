@@ -1,0 +1,37 @@
+"""Training FLOPs per token, counted honestly for MFU.
+
+Convention (PaLM appendix B, as torchtitan, nanoGPT and llm.c count): a matmul of an
+[n, k] x [k, m] pair costs 2nkm FLOPs forward and twice that backward, so each weight costs
+6 FLOPs per token; attention scores and the value mix cost 6 * 2 * T * head_dim per head per
+token over the full T x T square (the causal kernel skips about half of it, so MFU computed this
+way matches the others' numbers rather than the work done). Recomputation from activation
+checkpointing is not counted. The tied LM head counts its 6 * dim * vocab (the embedding lookup
+itself is free). Gated DeltaNet layers count their own projections and chunked recurrence
+(neollm.model.deltanet.gdn_flops_per_token).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from neollm.model.args import NeoLLMModelArgs
+
+
+def training_flops_per_token(model: nn.Module, args: NeoLLMModelArgs, seq_len: int) -> int:
+    from neollm.model.deltanet import GatedDeltaNet, gdn_flops_per_token
+
+    gdn_modules = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    inside_gdn = {id(p) for m in gdn_modules for p in m.parameters()}
+    linear_weights = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and id(m.weight) not in inside_gdn
+    )
+    n_attention = args.layer_types().count("A")
+    n_gdn = args.layer_types().count("D")
+    head = args.dim * args.vocab_size if args.tie_embeddings else 0  # untied head is a Linear
+    attention_core = 6 * 2 * seq_len * args.head_dim * args.n_heads * n_attention
+    gdn = n_gdn * gdn_flops_per_token(
+        args.dim, args.gdn_num_heads, args.gdn_head_dim, args.gdn_expand_v, args.gdn_conv_size
+    )
+    return 6 * (linear_weights + head) + attention_core + gdn

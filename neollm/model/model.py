@@ -1,0 +1,65 @@
+"""NeoLLM: token embedding -> decoder blocks -> final RMSNorm -> (tied) LM head.
+
+Parallelism lives outside (neollm/parallelize.py). Attribute names follow torchtitan's
+conventions (``tok_embeddings``, ``layers`` as a ModuleDict, ``norm``, ``output``) so its
+activation-checkpointing, compile and float8 helpers apply unchanged. With tied embeddings
+there is no ``output`` module: the head multiplies by ``tok_embeddings.weight`` directly, which
+keeps the single shared parameter in one FSDP unit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchtitan.protocols.model import ModelProtocol
+
+from neollm.model.args import NeoLLMModelArgs
+from neollm.model.block import Block
+from neollm.model.rope import rope_cache
+
+
+class NeoLLM(ModelProtocol):
+    def __init__(self, model_args: NeoLLMModelArgs) -> None:
+        super().__init__(model_args)
+        self.model_args = model_args
+        self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): Block(i, code, model_args) for i, code in enumerate(model_args.layer_types())}
+        )
+        self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
+        self.output = (
+            None if model_args.tie_embeddings
+            else nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        )
+        self.register_buffer("rope", self._rope_table(), persistent=False)
+
+    def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
+        a = self.model_args
+        return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, device=device)
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Fill the weights after ``to_empty`` (the trainer builds the model on ``meta``)."""
+        self.rope = self._rope_table(buffer_device or self.tok_embeddings.weight.device)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=self.model_args.init_std)
+        for block in self.layers.values():
+            block.init_weights()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, mean=0.0, std=self.model_args.init_std)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]."""
+        if tokens.shape[1] > self.model_args.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len "
+                f"{self.model_args.max_seq_len} ([training] seq_len)"
+            )
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, self.rope)
+        h = self.norm(h)
+        return F.linear(h, self.head_weight())

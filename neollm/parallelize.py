@@ -1,0 +1,98 @@
+"""Wrap a NeoLLM model for training: activation checkpointing, per-block compile, FSDP2/HSDP/DDP.
+
+The model file knows nothing of parallelism; this function is the TrainSpec's ``parallelize_fn``
+and follows torchtitan's llama3 order (AC -> compile -> data parallel). It differs from llama3's
+in two ways: the tied embedding/head weight lives in the root FSDP unit (one parameter, one
+unit), and on the CPU (gloo) FSDP2 reduces with plain sums (see neollm.titan_cpu).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_ddp
+from torchtitan.tools.logging import logger
+
+from neollm.titan_cpu import cpu_wanted, force_sum_reduction
+
+
+def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    unsupported = {
+        "tensor_parallel_degree": parallel_dims.tp,
+        "context_parallel_degree": parallel_dims.cp,
+        "expert_parallel_degree": parallel_dims.ep,
+    }
+    for key, degree in unsupported.items():
+        if degree > 1:
+            raise NotImplementedError(
+                f"[parallelism] {key} = {degree}: NeoLLM (~100M parameters) trains with data "
+                f"parallelism only (FSDP2/HSDP); set {key} = 1"
+            )
+
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(
+            model,
+            job_config.activation_checkpoint,
+            model_compile_enabled=compile_model,
+            op_sac_save_list=_op_sac_save_list,
+            base_folder=job_config.job.dump_folder,
+        )
+    if compile_model:
+        compile_blocks(model, job_config.compile.backend)
+
+    if parallel_dims.fsdp_enabled:
+        mesh_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        apply_fsdp(model, parallel_dims.get_mesh(mesh_names), job_config)
+        logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
+    elif parallel_dims.dp_replicate_enabled:
+        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
+    return model
+
+
+def compile_blocks(model: nn.Module, backend: str) -> None:
+    """torch.compile each block: identical blocks share one compiled graph.
+
+    Attention blocks compile whole (fullgraph). Gated DeltaNet blocks call fla's Triton
+    autograd functions, which dynamo cannot always trace, so they allow graph breaks.
+    """
+    for layer_id, block in model.layers.named_children():
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        fullgraph = getattr(inner, "mixer_code", "A") == "A"
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
+    logger.info("Compiled each NeoLLM block with torch.compile (backend %s)", backend)
+
+
+def apply_fsdp(model: nn.Module, mesh, job_config: JobConfig) -> None:
+    training = job_config.training
+    config = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        ),
+    }
+    if training.enable_cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    policy = job_config.parallelism.fsdp_reshard_after_forward
+    if policy not in ("default", "always", "never"):
+        raise ValueError(
+            f"[parallelism] fsdp_reshard_after_forward must be default, always or never, got {policy!r}"
+        )
+    reshard = policy != "never"
+    blocks = list(model.layers.values())
+    for index, block in enumerate(blocks):
+        # The last block is needed again first in backward: keeping it gathered saves an all-gather.
+        last = index == len(blocks) - 1
+        fully_shard(block, **config, reshard_after_forward=reshard and not (last and policy == "default"))
+    fully_shard(model, **config)  # root unit: embedding (= tied head), final norm
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # The trainer divides the loss by the global token count itself.
+            module.set_gradient_divide_factor(1.0)
+    if cpu_wanted():
+        force_sum_reduction(model)

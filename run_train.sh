@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Launch NeoLLM training under torchrun, in torchtitan's run_train.sh convention.
+#
+#   ./run_train.sh --job.config_file train_configs/neollm_135m.toml     # 1 GPU (or the CPU)
+#   NGPU=8 ./run_train.sh --job.config_file train_configs/neollm_135m.toml
+#   CONFIG_FILE=train_configs/debug.toml ./run_train.sh --training.steps 20
+#
+# Environment: NGPU (processes on this node, default 1), CONFIG_FILE (used when no
+# --job.config_file is given; default train_configs/debug.toml), LOG_RANK (ranks whose output is
+# shown, default 0), TRAIN_MODULE (default neollm.train). Any other argument is a torchtitan
+# --section.key override passed through unchanged.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NGPU=${NGPU:-1}
+LOG_RANK=${LOG_RANK:-0}
+TRAIN_MODULE=${TRAIN_MODULE:-neollm.train}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
+
+config_args=(--job.config_file "$CONFIG_FILE")
+for arg in "$@"; do
+  case "$arg" in
+    --job.config_file|--job.config_file=*|--job.config-file|--job.config-file=*) config_args=() ;;
+  esac
+done
+
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  cores=$(nproc)
+  export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
+fi
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+
+exec torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m "$TRAIN_MODULE" "${config_args[@]}" "$@"

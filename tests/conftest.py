@@ -1,0 +1,40 @@
+"""Shared test helpers: the repository root, the prepared assets, and a trainer launcher."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "assets" / "tokenizer" / "qwen3"
+CORPUS_DIR = REPO / "data" / "wiki_vital_en"
+LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
+
+
+def require_prepared_assets() -> None:
+    """Fail (not skip): CI prepares these first, so their absence is a real error."""
+    missing = [str(p) for p in (TOKENIZER_DIR / "tokenizer.json", CORPUS_DIR / "train.jsonl") if not p.exists()]
+    if missing:
+        pytest.fail(f"missing {missing}: run `python tools/prepare_corpus.py` first")
+
+
+def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/debug.toml",
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """Launch ./run_train.sh like a user does; return the finished process (stdout+stderr merged)."""
+    env = dict(os.environ, NGPU=str(ngpu), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("OMP_NUM_THREADS", None)
+    return subprocess.run(
+        ["./run_train.sh", "--job.config_file", config, *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+
+
+def losses_by_step(output: str) -> dict[int, float]:
+    """Parse torchtitan's metric lines ("step: N  loss: X") from rank 0's log."""
+    return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}
