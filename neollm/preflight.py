@@ -1,0 +1,62 @@
+"""Check a run's configuration before torchrun starts any process.
+
+run_train.sh calls this first, so a wrong flavor, a missing tokenizer or corpus, a batch that
+does not split over the ranks or an unreachable hub ends in one ``error: ...`` line and exit
+status 2, instead of a stack trace from every rank. The checks are the ones the trainer itself
+runs (neollm.train), on the same parsed config.
+
+    python -m neollm.preflight --world-size 8 --job.config_file train_configs/neollm_135m.toml
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+from torchtitan.config import ConfigManager, JobConfig
+
+from neollm.errors import ConfigError
+
+
+def check_dataset(job_config: JobConfig) -> None:
+    """Open the configured dataset the way the dataloader will (fails fast when it can't)."""
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    name = job_config.training.dataset.lower()
+    if name not in DATASETS:
+        raise ConfigError(f"[training] dataset {name!r} is unknown: choose one of {sorted(DATASETS)}")
+    source = DATASETS[name]
+    source.loader(job_config.training.dataset_path or source.path)
+
+
+def check_run(job_config: JobConfig, world_size: int) -> None:
+    from neollm.model.args import FLAVORS
+    from neollm.train import check_model_choice, fit_batch_to_ranks
+
+    if job_config.model.name != "neollm":
+        return  # another torchtitan spec: its own trainer checks apply
+    check_model_choice(job_config)
+    fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
+    copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
+    from neollm.tokenizer import build_neollm_tokenizer
+
+    build_neollm_tokenizer(job_config)
+    check_dataset(job_config)
+
+
+def main(argv: list[str]) -> int:
+    world_size = 1
+    if argv[:1] == ["--world-size"]:
+        world_size, argv = int(argv[1]), argv[2:]
+    import neollm  # noqa: F401  (registers the spec and datasets)
+
+    try:
+        check_run(ConfigManager().parse_args(argv), world_size)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

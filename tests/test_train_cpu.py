@@ -1,0 +1,81 @@
+"""The real trainer on CPU, launched as a user launches it: ./run_train.sh (torchrun)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import losses_by_step, require_prepared_assets, run_trainer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _assets():
+    require_prepared_assets()
+
+
+def _train(dump, steps: int, interval: int, ngpu: int = 1, *extra: str):
+    result = run_trainer(
+        "--training.steps", str(steps), "--checkpoint.interval", str(interval),
+        "--job.dump_folder", str(dump), *extra, ngpu=ngpu,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def _check_resume(dump, steps: int, interval: int, ngpu: int) -> dict[int, float]:
+    """Train, drop the last checkpoint, train again: the resumed steps must repeat exactly."""
+    first = losses_by_step(_train(dump, steps, interval, ngpu))
+    assert sorted(first) == list(range(1, steps + 1))
+    checkpoints = dump / "checkpoint"
+    assert (checkpoints / f"step-{interval}" / ".metadata").is_file()
+    assert (checkpoints / f"step-{steps}" / ".metadata").is_file()
+    shutil.rmtree(checkpoints / f"step-{steps}")
+
+    output = _train(dump, steps, interval, ngpu)
+    assert f"Training starts at step {interval + 1}" in output
+    resumed = losses_by_step(output)
+    assert sorted(resumed) == list(range(interval + 1, steps + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(first[step], rel=1e-6, abs=1e-6), f"step {step}"
+    return first
+
+
+def test_one_process_trains_saves_and_resumes_exactly(tmp_path):
+    losses = _check_resume(tmp_path / "run", steps=12, interval=6, ngpu=1)
+    # From ln(151,680) ~ 11.9 the debug model must learn the corpus's unigram statistics fast.
+    assert losses[1] > 11.5
+    assert max(losses[10], losses[11], losses[12]) < losses[1] - 1.5
+
+
+def test_two_ranks_fsdp_gloo_train_and_resume_exactly(tmp_path):
+    dump = tmp_path / "run2"
+    losses = _check_resume(dump, steps=6, interval=3, ngpu=2)
+    assert losses[6] < losses[1] - 0.8
+    # one shard file per rank: the parameters really are split across the two processes
+    assert len(list((dump / "checkpoint" / "step-3").glob("*.distcp"))) == 2
+
+
+def _error_line(result) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stdout.splitlines() if "error: " in line]
+    assert len(lines) == 1, result.stdout[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, ngpu, fragment",
+    [
+        (("--model.flavor", "gpt5"), 1, "[model] flavor 'gpt5' is unknown"),
+        (("--model.hf_assets_path", "no/such/tokenizer"), 1, "no/such/tokenizer"),
+        (("--training.dataset_path", "no/such/corpus"), 1, "no/such/corpus"),
+        (("--training.global_batch_size", "7"), 2, "not divisible by the 2 data-parallel ranks"),
+        (("--model.vocab_size", "1000"), 1, "[model] vocab_size"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(tmp_path, overrides, ngpu, fragment):
+    result = run_trainer("--job.dump_folder", str(tmp_path / "bad"), *overrides, ngpu=ngpu, timeout=300)
+    assert fragment in _error_line(result)
+    assert not (tmp_path / "bad" / "checkpoint").exists()
