@@ -7,9 +7,9 @@
 #
 # Environment: NGPU (processes on this node, default 1), CONFIG_FILE (used when no
 # --job.config_file is given; default train_configs/debug.toml), LOG_RANK (ranks whose output is
-# shown, default 0), TRAIN_MODULE (default neollm.train), NEOLLM_SKIP_PREFLIGHT=1 (skip the
-# configuration check that runs before torchrun). Any other argument is a torchtitan
-# --section.key override passed through unchanged.
+# shown, default 0), TRAIN_MODULE (default neollm.train), PYTHON (default python3),
+# NEOLLM_SKIP_PREFLIGHT=1 (skip the configuration check that runs before torchrun).
+# Any other argument is a torchtitan --section.key override passed through unchanged.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,7 +32,7 @@ fi
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 
 if [[ "${NEOLLM_SKIP_PREFLIGHT:-0}" != 1 ]]; then
-  python -m neollm.preflight --world-size "$NGPU" "${config_args[@]}" "$@" || exit $?
+  "${PYTHON:-python3}" -m neollm.preflight --world-size "$NGPU" "${config_args[@]}" "$@" || exit $?
 fi
 
 exec torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \

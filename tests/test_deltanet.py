@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-try:
-    import neollm  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without an install or a conftest that sets the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neollm.kernels import fla_compat
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule

