@@ -50,6 +50,12 @@ class NeoLLMModelArgs(BaseModelArgs):
     gdn_backend: str = "auto"
     """"auto": fla Triton kernels on CUDA, the pure-PyTorch reference elsewhere; or "fla" / "torch"."""
 
+    # ---- attention techniques (full-attention layers; neollm/model/attention*.py) ----------
+    # (switches are added here with the modules that read them)
+
+    # ---- projection, MLP and residual techniques (linear.py, mlp.py, block.py, norms.py) -----
+    # (switches are added here with the modules that read them)
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neollm.model.args import NeoLLMModelArgs
+from neollm.model.linear import make_linear
 from neollm.model.rope import apply_rope
 
 
@@ -18,15 +19,16 @@ class Attention(nn.Module):
     def __init__(self, args: NeoLLMModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wq = make_linear(args.dim, q_dim, args, role="q")
+        self.wk = make_linear(args.dim, kv_dim, args, role="k")
+        self.wv = make_linear(args.dim, kv_dim, args, role="v")
+        self.wo = make_linear(q_dim, args.dim, args, role="o")
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, mean=0.0, std=init_std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+            linear.init_weights(init_std)
+        self.wo.init_weights(out_std)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape

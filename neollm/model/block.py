@@ -28,7 +28,7 @@ class Block(nn.Module):
                 backend=args.gdn_backend, layer_idx=layer_id,
             )
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.mlp = SwiGLU(args.dim, args.ffn_hidden_dim)
+        self.mlp = SwiGLU(args)
         # GPT-2 style: residual-branch outputs start smaller so the stream's variance stays ~1.
         self._init_std = args.init_std
         self._out_std = args.init_std / math.sqrt(2 * args.n_layers)

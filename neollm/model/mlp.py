@@ -6,20 +6,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neollm.model.args import NeoLLMModelArgs
+from neollm.model.linear import make_linear
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) — the GLU MLP of Llama/Qwen (Shazeer 2020)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, args: NeoLLMModelArgs) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w1 = make_linear(args.dim, args.ffn_hidden_dim, args, role="gate")
+        self.w3 = make_linear(args.dim, args.ffn_hidden_dim, args, role="up")
+        self.w2 = make_linear(args.ffn_hidden_dim, args.dim, args, role="down")
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, mean=0.0, std=init_std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=init_std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+        self.w1.init_weights(init_std)
+        self.w3.init_weights(init_std)
+        self.w2.init_weights(out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
