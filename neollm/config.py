@@ -15,5 +15,18 @@ class Model:
 
 
 @dataclass
+class Loss:
+    impl: str = "auto"
+    """"auto" (Cut Cross-Entropy on CUDA, chunked PyTorch elsewhere), "cce" or "chunked"."""
+
+    z_loss: float = 0.0
+    """Weight of the z-loss, z_loss * logsumexp(logits)^2 per token (0 = off)."""
+
+    chunk_size: int = 4096
+    """Tokens per logits chunk on the chunked path (peak memory: chunk_size x vocab fp32)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
+    loss: Loss = field(default_factory=Loss)

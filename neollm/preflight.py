@@ -31,11 +31,12 @@ def check_dataset(job_config: JobConfig) -> None:
 
 def check_run(job_config: JobConfig, world_size: int) -> None:
     from neollm.model.args import FLAVORS
-    from neollm.train import check_model_choice, fit_batch_to_ranks
+    from neollm.train import check_model_choice, fit_batch_to_ranks, loss_settings
 
     if job_config.model.name != "neollm":
         return  # another torchtitan spec: its own trainer checks apply
     check_model_choice(job_config)
+    loss_settings(job_config)
     fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
     copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
     from neollm.tokenizer import build_neollm_tokenizer

@@ -19,6 +19,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 from neollm.errors import ConfigError
+from neollm.loss import LossSettings
 
 
 def data_parallel_degree(job_config: JobConfig, world_size: int) -> int:
@@ -75,13 +76,32 @@ def check_model_choice(job_config: JobConfig) -> None:
         )
 
 
+def loss_settings(job_config: JobConfig) -> LossSettings:
+    """The run's ``[loss]`` section (neollm.config) as LossSettings (validated)."""
+    section = getattr(job_config, "loss", None)
+    if section is None:
+        return LossSettings()
+    return LossSettings(impl=section.impl, z_loss=section.z_loss, chunk_size=section.chunk_size)
+
+
 class NeoLLMTrainer(Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         import neollm  # noqa: F401  (registers the spec and datasets, CPU patch)
 
         check_model_choice(job_config)
         fit_batch_to_ranks(job_config, int(os.environ.get("WORLD_SIZE", "1")))
+        settings = loss_settings(job_config)
         super().__init__(job_config)
+        self.fused_loss = job_config.model.name == "neollm"
+        for part in self.model_parts:
+            part.loss_settings = settings
+
+    def post_dataloading_process(self, input_dict, labels):
+        """Hand the labels to the model: NeoLLM computes its loss from the hidden states."""
+        inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(input_dict, labels)
+        if self.fused_loss:
+            extra_inputs["labels"] = labels
+        return inputs, labels, extra_inputs, extra_kwargs
 
 
 def run() -> None:

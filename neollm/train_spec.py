@@ -3,13 +3,13 @@ torchtitan trainer uses when a TOML says ``[model] name = "neollm"``."""
 
 from __future__ import annotations
 
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.validate import build_validator
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
+from neollm.loss import build_neollm_loss
 from neollm.model.args import FLAVORS
 from neollm.model.model import NeoLLM
 from neollm.parallelize import parallelize_neollm
@@ -28,7 +28,7 @@ def neollm_train_spec() -> TrainSpec:
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,
         build_tokenizer_fn=build_neollm_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
+        build_loss_fn=build_neollm_loss,
         build_validator_fn=build_validator,
     )
 

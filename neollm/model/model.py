@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchtitan.protocols.model import ModelProtocol
 
+from neollm.loss import LossSettings, linear_cross_entropy_sum
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.block import Block
 from neollm.model.rope import rope_cache
@@ -33,6 +34,7 @@ class NeoLLM(ModelProtocol):
             else nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
         )
         self.register_buffer("rope", self._rope_table(), persistent=False)
+        self.loss_settings = LossSettings()  # the trainer sets the run's [loss] section
 
     def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
         a = self.model_args
@@ -51,8 +53,12 @@ class NeoLLM(ModelProtocol):
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]; with labels [B, T], the summed loss instead.
+
+        With labels the head runs through neollm.loss (Cut Cross-Entropy on CUDA), so the
+        [B*T, vocab] logits are never materialised.
+        """
         if tokens.shape[1] > self.model_args.max_seq_len:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len "
@@ -62,4 +68,6 @@ class NeoLLM(ModelProtocol):
         for block in self.layers.values():
             h = block(h, self.rope)
         h = self.norm(h)
+        if labels is not None:
+            return linear_cross_entropy_sum(h, self.head_weight(), labels, self.loss_settings)
         return F.linear(h, self.head_weight())

@@ -1,0 +1,135 @@
+"""Language-model loss from the final hidden states and the (tied) head weight.
+
+The model computes its own loss (``NeoLLM.forward(tokens, labels)``) so that the head weight is
+used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist at once:
+
+* ``"cce"`` — Cut Cross-Entropy (Wijmans et al., arXiv 2411.09009; the ``cut-cross-entropy``
+  package): blockwise matmul and online log-sum-exp in SRAM, CUDA only. Called with
+  ``filter_eps=None``, the exact gradient: the package's default filters small gradient entries,
+  which its authors warn hurts pretraining.
+* ``"chunked"`` — the same math in plain PyTorch: logits for ``chunk_size`` tokens at a time,
+  recomputed in backward (activation checkpointing), so peak memory is one chunk of logits.
+  Runs anywhere; the CPU path and the reference CCE is tested against.
+* ``"auto"`` — ``cce`` on CUDA, ``chunked`` elsewhere.
+
+z-loss (PaLM, arXiv 2204.02311 §5): ``z_loss * logsumexp(logits)^2`` per token. CCE returns only
+the per-token NLL, so the log-sum-exp is recovered exactly as ``nll + <h, w[target]>`` — one
+indexed dot product, no logits — and its gradient flows through both terms.
+All functions return the SUM over non-ignored tokens (torchtitan divides by the global count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from neollm.errors import ConfigError
+
+IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "cce", "chunked")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    impl: str = "auto"
+    z_loss: float = 0.0
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.impl not in LOSS_IMPLS:
+            raise ConfigError(f"[loss] impl must be one of {LOSS_IMPLS}, got {self.impl!r}")
+        if self.z_loss < 0:
+            raise ConfigError(f"[loss] z_loss must be >= 0, got {self.z_loss}")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"[loss] chunk_size must be positive, got {self.chunk_size}")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = _at_least_fp32(hidden @ weight.t())
+    target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return logits.logsumexp(-1) - target_logit
+
+
+def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      chunk_size: int) -> torch.Tensor:
+    """Per-token NLL [N] (fp32 or fp64), logits materialised ``chunk_size`` rows at a time."""
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (hidden[start:end], weight, targets[start:end])
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(*args))
+    return torch.cat(pieces)
+
+
+def cce_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [N] (fp32) through Cut Cross-Entropy's exact Triton kernels."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    nll = linear_cross_entropy(
+        hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="none", filter_eps=None,
+        impl="cce",
+    )
+    return nll.float()
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl == "auto":
+        return "cce" if device.type == "cuda" else "chunked"
+    if impl == "cce" and device.type != "cuda":
+        raise ConfigError("[loss] impl = 'cce' needs CUDA (Triton kernels); use 'chunked' or 'auto'")
+    return impl
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             settings: LossSettings = LossSettings()) -> torch.Tensor:
+    """Sum over valid tokens of CE(hidden @ weight.T, labels) (+ z-loss); hidden [..., D]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = labels.reshape(-1)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    impl = _resolve_impl(settings.impl, hidden.device)
+    if impl == "cce":
+        nll = cce_token_nll(hidden, weight, targets)
+    else:
+        nll = chunked_token_nll(hidden, weight, targets, settings.chunk_size)
+    valid = targets != IGNORE_INDEX
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    loss = nll.sum()
+    if settings.z_loss:
+        target_logit = (_at_least_fp32(hidden) * _at_least_fp32(weight[targets.clamp_min(0)])).sum(-1)
+        lse = torch.where(valid, nll + target_logit, torch.zeros_like(nll))
+        loss = loss + settings.z_loss * lse.pow(2).sum()
+    return loss
+
+
+def logits_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain CE summed over valid tokens, from materialised logits (validation path, reference)."""
+    return F.cross_entropy(
+        _at_least_fp32(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def neollm_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The TrainSpec loss: the model already returned the loss sum (training), or logits (eval)."""
+    if pred.ndim == 0:
+        return pred
+    return logits_cross_entropy_sum(pred, labels)
+
+
+def build_neollm_loss(job_config, **kwargs):
+    """TrainSpec ``build_loss_fn``; nothing to compile: the heavy part runs inside the model."""
+    del job_config, kwargs
+    return neollm_loss

@@ -1,0 +1,90 @@
+"""The fused LM loss against plain logits + F.cross_entropy (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neollm.errors import ConfigError
+from neollm.loss import (
+    IGNORE_INDEX,
+    LossSettings,
+    chunked_token_nll,
+    linear_cross_entropy_sum,
+    neollm_loss,
+)
+
+
+def _problem(n=37, d=16, v=53, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::5] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _reference(hidden, weight, targets, z_loss=0.0):
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = targets != IGNORE_INDEX
+    return loss + z_loss * logits.logsumexp(-1)[valid].pow(2).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 37, 4096])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_loss_matches_logits_cross_entropy(chunk_size, z_loss):
+    hidden, weight, targets = _problem()
+    settings = LossSettings(impl="chunked", z_loss=z_loss, chunk_size=chunk_size)
+    loss = linear_cross_entropy_sum(hidden, weight, targets, settings)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    expected = _reference(hidden, weight, targets, z_loss)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_ignored_tokens_contribute_nothing():
+    hidden, weight, targets = _problem()
+    all_ignored = torch.full_like(targets, IGNORE_INDEX)
+    loss = linear_cross_entropy_sum(hidden, weight, all_ignored, LossSettings(impl="chunked", z_loss=1.0))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert hidden.grad.abs().max() == 0
+
+
+def test_chunked_nll_is_per_token_negative_log_likelihood():
+    hidden, weight, targets = _problem()
+    targets = targets.clamp_min(0)
+    nll = chunked_token_nll(hidden, weight, targets, chunk_size=5)
+    logp = (hidden @ weight.t()).log_softmax(-1)
+    torch.testing.assert_close(nll, -logp[torch.arange(len(targets)), targets])
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    from test_model import FLAVORS, build, tiny
+
+    args = tiny(FLAVORS["debug"])
+    model = build(args).double()
+    tokens = torch.randint(0, args.vocab_size, (2, 20))
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    fused = model(tokens, labels)
+    plain = neollm_loss(model(tokens), labels)
+    assert fused.ndim == 0
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-10)
+    assert neollm_loss(fused, labels) is fused
+
+
+@pytest.mark.parametrize("changes", [dict(impl="fast"), dict(z_loss=-1.0), dict(chunk_size=0)])
+def test_bad_loss_settings_are_refused(changes):
+    with pytest.raises(ConfigError, match=r"\[loss\]"):
+        LossSettings(**changes)
+
+
+def test_cce_needs_cuda():
+    hidden, weight, targets = _problem()
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        linear_cross_entropy_sum(hidden, weight, targets, LossSettings(impl="cce"))
