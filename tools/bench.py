@@ -1,0 +1,199 @@
+"""Training-step throughput of NeoLLM flavors and torchtitan's llama3 baseline, side by side.
+
+Each configuration is built, compiled (per block) and trained for ``--steps`` timed steps after
+``--warmup`` untimed ones in this one process on the current device: real AdamW step, bf16
+autocast, random tokens. NeoLLM computes its loss from the hidden states (Cut Cross-Entropy on
+CUDA); the baseline is torchtitan's own llama3 with logits + cross-entropy (compiled), as its
+trainer runs it. Prints one markdown table; ``--json`` / ``--markdown`` also write it.
+
+    python tools/bench.py --configs llama3,plain,neollm_135m,neollm_110m_hybrid --vocab 64402
+    python tools/bench.py --configs neollm_135m --ablate      # each technique switched off alone
+    python tools/bench.py --device cpu --configs debug --batch 2 --seq 64 --steps 2 --warmup 1
+
+MFU = FLOPs per token (neollm/model/flops.py for NeoLLM, torchtitan's count for llama3) x tok/s /
+``--peak-tflops`` (989 = H100/H200 SXM dense bf16, the figure torchtitan uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import neollm  # noqa: F401  (the project is installed: pip install -e .)
+from neollm.model.args import FLAVORS, NeoLLMModelArgs
+from neollm.model.flops import training_flops_per_token
+from neollm.model.model import NeoLLM
+from neollm.parallelize import compile_blocks
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    params: int
+    tok_per_s: float
+    step_ms: float
+    mfu: float
+    peak_gib: float
+    loss: float
+
+
+def technique_switches(flavor: str) -> dict[str, object]:
+    """Fields in which the flavor differs from the plain baseline of the same shape."""
+    args, base = FLAVORS[flavor], FLAVORS.get("plain")
+    if base is None:
+        return {}
+    shape = {"dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim",
+             "vocab_size", "max_seq_len", "layer_pattern", "gdn_num_heads", "gdn_head_dim",
+             "gdn_expand_v", "gdn_conv_size", "gdn_backend", "init_std", "norm_eps", "rope_theta"}
+    return {f.name: getattr(base, f.name) for f in dataclasses.fields(args)
+            if f.name not in shape and f.name != "_enforced"
+            and getattr(args, f.name) != getattr(base, f.name)}
+
+
+def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool):
+    with torch.device("meta"):
+        model = NeoLLM(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    if compile_model:
+        compile_blocks(model, "inductor")
+    flops = training_flops_per_token(model, args, args.max_seq_len)
+
+    def step(tokens, labels):
+        return model(tokens, labels) / labels.numel()
+
+    return model, flops, step
+
+
+def build_llama3(vocab: int, seq: int, device: torch.device, compile_model: bool):
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+    from torchtitan.models.llama3.infra.parallelize import apply_compile
+    from torchtitan.config.job_config import Compile
+
+    args = TransformerModelArgs(dim=512, n_layers=12, n_heads=8, n_kv_heads=4, vocab_size=vocab,
+                                multiple_of=256, max_seq_len=seq, rope_theta=10000)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    loss_fn = cross_entropy_loss
+    if compile_model:
+        apply_compile(model, Compile(enable=True))
+        loss_fn = torch.compile(cross_entropy_loss)
+    _, flops = args.get_nparams_and_flops(model, seq)
+
+    def step(tokens, labels):
+        return loss_fn(model(tokens), labels) / labels.numel()
+
+    return model, flops, step
+
+
+def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmup: int,
+        device: torch.device, peak_tflops: float) -> Result:
+    torch.manual_seed(0)
+    model, flops_per_token, step = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    loss = torch.zeros(())
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        with amp:
+            loss = step(inputs, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    elapsed = (time.perf_counter() - start) / steps
+    tok_s = batch * seq / elapsed
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    params = sum(p.numel() for p in model.parameters())
+    result = Result(name, params, tok_s, elapsed * 1e3, flops_per_token * tok_s / (peak_tflops * 1e12),
+                    peak, float(loss))
+    del model, optimizer, step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| config | params | tok/s | step ms | MFU | peak GiB | loss |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.params:,} | {r.tok_per_s:,.0f} | {r.step_ms:.1f} | "
+                     f"{100 * r.mfu:.1f}% | {r.peak_gib:.2f} | {r.loss:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="llama3,neollm_135m", help="comma list: flavors and/or llama3")
+    p.add_argument("--ablate", action="store_true", help="also run each flavor with one technique off at a time")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary for every config (0: each flavor's own)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    opts = p.parse_args(argv)
+
+    device = torch.device(opts.device)
+    compile_model = not opts.no_compile
+    common = dict(batch=opts.batch, seq=opts.seq, steps=opts.steps, warmup=opts.warmup,
+                  device=device, peak_tflops=opts.peak_tflops)
+    results: list[Result] = []
+
+    def record(result: Result) -> None:
+        results.append(result)
+        print(f"{result.name}: {result.tok_per_s:,.0f} tok/s, {result.step_ms:.1f} ms/step, "
+              f"MFU {100 * result.mfu:.1f}%, peak {result.peak_gib:.2f} GiB", flush=True)
+        if opts.json:
+            opts.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+
+    for name in opts.configs.split(","):
+        if name == "llama3":
+            vocab = opts.vocab or FLAVORS["neollm_135m"].vocab_size
+            record(run(f"llama3 (torchtitan) V={vocab}",
+                       lambda v=vocab: build_llama3(v, opts.seq, device, compile_model), vocab=vocab, **common))
+            continue
+        if name not in FLAVORS:
+            p.error(f"unknown config {name!r}: choose llama3 or one of {sorted(FLAVORS)}")
+        args = dataclasses.replace(FLAVORS[name], max_seq_len=opts.seq, **({"vocab_size": opts.vocab} if opts.vocab else {}))
+        variants = [(name, args)]
+        if opts.ablate:
+            variants += [(f"{name} -{field}", dataclasses.replace(args, **{field: off}))
+                         for field, off in technique_switches(name).items()]
+        for label, variant in variants:
+            record(run(f"{label} V={variant.vocab_size}",
+                       lambda a=variant: build_neollm(a, device, compile_model),
+                       vocab=variant.vocab_size, **common))
+
+    print()
+    print(table(results))
+    if opts.markdown:
+        opts.markdown.write_text(table(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
