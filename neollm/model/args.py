@@ -51,10 +51,54 @@ class NeoLLMModelArgs(BaseModelArgs):
     """"auto": fla Triton kernels on CUDA, the pure-PyTorch reference elsewhere; or "fla" / "torch"."""
 
     # ---- attention techniques (full-attention layers; neollm/model/attention*.py) ----------
-    # (switches are added here with the modules that read them)
+    seednorm_qk: bool = False
+    """SeeDNorm (arXiv 2510.22777) on q and k per head before RoPE (takes the QK-norm slot)."""
+    qkv_norm: bool = False
+    """HybridNorm's QKV-norm (arXiv 2503.04598): RMSNorm with gain on q, k, v per head."""
+    mea: bool = False
+    """MEA (arXiv 2601.19611): mix K and V across KV heads (init identity), then per-head GroupNorm."""
+    momentum_gamma: float = 0.0
+    """Momentum Attention (arXiv 2602.04902): q,k += gamma*(x_t - x_{t-1}) after RoPE; 0 = off."""
+    affine_scaled_attention: bool = False
+    """Affine-Scaled Attention (arXiv 2602.23057): O = alpha*SDPA + (1-alpha)*mean_{j<=i} v_j."""
+    lucid: bool = False
+    """LUCID (arXiv 2602.10410): attend over X = P^-1 V, P = causal exp key-key kernel (T x T solve)."""
+    xsa: bool = False
+    """Exclusive Self Attention (arXiv 2603.09078): remove each head output's component along own v."""
+    directional_routing: bool = False
+    """Directional routing (arXiv 2603.14923): router-weighted removal of head outputs along directions."""
+    routing_directions: int = 4
+    """Directions per head for directional_routing."""
+    attention_output_gate: str = "none"
+    """Gated Attention (arXiv 2505.06708, G1) on the SDPA output: "none", "elementwise" or "headwise"."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities while training (SDPA dropout_p); 0 = off."""
 
     # ---- projection, MLP and residual techniques (linear.py, mlp.py, block.py, norms.py) -----
-    # (switches are added here with the modules that read them)
+    mlp_type: str = "swiglu"
+    """MLP gate activation: "swiglu" (SiLU) or "polynorm" (PolyNorm, PolyCom arXiv 2411.03884)."""
+    polynorm_exclusive: bool = False
+    """PolyNorm: strip the x^2 and x^3 branches of their part along the x branch (sigmoid-gated), renormalise."""
+    learnable_multipliers: bool = False
+    """Learnable multipliers y = r*(W(c*x)): r on o/down/gate/fan projections, c on o/down (arXiv 2601.04890)."""
+    simplegpt: bool = False
+    """SimpleNorm: every make_linear projection -> gamma*RMSNorm(Wx); attention/MLP pre-norms dropped (2602.01212)."""
+    cola_rank_ratio: float = 0.0
+    """CoLA: every make_linear projection W -> B GELU(A x), rank int(in*ratio); 0 = off (arXiv 2502.10940)."""
+    fan_ratio: float = 0.0
+    """FANformer ATF: mixer input X -> [cos(XWp) | sin(XWp) | XWpbar+b], Dp = int(ratio*dim); 0 = off (2502.21309)."""
+    fan_on_gdn: bool = False
+    """Also feed the FAN features to Gated DeltaNet layers (default: attention layers only)."""
+    layernorm_scaling: bool = False
+    """LNS: both pre-norm outputs of layer l (1-indexed) times the constant 1/sqrt(l) (arXiv 2502.05795)."""
+    gpas: bool = False
+    """GPAS: after each residual add h -> h - SiLU(g)*stopgrad(h), one g per layer, init 0 (arXiv 2506.22049)."""
+    hybrid_norm: bool = False
+    """HybridNorm FFN post-norm: RMSNorm on the block output (2503.04598); its QKV half is attention's switch."""
+    gated_residual: bool = False
+    """Residual adds x + sigmoid(gate)*branch, one gate[dim] per sublayer, init 0 (FANformer author's GatedResidual)."""
+    dropout: float = 0.0
+    """Dropout on each sublayer output before its residual add and on the MLP hidden; 0 = off."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +132,34 @@ class NeoLLMModelArgs(BaseModelArgs):
         gdn_v = self.gdn_head_dim * self.gdn_expand_v
         if gdn_v != int(gdn_v):
             fail(f"gdn_head_dim * gdn_expand_v must be an integer, got {gdn_v}")
+        # projection, MLP and residual techniques
+        if self.mlp_type not in ("swiglu", "polynorm"):
+            fail(f"mlp_type must be 'swiglu' or 'polynorm', got {self.mlp_type!r}")
+        if self.polynorm_exclusive and self.mlp_type != "polynorm":
+            fail("polynorm_exclusive needs mlp_type = 'polynorm'")
+        if not 0.0 <= self.cola_rank_ratio <= 1.0:
+            fail(f"cola_rank_ratio must be in [0, 1] (0 = off), got {self.cola_rank_ratio}")
+        if self.cola_rank_ratio and int(self.dim * self.cola_rank_ratio) < 1:
+            fail(f"cola_rank_ratio {self.cola_rank_ratio} gives a rank below 1; raise it or set 0 (off)")
+        if not 0.0 <= self.fan_ratio < 0.5:
+            fail(f"fan_ratio must be in [0, 0.5) (0 = off), got {self.fan_ratio}")
+        if self.fan_ratio and int(self.fan_ratio * self.dim) < 1:
+            fail(f"fan_ratio {self.fan_ratio} gives no periodic channel at dim {self.dim}; raise it or set 0")
+        if self.fan_on_gdn and not self.fan_ratio:
+            fail("fan_on_gdn needs fan_ratio > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"dropout must be in [0, 1), got {self.dropout}")
+        # attention techniques
+        if not 0.0 <= self.momentum_gamma < float("inf"):
+            fail(f"momentum_gamma must be a finite number >= 0 (0 = off), got {self.momentum_gamma}")
+        if not 1 <= self.routing_directions <= self.head_dim:
+            fail(f"routing_directions must be in [1, head_dim={self.head_dim}], "
+                 f"got {self.routing_directions}")
+        if self.attention_output_gate not in ("none", "elementwise", "headwise"):
+            fail("attention_output_gate must be 'none', 'elementwise' or 'headwise', "
+                 f"got {self.attention_output_gate!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            fail(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
 
     # ---- torchtitan protocol ---------------------------------------------------------------
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:

@@ -1,7 +1,89 @@
-"""Full causal self-attention with grouped-query heads and RoPE.
+"""Full causal self-attention (GQA + RoPE) and NeoLLM's attention-side techniques.
 
-Later techniques (QK norms, output gates, ...) attach here behind their own switches; with all
-of them off this is the attention of a plain Llama/Qwen-style decoder.
+With every switch off this is the attention of a plain Llama/Qwen-style decoder. ``x [B, T, D]``
+is the (normalised) block input; q has H heads, k/v have Hkv heads (GQA group g = H / Hkv, query
+head h reads KV head h // g); ``d`` is the head dim. The kernel is always
+``F.scaled_dot_product_attention(is_causal=True)`` (flash / memory-efficient on GPU): the T x T
+softmax matrix is never materialised. Only LUCID forms a T x T matrix (its preconditioner).
+
+Order of operations (each step only when its switch is on)
+-----------------------------------------------------------
+1. projections: ``q = Wq x`` [B,T,H,d], ``k = Wk x``, ``v = Wv x`` [B,T,Hkv,d]
+   (+ gate / affine / router logits from x, also via ``make_linear``).
+2. MEA (``mea``): head mixing of k and v across the Hkv heads, then per-head GroupNorm.
+3. QK(V) norm: SeeDNorm on q, k (``seednorm_qk``); RMSNorm with gain on q, k, v (``qkv_norm``);
+   with both on, SeeDNorm takes q/k and v gets the RMSNorm.
+4. RoPE on q, k.
+5. momentum (``momentum_gamma`` > 0) on q, k.
+6. kernel: ``y = SDPA(q, k, V', causal, dropout_p)`` with ``V' = X = P^-1 v`` if ``lucid`` else v;
+   affine-scaled attention (``affine_scaled_attention``) mixes in the causal mean of V'.
+7. XSA (``xsa``): remove y's component along the token's own v.
+8. directional routing (``directional_routing``).
+9. output gate (``attention_output_gate``).
+10. ``out = Wo y``.
+
+Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8, Hkv=4, d=64, cost)
+-----------------------------------------------------------------------------------------------
+* SeeDNorm — arXiv 2510.22777. Per head vector x in R^d: ``y = (tanh(<x, beta>) * alpha + gamma)
+  * x / rms(x)``. One (gamma, alpha, beta) [d] set for q and one for k, shared across heads
+  (QK-norm convention; interpretation). Init gamma=1, alpha=1, beta=0, so at init it IS RMSNorm
+  without gain (tanh(0)=0); note alpha's gradient is exactly 0 while beta=0 (it starts moving once
+  beta does). fp32 math. Params 2*3*64 = 384; cost: one d-dot per head-token.
+* QKV-norm — HybridNorm, arXiv 2503.04598 (the attention half; the FFN post-norm is block.py's
+  ``hybrid_norm``). RMSNorm with a learnable gain [d] shared across heads on q, k and v each,
+  before RoPE. With ``seednorm_qk`` also on, q/k get SeeDNorm (not both norms) and v gets RMSNorm.
+  Params 3*64 = 192 (64 when seednorm_qk takes q/k).
+* MEA — arXiv 2601.19611 (Multi-head Explicit Attention). Head-level linear composition
+  ``k'[.., j, :] = sum_i C_K[j, i] k[.., i, :]`` (same with C_V for v), C_K, C_V [Hkv, Hkv] init
+  identity, then GroupNorm with one group per head (= LayerNorm over each head's d channels,
+  affine weight/bias [Hkv, d], init 1/0) on k' and v'. Interpretation (paper body/code not read):
+  the GroupNorm is applied to the recombined k and v (not to the attention output), Hkv -> Hkv
+  (no extra "virtual" heads). At init the mixing is the identity, so MEA = per-head GroupNorm of
+  k and v. Params 2*16 + 2*2*4*64 = 1,056; cost: a 4x4 einsum per token.
+* Momentum Attention — arXiv 2602.04902. ``q_t <- q_t + gamma (q_t - q_{t-1})``, same for k, with
+  q_{-1} := q_0 (first velocity 0); AFTER QK norm and RoPE (the paper's orthogonality argument
+  needs it after the rotation; NeoLLM's fused op does the same). gamma is a fixed float (seed
+  0.1), no params. With packed documents the velocity is not reset at document starts (the
+  attention is not document-masked either). Cost: one shifted subtraction.
+* Affine-Scaled Attention — arXiv 2602.23057. ``O = (alpha * softmax(QK^T/sqrt(d) + M) + beta) V``
+  with, per head and query token i, ``alpha_{h,i} = 1 + tanh(x_i . w_h + b_h)`` in (0, 2) and
+  ``beta_{h,i} = (1 - alpha_{h,i}) / (i + 1)`` spread uniformly over the i+1 visible keys. So
+  ``O_i = alpha_i * SDPA_i + (1 - alpha_i) * mean_{j<=i} v_j`` (cumsum, no T x T). Interpretation
+  (paper body not read): the 1+tanh form and the mass-preserving beta (each row of
+  alpha*P + beta still sums to 1; alpha > 1 sharpens past softmax, alpha < 1 mixes in the uniform
+  average). w = ``make_linear(D, H, role="attn_affine")`` is zero-initialised and b = 0, so the
+  layer is EXACTLY plain attention at init (alpha=1, beta=0) while both still get gradients.
+  With LUCID on, the uniform term averages X (the same V' the softmax reads). Params
+  512*8 + 8 = 4,104; cost: one cumsum over T of V'.
+* LUCID — arXiv 2602.10410. Per KV head, ``K_rn = k / rms(k)`` (no gain) of the keys that enter
+  the kernel (after norm, RoPE and momentum), ``P = tril(exp(K_rn K_rn^T / sqrt(d) - sqrt(d)))``
+  (unit diagonal since ||k_rn||^2 = d; off-diagonal entries in (0, 1] by Cauchy-Schwarz, so the
+  exp never overflows), ``X = P^-1 v`` by ``torch.linalg.solve_triangular(unitriangular=True)``
+  in fp32, then ``O = SDPA(q, k, X)``. Causal (P lower-triangular). No params. Cost per KV head:
+  a [T,d]x[d,T] Gram (2*T^2*d FLOPs) + a triangular solve (T^2*d FLOPs) and a T x T fp32 matrix
+  of B*Hkv*T^2*4 bytes (T=512, Hkv=4: 4 MiB per sequence, kept for backward); these FLOPs are
+  not in flops.py's count.
+* XSA — arXiv 2603.09078. ``z_i = y_i - <y_i, v_i> / (||v_i||^2 + eps) * v_i`` per head, v_i the
+  token's own value of the head's KV group (GQA: head h uses v of KV head h // g). v is the value
+  after MEA / norm, before LUCID (the token's own "self" value, not its preconditioned X —
+  interpretation). eps = 1e-6, fp32. No params; cost: two d-dots per head-token.
+* Directional routing — arXiv 2603.14923. Interpretation of the model card / abstract (the
+  method section was not retrieved): each head has K learned directions ``U[h, k, :]``
+  (unit-normalised in forward, not orthogonalised), a router shared by all heads
+  ``r = sigmoid(x W_r + b_r)`` [B, T, H, K] and ``o' = o - sum_k r_{h,k} <o, u_{h,k}> u_{h,k}``.
+  Init U ~ N(0, 1), W_r normal(init_std), b_r = -2 (r ~ 0.12: near identity, not exact). Params
+  8*4*64 + 512*32 + 32 = 18,464 (K=4); cost: 2K d-dots per head-token.
+* Gated Attention — arXiv 2505.06708, variant G1: ``y = y * sigmoid(x W_g)``, W_g: D -> H*d
+  ("elementwise", 262,144 params) or D -> H ("headwise", one gate per head, 4,096 params); from the
+  normalised layer input x, before Wo; no bias, init normal(init_std) (gate ~ 0.5 at init). A
+  separate projection (Qwen3-Next fuses it into Wq; same maths).
+* attention dropout — dropout on the attention probabilities while training (SDPA
+  ``dropout_p``), as the FANformer flavor (0.1); off in eval.
+
+Parameters that must not be weight-decayed (norm gains, SeeDNorm/GroupNorm vectors, MEA mixing
+matrices, affine and router biases, routing directions — scale-free since they are normalised)
+carry ``_no_weight_decay = True``. The flag is set again in ``init_weights`` because building on
+the meta device and ``to_empty`` replace the Parameter objects (and with them the attribute).
 """
 
 from __future__ import annotations
@@ -10,34 +92,168 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
-from neollm.model.linear import make_linear
+from neollm.model.linear import init_linear, make_linear
 from neollm.model.rope import apply_rope
+
+XSA_EPS = 1e-6
+ROUTER_BIAS_INIT = -2.0
 
 
 class Attention(nn.Module):
     def __init__(self, args: NeoLLMModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.eps = args.norm_eps
+        h, hkv, d = args.n_heads, args.n_kv_heads, args.head_dim
+        q_dim, kv_dim = h * d, hkv * d
         self.wq = make_linear(args.dim, q_dim, args, role="q")
         self.wk = make_linear(args.dim, kv_dim, args, role="k")
         self.wv = make_linear(args.dim, kv_dim, args, role="v")
         self.wo = make_linear(q_dim, args.dim, args, role="o")
 
+        self.seednorm_qk = args.seednorm_qk
+        self.qkv_norm = args.qkv_norm
+        self.mea = args.mea
+        self.momentum_gamma = float(args.momentum_gamma)
+        self.affine = args.affine_scaled_attention
+        self.lucid = args.lucid
+        self.xsa = args.xsa
+        self.routing = args.directional_routing
+        self.gate_kind = args.attention_output_gate
+        self.dropout_p = float(args.attention_dropout)
+
+        def vector(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape))
+
+        if self.seednorm_qk:  # gamma, alpha, beta for q and for k
+            self.q_seed_gamma, self.q_seed_alpha, self.q_seed_beta = vector(d), vector(d), vector(d)
+            self.k_seed_gamma, self.k_seed_alpha, self.k_seed_beta = vector(d), vector(d), vector(d)
+        if self.qkv_norm:
+            if not self.seednorm_qk:
+                self.q_norm_weight, self.k_norm_weight = vector(d), vector(d)
+            self.v_norm_weight = vector(d)
+        if self.mea:
+            self.mea_k_mix, self.mea_v_mix = vector(hkv, hkv), vector(hkv, hkv)
+            self.mea_k_weight, self.mea_k_bias = vector(hkv, d), vector(hkv, d)
+            self.mea_v_weight, self.mea_v_bias = vector(hkv, d), vector(hkv, d)
+        if self.affine:
+            self.affine_proj = make_linear(args.dim, h, args, role="attn_affine")
+            self.affine_bias = vector(h)
+        if self.routing:
+            k_dirs = args.routing_directions
+            self.routing_directions = vector(h, k_dirs, d)
+            self.router = make_linear(args.dim, h * k_dirs, args, role="attn_router")
+            self.router_bias = vector(h * k_dirs)
+        if self.gate_kind != "none":
+            gate_out = q_dim if self.gate_kind == "elementwise" else h
+            self.gate_proj = make_linear(args.dim, gate_out, args, role="attn_gate")
+        self._mark_no_weight_decay()
+        self.init_weights(args.init_std, args.init_std)
+
+    # ---- init ----------------------------------------------------------------------------
+    def _no_weight_decay_params(self) -> list[nn.Parameter]:
+        names = ("q_seed_gamma", "q_seed_alpha", "q_seed_beta", "k_seed_gamma", "k_seed_alpha",
+                 "k_seed_beta", "q_norm_weight", "k_norm_weight", "v_norm_weight", "mea_k_mix",
+                 "mea_v_mix", "mea_k_weight", "mea_k_bias", "mea_v_weight", "mea_v_bias",
+                 "affine_bias", "routing_directions", "router_bias")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    def _mark_no_weight_decay(self) -> None:
+        for p in self._no_weight_decay_params():
+            p._no_weight_decay = True
+
     def init_weights(self, init_std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            linear.init_weights(init_std)
-        self.wo.init_weights(out_std)
+            init_linear(linear, init_std)
+        init_linear(self.wo, out_std)
+        with torch.no_grad():
+            if self.seednorm_qk:
+                for gamma in (self.q_seed_gamma, self.k_seed_gamma):
+                    gamma.fill_(1.0)
+                for alpha in (self.q_seed_alpha, self.k_seed_alpha):
+                    alpha.fill_(1.0)
+                for beta in (self.q_seed_beta, self.k_seed_beta):
+                    beta.zero_()  # tanh(0) = 0: starts as RMSNorm without gain
+            if self.qkv_norm:
+                if not self.seednorm_qk:
+                    self.q_norm_weight.fill_(1.0)
+                    self.k_norm_weight.fill_(1.0)
+                self.v_norm_weight.fill_(1.0)
+            if self.mea:
+                for mix in (self.mea_k_mix, self.mea_v_mix):
+                    mix.copy_(torch.eye(self.n_kv_heads, dtype=mix.dtype, device=mix.device))
+                self.mea_k_weight.fill_(1.0)
+                self.mea_v_weight.fill_(1.0)
+                self.mea_k_bias.zero_()
+                self.mea_v_bias.zero_()
+            if self.affine:
+                self.affine_bias.zero_()
+            if self.routing:
+                nn.init.normal_(self.routing_directions)  # unit-normalised in forward
+                self.router_bias.fill_(ROUTER_BIAS_INIT)
+        if self.affine:
+            init_linear(self.affine_proj, 0.0)  # alpha = 1 exactly: plain attention at init
+        if self.routing:
+            init_linear(self.router, init_std)
+        if self.gate_kind != "none":
+            init_linear(self.gate_proj, init_std)
+        self._mark_no_weight_decay()
 
+    # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        # 1. projections
+        q = self.wq(x).view(batch, seq_len, h, d)
+        k = self.wk(x).view(batch, seq_len, hkv, d)
+        v = self.wv(x).view(batch, seq_len, hkv, d)
+        # 2. MEA: head mixing + per-head GroupNorm
+        if self.mea:
+            k = ops.head_group_norm(ops.mix_heads(k, self.mea_k_mix), self.mea_k_weight,
+                                    self.mea_k_bias, self.eps)
+            v = ops.head_group_norm(ops.mix_heads(v, self.mea_v_mix), self.mea_v_weight,
+                                    self.mea_v_bias, self.eps)
+        # 3. QK(V) norm
+        if self.seednorm_qk:
+            q = ops.seednorm(q, self.q_seed_gamma, self.q_seed_alpha, self.q_seed_beta, self.eps)
+            k = ops.seednorm(k, self.k_seed_gamma, self.k_seed_alpha, self.k_seed_beta, self.eps)
+        elif self.qkv_norm:
+            q = ops.rms_norm(q, self.q_norm_weight, self.eps)
+            k = ops.rms_norm(k, self.k_norm_weight, self.eps)
+        if self.qkv_norm:
+            v = ops.rms_norm(v, self.v_norm_weight, self.eps)
+        # 4. RoPE, 5. momentum
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        if self.momentum_gamma != 0.0:
+            q = ops.momentum_shift(q, self.momentum_gamma)
+            k = ops.momentum_shift(k, self.momentum_gamma)
+        # 6. kernel ([B, heads, T, d] layout)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt
+        y = F.scaled_dot_product_attention(
+            qt, kt, values, is_causal=True, enable_gqa=hkv != h,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        ).transpose(1, 2)  # [B, T, H, d]
+        if self.affine:
+            logits = self.affine_proj(x)
+            dt = ops.compute_dtype(logits)
+            alpha = 1.0 + torch.tanh(logits.to(dt) + self.affine_bias.to(dt))  # [B, T, H]
+            alpha = ops.grouped(alpha.unsqueeze(-1), hkv)                      # [B, T, Hkv, g, 1]
+            mean_v = ops.causal_mean(values).transpose(1, 2).unsqueeze(3)     # [B, T, Hkv, 1, d]
+            y = (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
+        # 7. XSA
+        if self.xsa:
+            y = ops.exclusive(y, v, XSA_EPS)
+        # 8. directional routing
+        if self.routing:
+            route = torch.sigmoid(self.router(x) + self.router_bias).view(batch, seq_len, h, -1)
+            y = ops.directional_suppress(y, self.routing_directions, route)
+        # 9. output gate
+        if self.gate_kind == "elementwise":
+            y = y * torch.sigmoid(self.gate_proj(x)).view(batch, seq_len, h, d)
+        elif self.gate_kind == "headwise":
+            y = y * torch.sigmoid(self.gate_proj(x)).unsqueeze(-1)
+        # 10. output projection
+        return self.wo(y.reshape(batch, seq_len, h * d))

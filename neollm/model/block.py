@@ -1,4 +1,37 @@
-"""One decoder block: pre-norm mixer (attention or Gated DeltaNet) and pre-norm MLP."""
+"""One decoder block: a mixer sublayer (attention or Gated DeltaNet) and an MLP sublayer, and the residual scheme.
+
+With every switch off it is the plain pre-norm block ``h = x + mixer(norm(x)); out = h + mlp(norm(h))``.
+The switches of the "projection, MLP and residual" section add, for layer l = layer_id + 1:
+
+    a   = s_l * N_mix(x)                 N_mix = RMSNorm (Identity for attention under simplegpt), s_l LNS
+    a   = FAN'(a)                        fan_ratio > 0, attention layers (and GDN layers with fan_on_gdn)
+    h   = x ⊕ drop(mixer(a))             ⊕: plain add, or x + sigmoid(g_mix) ⊙ branch (gated_residual)
+    h   = GPAS(h)                        gpas: h - SiLU(g) * stopgrad(h), one g shared by both sublayers
+    f   = mlp(s_l * N_mlp(h))            N_mlp = RMSNorm (Identity under simplegpt); mlp_type, dropout inside
+    out = GPAS(h ⊕ drop(f))              pre-norm FFN (default), or with hybrid_norm:
+    out = RMSNorm_post(GPAS(h) ⊕ drop(f))   HybridNorm's FFN post-norm on the block output; GPAS moves to the
+                                         skip path as in the official ``deeppost_gpas`` (after a norm it would
+                                         be a forward no-op)
+
+Techniques (paper, what and why; per-layer parameters at D = 512):
+* LNS, arXiv 2502.05795 (``layernorm_scaling``): the constant s_l = 1/sqrt(l) on both pre-norm outputs, all
+  layer types (norms.lns_scale). No params. Under simplegpt (no attention/MLP pre-norm) it scales the sublayer
+  input, which the projections' SimpleNorm largely cancels (exactly up to eps, except through CoLA's GELU).
+* GPAS, arXiv 2506.22049 (``gpas``): norms.GPAS. 1 param.
+* HybridNorm FFN post-norm, arXiv 2503.04598 (``hybrid_norm``): as the FANformer author's block (spec §14) the
+  FFN keeps its pre-norm and the block output gets RMSNorm_post (gain init 1). The QKV-norm half is attention's
+  ``qkv_norm``. D params.
+* Gated residual (``gated_residual``): norms.GatedResidual on both adds; gates start at sigmoid(0) = 0.5. 2D.
+* Dropout (``dropout``, FANformer's 0.1): on each sublayer output before its residual add and on the MLP
+  hidden (mlp.py). A constant rate; the author's progressive rate p(1 + 0.04 log_3.9(l + 1)) is not implemented
+  (a <1% change for 12 layers). No params.
+* SimpleGPT, arXiv 2602.01212 (``simplegpt``): the norms live in the projections (linear.py), so the block drops
+  the pre-norm of the MLP and of attention mixers. Gated DeltaNet keeps its pre-norm: its projections are
+  fla-named ``nn.Linear`` outside make_linear (no SimpleNorm), and its beta/decay gates need a bounded input.
+* FAN/ATF, arXiv 2502.21309 (``fan_ratio``, ``fan_on_gdn``): fan.FAN between the pre-norm and the mixer.
+* PolyNorm MLP, CoLA, learnable multipliers: mlp.py / linear.py.
+The final RMSNorm and the embedding are model.py's (no model-level wiring is needed for these switches).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +43,19 @@ import torch.nn as nn
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.attention import Attention
 from neollm.model.deltanet import GatedDeltaNet
-from neollm.model.mlp import SwiGLU
+from neollm.model.fan import FAN
+from neollm.model.mlp import MLP
+from neollm.model.norms import GPAS, GatedResidual, lns_scale, no_weight_decay
+
+
+def _rmsnorm(args: NeoLLMModelArgs, enabled: bool = True) -> nn.Module:
+    return nn.RMSNorm(args.dim, eps=args.norm_eps) if enabled else nn.Identity()
+
+
+def _reset_norm(norm: nn.Module | None) -> None:
+    if isinstance(norm, nn.RMSNorm):
+        norm.reset_parameters()
+        no_weight_decay(norm.weight)
 
 
 class Block(nn.Module):
@@ -18,8 +63,10 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.mixer_code = mixer_code
-        self.mixer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        if mixer_code == "A":
+        attention = mixer_code == "A"
+        self.mixer_norm = _rmsnorm(args, enabled=not (args.simplegpt and attention))
+        self.fan = FAN(args.dim, args) if args.fan_ratio > 0 and (attention or args.fan_on_gdn) else None
+        if attention:
             self.mixer: nn.Module = Attention(args)
         else:
             self.mixer = GatedDeltaNet(
@@ -27,20 +74,54 @@ class Block(nn.Module):
                 expand_v=args.gdn_expand_v, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
                 backend=args.gdn_backend, layer_idx=layer_id,
             )
-        self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.mlp = SwiGLU(args)
+        self.mlp_norm = _rmsnorm(args, enabled=not args.simplegpt)
+        self.mlp = MLP(args)
+        self.post_norm = _rmsnorm(args) if args.hybrid_norm else None
+        self.gpas = GPAS() if args.gpas else None
+        self.mixer_gate = GatedResidual(args.dim) if args.gated_residual else None
+        self.mlp_gate = GatedResidual(args.dim) if args.gated_residual else None
+        self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else None
+        self.lns = lns_scale(layer_id) if args.layernorm_scaling else None  # a Python float: no graph branch
         # GPT-2 style: residual-branch outputs start smaller so the stream's variance stays ~1.
         self._init_std = args.init_std
         self._out_std = args.init_std / math.sqrt(2 * args.n_layers)
 
     def init_weights(self) -> None:
-        self.mixer_norm.reset_parameters()
-        self.mlp_norm.reset_parameters()
+        _reset_norm(self.mixer_norm)
+        _reset_norm(self.mlp_norm)
+        _reset_norm(self.post_norm)
+        if self.fan is not None:
+            self.fan.init_weights(self._init_std)
         self.mixer.init_weights(self._init_std, self._out_std)
         self.mlp.init_weights(self._init_std, self._out_std)
+        for module in (self.gpas, self.mixer_gate, self.mlp_gate):
+            if module is not None:
+                module.init_weights()
+
+    def _add(self, x: torch.Tensor, branch: torch.Tensor, gate: GatedResidual | None) -> torch.Tensor:
+        if self.dropout is not None:
+            branch = self.dropout(branch)
+        return x + branch if gate is None else gate(x, branch)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         normed = self.mixer_norm(x)
+        if self.lns is not None:
+            normed = normed * self.lns
+        if self.fan is not None:
+            normed = self.fan(normed)
         mixed = self.mixer(normed, rope) if self.mixer_code == "A" else self.mixer(normed)
-        h = x + mixed
-        return h + self.mlp(self.mlp_norm(h))
+        h = self._add(x, mixed, self.mixer_gate)
+        if self.gpas is not None:
+            h = self.gpas(h)
+
+        normed = self.mlp_norm(h)
+        if self.lns is not None:
+            normed = normed * self.lns
+        out = self.mlp(normed)
+        if self.post_norm is not None:
+            skip = h if self.gpas is None else self.gpas(h)
+            return self.post_norm(self._add(skip, out, self.mlp_gate))
+        h = self._add(h, out, self.mlp_gate)
+        if self.gpas is not None:
+            h = self.gpas(h)
+        return h

@@ -1,4 +1,15 @@
-"""Feed-forward blocks."""
+"""Feed-forward block: a GLU MLP whose gate activation is SiLU (SwiGLU, the default) or PolyNorm (NeoLLM).
+
+    out = W_down( drop( act(W_gate m) ⊙ (W_up m) ) ),   act = SiLU      (mlp_type "swiglu", Shazeer 2020)
+                                                         act = PolyNorm  (mlp_type "polynorm", arXiv 2411.03884)
+
+NeoLLM's MLP (sourced, Kitsunp/ml-cross-entropy docs/polynorm-cute.md): gate_proj -> PolyNorm (+dropout);
+up_proj; product -> column multiplier -> down_proj. The column multiplier is the ``down`` projection's learnable
+multiplier c (linear.py), and dropout on the product equals dropout on the PolyNorm output (same mask, the
+product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
+SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
+PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +18,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neollm.model.args import NeoLLMModelArgs
-from neollm.model.linear import make_linear
+from neollm.model.linear import init_linear, make_linear
+from neollm.model.norms import PolyNorm
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) — the GLU MLP of Llama/Qwen (Shazeer 2020)."""
-
+class MLP(nn.Module):
     def __init__(self, args: NeoLLMModelArgs) -> None:
         super().__init__()
         self.w1 = make_linear(args.dim, args.ffn_hidden_dim, args, role="gate")
         self.w3 = make_linear(args.dim, args.ffn_hidden_dim, args, role="up")
         self.w2 = make_linear(args.ffn_hidden_dim, args.dim, args, role="down")
+        self.act = PolyNorm(exclusive=args.polynorm_exclusive) if args.mlp_type == "polynorm" else None
+        self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else None
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        self.w1.init_weights(init_std)
-        self.w3.init_weights(init_std)
-        self.w2.init_weights(out_std)
+        init_linear(self.w1, init_std)
+        init_linear(self.w3, init_std)
+        init_linear(self.w2, out_std)
+        if self.act is not None:
+            self.act.init_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = self.w1(x)
+        gate = F.silu(gate) if self.act is None else self.act(gate)
+        hidden = gate * self.w3(x)
+        if self.dropout is not None:
+            hidden = self.dropout(hidden)
+        return self.w2(hidden)
+
+
+SwiGLU = MLP  # the default configuration of MLP (name kept for existing imports)
