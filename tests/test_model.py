@@ -44,7 +44,7 @@ def test_spec_is_registered_with_flavors():
 
     spec = get_train_spec("neollm")
     assert spec.model_cls is NeoLLM
-    assert {"debug", "neollm_135m", "neollm_110m_hybrid"} <= set(spec.model_args)
+    assert {"debug", "plain", "neollm_135m", "neollm_110m_hybrid", "fanformer_92m"} <= set(spec.model_args)
 
 
 def test_flavor_shapes_follow_the_seeds():
@@ -58,14 +58,42 @@ def test_flavor_shapes_follow_the_seeds():
     assert hybrid.vocab_size >= 151_669 and hybrid.vocab_size % 64 == 0
 
 
-def test_neollm_135m_plain_parameter_count():
+def test_plain_parameter_count_from_its_shape():
     with torch.device("meta"):
-        model = NeoLLM(FLAVORS["neollm_135m"])
+        model = NeoLLM(FLAVORS["plain"])
     embedding = model.tok_embeddings.weight.numel()
-    assert embedding == 32_973_824  # the seed card's embedding, exactly
+    assert embedding == 32_973_824  # seed 001's embedding, exactly
     d, kv, f = 512, 4 * 64, 1536
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
     assert sum(p.numel() for p in model.parameters()) == embedding + 12 * per_layer + d
+
+
+def test_flavor_parameter_counts():
+    from neollm.model.params import count_parameters, technique_breakdown
+
+    # (total, embedding): docs/techniques.md explains each against the seed cards.
+    assert count_parameters(FLAVORS["neollm_135m"]) == (76_978_204, 32_973_824)
+    assert count_parameters(FLAVORS["neollm_110m_hybrid"]) == (108_714_884, 77_660_160)
+    assert count_parameters(FLAVORS["fanformer_92m"]) == (85_599_132, 37_748_736)
+    added = technique_breakdown(FLAVORS["neollm_135m"])
+    assert added["attention_output_gate"] == 12 * 512 * 512  # elementwise gate: D x H*d per layer
+    assert added["fan_ratio"] == 12 * (512 * 64 + 512 * 384 + 384)  # W_p, W_pbar, bias
+    assert added["gpas"] == 12 and added["mlp_type"] == 12 * 4
+
+
+def test_plain_is_every_switch_off_and_seeds_switch_their_techniques_on():
+    from neollm.model.args import SEED_000_TECHNIQUES, SEED_001_TECHNIQUES, SEED_002_TECHNIQUES
+    from neollm.model.params import technique_switches
+
+    assert technique_switches(FLAVORS["plain"]) == {}
+    assert technique_switches(FLAVORS["debug"]) == {}
+    for flavor, techniques in [("neollm_135m", SEED_001_TECHNIQUES),
+                               ("neollm_110m_hybrid", SEED_000_TECHNIQUES),
+                               ("fanformer_92m", SEED_002_TECHNIQUES)]:
+        args = FLAVORS[flavor]
+        for name, value in techniques.items():
+            assert getattr(args, name) == value, (flavor, name)
+        assert set(technique_switches(args)) <= set(techniques)
 
 
 @pytest.mark.parametrize("flavor", sorted(FLAVORS))
@@ -78,14 +106,17 @@ def test_every_flavor_trains_a_step_at_tiny_size(flavor):
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     assert abs(loss.item() - math.log(args.vocab_size)) < 0.5  # small init: near-uniform predictions
     loss.backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
-        assert param.grad.abs().sum() > 0, f"no gradient reaches {name}"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(5):
+    for step in range(5):
+        if step == 1:
+            # After one update every parameter is in play (SeeDNorm's alpha and a zero-initialised
+            # CoLA factor get their first gradient only once their partner has moved).
+            for name, param in model.named_parameters():
+                assert param.grad is not None and torch.isfinite(param.grad).all(), name
+                assert param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+        optimizer.step()
         optimizer.zero_grad()
         F.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        optimizer.step()
     after = F.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     assert after.item() < loss.item() - 0.5
 
@@ -125,7 +156,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_attention_matches_explicit_softmax_matrices():
-    args = tiny(FLAVORS["neollm_135m"], n_heads=4, n_kv_heads=2)
+    args = tiny(FLAVORS["plain"], n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)
     attention = Attention(args).double()
     for p in attention.parameters():
@@ -148,7 +179,7 @@ def test_attention_matches_explicit_softmax_matrices():
 
 
 def test_flops_count_for_an_attention_model():
-    args = dataclasses.replace(FLAVORS["neollm_135m"], vocab_size=64_402)
+    args = FLAVORS["plain"]
     with torch.device("meta"):
         model = NeoLLM(args)
     d, kv, f, T, L, V = 512, 256, 1536, 512, 12, 64_402
@@ -160,7 +191,9 @@ def test_flops_count_for_an_attention_model():
 def test_flops_count_includes_deltanet_layers():
     from neollm.model.deltanet import gdn_flops_per_token
 
-    args = FLAVORS["neollm_110m_hybrid"]
+    from neollm.model.params import all_off
+
+    args = all_off(FLAVORS["neollm_110m_hybrid"])
     with torch.device("meta"):
         model = NeoLLM(args)
     d, kv, f, T, V = 512, 128, 1024, 512, args.vocab_size
@@ -171,6 +204,15 @@ def test_flops_count_includes_deltanet_layers():
     assert gdn >= 6 * (2 * d * 256 + 3 * d * 512)
     expected = attention_layers + mlps + 9 * gdn + 6 * d * V
     assert training_flops_per_token(model, args, T) == expected
+
+
+def test_flops_count_adds_lucid_preconditioner():
+    plain = FLAVORS["plain"]
+    lucid = dataclasses.replace(plain, lucid=True)
+    with torch.device("meta"):
+        a, b = NeoLLM(plain), NeoLLM(lucid)
+    extra = training_flops_per_token(b, lucid, 512) - training_flops_per_token(a, plain, 512)
+    assert extra == 12 * 9 * 512 * 64 * 4  # per layer: Gram matrix + triangular solve, x3 for backward
 
 
 @pytest.mark.parametrize(
@@ -187,7 +229,7 @@ def test_flops_count_includes_deltanet_layers():
 )
 def test_bad_model_args_raise_clear_errors(changes, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        dataclasses.replace(FLAVORS["neollm_135m"], **changes)
+        dataclasses.replace(FLAVORS["plain"], **changes)
 
 
 def test_sequence_longer_than_max_seq_len_is_refused():

@@ -30,6 +30,7 @@ import neollm  # noqa: F401  (the project is installed: pip install -e .)
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
+from neollm.model.params import technique_switches
 from neollm.parallelize import compile_blocks
 
 
@@ -42,19 +43,6 @@ class Result:
     mfu: float
     peak_gib: float
     loss: float
-
-
-def technique_switches(flavor: str) -> dict[str, object]:
-    """Fields in which the flavor differs from the plain baseline of the same shape."""
-    args, base = FLAVORS[flavor], FLAVORS.get("plain")
-    if base is None:
-        return {}
-    shape = {"dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim",
-             "vocab_size", "max_seq_len", "layer_pattern", "gdn_num_heads", "gdn_head_dim",
-             "gdn_expand_v", "gdn_conv_size", "gdn_backend", "init_std", "norm_eps", "rope_theta"}
-    return {f.name: getattr(base, f.name) for f in dataclasses.fields(args)
-            if f.name not in shape and f.name != "_enforced"
-            and getattr(args, f.name) != getattr(base, f.name)}
 
 
 def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool):
@@ -182,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(name, args)]
         if opts.ablate:
             variants += [(f"{name} -{field}", dataclasses.replace(args, **{field: off}))
-                         for field, off in technique_switches(name).items()]
+                         for field, off in technique_switches(args).items()]
         for label, variant in variants:
             record(run(f"{label} V={variant.vocab_size}",
                        lambda a=variant: build_neollm(a, device, compile_model),

@@ -196,25 +196,53 @@ class NeoLLMModelArgs(BaseModelArgs):
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
+# Seed 001's techniques (NeoLLM-135M card), as switches. The card names FAN without a ratio:
+# seed 000's 0.125 is used. Its PolyNorm-exclusivity fix is announced for a later run, so off.
+SEED_001_TECHNIQUES: dict[str, object] = dict(
+    seednorm_qk=True, mlp_type="polynorm", gpas=True, layernorm_scaling=True, fan_ratio=0.125,
+    mea=True, lucid=True, affine_scaled_attention=True, xsa=True, directional_routing=True,
+    routing_directions=4, attention_output_gate="elementwise", momentum_gamma=0.1,
+    learnable_multipliers=True, simplegpt=True,
+)
+# Seed 000 (NeoLLM-110M hybrid card): FAN 0.125, PolyNorm MLP, LNS, GPAS on a 3:1 GDN pattern.
+SEED_000_TECHNIQUES: dict[str, object] = dict(
+    fan_ratio=0.125, mlp_type="polynorm", layernorm_scaling=True, gpas=True,
+)
+# Seed 002 (FANformer repository): FAN p = 0.15, CoLA rank in/4, HybridNorm (QKV-norm + FFN
+# post-norm), gated residuals, SwiGLU, dropout 0.1.
+SEED_002_TECHNIQUES: dict[str, object] = dict(
+    fan_ratio=0.15, cola_rank_ratio=0.25, qkv_norm=True, hybrid_norm=True, gated_residual=True,
+    dropout=0.1, attention_dropout=0.1,
+)
+
+
 def _flavors() -> dict[str, NeoLLMModelArgs]:
     qwen3_vocab = 151_680  # Qwen3's 151,669 ids padded to a multiple of 64
+    shape_135m = dict(dim=512, n_layers=12, n_heads=8, n_kv_heads=4, head_dim=64,
+                      ffn_hidden_dim=1536, vocab_size=64_402, max_seq_len=512)
     return {
-        # Tiny: trains in seconds per step on a CPU; both mixers present.
+        # Tiny: trains in seconds per step on a CPU; both mixers present; every switch off.
         "debug": NeoLLMModelArgs(
             dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_hidden_dim=384,
             vocab_size=qwen3_vocab, max_seq_len=256, layer_pattern="DA",
             gdn_num_heads=2, gdn_head_dim=32, gdn_expand_v=2.0,
         ),
-        # Seed 001 shape (all-attention). Its 64,402-token vocabulary is a trimmed Qwen3 one.
-        "neollm_135m": NeoLLMModelArgs(
-            dim=512, n_layers=12, n_heads=8, n_kv_heads=4, head_dim=64, ffn_hidden_dim=1536,
-            vocab_size=64_402, max_seq_len=512,
-        ),
-        # Seed 000 shape: Gated DeltaNet in layers 1-3, 5-7, 9-11; full attention in 4, 8, 12.
+        # The baseline: seed 001's shape with every technique off (pre-norm GQA, RoPE, SwiGLU).
+        "plain": NeoLLMModelArgs(**shape_135m),
+        # Seed 001: NeoLLM-135M, all its techniques. Vocabulary: a 64,402-token trimmed Qwen3.
+        "neollm_135m": NeoLLMModelArgs(**shape_135m, **SEED_001_TECHNIQUES),
+        # Seed 000: Gated DeltaNet in layers 1-3, 5-7, 9-11; full attention in 4, 8, 12.
         "neollm_110m_hybrid": NeoLLMModelArgs(
             dim=512, n_layers=12, n_heads=8, n_kv_heads=2, head_dim=64, ffn_hidden_dim=1024,
             vocab_size=qwen3_vocab, max_seq_len=512, layer_pattern="DDDA",
-            gdn_num_heads=4, gdn_head_dim=64, gdn_expand_v=2.0,
+            gdn_num_heads=4, gdn_head_dim=64, gdn_expand_v=2.0, **SEED_000_TECHNIQUES,
+        ),
+        # Seed 002: the FANformer author's training script (HybridFun.py) builds d 768 (its
+        # README says 512, which 12 heads do not divide), 12 heads of 64, 6 KV heads, FFN 2048,
+        # context 1024, SmolLM2's 49,152-token vocabulary.
+        "fanformer_92m": NeoLLMModelArgs(
+            dim=768, n_layers=12, n_heads=12, n_kv_heads=6, head_dim=64, ffn_hidden_dim=2048,
+            vocab_size=49_152, max_seq_len=1024, **SEED_002_TECHNIQUES,
         ),
     }
 

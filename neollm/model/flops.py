@@ -7,7 +7,9 @@ token over the full T x T square (the causal kernel skips about half of it, so M
 way matches the others' numbers rather than the work done). Recomputation from activation
 checkpointing is not counted. The tied LM head counts its 6 * dim * vocab (the embedding lookup
 itself is free). Gated DeltaNet layers count their own projections and chunked recurrence
-(neollm.model.deltanet.gdn_flops_per_token).
+(neollm.model.deltanet.gdn_flops_per_token). LUCID adds, per KV head and token, its key Gram row
+(2 T d) and the triangular solve (T d), times 3 for backward. Elementwise work (norms, gates,
+FAN's sin/cos, cumsums) is not counted.
 """
 
 from __future__ import annotations
@@ -34,4 +36,5 @@ def training_flops_per_token(model: nn.Module, args: NeoLLMModelArgs, seq_len: i
     gdn = n_gdn * gdn_flops_per_token(
         args.dim, args.gdn_num_heads, args.gdn_head_dim, args.gdn_expand_v, args.gdn_conv_size
     )
-    return 6 * (linear_weights + head) + attention_core + gdn
+    lucid = 9 * seq_len * args.head_dim * args.n_kv_heads * n_attention if args.lucid else 0
+    return 6 * (linear_weights + head) + attention_core + gdn + lucid
