@@ -39,10 +39,13 @@ def check_run(job_config: JobConfig, world_size: int) -> None:
     loss_settings(job_config)
     fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
     copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
+    from neollm.data.loader import check_data
     from neollm.tokenizer import build_neollm_tokenizer
+    from neollm.train import data_parallel_degree
 
-    build_neollm_tokenizer(job_config)
+    tokenizer = build_neollm_tokenizer(job_config)
     check_dataset(job_config)
+    check_data(job_config, data_parallel_degree(job_config, world_size), tokenizer.eos_id)
 
 
 def main(argv: list[str]) -> int:

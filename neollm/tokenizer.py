@@ -53,17 +53,18 @@ def build_neollm_tokenizer(job_config: JobConfig) -> NeoLLMTokenizer:
     return NeoLLMTokenizer(str(_tokenizer_dir(job_config.model.hf_assets_path)))
 
 
-def tokenizer_vocab_size(path: str | Path) -> int:
+def tokenizer_vocab_size(path: str | Path, loaded=None) -> int:
     """Largest token id + 1, added tokens included: the embedding rows the model needs.
 
     ``path``: the tokenizer folder or its tokenizer.json. Ids listed in tokenizer_config.json's
     ``added_tokens_decoder`` count too, as torchtitan adds those tokens when it loads.
+    ``loaded``: the folder's ``tokenizers.Tokenizer`` if already loaded (saves reading it again).
     """
     from tokenizers import Tokenizer
 
     p = Path(path)
     folder = _tokenizer_dir(p.parent if p.name == "tokenizer.json" else p)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = loaded if loaded is not None else Tokenizer.from_file(str(folder / "tokenizer.json"))
     top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
     config = folder / "tokenizer_config.json"
     if config.is_file():

@@ -3,15 +3,14 @@ torchtitan trainer uses when a TOML says ``[model] name = "neollm"``."""
 
 from __future__ import annotations
 
-from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.validate import build_validator
-from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
+from neollm.data.loader import build_neollm_dataloader
+from neollm.data.validation import build_neollm_validator
 from neollm.loss import build_neollm_loss
 from neollm.model.args import FLAVORS
 from neollm.model.model import NeoLLM
+from neollm.optim import build_neollm_lr_schedulers, build_neollm_optimizers
 from neollm.parallelize import parallelize_neollm
 from neollm.tokenizer import build_neollm_tokenizer
 
@@ -24,12 +23,12 @@ def neollm_train_spec() -> TrainSpec:
         model_args=FLAVORS,
         parallelize_fn=parallelize_neollm,
         pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_text_dataloader,
+        build_optimizers_fn=build_neollm_optimizers,
+        build_lr_schedulers_fn=build_neollm_lr_schedulers,
+        build_dataloader_fn=build_neollm_dataloader,
         build_tokenizer_fn=build_neollm_tokenizer,
         build_loss_fn=build_neollm_loss,
-        build_validator_fn=build_validator,
+        build_validator_fn=build_neollm_validator,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "assets" / "tokenizer" / "qwen3"
 CORPUS_DIR = REPO / "data" / "wiki_vital_en"
-LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
+LOSS_LINE = re.compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
 
 
 def require_prepared_assets() -> None:
@@ -36,5 +36,5 @@ def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/deb
 
 
 def losses_by_step(output: str) -> dict[int, float]:
-    """Parse torchtitan's metric lines ("step: N  loss: X") from rank 0's log."""
+    """Parse torchtitan's training metric lines ("step: N  loss: X", not "validate step: ...")."""
     return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}

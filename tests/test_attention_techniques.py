@@ -50,7 +50,7 @@ def make_args(**changes) -> NeoLLMModelArgs:
     base = dict(dim=DIM, n_heads=H, n_kv_heads=HKV, head_dim=D_HEAD, ffn_hidden_dim=48,
                 vocab_size=61, max_seq_len=32, n_layers=2, routing_directions=K_DIRS)
     base.update(changes)
-    return dataclasses.replace(FLAVORS["neollm_135m"], **base)
+    return dataclasses.replace(FLAVORS["plain"], **base)
 
 
 def make_attention(seed: int = 0, perturb: bool = True, **changes) -> Attention:
@@ -307,7 +307,7 @@ def test_momentum_uses_only_the_previous_token():
 
 # ---- module-level properties ---------------------------------------------------------------
 def test_parameter_counts_at_neollm_135m_sizes():
-    base_args = FLAVORS["neollm_135m"]
+    base_args = FLAVORS["plain"]
     with torch.device("meta"):
         base = sum(p.numel() for p in Attention(base_args).parameters())
         extra = {name: sum(p.numel() for p in Attention(dataclasses.replace(base_args, **c))
@@ -374,7 +374,7 @@ def test_all_on_compiles_fullgraph():
 )
 def test_bad_attention_args_raise(changes, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        dataclasses.replace(FLAVORS["neollm_135m"], **changes)
+        dataclasses.replace(FLAVORS["plain"], **changes)
 
 
 def test_all_on_in_bfloat16_keeps_dtype_and_stays_finite():

@@ -380,7 +380,7 @@ def test_fan_feeds_attention_only_unless_fan_on_gdn():
 
 
 def test_lns_constants():
-    args = dataclasses.replace(FLAVORS["neollm_135m"], layernorm_scaling=True)
+    args = dataclasses.replace(FLAVORS["plain"], layernorm_scaling=True)
     with torch.device("meta"):
         model = NeoLLM(args)
     scales = [block.lns for block in model.layers.values()]
@@ -515,7 +515,9 @@ def test_all_on_gdn_block_runs_eagerly_in_training_mode():
 
 # ---- parameter counts at the seed sizes (the numbers the docstrings quote) --------------------------------
 def layer_params(flavor: str, mixer: str, **changes) -> int:
-    args = dataclasses.replace(FLAVORS[flavor], **changes)
+    from neollm.model.params import all_off
+
+    args = dataclasses.replace(all_off(FLAVORS[flavor]), **changes)  # the seed's shape, switches as given
     with torch.device("meta"):
         block = Block(3, mixer, args)
     return sum(p.numel() for p in block.parameters())
@@ -552,7 +554,7 @@ def test_parameters_added_per_layer(flavor, mixer, changes, added):
 ])
 def test_bad_technique_args_raise_clear_errors(changes, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        dataclasses.replace(FLAVORS["neollm_135m"], **changes)
+        dataclasses.replace(FLAVORS["plain"], **changes)
 
 
 def test_init_survives_float8_conversion():

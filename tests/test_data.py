@@ -73,7 +73,8 @@ def load(datasets_table, name: str, path: str):
 
 
 def test_registered_names(datasets_table):
-    for name in ("wiki_vital_en", "wiki_vital_en_validation", "local_text", "fineweb_edu"):
+    for name in ("wiki_vital_en", "wiki_vital_en_validation", "local_text", "fineweb_edu", "shards",
+                 "shards_validation"):
         assert name in datasets_table
     assert datasets_table["wiki_vital_en"].path == "data/wiki_vital_en"
     assert "c4" in datasets_table  # torchtitan's own entries stay

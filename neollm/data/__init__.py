@@ -1,8 +1,52 @@
-"""NeoLLM data sources. Importing this package registers them in torchtitan's ``DATASETS``,
-so ``[training] dataset = "wiki_vital_en" | "local_text" | "fineweb_edu"`` (and
-``wiki_vital_en_validation`` for ``[validation] dataset``) work with torchtitan's own
-``build_text_dataloader``; see ``sources.py``."""
+"""NeoLLM's data layer. Importing this package registers its sources in torchtitan's ``DATASETS``
+(NeoLLM's validator, ``validation.py``, is the TrainSpec's ``build_validator_fn``).
 
+Sources (``[training] dataset`` / ``dataset_path``; ``[validation] dataset`` / ``dataset_path``):
+
+=========================  ==================================================================
+``wiki_vital_en``          default corpus, ``data/wiki_vital_en/train.jsonl`` (tools/prepare_corpus.py)
+``wiki_vital_en_validation``  its held-out ``validation.jsonl``
+``local_text``             your files: a folder, file or glob of .jsonl/.json/.parquet/.txt
+``fineweb_edu``            FineWeb-Edu streamed from the hub, ``repo[:config]`` (default sample-10BT)
+``shards``                 pre-tokenized shards (tools/tokenize_data.py ``--out`` folder), train split
+``shards_validation``      the same folder's validation split
+=========================  ==================================================================
+
+Every source goes through the same packing (``packing.py``): each document is
+``tokenizer.encode(text, add_bos=True, add_eos=True)`` (Qwen3: its tokens + ``<|endoftext|>``),
+documents are concatenated and cut into ``seq_len + 1`` windows. ``[data]
+max_doc_tokens_factor = 4`` truncates every document to 4 x seq_len tokens (seed 000's option).
+
+Ranks and workers: data-parallel rank r of W reads the r-th contiguous block of documents (for a
+streaming source: whole hub files, or every W-th document); within a rank, dataloader worker w
+of K (``[training.dataloader] num_workers``) reads the w-th block of the rank's documents.
+
+Exact resume: the dataloader is torchtitan's ParallelAwareDataloader, saved in every checkpoint
+per rank; its dataset state is (epoch, document, offset) for shards, (documents consumed, token
+buffer) for local text, and ``datasets``' own state_dict + token buffer for streaming.
+
+Pre-tokenized training::
+
+    python tools/tokenize_data.py                      # data/wiki_vital_en -> data/shards/wiki_vital_en
+    ./run_train.sh --training.dataset shards --training.dataset_path data/shards/wiki_vital_en \\
+        --validation.enable --validation.freq 500 --validation.steps 20
+
+Shards remember the sha256 of the tokenizer.json they were made with; the trainer (and the
+check before torchrun) refuses them with another ``[model] hf_assets_path`` or when they hold
+ids beyond the model's ``vocab_size``.
+
+Validation: ``[validation] enable = true``, ``freq`` (steps between evaluations), ``steps``
+(batches per evaluation; set it, -1 can hang ranks of unequal data), ``local_batch_size``,
+``seq_len``. With a training source that has a ``*_validation`` twin (``wiki_vital_en``,
+``shards``) ``enable`` alone is enough; otherwise set ``dataset`` (and ``dataset_path``). The
+loss is logged as ``validate step: N  loss: X`` and as ``validation_metrics/loss``.
+"""
+
+from neollm.data.loader import (
+    build_neollm_dataloader,
+    build_neollm_validation_dataloader,
+)
+from neollm.data.shards import TokenShardDataset, TokenShards
 from neollm.data.sources import (
     NEOLLM_DATASETS,
     load_fineweb_edu,
@@ -15,6 +59,10 @@ register_datasets()
 
 __all__ = [
     "NEOLLM_DATASETS",
+    "TokenShardDataset",
+    "TokenShards",
+    "build_neollm_dataloader",
+    "build_neollm_validation_dataloader",
     "load_fineweb_edu",
     "load_local_text",
     "load_wiki_vital_en",

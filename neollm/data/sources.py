@@ -20,11 +20,13 @@ from typing import Any
 
 from torchtitan.hf_datasets import DatasetConfig
 
+from neollm.data.shards import load_shards
 from neollm.errors import ConfigError
 
 TEXT_COLUMN = "text"
 
 WIKI_VITAL_EN_PATH = "data/wiki_vital_en"
+SHARDS_PATH = "data/shards/wiki_vital_en"  # tools/tokenize_data.py's default --out
 PREPARE_HINT = "run `python tools/prepare_corpus.py` (or set [training] dataset_path)"
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
@@ -137,6 +139,31 @@ def load_local_text(path: str):
     return _check_text_column(ds, f"local_text {path!r}")
 
 
+def open_local_texts(path: str, text_column: str = TEXT_COLUMN, setting: str = "--input"):
+    """For tools (tokenize_data, train/trim_tokenizer): the files ``path`` names, resolved as
+    local_text resolves them, as a map-style Dataset of the one column ``text_column``."""
+    from datasets import load_dataset
+
+    def reword(e: Exception) -> str:
+        return (str(e).replace("local_text: training.dataset_path", setting)
+                .replace("set [training] dataset_path (--training.dataset_path)", f"set {setting}"))
+
+    try:
+        files = _resolve_local_files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(reword(e)) from None
+    try:
+        builder = _builder_for(files, path)
+    except ConfigError as e:
+        raise ConfigError(reword(e)) from None
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    ds = load_dataset(builder, data_files=files, split="train", **kwargs)
+    if text_column not in ds.column_names:
+        raise ConfigError(f"{setting} {path!r}: no {text_column!r} column (columns: "
+                          f"{ds.column_names}): choose the column with --text-column")
+    return ds.select_columns([text_column])
+
+
 # ----------------------------------------------------------------------------- fineweb_edu
 
 
@@ -223,6 +250,12 @@ NEOLLM_DATASETS: dict[str, DatasetConfig] = {
     "fineweb_edu": DatasetConfig(
         path=f"{FINEWEB_EDU_REPO}:{FINEWEB_EDU_DEFAULT_CONFIG}",
         loader=load_fineweb_edu, sample_processor=text_sample),
+    # Pre-tokenized shards (tools/tokenize_data.py): the loader returns a TokenShards, which
+    # neollm.data.loader reads itself (there is no text to process).
+    "shards": DatasetConfig(path=SHARDS_PATH, loader=load_shards, sample_processor=text_sample),
+    "shards_validation": DatasetConfig(
+        path=SHARDS_PATH, loader=partial(load_shards, split="validation"),
+        sample_processor=text_sample),
 }
 
 

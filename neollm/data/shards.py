@@ -1,0 +1,309 @@
+"""Pre-tokenized token shards: the on-disk format, its reader and the ``shards`` dataset.
+
+``tools/tokenize_data.py`` writes a folder::
+
+    <out>/index.json               format, tokenizer (sha256 of tokenizer.json, vocab size, eos/bos
+                                   ids), dtype, max token id, per split: documents, tokens, shards
+    <out>/train/00000.bin          tokens of whole documents, one after the other, each document as
+                                   tokenizer.encode(text, add_bos=True, add_eos=True) (for Qwen3:
+                                   its tokens + <|endoftext|>); raw little-endian uint16 when the
+                                   vocabulary fits in 16 bits, else uint32
+    <out>/train/00000.idx          uint64 end offset (in tokens) of every document in the .bin
+    <out>/validation/00000.{bin,idx}
+
+``[training] dataset = "shards"`` reads the ``train`` split (``shards_validation``: the
+``validation`` split) of the folder ``[training] dataset_path`` with ``np.memmap``.
+:class:`TokenShardDataset` gives each data-parallel rank (and each dataloader worker within a
+rank) a contiguous, disjoint range of documents, packs them into ``seq_len + 1`` windows exactly
+as torchtitan's HuggingFaceTextDataset packs text (so the same documents give the same batches
+either way), and checkpoints its position as (epoch, document, offset in document): a resumed
+run continues with the very next token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset, get_worker_info
+
+from neollm.data.packing import contiguous_range, truncate_document
+from neollm.errors import ConfigError
+
+FORMAT = "neollm-token-shards"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+DOC_INDEX_DTYPE = np.dtype("<u8")
+SPLITS = ("train", "validation")
+TOKENIZE_HINT = "make them with `python tools/tokenize_data.py --input <text files> --out <folder>`"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits in 16 bits, else uint32 (little-endian)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
+    """sha256 of ``<tokenizer_dir>/tokenizer.json`` (what identifies a tokenizer here)."""
+    return sha256_file(Path(tokenizer_dir) / "tokenizer.json")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def shards_root(path: str | Path) -> Path:
+    """The shard folder for a ``dataset_path``: the folder itself or its index.json."""
+    p = Path(path)
+    return p.parent if p.name == INDEX_NAME else p
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    root = shards_root(path)
+    index = root / INDEX_NAME
+    if not index.is_file():
+        what = "does not exist" if not root.exists() else f"has no {INDEX_NAME}"
+        raise FileNotFoundError(
+            f"token shards: dataset_path {str(root)!r} {what}: {TOKENIZE_HINT} and set "
+            "[training] dataset_path to that folder")
+    try:
+        meta = json.loads(index.read_text())
+    except ValueError as e:
+        raise ConfigError(f"token shards: {index} is not valid JSON ({e}): rerun tools/tokenize_data.py")
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"token shards: {index} is not a {FORMAT} v{FORMAT_VERSION} index (format "
+            f"{meta.get('format')!r}, version {meta.get('version')!r}): rerun tools/tokenize_data.py")
+    return meta
+
+
+class TokenShards:
+    """One split of a shard folder: random access to its documents (read-only, memory-mapped).
+
+    Files are opened on first use in each process (dataloader workers open their own maps).
+    """
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.root = shards_root(path)
+        self.meta = read_index(self.root)
+        self.split = split
+        splits = self.meta.get("splits", {})
+        if split not in splits:
+            raise ConfigError(
+                f"token shards {str(self.root)!r} have no {split!r} split (splits: "
+                f"{sorted(splits)}): tokenize one with tools/tokenize_data.py"
+                + (" --validation-fraction or --validation-input" if split == "validation" else ""))
+        info = splits[split]
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.files = [s for s in info["shards"] if s["documents"] > 0]
+        for s in self.files:
+            for key, count, itemsize in (("file", "tokens", self.dtype.itemsize),
+                                         ("index", "documents", DOC_INDEX_DTYPE.itemsize)):
+                f = self.root / s[key]
+                if not f.is_file():
+                    raise FileNotFoundError(
+                        f"token shards: {f} is listed in {self.root / INDEX_NAME} but missing: "
+                        "rerun tools/tokenize_data.py on the same --out folder")
+                if f.stat().st_size != s[count] * itemsize:
+                    raise ConfigError(
+                        f"token shards: {f} has {f.stat().st_size} bytes, {INDEX_NAME} says "
+                        f"{s[count]} x {itemsize}: the file is damaged; delete it and its "
+                        f"progress/ marker and rerun tools/tokenize_data.py")
+        self.doc_offsets = np.cumsum([0] + [s["documents"] for s in self.files]).astype(np.int64)
+        self.num_documents = int(self.doc_offsets[-1])
+        self.num_tokens = int(sum(s["tokens"] for s in self.files))
+        if self.num_documents == 0:
+            raise ConfigError(
+                f"token shards {str(self.root)!r}: the {split!r} split has no documents: "
+                "tokenize more text (or another split)")
+        self._maps: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    # ------------------------------------------------------------------ metadata
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return self.meta["tokenizer"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.get("eos_id")
+
+    @property
+    def max_token_id(self) -> int:
+        return int(self.meta["max_token_id"])
+
+    def check(self, tokenizer_dir: str | Path | None, eos_id: int | None = None,
+              model_vocab_size: int | None = None, setting: str = "[training] dataset_path") -> None:
+        """Refuse shards of another tokenizer, or with ids the model has no embedding for."""
+        where = f"token shards {str(self.root)!r} ({setting})"
+        made_with = self.tokenizer
+        if tokenizer_dir:
+            digest = tokenizer_sha256(tokenizer_dir)
+            if digest != made_with["sha256"]:
+                raise ConfigError(
+                    f"{where} were written with another tokenizer (tokenizer.json sha256 "
+                    f"{made_with['sha256'][:12]}..., from {made_with.get('path')!r}) than [model] "
+                    f"hf_assets_path {str(tokenizer_dir)!r} (sha256 {digest[:12]}...): set "
+                    "hf_assets_path to the tokenizer the shards were made with, or rerun "
+                    f"`python tools/tokenize_data.py --tokenizer {tokenizer_dir}` into a new folder")
+        if eos_id is not None and made_with.get("eos_id") != eos_id:
+            raise ConfigError(
+                f"{where} separate documents with token {made_with.get('eos_id')}, but the "
+                f"tokenizer's end-of-document id is {eos_id}: rerun tools/tokenize_data.py "
+                "with this tokenizer")
+        if model_vocab_size is not None and self.max_token_id >= model_vocab_size:
+            raise ConfigError(
+                f"{where} hold token id {self.max_token_id}, but the model has only "
+                f"{model_vocab_size:,} embedding rows: set [model] vocab_size >= "
+                f"{self.max_token_id + 1} (a multiple of 64 is fastest) or use a smaller tokenizer")
+
+    # ------------------------------------------------------------------ documents
+
+    def _open(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._maps is None:
+            self._maps = [
+                (np.memmap(self.root / s["file"], dtype=self.dtype, mode="r"),
+                 np.memmap(self.root / s["index"], dtype=DOC_INDEX_DTYPE, mode="r"))
+                for s in self.files
+            ]
+        return self._maps
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` of the split (a read-only view; EOS included)."""
+        if not 0 <= i < self.num_documents:
+            raise IndexError(f"document {i} of {self.num_documents}")
+        s = int(np.searchsorted(self.doc_offsets, i, side="right")) - 1
+        j = i - int(self.doc_offsets[s])
+        tokens, ends = self._open()[s]
+        start = int(ends[j - 1]) if j else 0
+        return tokens[start:int(ends[j])]
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = None  # each process maps the files itself
+        return state
+
+
+def load_shards(path: str, split: str = "train") -> TokenShards:
+    """DatasetConfig loader of the ``shards`` / ``shards_validation`` sources."""
+    if not path:
+        raise ConfigError("shards needs a folder: set [training] dataset_path to the --out folder "
+                          f"of tools/tokenize_data.py ({TOKENIZE_HINT})")
+    return TokenShards(path, split)
+
+
+class TokenShardDataset(IterableDataset, Stateful):
+    """Packed ``seq_len + 1`` windows over this rank's (and worker's) documents of a split.
+
+    Rank ``r`` of ``W`` reads documents ``contiguous_range(N, W, r)``; with dataloader workers,
+    worker ``w`` of ``K`` reads ``contiguous_range`` ``w`` of ``K`` of that range. The state is
+    the position of the next token: ``epoch`` (passes over the range so far), ``doc`` (index in
+    the range) and ``offset`` (tokens of that document already used), so a resumed iterator
+    yields exactly the windows the uninterrupted one would have. ``restart_each_pass``: every
+    ``iter()`` starts at the first document (validation: each evaluation sees the same batches).
+    """
+
+    def __init__(self, shards: TokenShards, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
+                 infinite: bool = True, max_doc_tokens: int = 0, name: str = "shards",
+                 restart_each_pass: bool = False):
+        self.shards = shards
+        self.restart_each_pass = restart_each_pass
+        self.seq_len = seq_len
+        self.infinite = infinite
+        self.max_doc_tokens = max_doc_tokens
+        self.dataset_name = name
+        self.rank_range = contiguous_range(shards.num_documents, dp_world_size, dp_rank)
+        if self.rank_range[0] == self.rank_range[1]:
+            raise ConfigError(
+                f"token shards {str(shards.root)!r} ({shards.split}) have {shards.num_documents} "
+                f"documents, fewer than the {dp_world_size} data-parallel ranks: tokenize more text")
+        self.eos_id = shards.eos_id
+        self._epoch = 0
+        self._doc = 0
+        self._offset = 0
+
+    def _worker_range(self) -> tuple[int, int]:
+        lo, hi = self.rank_range
+        info = get_worker_info()
+        if info is None or info.num_workers == 1:
+            return lo, hi
+        a, b = contiguous_range(hi - lo, info.num_workers, info.id)
+        if a == b:
+            raise ConfigError(
+                f"token shards: this rank has {hi - lo} documents, fewer than the "
+                f"{info.num_workers} dataloader workers: lower [training.dataloader] num_workers")
+        return lo + a, lo + b
+
+    def _tokens(self, i: int) -> np.ndarray:
+        return truncate_document(self.shards.document(i), self.max_doc_tokens, self.eos_id)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        lo, hi = self._worker_range()
+        n = hi - lo
+        if self.restart_each_pass:
+            self._epoch, self._doc, self._offset = 0, 0, 0
+        window = self.seq_len + 1
+        buf = np.empty(window, dtype=np.int64)
+        epoch, doc, offset = self._epoch, self._doc, self._offset
+        fill = 0
+        while True:
+            if doc >= n:
+                if not self.infinite:
+                    return
+                epoch, doc, offset = epoch + 1, 0, 0
+            tokens = self._tokens(lo + doc)
+            take = min(len(tokens) - offset, window - fill)
+            buf[fill:fill + take] = tokens[offset:offset + take]
+            fill += take
+            offset += take
+            if offset >= len(tokens):
+                doc, offset = doc + 1, 0
+            if fill == window:
+                fill = 0
+                self._epoch, self._doc, self._offset = epoch, doc, offset
+                x = torch.from_numpy(buf.copy())
+                yield {"input": x[:-1]}, x[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "doc": self._doc, "offset": self._offset,
+                "documents": self.shards.num_documents, "rank_range": list(self.rank_range)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("documents"), list(state_dict.get("rank_range", [])))
+        if saved != (self.shards.num_documents, list(self.rank_range)):
+            raise ConfigError(
+                f"the checkpoint's data position is for {saved[0]} documents, rank range "
+                f"{saved[1]}, but token shards {str(self.shards.root)!r} ({self.shards.split}) "
+                f"now give {self.shards.num_documents} documents, range {list(self.rank_range)}: "
+                "resume with the same shards and number of data-parallel ranks")
+        self._epoch = int(state_dict["epoch"])
+        self._doc = int(state_dict["doc"])
+        self._offset = int(state_dict["offset"])

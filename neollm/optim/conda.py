@@ -1,0 +1,214 @@
+"""Conda: column-normalised Adam, following the author's reference ``Conda_optimizer.py``
+(github.com/Kitsunp/Conda-optimizer, "based on official implementation", 'std' projection).
+
+Matrices (``p.ndim == 2``), with m = exp_avg, v = exp_avg_sq and the step count t before this
+step (0, 1, ...)::
+
+    m = b1 m + (1 - b1) g
+    if no basis yet or t % update_proj_gap == 0:      # SVD of the current m, in float32
+        rows >= cols: P = Vh  [cols, cols]  ("right": g~ = g P^T, back: n P)
+        rows <  cols: P = U   [rows, rows]  ("left":  g~ = P^T g, back: P n)
+    g~, m~ = project(g), project(m)                   # m is stored unprojected, v projected
+    v = b2 v + (1 - b2) g~^2
+    n = scale * project_back(m~ / (sqrt(v) + eps))
+    t = t + 1
+    theta = theta - lr * sqrt(1 - b2^t) / (1 - b1^t) * n     (without the factor if not correct_bias)
+    theta = theta - lr * wd * theta                          (decoupled weight decay, after the step)
+
+Every other parameter gets the same Adam step without projection or scale.
+
+FSDP2 (parameters are DTensors sharded by rows, ``Shard(0)``, possibly ``Replicate`` on an
+HSDP replica dimension):
+
+* the basis needs the whole matrix: every ``update_proj_gap`` steps (and at the first step) m is
+  all-gathered (``full_tensor()``), every rank computes the same SVD, and the basis is broadcast
+  from the mesh's first rank so all ranks hold bit-identical copies (the basis is a plain,
+  replicated tensor in the optimizer state: min(rows, cols)^2 elements per matrix);
+* "right" projections act on each row independently: shard-local, no communication per step;
+* "left" projections mix rows: P^T [g | m] is formed as per-rank partial products over the
+  local rows and reduce-scattered back to row shards (one reduce-scatter of 2x the matrix),
+  and the back-projection P n likewise (one reduce-scatter of the matrix): per step about
+  3x the matrix's size in reduce-scatter traffic for matrices with fewer rows than columns
+  (e.g. MLP down projections, GQA k/v projections).
+* other placements (e.g. tensor-parallel ``Shard(1)``) fall back to gathering g, m and v and
+  computing the full update on every rank (correct, costlier).
+
+State per parameter: ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq`` (parameter-sized)
+and, for matrices, ``projector`` (the basis). All are tensors, so DCP checkpoints them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.optim import Optimizer
+
+
+def svd_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """The reference's orthogonal basis of a full (plain) matrix: Vh if rows >= cols else U,
+    from an SVD computed in float32 (as the reference does for every dtype, float64 included),
+    returned in the matrix's dtype."""
+    orig_dtype = matrix.dtype
+    U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    basis = Vh if matrix.shape[0] >= matrix.shape[1] else U
+    return basis.to(orig_dtype).contiguous()
+
+
+def _is_right(shape) -> bool:
+    return shape[0] >= shape[1]
+
+
+def _row_sharded(p: torch.Tensor) -> bool:
+    """A DTensor whose placements are only Shard(0) / Replicate (FSDP2, HSDP)."""
+    return all((type(pl) is Shard and pl.dim == 0) or pl.is_replicate() for pl in p.placements)
+
+
+class Conda(Optimizer):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        correct_bias: bool = True,
+        update_proj_gap: int = 500,
+        scale: float = 0.25,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Conda: invalid learning rate {lr}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Conda: invalid beta{i + 1} {b} (must be in [0, 1))")
+        if eps < 0.0:
+            raise ValueError(f"Conda: invalid eps {eps}")
+        if update_proj_gap < 1:
+            raise ValueError(f"Conda: update_proj_gap must be >= 1, got {update_proj_gap}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        correct_bias=correct_bias, update_proj_gap=int(update_proj_gap), scale=scale)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("Conda does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                step = int(state["step"].item())  # before this step, as in the reference
+
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                if grad.ndim == 2:
+                    if "projector" not in state or step % group["update_proj_gap"] == 0:
+                        state["projector"] = self._basis(exp_avg)
+                    norm_grad = self._projected_direction(grad, exp_avg, exp_avg_sq,
+                                                          state["projector"], group)
+                else:
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                    norm_grad = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+
+                state["step"] += 1
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    t = step + 1
+                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                p.add_(norm_grad, alpha=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    # -- basis -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _basis(exp_avg: torch.Tensor) -> torch.Tensor:
+        if not isinstance(exp_avg, DTensor):
+            return svd_basis(exp_avg)
+        mesh = exp_avg.device_mesh
+        basis = svd_basis(exp_avg.full_tensor())  # all-gather of m, same SVD on every rank
+        # Broadcast rank 0's basis (each Replicate mesh dim), so all ranks hold identical bits.
+        return DTensor.from_local(basis, mesh, [Replicate()] * mesh.ndim, run_check=True).to_local()
+
+    # -- projected Adam direction ---------------------------------------------------------------
+
+    def _projected_direction(self, grad, exp_avg, exp_avg_sq, basis, group) -> torch.Tensor:
+        """scale * project_back(project(m) / (sqrt(v) + eps)), updating v in place.
+        Returns a tensor laid out like the parameter (a DTensor for a DTensor parameter)."""
+        if not isinstance(grad, DTensor):
+            return self._direction_local(grad, exp_avg, exp_avg_sq, basis, group)
+        if _row_sharded(grad):
+            return self._direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group)
+        return self._direction_gathered(grad, exp_avg, exp_avg_sq, basis, group)
+
+    @staticmethod
+    def _direction_local(grad, exp_avg, exp_avg_sq, basis, group) -> torch.Tensor:
+        beta2 = group["betas"][1]
+        if _is_right(grad.shape):
+            g_proj, m_proj = grad @ basis.t(), exp_avg @ basis.t()
+        else:
+            g_proj, m_proj = basis.t() @ grad, basis.t() @ exp_avg
+        exp_avg_sq.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
+        n = m_proj / exp_avg_sq.sqrt().add_(group["eps"])
+        back = n @ basis if _is_right(grad.shape) else basis @ n
+        return back * group["scale"]
+
+    @staticmethod
+    def _direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group) -> DTensor:
+        beta2 = group["betas"][1]
+        mesh, placements = grad.device_mesh, grad.placements
+        shape = grad.shape
+        g, m, v = grad.to_local(), exp_avg.to_local(), exp_avg_sq.to_local()
+        if _is_right(shape):
+            # Rows are independent: g~ = g P^T row by row.
+            g_proj, m_proj = g @ basis.t(), m @ basis.t()
+            v.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
+            back = (m_proj / v.sqrt().add_(group["eps"])) @ basis
+        else:
+            local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+            rows = slice(offset[0], offset[0] + local_shape[0])
+            partial = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+            cols = shape[1]
+            # P^T [g | m] = sum over ranks of P[rows]^T [g | m][rows]  -> reduce-scatter to rows
+            gm = torch.cat([g, m], dim=1)
+            gm_part = basis[rows].t() @ gm
+            gm_proj = DTensor.from_local(gm_part, mesh, partial, run_check=False,
+                                         shape=torch.Size((shape[0], 2 * cols)), stride=(2 * cols, 1))
+            gm_proj = gm_proj.redistribute(mesh, placements).to_local()
+            g_proj, m_proj = gm_proj[:, :cols], gm_proj[:, cols:]
+            v.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
+            n = m_proj / v.sqrt().add_(group["eps"])
+            # P n = sum over ranks of P[:, rows] n[rows]  -> reduce-scatter to rows
+            back_part = basis[:, rows] @ n
+            back = DTensor.from_local(back_part, mesh, partial, run_check=False,
+                                      shape=shape, stride=grad.stride())
+            back = back.redistribute(mesh, placements).to_local()
+        return DTensor.from_local(back * group["scale"], mesh, placements, run_check=False,
+                                  shape=shape, stride=grad.stride())
+
+    @classmethod
+    def _direction_gathered(cls, grad, exp_avg, exp_avg_sq, basis, group) -> DTensor:
+        """Any other layout: gather g, m, v, compute the full update everywhere, keep the shards."""
+        mesh, placements = grad.device_mesh, grad.placements
+        v_full = exp_avg_sq.full_tensor()
+        back = cls._direction_local(grad.full_tensor(), exp_avg.full_tensor(), v_full, basis, group)
+        replicated = [Replicate()] * mesh.ndim
+        v_new = DTensor.from_local(v_full, mesh, replicated, run_check=False).redistribute(mesh, placements)
+        exp_avg_sq.to_local().copy_(v_new.to_local())
+        return DTensor.from_local(back, mesh, replicated, run_check=False).redistribute(mesh, placements)

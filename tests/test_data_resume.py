@@ -1,0 +1,205 @@
+"""Exact resume and rank disjointness of NeoLLM's dataloaders, without the trainer (CPU).
+
+Each test builds the loader the trainer builds (neollm.data.loader.build_neollm_dataloader ->
+torchtitan's ParallelAwareDataloader) for 2 simulated data-parallel ranks, iterates k batches,
+saves the loader state as torchtitan's checkpointer does, rebuilds it, loads the state and
+continues: the batches must equal those of an uninterrupted loader. Sources: pre-tokenized
+shards, local jsonl (map-style), and a streaming dataset (``datasets``' own state_dict); with
+and without dataloader workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
+ENDOFTEXT = 151643
+# Document i repeats its own word, one Qwen3 token (" apple", ...), 20 to 56 times, so the token
+# ids a rank receives tell which documents it read (whatever the order in which dataloader
+# workers' batches arrive; what a worker drops at its end, < 9 tokens, loses no document).
+WORDS = ("apple river stone cloud music garden window silver forest bridge candle mirror ocean "
+         "pencil rocket tiger violin wheat yellow anchor basket castle dragon engine glacier harbor "
+         "island jungle kettle lemon").split()
+N_DOCS = len(WORDS)
+DOCS = [f"Document {i}:" + f" {w}" * (20 + (i * 11) % 37) + "." for i, w in enumerate(WORDS)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from neollm.tokenizer import NeoLLMTokenizer
+
+    if not (QWEN3_DIR / "tokenizer.json").is_file():
+        pytest.fail("assets/tokenizer/qwen3 is missing: run `python tools/prepare_corpus.py`")
+    return NeoLLMTokenizer(str(QWEN3_DIR))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The same documents as local jsonl and as token shards."""
+    root = tmp_path_factory.mktemp("resume")
+    jsonl = root / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    spec = importlib.util.spec_from_file_location("tokenize_data", REPO / "tools" / "tokenize_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    spec.loader.exec_module(tool)
+    assert tool.main(["--input", str(jsonl), "--out", str(root / "shards"), "--tokenizer", str(QWEN3_DIR),
+                      "--validation-input", str(jsonl), "--docs-per-shard", "8", "--workers", "1",
+                      "--quiet"]) == 0
+    return {"local_text": str(jsonl), "shards": str(root / "shards")}
+
+
+def make_job(dataset: str, path: str, *extra: str):
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager().parse_args([
+        "--job.config_file", str(REPO / "train_configs" / "debug.toml"),
+        "--training.dataset", dataset, "--training.dataset_path", path, "--training.seq_len", "8",
+        "--training.local_batch_size", "2", "--model.hf_assets_path", str(QWEN3_DIR), *extra])
+
+
+def build(job, tokenizer, rank: int, world: int = 2, infinite: bool = True):
+    from neollm.data.loader import build_neollm_dataloader
+
+    return build_neollm_dataloader(world, rank, tokenizer, job, infinite=infinite)
+
+
+def take(loader, n: int, it=None):
+    it = it if it is not None else iter(loader)
+    return [torch.cat([x["input"], y[:, -1:]], dim=1) for x, y, in (next(it) for _ in range(n))], it
+
+
+def check_resume(job, tokenizer, k: int, m: int) -> None:
+    """For both ranks: k batches, checkpoint, new loader + load, m batches == k + m uninterrupted."""
+    for rank in range(2):
+        full, _ = take(build(job, tokenizer, rank), k + m)
+        first = build(job, tokenizer, rank)
+        head, _ = take(first, k)
+        state = first.state_dict()  # {"dp_rank_<r>": pickled StatefulDataLoader state, "world_size": 2}
+        assert set(state) == {f"dp_rank_{rank}", "world_size"}
+        resumed = build(job, tokenizer, rank)
+        resumed.load_state_dict(state)
+        tail, _ = take(resumed, m)
+        assert len(full) == len(head) + len(tail) == k + m
+        for step, (a, b) in enumerate(zip(full, head + tail)):
+            assert torch.equal(a, b), f"rank {rank}, batch {step}"
+
+
+def documents_seen(job, tokenizer, rank: int, world: int = 2) -> list[int]:
+    """Documents in one pass of a rank's loader (finite), in order of first appearance."""
+    word_ids = {tokenizer.encode(f" {w}")[0]: i for i, w in enumerate(WORDS)}
+    assert len(word_ids) == N_DOCS
+    loader = build(job, tokenizer, rank, world, infinite=False)
+    seen: list[int] = []
+    for x, y in loader:
+        for t in torch.cat([x["input"], y[:, -1:]], dim=1).flatten().tolist():
+            if t in word_ids and word_ids[t] not in seen:
+                seen.append(word_ids[t])
+    return seen
+
+
+WORKERS = ("--training.dataloader.num_workers", "2")
+
+
+@pytest.mark.parametrize("source", ["shards", "local_text"])
+@pytest.mark.parametrize("workers", [False, True], ids=["no_workers", "2_workers"])
+def test_ranks_read_disjoint_documents_that_cover_the_data(corpus, tokenizer, source, workers):
+    job = make_job(source, corpus[source], *(WORKERS if workers else ()))
+    seen = [documents_seen(job, tokenizer, rank) for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(N_DOCS))  # each document exactly once
+    if not workers:
+        assert seen == [list(range(15)), list(range(15, 30))]  # contiguous halves, in order
+
+
+@pytest.mark.parametrize("source", ["shards", "local_text"])
+def test_resume_is_exact_across_epochs(corpus, tokenizer, source):
+    job = make_job(source, corpus[source])
+    per_epoch = min(len(list(build(job, tokenizer, rank, infinite=False))) for rank in range(2))
+    assert per_epoch > 20
+    # the checkpoint is taken 3 batches before the end of the first pass; the resumed loader
+    # finishes the pass and starts the next one (with the tokens left over from the first)
+    check_resume(job, tokenizer, k=per_epoch - 3, m=8)
+
+
+@pytest.mark.parametrize("source", ["shards", "local_text"])
+def test_resume_is_exact_with_truncation_and_workers(corpus, tokenizer, source):
+    job = make_job(source, corpus[source], "--data.max_doc_tokens_factor", "2", *WORKERS)
+    check_resume(job, tokenizer, k=5, m=4)
+
+
+def test_shard_state_is_a_position_and_refuses_other_data(corpus, tokenizer):
+    from neollm.data.shards import TokenShardDataset, TokenShards
+    from neollm.errors import ConfigError
+
+    shards = TokenShards(corpus["shards"])
+    ds = TokenShardDataset(shards, 8, dp_rank=1, dp_world_size=2)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = ds.state_dict()
+    assert state["epoch"] == 0 and state["rank_range"] == [15, 30] and state["documents"] == N_DOCS
+    consumed = sum(len(shards.document(15 + d)) for d in range(state["doc"])) + state["offset"]
+    assert consumed == 3 * 9  # exactly the tokens of three windows
+    other = TokenShardDataset(shards, 8, dp_rank=0, dp_world_size=3)
+    with pytest.raises(ConfigError, match="same shards and number of data-parallel ranks"):
+        other.load_state_dict(state)
+
+
+def test_streaming_dataset_resumes_with_its_own_state_dict(corpus, tokenizer, monkeypatch):
+    """An iterable (streaming) source, e.g. fineweb_edu: datasets' IterableDataset.state_dict."""
+    from datasets import load_dataset
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from neollm.data.sources import text_sample
+
+    loader = partial(load_dataset, "json", split="train", streaming=True)
+    monkeypatch.setitem(DATASETS, "stream_test", DatasetConfig(
+        path="", loader=lambda path: loader(data_files=path), sample_processor=text_sample))
+    job = make_job("stream_test", corpus["local_text"])
+    check_resume(job, tokenizer, k=6, m=5)
+    seen = [documents_seen(job, tokenizer, rank) for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == list(range(N_DOCS)) and not set(seen[0]) & set(seen[1])
+
+
+@pytest.mark.parametrize("source", ["shards", "local_text"])
+def test_validation_loader_restarts_every_pass_and_splits_ranks(corpus, tokenizer, source):
+    from neollm.data.loader import build_neollm_validation_dataloader, validation_source
+
+    extra = ("--validation.enable", "--validation.seq_len", "8", "--validation.local_batch_size", "2")
+    if source == "local_text":
+        extra += ("--validation.dataset", "local_text", "--validation.dataset_path", corpus["local_text"])
+    job = make_job(source, corpus[source], *extra)
+    if source == "shards":  # [validation] enable alone: the shards' validation split, same folder
+        assert validation_source(job) == ("shards_validation", corpus["shards"])
+    word_ids = {tokenizer.encode(f" {w}")[0]: i for i, w in enumerate(WORDS)}
+    seen = []
+    for rank in range(2):
+        loader = build_neollm_validation_dataloader(2, rank, tokenizer, job, infinite=True)
+        passes = [take(loader, 4)[0] for _ in range(2)]  # two evaluations, 4 batches each
+        assert all(torch.equal(a, b) for a, b in zip(*passes))  # the same held-out batches
+        rows = [t for x, y in build_neollm_validation_dataloader(2, rank, tokenizer, job)
+                for t in torch.cat([x["input"], y[:, -1:]], dim=1).flatten().tolist()]
+        seen.append({word_ids[t] for t in rows if t in word_ids})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(N_DOCS))
+
+
+def test_validation_defaults(monkeypatch):
+    from neollm.data.loader import check_data, validation_source
+    from neollm.errors import ConfigError
+
+    job = make_job("wiki_vital_en", "", "--validation.enable")
+    assert validation_source(job) == ("wiki_vital_en_validation", "")
+    job = make_job("local_text", "x.jsonl", "--validation.enable")
+    assert validation_source(job) == ("c4_validation", None)  # no twin: torchtitan's default stays
+    with pytest.raises(ConfigError, match="wiki_vital_en_validation, shards_validation"):
+        check_data(job)
