@@ -22,7 +22,8 @@ from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import JobConfig
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
-PREPARE_HINT = "run `python tools/prepare_corpus.py --only tokenizer` or set [model] hf_assets_path"
+PREPARE_HINT = ("make it with `python tools/prepare_corpus.py --only tokenizer` (Qwen3, offline) or "
+                "`python tools/download_tokenizer.py REPO --out PATH` (online), or set [model] hf_assets_path")
 
 
 class NeoLLMTokenizer(HuggingFaceTokenizer):

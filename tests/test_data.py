@@ -213,7 +213,8 @@ def test_tokenizer_builder_errors_on_missing_path(tmp_path):
         job.model.hf_assets_path = bad
         with pytest.raises(FileNotFoundError) as e:
             build_neollm_tokenizer(job)
-        assert "run `python tools/prepare_corpus.py --only tokenizer` or set [model] hf_assets_path" in str(e.value)
+        assert "`python tools/prepare_corpus.py --only tokenizer`" in str(e.value)
+        assert "tools/download_tokenizer.py" in str(e.value) and "[model] hf_assets_path" in str(e.value)
     with pytest.raises(FileNotFoundError):
         tokenizer_vocab_size(tmp_path / "nope")
     job.model.hf_assets_path = str(qwen3_dir())
