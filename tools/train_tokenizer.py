@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vocab_size < 258:
         ap.error("--vocab-size must be at least 258 (256 bytes, <|endoftext|> and one merge)")
 
-    from neollm.data.sources import open_local_texts
+    from neollm.data.sources import open_local_texts, text_batches
     from neollm.errors import ConfigError
 
     try:
@@ -98,14 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 1
     n = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
-    col = args.text_column
-
-    def batches():
-        for i in range(0, n, 1000):
-            yield [str(t) for t in ds[i:min(i + 1000, n)][col]]
 
     t0 = time.perf_counter()
-    tok = train(batches(), args.vocab_size, args.min_frequency, not args.quiet, length=n)
+    tok = train(text_batches(ds, n), args.vocab_size, args.min_frequency, not args.quiet, length=n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from neollm.data.sources import open_local_texts
+    from neollm.data.sources import open_local_texts, text_batches
     from neollm.errors import ConfigError
     from neollm.tokenizer import NeoLLMTokenizer, tokenizer_vocab_size
 
@@ -203,16 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trim_tokenizer: error: {e}", file=sys.stderr)
         return 1
     n_docs = len(ds) if args.max_docs is None else min(len(ds), args.max_docs)
-    col = args.text_column
-
-    def batches():
-        for i in range(0, n_docs, 1000):
-            yield [str(t) for t in ds[i:min(i + 1000, n_docs)][col]]
 
     t0 = time.perf_counter()
     original = Tokenizer.from_file(str(src / "tokenizer.json"))
     original.encode_special_tokens = True  # "<|endoftext|>" inside a document is text (as NeoLLM encodes)
-    counts, n_tokens, n_chars = count_tokens(original, batches(), old_size)
+    counts, n_tokens, n_chars = count_tokens(original, text_batches(ds, n_docs), old_size)
     new_spec, new_config, remap = trim(spec, config, counts, args.vocab_size)
 
     out = Path(args.out)
@@ -226,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trimmed = Tokenizer.from_file(str(out / "tokenizer.json"))
     trimmed.encode_special_tokens = True
-    _, new_tokens, _ = count_tokens(trimmed, batches(), tokenizer_vocab_size(out))
+    _, new_tokens, _ = count_tokens(trimmed, text_batches(ds, n_docs), tokenizer_vocab_size(out))
     kept_old = np.fromiter((o for o in remap if o < len(counts)), dtype=np.int64)
     coverage = float(counts[kept_old].sum() / max(n_tokens, 1))
     NeoLLMTokenizer(str(out))  # loads as the trainer will

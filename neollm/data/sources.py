@@ -164,6 +164,14 @@ def open_local_texts(path: str, text_column: str = TEXT_COLUMN, setting: str = "
     return ds.select_columns([text_column])
 
 
+def text_batches(ds, count: int, batch_size: int = 1000):
+    """The first ``count`` texts of a one-column Dataset from open_local_texts, in lists of
+    ``batch_size`` (the tokenizer trainers' input)."""
+    column = ds.column_names[0]
+    for start in range(0, count, batch_size):
+        yield [str(text) for text in ds[start:min(start + batch_size, count)][column]]
+
+
 # ----------------------------------------------------------------------------- fineweb_edu
 
 
