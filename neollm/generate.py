@@ -1,0 +1,608 @@
+"""Text generation with NeoLLM: incremental (cached) decoding, sampling, checkpoint loading.
+
+The training forward (``NeoLLM.forward``) is untouched: decoding runs through ``forward_step``, a
+separate no-grad path that reuses the model's modules and feeds T >= 1 new tokens at positions
+``cache.pos .. cache.pos + T - 1``. The same path does the prefill (T = prompt length, empty
+cache) and each decode step (T = 1); it returns the logits of the new tokens, equal (up to float
+rounding) to the full forward's logits at those positions (tests/test_generate.py checks every
+flavor in float64).
+
+Cache per layer
+---------------
+Attention (``AttentionCache``, buffers preallocated to ``max_len`` positions):
+* keys: the kernel's keys (after MEA, QK norm, RoPE at their absolute positions and momentum);
+* values: V' the kernel reads (v, or LUCID's X = P^-1 v);
+* momentum (``momentum_gamma``): the previous token's post-RoPE, pre-momentum q and k rows
+  (q_t + gamma (q_t - q_{t-1}), with q_{-1} := q_0 at position 0 as in training);
+* LUCID: the RMS-normalised kernel keys and X in the compute dtype (fp32/fp64). New rows of
+  X solve ``x_t = v_t - sum_{j<t} P_tj x_j``: the part over cached positions is one matmul,
+  the part inside the chunk a unit-lower-triangular solve (exact for the prefill too);
+* affine-scaled attention: the running sum of V' (compute dtype); the count is the position.
+Everything else (MEA, SeeDNorm/QKV-norm, XSA, routing, output gate, FAN, PolyNorm, GPAS, LNS,
+gated residuals, HybridNorm, SimpleNorm, CoLA, multipliers) is per token: no state.
+Gated DeltaNet (``GDNCache``): the recurrent state S [B, H, K, V] (compute dtype, fp32/fp64) and the
+short-conv states (the last conv_size - 1 projected q/k/v inputs, zeros at the start = the
+training path's causal zero padding).
+
+Kernels: attention uses ``F.scaled_dot_product_attention`` against the cached keys (an explicit
+causal mask for chunks of T > 1). Gated DeltaNet uses the torch references
+(``recurrent_gated_delta_rule`` for one token, ``chunk_gated_delta_rule_ref`` for a chunk) on CPU,
+and fla's ``fused_recurrent_gated_delta_rule`` / ``chunk_gated_delta_rule`` (with the initial
+state) on CUDA when the layer's backend is "auto"/"fla"; ``gdn_kernels="torch"`` forces the
+references everywhere.
+
+Batched prompts: prompts of different lengths are grouped by length and each group is decoded
+as one batch (no padding, so positions, momentum, LUCID, the affine mean and the GDN state are
+exactly those of each prompt alone); results come back in the input order. Sampling draws from
+one generator seeded with ``seed``, so a run is reproducible for the same prompts and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
+from neollm.model import attention_ops as ops
+from neollm.model.args import FLAVORS, NeoLLMModelArgs
+from neollm.model.attention import XSA_EPS, Attention
+from neollm.model.block import Block
+from neollm.model.deltanet import GatedDeltaNet, _f32, _l2norm
+from neollm.model.model import NeoLLM
+from neollm.model.rope import apply_rope
+
+__all__ = [
+    "AttentionCache", "GDNCache", "DecodeCache", "SamplingConfig", "forward_step", "new_cache",
+    "filter_logits", "sample_next", "generate", "build_model", "load_checkpoint", "load_model",
+    "checkpoint_shapes", "resolve_checkpoint",
+]
+
+
+# ---- caches ---------------------------------------------------------------------------------
+@dataclass
+class AttentionCache:
+    """Per attention layer; tensors are allocated on the first step (shapes/dtype from it)."""
+
+    keys: Tensor | None = None        # [B, Hkv, L, d] kernel keys
+    values: Tensor | None = None      # [B, Hkv, L, d] V' (v or LUCID's X, model dtype)
+    lucid_keys: Tensor | None = None  # [B, Hkv, L, d] rms-normalised keys (compute dtype)
+    lucid_x: Tensor | None = None     # [B, Hkv, L, d] X = P^-1 v (compute dtype)
+    prev_q: Tensor | None = None      # [B, 1, H, d] last post-RoPE pre-momentum q row
+    prev_k: Tensor | None = None      # [B, 1, Hkv, d]
+    value_sum: Tensor | None = None   # [B, Hkv, d] running sum of V' (compute dtype)
+
+
+@dataclass
+class GDNCache:
+    state: Tensor | None = None        # [B, H, K, V] recurrent state (compute dtype)
+    conv: dict[str, Tensor] | None = None  # "q"/"k"/"v" -> [B, conv_size - 1, C]
+
+
+@dataclass
+class DecodeCache:
+    layers: list
+    max_len: int
+    pos: int = 0
+    gdn_kernels: str = "auto"   # "auto": fla on CUDA (layer backend permitting), else torch
+
+
+def new_cache(model: NeoLLM, max_len: int | None = None, gdn_kernels: str = "auto") -> DecodeCache:
+    """An empty cache for up to ``max_len`` positions (default and limit: the RoPE table's length)."""
+    limit = model.rope.shape[0]
+    max_len = limit if max_len is None else max_len
+    if max_len > limit:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {limit} (the RoPE table)")
+    if gdn_kernels not in ("auto", "fla", "torch"):
+        raise ValueError(f"gdn_kernels must be 'auto', 'fla' or 'torch', got {gdn_kernels!r}")
+    layers = [AttentionCache() if b.mixer_code == "A" else GDNCache() for b in model.layers.values()]
+    return DecodeCache(layers=layers, max_len=max_len, gdn_kernels=gdn_kernels)
+
+
+# ---- attention step -------------------------------------------------------------------------
+def _attention_step(attn: Attention, x: Tensor, rope: Tensor, c: AttentionCache, pos: int,
+                    max_len: int) -> Tensor:
+    batch, T, _ = x.shape
+    h, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    end = pos + T
+    # 1-3: per token, as Attention.forward
+    q = attn.wq(x).view(batch, T, h, d)
+    k = attn.wk(x).view(batch, T, hkv, d)
+    v = attn.wv(x).view(batch, T, hkv, d)
+    if attn.mea:
+        k = ops.head_group_norm(ops.mix_heads(k, attn.mea_k_mix), attn.mea_k_weight, attn.mea_k_bias, attn.eps)
+        v = ops.head_group_norm(ops.mix_heads(v, attn.mea_v_mix), attn.mea_v_weight, attn.mea_v_bias, attn.eps)
+    if attn.seednorm_qk:
+        q = ops.seednorm(q, attn.q_seed_gamma, attn.q_seed_alpha, attn.q_seed_beta, attn.eps)
+        k = ops.seednorm(k, attn.k_seed_gamma, attn.k_seed_alpha, attn.k_seed_beta, attn.eps)
+    elif attn.qkv_norm:
+        q = ops.rms_norm(q, attn.q_norm_weight, attn.eps)
+        k = ops.rms_norm(k, attn.k_norm_weight, attn.eps)
+    if attn.qkv_norm:
+        v = ops.rms_norm(v, attn.v_norm_weight, attn.eps)
+    # 4. RoPE at the absolute positions
+    table = rope[pos:end]
+    q, k = apply_rope(q, table), apply_rope(k, table)
+    # 5. momentum against the previous (cached) pre-momentum row
+    if attn.momentum_gamma != 0.0:
+        g = attn.momentum_gamma
+        prev_q = q[:, :1] if c.prev_q is None else c.prev_q
+        prev_k = k[:, :1] if c.prev_k is None else c.prev_k
+        c.prev_q, c.prev_k = q[:, -1:], k[:, -1:]
+        q = q + g * (q - torch.cat([prev_q, q[:, :-1]], dim=1))
+        k = k + g * (k - torch.cat([prev_k, k[:, :-1]], dim=1))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if c.keys is None:
+        c.keys = kt.new_zeros(batch, hkv, max_len, d)
+        c.values = vt.new_zeros(batch, hkv, max_len, d)
+        if attn.lucid:
+            dt = ops.compute_dtype(kt)
+            c.lucid_keys = kt.new_zeros(batch, hkv, max_len, d, dtype=dt)
+            c.lucid_x = kt.new_zeros(batch, hkv, max_len, d, dtype=dt)
+    c.keys[:, :, pos:end] = kt
+    # 6. kernel
+    if attn.lucid:
+        kr = ops.rms_normalize(kt, attn.eps)
+        c.lucid_keys[:, :, pos:end] = kr
+        p_rows = torch.exp(kr @ c.lucid_keys[:, :, :end].transpose(-1, -2) / math.sqrt(d) - math.sqrt(d))
+        rhs = vt.to(kr.dtype)
+        if pos:
+            rhs = rhs - p_rows[..., :pos] @ c.lucid_x[:, :, :pos]
+        x_new = torch.linalg.solve_triangular(p_rows[..., pos:end].tril(), rhs, upper=False,
+                                              unitriangular=True)
+        c.lucid_x[:, :, pos:end] = x_new
+        new_values = x_new.to(vt.dtype)
+    else:
+        new_values = vt
+    c.values[:, :, pos:end] = new_values
+    mask = None
+    if T > 1:
+        mask = (torch.arange(end, device=x.device)[None, :]
+                <= torch.arange(pos, end, device=x.device)[:, None])
+    y = F.scaled_dot_product_attention(
+        qt, c.keys[:, :, :end], c.values[:, :, :end], attn_mask=mask, enable_gqa=hkv != h,
+    ).transpose(1, 2)  # [B, T, H, d]
+    if attn.affine:
+        logits = attn.affine_proj(x)
+        dt = ops.compute_dtype(logits)
+        alpha = 1.0 + torch.tanh(logits.to(dt) + attn.affine_bias.to(dt))
+        alpha = ops.grouped(alpha.unsqueeze(-1), hkv)
+        vdt = ops.compute_dtype(new_values)
+        if c.value_sum is None:
+            c.value_sum = new_values.new_zeros(batch, hkv, d, dtype=vdt)
+        csum = c.value_sum.unsqueeze(2) + torch.cumsum(new_values.to(vdt), dim=2)  # [B, Hkv, T, d]
+        c.value_sum = csum[:, :, -1]
+        count = torch.arange(pos + 1, end + 1, device=x.device, dtype=vdt).view(1, 1, T, 1)
+        mean_v = (csum / count).to(new_values.dtype).transpose(1, 2).unsqueeze(3)
+        y = (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
+    # 7-10: per token
+    if attn.xsa:
+        y = ops.exclusive(y, v, XSA_EPS)
+    if attn.routing:
+        route = torch.sigmoid(attn.router(x) + attn.router_bias).view(batch, T, h, -1)
+        y = ops.directional_suppress(y, attn.routing_directions, route)
+    if attn.gate_kind == "elementwise":
+        y = y * torch.sigmoid(attn.gate_proj(x)).view(batch, T, h, d)
+    elif attn.gate_kind == "headwise":
+        y = y * torch.sigmoid(attn.gate_proj(x)).unsqueeze(-1)
+    return attn.wo(y.reshape(batch, T, h * d))
+
+
+# ---- Gated DeltaNet step --------------------------------------------------------------------
+def _conv_step(x: Tensor, weight: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv + SiLU over new inputs x [B, T, C], continuing from ``state``
+    [B, W-1, C] (the last W-1 inputs; zeros at the start, as the training path's padding)."""
+    W = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
+    full = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+    # y_t = sum_j w[:, j] full[t + j]: a multiply-sum over the windows (F.conv1d's CPU path costs
+    # tens of ms per call at T = 1)
+    y = (full.unfold(1, W, 1) * weight.squeeze(1).to(x.dtype)).sum(-1)  # [B, T, C]
+    return F.silu(y), full[:, full.shape[1] - (W - 1):]
+
+
+def _gdn_use_fla(m: GatedDeltaNet, x: Tensor, kernels: str) -> bool:
+    if kernels == "torch" or m.backend == "torch":
+        return False
+    if kernels == "fla" or m.backend == "fla":
+        if not x.is_cuda:
+            raise ValueError("fla's Gated DeltaNet kernels need a CUDA input; use gdn_kernels='torch'")
+        return True
+    return x.is_cuda
+
+
+def _gdn_step(m: GatedDeltaNet, x: Tensor, c: GDNCache, kernels: str) -> Tensor:
+    B, T, _ = x.shape
+    H, K, V = m.num_heads, m.head_k_dim, m.head_v_dim
+    conv = c.conv or {}
+    q, conv_q = _conv_step(m.q_proj(x), m.q_conv1d.weight, conv.get("q"))
+    k, conv_k = _conv_step(m.k_proj(x), m.k_conv1d.weight, conv.get("k"))
+    v, conv_v = _conv_step(m.v_proj(x), m.v_conv1d.weight, conv.get("v"))
+    c.conv = {"q": conv_q, "k": conv_k, "v": conv_v}
+    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
+    if _gdn_use_fla(m, x, kernels):
+        o, c.state = _fla_recurrence(m, x, q, k, v, c.state)
+    else:
+        q, k = _l2norm(q), _l2norm(k)
+        beta = torch.sigmoid(_f32(m.b_proj(x)))
+        g = -_f32(m.A_log).exp() * F.softplus(_f32(m.a_proj(x)) + _f32(m.dt_bias))
+        if T == 1:
+            o, c.state = _recurrent_step(q, k, v, g, beta, c.state)
+        else:
+            o, c.state = chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=m.chunk_size,
+                                                    initial_state=c.state, output_final_state=True)
+    gate = m.g_proj(x).reshape(B, T, H, V)
+    o = m.o_norm(o, gate).reshape(B, T, H * V)
+    return m.o_proj(o)
+
+
+def _recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                    state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token of the gated delta rule (kernels.gated_delta_rule.recurrent_gated_delta_rule
+    for T = 1, with elementwise products instead of tiny batched matmuls):
+    S' = exp(g) S;  u = beta (v - S'^T k);  S = S' + k u^T;  o = S^T (q / sqrt(K))."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, v, g, beta)) else torch.float32
+    if state is None:
+        state = torch.zeros(B, H, K, V, dtype=dt, device=q.device)
+    q1, k1, v1 = q[:, 0].to(dt) * K ** -0.5, k[:, 0].to(dt), v[:, 0].to(dt)  # [B, H, *]
+    S = state.to(dt) * g[:, 0].to(dt).exp()[..., None, None]
+    u = beta[:, 0].to(dt)[..., None] * (v1 - (k1[..., None] * S).sum(-2))
+    S = S + k1[..., None] * u[..., None, :]
+    o = (q1[..., None] * S).sum(-2)
+    return o[:, None].to(v.dtype), S
+
+
+def _fla_recurrence(m: GatedDeltaNet, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """fla's kernels with the same in-kernel gating as the training path (l2norm, sigmoid beta,
+    -exp(A_log) softplus(a + dt_bias)); state [B, H, K, V] fp32 (state_v_first=False)."""
+    from neollm.model.deltanet import _ensure_fla_workaround
+
+    _ensure_fla_workaround()
+    kwargs = dict(
+        g=m.a_proj(x), beta=m.b_proj(x), initial_state=state, output_final_state=True,
+        use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
+        A_log=m.A_log, dt_bias=m.dt_bias, state_v_first=False,
+    )
+    if q.shape[1] == 1:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        o, new_state = fused_recurrent_gated_delta_rule(q=q, k=k, v=v, **kwargs)
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        o, new_state = chunk_gated_delta_rule(q=q, k=k, v=v, **kwargs)
+    return o, new_state
+
+
+# ---- block / model step ---------------------------------------------------------------------
+def _block_step(block: Block, x: Tensor, rope: Tensor, c, cache: DecodeCache) -> Tensor:
+    """Block.forward with the mixer run incrementally (everything else is per token)."""
+    normed = block.mixer_norm(x)
+    if block.lns is not None:
+        normed = normed * block.lns
+    if block.fan is not None:
+        normed = block.fan(normed)
+    if block.mixer_code == "A":
+        mixed = _attention_step(block.mixer, normed, rope, c, cache.pos, cache.max_len)
+    else:
+        mixed = _gdn_step(block.mixer, normed, c, cache.gdn_kernels)
+    h = block._add(x, mixed, block.mixer_gate)
+    if block.gpas is not None:
+        h = block.gpas(h)
+    normed = block.mlp_norm(h)
+    if block.lns is not None:
+        normed = normed * block.lns
+    out = block.mlp(normed)
+    if block.post_norm is not None:
+        skip = h if block.gpas is None else block.gpas(h)
+        return block.post_norm(block._add(skip, out, block.mlp_gate))
+    h = block._add(h, out, block.mlp_gate)
+    if block.gpas is not None:
+        h = block.gpas(h)
+    return h
+
+
+@torch.no_grad()
+def forward_step(model: NeoLLM, tokens: Tensor, cache: DecodeCache) -> Tensor:
+    """Logits [B, T, vocab] of ``tokens`` [B, T] placed at positions cache.pos.. (cache updated).
+
+    The model must be in eval mode (dropout would make cached and full logits differ)."""
+    if model.training:
+        raise ValueError("forward_step needs model.eval() (dropout is not cached)")
+    T = tokens.shape[1]
+    if cache.pos + T > cache.max_len:
+        raise ValueError(f"{cache.pos + T} positions exceed the cache's max_len {cache.max_len} "
+                         f"(the model's context is {model.rope.shape[0]})")
+    h = model.tok_embeddings(tokens)
+    for block, c in zip(model.layers.values(), cache.layers):
+        h = _block_step(block, h, model.rope, c, cache)
+    cache.pos += T
+    return F.linear(model.norm(h), model.head_weight())
+
+
+# ---- sampling -------------------------------------------------------------------------------
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """0 = greedy (argmax)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 = off."""
+    top_p: float = 1.0
+    """Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p; 1 = off."""
+    min_length: int = 0
+    """New tokens to generate before EOS is allowed (EOS logit set to -inf until then)."""
+    repetition_penalty: float = 1.0
+    """CTRL/HF-style: logits of tokens already in prompt or output: positive / p, negative * p."""
+    seed: int | None = None
+    eos_id: int | None = None
+    """Stop a sequence at this token (None: always max_new_tokens)."""
+    use_cache: bool = True
+    """False: a full forward over the whole prefix per token (slow; for checks and benchmarks)."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {self.min_length}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def filter_logits(logits: Tensor, cfg: SamplingConfig, seen: Tensor | None = None,
+                  n_generated: int = 0) -> Tensor:
+    """Apply repetition penalty, min_length EOS suppression, temperature, top-k, top-p to
+    ``logits`` [B, vocab] (float32 copy returned; -inf marks removed tokens)."""
+    logits = logits.float().clone()
+    if cfg.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        score = logits.gather(1, seen)
+        score = torch.where(score > 0, score / cfg.repetition_penalty, score * cfg.repetition_penalty)
+        logits.scatter_(1, seen, score)
+    if cfg.eos_id is not None and n_generated < cfg.min_length:
+        logits[:, cfg.eos_id] = float("-inf")
+    if cfg.temperature == 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= cfg.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+                seen: Tensor | None = None, n_generated: int = 0) -> Tensor:
+    """Next token ids [B] from last-position logits [B, vocab]."""
+    filtered = filter_logits(logits, cfg, seen, n_generated)
+    if cfg.temperature == 0:
+        return filtered.argmax(dim=-1)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def _generate_batch(model: NeoLLM, prompt: Tensor, cfg: SamplingConfig,
+                    generator: torch.Generator | None, gdn_kernels: str) -> list[list[int]]:
+    B, P = prompt.shape
+    total = P + cfg.max_new_tokens
+    context = model.rope.shape[0]
+    if P == 0:
+        raise ValueError("empty prompt: give at least one token (e.g. BOS or EOS)")
+    if total > context:
+        raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {context} tokens")
+    seq = prompt
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    if cfg.use_cache:
+        cache = new_cache(model, total, gdn_kernels)
+        logits = forward_step(model, prompt, cache)[:, -1]
+    else:
+        logits = model(prompt)[:, -1]
+    for step in range(cfg.max_new_tokens):
+        nxt = sample_next(logits, cfg, generator, seq if cfg.repetition_penalty != 1.0 else None, step)
+        if cfg.eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, cfg.eos_id), nxt)
+            done = done | (nxt == cfg.eos_id)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        logits = (forward_step(model, nxt[:, None], cache) if cfg.use_cache else model(seq))[:, -1]
+    out = []
+    for row in seq[:, P:].tolist():
+        if cfg.eos_id is not None and cfg.eos_id in row:
+            row = row[: row.index(cfg.eos_id) + 1]
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def generate(model: NeoLLM, prompts: Sequence[Sequence[int]], cfg: SamplingConfig | None = None,
+             gdn_kernels: str = "auto", **overrides) -> list[list[int]]:
+    """Sample continuations of token-id prompts; returns the new ids of each prompt (ending with
+    EOS when one was sampled). ``overrides`` replace fields of ``cfg`` (e.g. ``top_k=50``).
+
+    Prompts of different lengths are decoded in groups of equal length (no padding)."""
+    cfg = dataclasses.replace(cfg or SamplingConfig(), **overrides)
+    cfg.validate()
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    results: list[list[int]] = [[] for _ in prompts]
+    try:
+        for length in sorted(groups):
+            idx = groups[length]
+            batch = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
+            for i, row in zip(idx, _generate_batch(model, batch, cfg, generator, gdn_kernels)):
+                results[i] = row
+    finally:
+        model.train(was_training)
+    return results
+
+
+# ---- loading --------------------------------------------------------------------------------
+def build_model(flavor: str | NeoLLMModelArgs, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, **overrides) -> NeoLLM:
+    """A freshly initialised model of ``flavor`` (name or args) with ``overrides`` applied,
+    in eval mode. Parameters in ``dtype``; the RoPE table stays fp32."""
+    if isinstance(flavor, str):
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {flavor!r}; known: {sorted(FLAVORS)}")
+        args = FLAVORS[flavor]
+    else:
+        args = flavor
+    args = dataclasses.replace(args, **overrides)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = NeoLLM(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    model.to(dtype)
+    model.rope = model._rope_table(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+_STEP = re.compile(r"step-(\d+)$")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A DCP step folder (has .metadata), a checkpoint folder of step-N folders or a run's dump
+    folder (its checkpoint/ subfolder): the latest step; or a state-dict file (.pt/.safetensors)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if p.is_file() or (p / ".metadata").is_file():
+        return p
+    for folder in (p, p / "checkpoint"):
+        steps = [(int(m.group(1)), d) for d in folder.glob("step-*")
+                 if (m := _STEP.search(d.name)) and (d / ".metadata").is_file()]
+        if steps:
+            return max(steps)[1]
+    raise FileNotFoundError(f"{p} is neither a DCP checkpoint (no .metadata), nor holds step-N "
+                            "checkpoint folders, nor is a state-dict file")
+
+
+def _dcp_keys(folder: Path) -> dict[str, torch.Size]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    return {k: v.size for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _model_prefix(keys: dict[str, torch.Size]) -> str:
+    """torchtitan saves the model's keys flat (``tok_embeddings.weight``); accept ``model.`` too."""
+    if "tok_embeddings.weight" in keys:
+        return ""
+    if "model.tok_embeddings.weight" in keys:
+        return "model."
+    raise ValueError("no tok_embeddings.weight in the checkpoint: not a NeoLLM model checkpoint")
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    return sd
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """Model parameter names (prefix stripped) and shapes of a checkpoint, without loading it."""
+    p = resolve_checkpoint(path)
+    if p.is_file():
+        return {k: v.shape for k, v in _read_file(p).items()}
+    keys = _dcp_keys(p)
+    prefix = _model_prefix(keys)
+    return _model_keys(keys, prefix)
+
+
+_NON_MODEL_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+def _model_keys(keys: dict[str, torch.Size], prefix: str) -> dict[str, torch.Size]:
+    """The model's entries of a torchtitan checkpoint (which also holds optimizer etc. states)."""
+    return {k[len(prefix):]: v for k, v in keys.items()
+            if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in _NON_MODEL_STATES}
+
+
+def _check_shapes(model: NeoLLM, shapes: dict[str, torch.Size], source: Path) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    wrong = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v)}"
+             for k, v in expected.items() if k in shapes and tuple(shapes[k]) != tuple(v)]
+    if missing or wrong:
+        detail = "; ".join(wrong[:5] + ([f"missing {missing[:5]}"] if missing else []))
+        raise ValueError(f"checkpoint {source} does not fit this model (wrong flavor or overrides?): {detail}")
+
+
+@torch.no_grad()
+def load_checkpoint(model: NeoLLM, path: str | Path) -> Path:
+    """Load model weights into ``model`` in place from a DCP folder (torchtitan step-N, full or
+    model-only; reshards as needed, no process group) or a state-dict file. Returns the path read."""
+    p = resolve_checkpoint(path)
+    if p.is_file():
+        sd = _read_file(p)
+        _check_shapes(model, {k: v.shape for k, v in sd.items()}, p)
+        model.load_state_dict(sd, strict=True)
+        return p
+    import torch.distributed.checkpoint as dcp
+
+    keys = _dcp_keys(p)
+    prefix = _model_prefix(keys)
+    _check_shapes(model, _model_keys(keys, prefix), p)
+    own = model.state_dict()
+    # DCP loads into the given tensors; read in the checkpoint's dtype (fp32), then copy (casting).
+    target = {prefix + k: torch.empty(v.shape, dtype=torch.float32, device=v.device) for k, v in own.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(target, checkpoint_id=str(p))
+    for k, v in own.items():
+        v.copy_(target[prefix + k])
+    return p
+
+
+def load_model(path: str | Path, flavor: str | NeoLLMModelArgs, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, **overrides) -> NeoLLM:
+    """Build ``flavor`` and load ``path`` into it. ``vocab_size`` is taken from the checkpoint's
+    embedding unless given (runs may override the flavor's vocabulary)."""
+    shapes = checkpoint_shapes(path)
+    if "vocab_size" not in overrides and "tok_embeddings.weight" in shapes:
+        overrides["vocab_size"] = int(shapes["tok_embeddings.weight"][0])
+    model = build_model(flavor, device=device, dtype=dtype, **overrides)
+    load_checkpoint(model, path)
+    return model
