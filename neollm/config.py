@@ -13,6 +13,10 @@ class Model:
     """Embedding rows. 0 keeps the flavor's size. It must cover the tokenizer's largest id;
     a size padded to a multiple of 64 or 128 keeps the tied head's matmul aligned."""
 
+    allow_vocab_mismatch: bool = False
+    """Allow an embedding larger than the tokenizer needs (its largest id + 1) beyond padding
+    to a multiple of 64 or 128. Off: such a vocab_size is refused before step 1."""
+
 
 @dataclass
 class Loss:
@@ -75,6 +79,56 @@ class Data:
     token included (seed 000: 4). 0 keeps documents whole. Applies to every source (text read
     on the fly and pre-tokenized shards), in training and in validation (with that seq_len)."""
 
+    holdout_fraction: float = 0.01
+    """Share of a stream's documents held out for validation, by a hash of each document's text
+    (neollm/data/holdout.py; seed 000: 1%). Applies to ``fineweb_edu``, which skips them, and
+    ``fineweb_edu_validation``, which yields only them. 0 = hold nothing out."""
+
+    shuffle_documents: bool = False
+    """Pre-tokenized shards (``[training] dataset = "shards"``): read each rank's (and worker's)
+    documents in a new order every pass, from shuffle_seed and the pass number (exact resume).
+    Off: shard order. Text sources read in file order (tokenize them to shuffle)."""
+
+    shuffle_seed: int = 0
+    """Seed of shuffle_documents' permutations."""
+
+
+@dataclass
+class Guard:
+    """What a bad training loss does (neollm/faults.py). Checked every step before the optimizer
+    step (one scalar all-reduce and host sync per step; "off" removes it)."""
+
+    on_bad_loss: str = "stop"
+    """"stop": end the run with an error naming the step (no checkpoint of the bad step);
+    "skip": drop the batch (no optimizer step; the LR schedule still advances); "off"."""
+
+    max_loss_ratio: float = 0.0
+    """A loss over max_loss_ratio x the running mean of the last `window` good losses is bad
+    (e.g. 3.0). 0 = only NaN/inf are bad."""
+
+    window: int = 50
+    """Good losses in the running mean."""
+
+    warmup_steps: int = 10
+    """Good losses needed before the spike test applies."""
+
+    max_consecutive_skips: int = 10
+    """With "skip": stop after this many bad steps in a row."""
+
+
+@dataclass
+class Monitor:
+    """NeoLLM's run monitoring (neollm/monitor.py), beside torchtitan's [metrics]."""
+
+    jsonl: bool = True
+    """Append every logged metric (full precision) to <dump_folder>/metrics.jsonl (rank 0)."""
+
+    technique_scalars: bool = True
+    """Log per-technique scalars (GPAS gates, PolyNorm weights, gate biases) at each log step."""
+
+    progress: bool = True
+    """Print a progress line (step / total, elapsed, ETA) at each log step."""
+
 
 @dataclass
 class JobConfig:
@@ -83,3 +137,5 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     loss: Loss = field(default_factory=Loss)
     data: Data = field(default_factory=Data)
+    guard: Guard = field(default_factory=Guard)
+    monitor: Monitor = field(default_factory=Monitor)

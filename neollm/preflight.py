@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import sys
 
-from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config import JobConfig
 
 from neollm.errors import ConfigError
 
@@ -33,10 +33,16 @@ def check_run(job_config: JobConfig, world_size: int) -> None:
     from neollm.model.args import FLAVORS
     from neollm.train import check_model_choice, fit_batch_to_ranks, loss_settings
 
+    from neollm.config_check import check_ranges, check_types
+    from neollm.train import guard_from_config
+
+    check_types(job_config)
+    check_ranges(job_config)
     if job_config.model.name != "neollm":
         return  # another torchtitan spec: its own trainer checks apply
     check_model_choice(job_config)
     loss_settings(job_config)
+    guard_from_config(job_config)
     fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
     copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
     from neollm.data.loader import check_data
@@ -53,9 +59,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--world-size"]:
         world_size, argv = int(argv[1]), argv[2:]
     import neollm  # noqa: F401  (registers the spec and datasets)
+    from neollm.config_check import parse_config
 
     try:
-        check_run(ConfigManager().parse_args(argv), world_size)
+        check_run(parse_config(argv), world_size)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -7,11 +7,20 @@ global_batch_size`` is the batch the run trains on, whatever the number of ranks
 of 64 each rank runs 8 sequences; with 1 rank it runs 64, in micro-batches of at most
 ``local_batch_size`` with gradient accumulation. So one TOML trains the same thing on 1 GPU and
 on 8.
+
+Production additions, all on torchtitan's own mechanisms (docs/running.md): the checkpoint
+manager resumes only from a validated checkpoint and also saves RNG and loss-guard state
+(neollm/faults.py); SIGTERM/SIGUSR1 save a checkpoint at the current step and exit; ``[guard]``
+stops or skips a step on a NaN/inf or spiking loss; the metric logger also writes
+``metrics.jsonl``, per-technique scalars and a progress/ETA line (neollm/monitor.py); wandb goes
+offline by itself without an API key or network; types and ranges of every key are checked
+(neollm/config_check.py).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from torchtitan.config import JobConfig
@@ -19,7 +28,9 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 from neollm.errors import ConfigError
+from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, RNGState
 from neollm.loss import LossSettings
+from neollm import monitor
 
 
 def data_parallel_degree(job_config: JobConfig, world_size: int) -> int:
@@ -88,13 +99,171 @@ class NeoLLMTrainer(Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         import neollm  # noqa: F401  (registers the spec and datasets, CPU patch)
 
+        from neollm.config_check import check_ranges, check_types
+
+        check_types(job_config)
+        check_ranges(job_config)
         check_model_choice(job_config)
         fit_batch_to_ranks(job_config, int(os.environ.get("WORLD_SIZE", "1")))
         settings = loss_settings(job_config)
+        guard = guard_from_config(job_config)
+        monitor.prepare_wandb(job_config.metrics.enable_wandb)
         super().__init__(job_config)
         self.fused_loss = job_config.model.name == "neollm"
         for part in self.model_parts:
             part.loss_settings = settings
+        self._install_fault_tolerance(guard)
+        self._install_monitor()
+
+    # ------------------------------------------------------------ fault tolerance
+
+    def _install_fault_tolerance(self, guard: LossGuard) -> None:
+        """Validating resume, RNG + guard state in checkpoints, the loss guard, SIGTERM flag."""
+        self.checkpointer.__class__ = NeoLLMCheckpointManager
+        self.checkpointer.states["rng"] = RNGState()
+        self.checkpointer.states["loss_guard"] = guard
+        self.loss_guard = guard
+        self._step_losses: list = []
+        self._stop_signal: int | None = None
+        self.stopped_by_signal = False
+        if guard.enabled:
+            step_optimizers = self.optimizers.step
+
+            def guarded_step(*args, **kwargs):
+                if self._loss_is_good():
+                    step_optimizers(*args, **kwargs)
+
+            self.optimizers.step = guarded_step
+
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        loss = super().forward_backward_step(
+            input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+        )
+        self._step_losses.append(loss.detach())
+        return loss
+
+    def _global_step_loss(self) -> float:
+        """This step's loss over all ranks (sum of local loss sums / global valid tokens)."""
+        import torch
+        from torchtitan.distributed import utils as dist_utils
+
+        loss = torch.sum(torch.stack(self._step_losses))
+        mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
+        return dist_utils.dist_sum(loss, mesh)
+
+    def _loss_is_good(self) -> bool:
+        """Called in place of the optimizer step: True lets it run."""
+        if self.parallel_dims.pp_enabled or not self._step_losses:
+            return True  # pipeline stages don't all see the loss: no guard
+        loss = self._global_step_loss()
+        self._step_losses.clear()
+        problem = self.loss_guard.check(self.step, loss)
+        if problem is None:
+            self.loss_guard.consecutive_skips = 0
+            return True
+        guard = self.loss_guard
+        if guard.on_bad_loss == "skip":
+            guard.consecutive_skips += 1
+            if guard.consecutive_skips > guard.max_consecutive_skips:
+                raise BadLossError(
+                    f"training stopped at step {self.step}: {problem}, and {guard.consecutive_skips} "
+                    f"steps in a row were bad ([guard] max_consecutive_skips {guard.max_consecutive_skips}); "
+                    "resume from the last checkpoint with a lower [optimizer] lr or more warm-up"
+                )
+            logger.warning(f"[guard] skipped step {self.step}: {problem} (batch dropped, no optimizer step)")
+            self.optimizers.zero_grad()
+            return False
+        raise BadLossError(
+            f"training stopped at step {self.step}: {problem}; the last checkpoint is before this step. "
+            'Lower [optimizer] lr, raise warm-up or set [guard] on_bad_loss = "skip"'
+        )
+
+    def train_step(self, data_iterator):
+        if self.progress.start_time is None:  # first step of this process (after any resume)
+            self.progress.start(self.step - 1)
+        self._step_losses.clear()
+        probes = []
+        if self.monitor_gates and self.metrics_processor.should_log(self.step):
+            probes = [monitor.OutputGateProbe(part) for part in self.model_parts]
+        try:
+            super().train_step(data_iterator)
+        finally:
+            gates = {}
+            for probe in probes:
+                gates.update(probe.close())
+        self._after_step(gates)
+
+    def _preemption_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 (agreed over ranks, so all stop at one step)."""
+        flag = self._stop_signal is not None
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def should_continue_training(self) -> bool:
+        if self.step > 0 and self._preemption_requested():
+            path = self.checkpointer.save_now(self.step)
+            self.stopped_by_signal = True
+            if os.environ.get("RANK", "0") == "0":
+                sig = signal.Signals(self._stop_signal).name if self._stop_signal else "a stop signal on another rank"
+                print(
+                    f"preempted ({sig}) after step {self.step}: checkpoint saved to {path}; "
+                    "rerun the same command to resume",
+                    file=sys.stderr, flush=True,
+                )
+            return False
+        return super().should_continue_training()
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self._stop_signal is None:
+            logger.warning(f"Got {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+        self._stop_signal = signum
+
+    def train(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_stop_signal)
+        return super().train()
+
+    # ------------------------------------------------------------ monitoring
+
+    def _install_monitor(self) -> None:
+        section = getattr(self.job_config, "monitor", None)
+        jsonl = getattr(section, "jsonl", True)
+        self.monitor_scalars = getattr(section, "technique_scalars", True) and self.fused_loss
+        self.monitor_progress = getattr(section, "progress", True)
+        self.monitor_gates = (self.monitor_scalars and not self.job_config.compile.enable
+                              and not self.parallel_dims.pp_enabled)
+        is_rank0 = os.environ.get("RANK", "0") == "0"
+        path = os.path.join(self.job_config.job.dump_folder, "metrics.jsonl") if jsonl and is_rank0 else None
+        self.metrics_processor.logger = monitor.RunLogger(self.metrics_processor.logger, path)
+        self.progress = monitor.Progress(self.job_config.training.steps)
+
+    def _after_step(self, gates: dict[str, float]) -> None:
+        """At log steps: technique scalars (every rank gathers them) and the progress line."""
+        if not self.metrics_processor.should_log(self.step):
+            return
+        if self.monitor_scalars and not self.parallel_dims.pp_enabled:
+            scalars = dict(gates)
+            for part in self.model_parts:
+                scalars.update(monitor.technique_scalars(part))
+            if scalars:
+                self.metrics_processor.logger.log(scalars, self.step)
+        if self.monitor_progress:
+            logger.info(self.progress.line(self.step))
+
+    def close(self) -> None:
+        processor = getattr(self, "metrics_processor", None)
+        if processor is not None and os.environ.get("RANK", "0") == "0":
+            hint = monitor.wandb_sync_hint(processor.logger)
+            if hint:
+                print(f"wandb ran offline: upload with `{hint}`", file=sys.stderr, flush=True)
+        super().close()
 
     def post_dataloading_process(self, input_dict, labels):
         """Hand the labels to the model: NeoLLM computes its loss from the hidden states."""
@@ -104,6 +273,26 @@ class NeoLLMTrainer(Trainer):
         return inputs, labels, extra_inputs, extra_kwargs
 
 
+def guard_from_config(job_config: JobConfig) -> LossGuard:
+    """The run's ``[guard]`` section (neollm.config) as a LossGuard (validated)."""
+    section = getattr(job_config, "guard", None)
+    if section is None:
+        return LossGuard()
+    if section.on_bad_loss not in ("stop", "skip", "off"):
+        raise ConfigError(
+            f'[guard] on_bad_loss {section.on_bad_loss!r} is unknown: choose "stop", "skip" or "off"'
+        )
+    if section.max_loss_ratio < 0 or 0 < section.max_loss_ratio <= 1:
+        raise ConfigError(
+            f"[guard] max_loss_ratio {section.max_loss_ratio} must be 0 (off) or above 1 (e.g. 3.0)"
+        )
+    for key in ("window", "warmup_steps", "max_consecutive_skips"):
+        if getattr(section, key) < (1 if key == "window" else 0):
+            raise ConfigError(f"[guard] {key} {getattr(section, key)} must be positive")
+    return LossGuard(section.on_bad_loss, section.max_loss_ratio, section.window,
+                     section.warmup_steps, section.max_consecutive_skips)
+
+
 def run() -> None:
     try:
         main(NeoLLMTrainer)
@@ -111,6 +300,10 @@ def run() -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BadLossError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,27 @@ def test_validation_defaults(monkeypatch):
     assert validation_source(job) == ("c4_validation", None)  # no twin: torchtitan's default stays
     with pytest.raises(ConfigError, match="wiki_vital_en_validation, shards_validation"):
         check_data(job)
+
+
+def test_shuffled_shards_resume_exactly_with_a_new_order_each_pass(corpus, tokenizer):
+    from neollm.data.loader import check_data
+    from neollm.data.shards import TokenShardDataset, TokenShards
+    from neollm.errors import ConfigError
+
+    job = make_job("shards", corpus["shards"], "--data.shuffle_documents", "--data.shuffle_seed", "7")
+    seen = [documents_seen(job, tokenizer, rank) for rank in range(2)]
+    assert sorted(seen[0]) == list(range(15)) and sorted(seen[1]) == list(range(15, 30))  # same halves
+    assert seen[0] != list(range(15)) and seen[1] != list(range(15, 30))  # in another order
+    per_epoch = min(len(list(build(job, tokenizer, rank, infinite=False))) for rank in range(2))
+    check_resume(job, tokenizer, k=per_epoch - 3, m=8)  # across the pass boundary
+    workers = make_job("shards", corpus["shards"], "--data.shuffle_documents", *WORKERS)
+    check_resume(workers, tokenizer, k=5, m=4)
+    ds = TokenShardDataset(TokenShards(corpus["shards"]), 8, shuffle_seed=7)
+    orders = [ds._order(epoch, 0, N_DOCS).tolist() for epoch in (0, 1)]
+    assert orders[0] != orders[1] and sorted(orders[1]) == list(range(N_DOCS))
+    again = TokenShardDataset(TokenShards(corpus["shards"]), 8, shuffle_seed=7)
+    assert again._order(0, 0, N_DOCS).tolist() == orders[0]  # a function of (seed, pass, range)
+    with pytest.raises(ConfigError, match="shuffled with seed 7.*in order"):
+        TokenShardDataset(TokenShards(corpus["shards"]), 8).load_state_dict(ds.state_dict())
+    with pytest.raises(ConfigError, match="shuffle_documents applies to pre-tokenized shards.*'local_text'"):
+        check_data(make_job("local_text", corpus["local_text"], "--data.shuffle_documents"))

@@ -7,7 +7,9 @@ Sources (``[training] dataset`` / ``dataset_path``; ``[validation] dataset`` / `
 ``wiki_vital_en``          default corpus, ``data/wiki_vital_en/train.jsonl`` (tools/prepare_corpus.py)
 ``wiki_vital_en_validation``  its held-out ``validation.jsonl``
 ``local_text``             your files: a folder, file or glob of .jsonl/.json/.parquet/.txt
-``fineweb_edu``            FineWeb-Edu streamed from the hub, ``repo[:config]`` (default sample-10BT)
+``fineweb_edu``            FineWeb-Edu streamed from the hub, ``repo[:config]`` (default sample-10BT),
+                           without the documents held out for validation
+``fineweb_edu_validation``  the same stream's held-out documents (``[data] holdout_fraction``)
 ``shards``                 pre-tokenized shards (tools/tokenize_data.py ``--out`` folder), train split
 ``shards_validation``      the same folder's validation split
 =========================  ==================================================================
@@ -40,6 +42,20 @@ Validation: ``[validation] enable = true``, ``freq`` (steps between evaluations)
 ``seq_len``. With a training source that has a ``*_validation`` twin (``wiki_vital_en``,
 ``shards``) ``enable`` alone is enough; otherwise set ``dataset`` (and ``dataset_path``). The
 loss is logged as ``validate step: N  loss: X`` and as ``validation_metrics/loss``.
+
+New keys:
+
+* ``[data] holdout_fraction = 0.01`` (``holdout.py``): the share of a stream's documents held out
+  by a hash of their text, the rule of ``tools/tokenize_data.py --validation-fraction``.
+  ``fineweb_edu`` skips them and ``fineweb_edu_validation`` (what ``[validation] enable`` alone
+  picks with ``fineweb_edu`` training) yields only them. 0 holds nothing out.
+* ``[data] shuffle_documents = false``, ``[data] shuffle_seed = 0``: shards (training only) are
+  read in a new document order every pass, each rank and worker permuting its own documents
+  from (seed, pass); the checkpointed position is in that order, so resume stays exact (and is
+  refused with another seed or with shuffling switched). Text sources refuse it.
+* ``[model] allow_vocab_mismatch = false``: the model's ``vocab_size`` must be the tokenizer's
+  size (largest id + 1), or that size padded up to a multiple of 64 or 128; true allows a larger
+  embedding (a smaller one is always refused).
 """
 
 from neollm.data.loader import (

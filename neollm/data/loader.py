@@ -13,8 +13,8 @@ it imports into ``torchtitan.components.validate``; NeoLLM's validator builder
 (neollm.data.validation) points that name at :func:`build_neollm_validation_dataloader`, so
 ``[validation] dataset`` may be any NeoLLM source, shards included. Validation passes restart at the first document each time (the same
 held-out batches at every evaluation). When the training source has a ``<name>_validation`` twin
-(``wiki_vital_en``, ``shards``), ``[validation] dataset`` left at torchtitan's default
-(``c4_validation``) means that twin, and ``[validation] dataset_path`` left unset means
+(``wiki_vital_en``, ``shards``, ``fineweb_edu``), ``[validation] dataset`` left at torchtitan's
+default (``c4_validation``) means that twin, and ``[validation] dataset_path`` left unset means
 ``[training] dataset_path``: ``[validation] enable = true`` alone validates on the held-out
 split of the training data.
 """
@@ -27,6 +27,7 @@ from typing import Any
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.config import JobConfig
 
+from neollm.data.holdout import apply_holdout, holdout_fraction, holdout_side
 from neollm.data.packing import max_doc_tokens, max_doc_tokens_factor
 from neollm.data.shards import TokenShardDataset, TokenShards
 from neollm.data.text import NeoLLMTextDataset
@@ -62,8 +63,8 @@ def validation_source(job_config: JobConfig) -> tuple[str, str | None]:
     """``[validation] dataset`` and its path (see the module doc for the defaults).
 
     Left at torchtitan's default (c4_validation, a hub dataset) while the training source has a
-    ``<name>_validation`` twin (wiki_vital_en, shards), the twin is used: ``[validation] enable
-    = true`` alone then validates on the held-out split of the training data.
+    ``<name>_validation`` twin (wiki_vital_en, shards, fineweb_edu), the twin is used:
+    ``[validation] enable = true`` alone then validates on the held-out split of the training data.
     """
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
@@ -97,10 +98,29 @@ def build_dataset(name: str, path: str | None, tokenizer: Any, job_config: JobCo
     if isinstance(data, TokenShards):
         check_shards(data, job_config, getattr(tokenizer, "eos_id", None), f"{section} dataset_path")
         return TokenShardDataset(data, seq_len, dp_rank, dp_world_size, infinite=infinite,
-                                 max_doc_tokens=limit, name=key, restart_each_pass=validation)
+                                 max_doc_tokens=limit, name=key, restart_each_pass=validation,
+                                 shuffle_seed=None if validation else shuffle_seed(job_config, key))
+    data = apply_holdout(key, data, job_config, source.sample_processor, f"{section} dataset")
     return NeoLLMTextDataset(key, data, source.sample_processor, tokenizer, seq_len, dp_rank,
                              dp_world_size, infinite=infinite, max_doc_tokens=limit,
                              restart_each_pass=validation)
+
+
+def shuffle_seed(job_config: JobConfig, key: str | None = None) -> int | None:
+    """``[data] shuffle_seed`` when ``[data] shuffle_documents`` is on (None: off), for training
+    source ``key``; refused for a text source (only shards are shuffled)."""
+    data = getattr(job_config, "data", None)
+    if not getattr(data, "shuffle_documents", False):
+        return None
+    seed = getattr(data, "shuffle_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"[data] shuffle_seed must be a whole number >= 0, got {seed!r}")
+    if key is not None and key not in SHARD_SOURCES:
+        raise ConfigError(
+            f"[data] shuffle_documents applies to pre-tokenized shards, not [training] dataset "
+            f"{key!r}: tokenize it with tools/tokenize_data.py and train with dataset = \"shards\", "
+            "or set shuffle_documents = false")
+    return seed
 
 
 def _dataloader(dataset, dp_rank: int, dp_world_size: int, batch_size: int, loader_config):
@@ -134,6 +154,8 @@ def check_data(job_config: JobConfig, dp_world_size: int = 1, eos_id: int | None
     (Text sources are opened by preflight's own check_dataset; the validation source here.)
     """
     max_doc_tokens_factor(job_config)
+    holdout_fraction(job_config)
+    shuffle_seed(job_config, _source(job_config.training.dataset, "[training] dataset")[0])
     sources = [("[training]", job_config.training.dataset, job_config.training.dataset_path)]
     if job_config.validation.enable:
         sources.append(("[validation]", *validation_source(job_config)))
@@ -143,7 +165,9 @@ def check_data(job_config: JobConfig, dp_world_size: int = 1, eos_id: int | None
             raise ConfigError(
                 f"[validation] dataset is torchtitan's default {key!r} (C4 from the hub): set it to "
                 "a held-out NeoLLM source: wiki_vital_en_validation, shards_validation (a split "
-                "made by tools/tokenize_data.py), or local_text with [validation] dataset_path")
+                "made by tools/tokenize_data.py), fineweb_edu_validation, or local_text with "
+                "[validation] dataset_path")
+        holdout_side(key, job_config, f"{section} dataset")
         if section == "[training]" and key not in SHARD_SOURCES:
             continue  # text: preflight's check_dataset opened it already
         data = source.loader(path or source.path)

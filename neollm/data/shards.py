@@ -229,12 +229,17 @@ class TokenShardDataset(IterableDataset, Stateful):
     the range) and ``offset`` (tokens of that document already used), so a resumed iterator
     yields exactly the windows the uninterrupted one would have. ``restart_each_pass``: every
     ``iter()`` starts at the first document (validation: each evaluation sees the same batches).
+
+    ``shuffle_seed`` (``[data] shuffle_documents``): each pass reads the range's documents in a
+    permuted order, a function of (seed, epoch, range) alone, so ``doc`` is a position in that
+    order and a resumed run recomputes the same permutation (exact resume); None keeps the order.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
                  infinite: bool = True, max_doc_tokens: int = 0, name: str = "shards",
-                 restart_each_pass: bool = False):
+                 restart_each_pass: bool = False, shuffle_seed: int | None = None):
         self.shards = shards
+        self.shuffle_seed = shuffle_seed
         self.restart_each_pass = restart_each_pass
         self.seq_len = seq_len
         self.infinite = infinite
@@ -265,6 +270,13 @@ class TokenShardDataset(IterableDataset, Stateful):
     def _tokens(self, i: int) -> np.ndarray:
         return truncate_document(self.shards.document(i), self.max_doc_tokens, self.eos_id)
 
+    def _order(self, epoch: int, lo: int, hi: int) -> np.ndarray | None:
+        """Pass ``epoch``'s document order over [lo, hi) (None: in order)."""
+        if self.shuffle_seed is None:
+            return None
+        rng = np.random.default_rng([self.shuffle_seed, epoch, lo, hi])
+        return lo + rng.permutation(hi - lo)
+
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         lo, hi = self._worker_range()
         n = hi - lo
@@ -273,13 +285,15 @@ class TokenShardDataset(IterableDataset, Stateful):
         window = self.seq_len + 1
         buf = np.empty(window, dtype=np.int64)
         epoch, doc, offset = self._epoch, self._doc, self._offset
+        order = self._order(epoch, lo, hi)
         fill = 0
         while True:
             if doc >= n:
                 if not self.infinite:
                     return
                 epoch, doc, offset = epoch + 1, 0, 0
-            tokens = self._tokens(lo + doc)
+                order = self._order(epoch, lo, hi)
+            tokens = self._tokens(lo + doc if order is None else int(order[doc]))
             take = min(len(tokens) - offset, window - fill)
             buf[fill:fill + take] = tokens[offset:offset + take]
             fill += take
@@ -293,8 +307,11 @@ class TokenShardDataset(IterableDataset, Stateful):
                 yield {"input": x[:-1]}, x[1:]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "doc": self._doc, "offset": self._offset,
-                "documents": self.shards.num_documents, "rank_range": list(self.rank_range)}
+        state = {"epoch": self._epoch, "doc": self._doc, "offset": self._offset,
+                 "documents": self.shards.num_documents, "rank_range": list(self.rank_range)}
+        if self.shuffle_seed is not None:
+            state["shuffle_seed"] = self.shuffle_seed
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = (state_dict.get("documents"), list(state_dict.get("rank_range", [])))
@@ -304,6 +321,14 @@ class TokenShardDataset(IterableDataset, Stateful):
                 f"{saved[1]}, but token shards {str(self.shards.root)!r} ({self.shards.split}) "
                 f"now give {self.shards.num_documents} documents, range {list(self.rank_range)}: "
                 "resume with the same shards and number of data-parallel ranks")
+        if state_dict.get("shuffle_seed") != self.shuffle_seed:
+            def describe(seed):
+                return "in order" if seed is None else f"shuffled with seed {seed}"
+            raise ConfigError(
+                f"the checkpoint's data position is for documents read "
+                f"{describe(state_dict.get('shuffle_seed'))}, but this run reads them "
+                f"{describe(self.shuffle_seed)}: resume with the same [data] shuffle_documents / "
+                "shuffle_seed")
         self._epoch = int(state_dict["epoch"])
         self._doc = int(state_dict["doc"])
         self._offset = int(state_dict["offset"])

@@ -258,6 +258,11 @@ NEOLLM_DATASETS: dict[str, DatasetConfig] = {
     "fineweb_edu": DatasetConfig(
         path=f"{FINEWEB_EDU_REPO}:{FINEWEB_EDU_DEFAULT_CONFIG}",
         loader=load_fineweb_edu, sample_processor=text_sample),
+    # The same stream; NeoLLM's dataloader keeps only the documents that [data]
+    # holdout_fraction holds out of fineweb_edu (neollm/data/holdout.py).
+    "fineweb_edu_validation": DatasetConfig(
+        path=f"{FINEWEB_EDU_REPO}:{FINEWEB_EDU_DEFAULT_CONFIG}",
+        loader=load_fineweb_edu, sample_processor=text_sample),
     # Pre-tokenized shards (tools/tokenize_data.py): the loader returns a TokenShards, which
     # neollm.data.loader reads itself (there is no text to process).
     "shards": DatasetConfig(path=SHARDS_PATH, loader=load_shards, sample_processor=text_sample),

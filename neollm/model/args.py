@@ -183,6 +183,17 @@ class NeoLLMModelArgs(BaseModelArgs):
                     f"[model] vocab_size = {padded} (>= {needed}), or use a tokenizer of at most "
                     f"{self.vocab_size:,} tokens"
                 )
+            p64, p128 = -(-needed // 64) * 64, -(-needed // 128) * 128
+            if self.vocab_size not in (needed, p64, p128) and not getattr(
+                    job_config.model, "allow_vocab_mismatch", False):
+                source = "[model] vocab_size" if override else f"flavor {job_config.model.flavor!r}'s"
+                raise ModelConfigError(
+                    f"vocab_size {self.vocab_size:,} ({source}) is larger than the tokenizer in "
+                    f"{assets} needs ({needed:,} ids): set [model] vocab_size = {needed}, or "
+                    f"{p64} / {p128} (padded to a multiple of 64 / 128 for faster matmuls), or set "
+                    f"[model] allow_vocab_mismatch = true to keep {self.vocab_size - needed:,} "
+                    f"unused embedding rows"
+                )
         self.validate()
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

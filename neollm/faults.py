@@ -1,0 +1,272 @@
+"""Fault tolerance on top of torchtitan's CheckpointManager (used by neollm.train.NeoLLMTrainer).
+
+* ``validate_checkpoint``: a ``step-N`` folder is loadable only if its DCP ``.metadata`` reads
+  and every storage file it names exists and is long enough for the byte ranges it records
+  (a save killed half-way, a truncated or missing shard file is rejected).
+* ``NeoLLMCheckpointManager``: torchtitan's manager whose resume picks the newest *valid*
+  checkpoint (warning about each broken newer one), that refuses an explicit
+  ``--checkpoint.load_step`` naming a broken one, and that saves on demand (preemption).
+* ``RNGState``: each rank's torch CPU (and CUDA) generator state, checkpointed so that dropout
+  and any other sampling repeat exactly after a resume.
+* ``LossGuard``: NaN/inf loss or a spike over ``[guard] max_loss_ratio`` x the running mean of
+  the last ``[guard] window`` good losses stops the run naming the step, or skips the batch
+  (no optimizer step) with ``[guard] on_bad_loss = "skip"``.
+
+Testing hook (debug only): ``NEOLLM_INJECT_BAD_LOSS="3:nan,7:x50"`` makes the guard see NaN at
+step 3 and 50 x the real loss at step 7 (only the value the guard checks changes; gradients are
+the real ones). Nothing reads it unless it is set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.tools.logging import logger
+
+from neollm.errors import ConfigError
+
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
+INJECT_ENV = "NEOLLM_INJECT_BAD_LOSS"
+
+
+class BadLossError(RuntimeError):
+    """The loss went NaN/inf or spiked and ``[guard] on_bad_loss = "stop"``."""
+
+
+# ---------------------------------------------------------------- checkpoint validation
+
+
+def read_dcp_metadata(path: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(path).read_metadata()
+
+
+def validate_checkpoint(path: str) -> str | None:
+    """None if ``path`` is a complete DCP checkpoint, else the reason it is not."""
+    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        return None  # an HF export (model only): torchtitan's own reader checks it
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return "no .metadata (the save did not finish)"
+    try:
+        metadata = read_dcp_metadata(path)
+    except Exception as error:  # truncated / garbled pickle
+        return f".metadata is unreadable ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        size = os.path.getsize(file)
+        if size < end:
+            return f"{name} is truncated ({size} bytes, {end} expected)"
+    return None
+
+
+def checkpoint_steps(folder: str) -> list[int]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(folder) if (m := STEP_FOLDER.match(name)))
+
+
+class NeoLLMCheckpointManager(CheckpointManager):
+    """torchtitan's CheckpointManager, resuming only from a checkpoint that validates.
+
+    Installed on the trainer's existing manager (``__class__`` swap), so torchtitan builds it
+    exactly as usual."""
+
+    def _find_load_step(self, folder: str = "") -> int:
+        folder = folder or self.folder
+        for step in reversed(checkpoint_steps(folder)):
+            path = os.path.join(folder, f"step-{step}")
+            problem = validate_checkpoint(path)
+            if problem is None:
+                return step
+            logger.warning(f"Skipping broken checkpoint {path}: {problem}; trying an older one")
+        return -1
+
+    def load(self, step: int = -1) -> bool:
+        if self.enable and step not in (-1, 0) and os.path.isdir(self.folder):
+            path = self._create_checkpoint_id(step)
+            problem = validate_checkpoint(path) if os.path.isdir(path) else "it does not exist"
+            if problem:
+                raise ConfigError(
+                    f"[checkpoint] load_step {step}: {path} cannot be loaded ({problem}); "
+                    f"choose another step from {checkpoint_steps(self.folder)} or -1 for the newest good one"
+                )
+        if self.enable and step == -1 and os.path.isdir(self.folder):
+            step = self._find_load_step()
+            if step == -1:
+                return False
+        self._resolved_step = step
+        return super().load(step)
+
+    def _states_to_load(self, model_only: bool) -> dict[str, Any]:
+        states = super()._states_to_load(model_only)
+        if model_only:
+            return states
+        # States NeoLLM added (rng, loss_guard) may be absent from older checkpoints or, for
+        # per-rank RNG, from a run on another number of ranks: load what is there.
+        step = getattr(self, "_resolved_step", -1)
+        keys = set()
+        if step not in (-1, 0):
+            try:
+                keys = set(read_dcp_metadata(self._create_checkpoint_id(step)).state_dict_metadata)
+            except Exception:
+                keys = set()
+        for name, state in list(states.items()):
+            prefixes = getattr(state, "checkpoint_prefixes", None)
+            if prefixes is None:
+                continue
+            if not all(any(k.startswith(f"{name}.{p}") for k in keys) for p in prefixes):
+                logger.warning(f"Checkpoint has no '{name}' state for this rank: keeping the fresh one")
+                states.pop(name)
+        return states
+
+    def save(self, curr_step: int, last_step: bool = False) -> None:
+        self._saving_step = curr_step
+        super().save(curr_step, last_step)
+
+    def _purge_stale_checkpoints(self) -> None:
+        """keep_latest_k counted over *valid* checkpoints (torchtitan counts every step-N folder,
+        so broken leftovers of a crashed attempt would make it delete good ones). Broken folders
+        older than the step being saved are removed too; newer ones are left (skipped at load,
+        overwritten when training reaches their step). The step being saved counts as valid
+        (an async save is still in flight)."""
+        if not (self.keep_latest_k > 0 and dist.get_rank() == 0 and os.path.isdir(self.folder)):
+            return
+        if self.enable_ft_dataloader_checkpoints:
+            return super()._purge_stale_checkpoints()
+        current = getattr(self, "_saving_step", None)
+        valid, broken = [], []
+        for step in checkpoint_steps(self.folder):
+            path = os.path.join(self.folder, f"step-{step}")
+            (valid if step == current or validate_checkpoint(path) is None else broken).append(step)
+        doomed = valid[: -self.keep_latest_k] + [s for s in broken if current is not None and s < current]
+        for step in doomed:
+            assert self.purge_thread is not None
+            self.purge_queue.put(os.path.join(self.folder, f"step-{step}"))
+
+    def _save_last_step(self, curr_step: int) -> None:
+        super()._save_last_step(curr_step)
+        self._purge_stale_checkpoints()  # torchtitan skips keep_latest_k on the last save
+
+    def save_now(self, step: int) -> str:
+        """Save a full (resumable) checkpoint at ``step`` now, whatever the interval; wait for it."""
+        path = self._create_checkpoint_id(step)
+        if self.enable and not self.load_only and validate_checkpoint(path) is not None:
+            interval = self.interval
+            self.interval = 1  # torchtitan's regular (full-state) save path, not last_step's
+            try:
+                self.save(step)
+            finally:
+                self.interval = interval
+            self._async_wait()
+        return path
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+class RNGState:
+    """This rank's torch generators, under a per-rank key (DCP keeps one copy per key)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.checkpoint_prefixes = [f"rank{self.rank}."]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return {f"rank{self.rank}": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get(f"rank{self.rank}")
+        if not state:
+            return
+        torch.set_rng_state(state["cpu"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# ---------------------------------------------------------------- loss guard
+
+
+def parse_injections(text: str | None) -> dict[int, str]:
+    """``"3:nan,7:x50"`` -> {3: "nan", 7: "x50"} (see the module docstring)."""
+    out: dict[int, str] = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            step, _, what = item.strip().partition(":")
+            out[int(step)] = what or "nan"
+    return out
+
+
+class LossGuard:
+    """Decides, for each step's global loss, whether it is good (and tracks the running mean).
+
+    ``check(step, loss)`` returns None for a good loss, else the reason it is bad. Its window of
+    recent good losses is checkpointed (``state_dict``) so a resumed run decides identically."""
+
+    def __init__(self, on_bad_loss: str = "stop", max_loss_ratio: float = 0.0, window: int = 50,
+                 warmup_steps: int = 10, max_consecutive_skips: int = 10) -> None:
+        self.on_bad_loss = on_bad_loss
+        self.max_loss_ratio = max_loss_ratio
+        self.window = max(1, window)
+        self.warmup_steps = warmup_steps
+        self.max_consecutive_skips = max_consecutive_skips
+        self.history = torch.zeros(self.window, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.int64)  # good losses seen
+        self.consecutive_skips = 0
+        self.injections = parse_injections(os.environ.get(INJECT_ENV))
+        self.checkpoint_prefixes = ["history"]
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_bad_loss != "off"
+
+    def running_mean(self) -> float | None:
+        n = int(min(self.count.item(), self.window))
+        if n == 0:
+            return None
+        return float(self.history[:n].mean())
+
+    def inject(self, step: int, loss: float) -> float:
+        what = self.injections.get(step)
+        if what is None:
+            return loss
+        if what.startswith("x"):
+            return loss * float(what[1:])
+        return float(what)  # "nan", "inf"
+
+    def check(self, step: int, loss: float) -> str | None:
+        loss = self.inject(step, loss)
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        mean = self.running_mean()
+        if (self.max_loss_ratio > 0 and mean is not None and self.count.item() >= self.warmup_steps
+                and loss > self.max_loss_ratio * mean):
+            return (f"loss {loss:.4f} is over [guard] max_loss_ratio {self.max_loss_ratio:g} x the "
+                    f"running mean {mean:.4f}")
+        self.history[int(self.count.item()) % self.window] = loss
+        self.count += 1
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        history = state_dict["history"]
+        if history.shape == self.history.shape:
+            self.history.copy_(history)
+            self.count.copy_(state_dict["count"])

@@ -1,0 +1,294 @@
+"""Fault tolerance through ./run_train.sh (torchrun, CPU): kill -9, SIGTERM, broken checkpoints,
+keep-last-N, and the NaN/spike loss guard. Lean on purpose: 5 short trainer launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, require_prepared_assets, run_trainer
+
+STEPS = 6
+SMALL = ("--training.steps", str(STEPS), "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2",
+         "--training.seq_len", "32", "--training.global_batch_size", "2", "--training.local_batch_size", "2")
+
+
+def jsonl_losses(dump: Path) -> dict[int, float]:
+    """Training loss per step from metrics.jsonl (full precision; a later line for a step wins)."""
+    out = {}
+    for line in (dump / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss_metrics/global_avg_loss" in record:
+            out[record["step"]] = record["loss_metrics/global_avg_loss"]
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def send(pid: int, sig: int) -> None:
+    """SIGKILL: every process of the run at once (a crashed node). Others: torchrun's group,
+    as a scheduler signals the job (torchrun forwards it to its workers)."""
+    if sig == signal.SIGKILL:
+        for member in reversed(process_tree(pid)):
+            try:
+                os.kill(member, sig)
+            except ProcessLookupError:
+                pass
+    else:
+        os.killpg(pid, sig)
+
+
+def launch_and_signal(dump: Path, sig: int, at_step: int, *extra: str) -> tuple[int, str]:
+    """Start ./run_train.sh in its own process group; send ``sig`` to the whole group once the
+    trainer has logged ``at_step``. Returns (exit status, output)."""
+    env = dict(os.environ, NGPU="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.Popen(
+        ["./run_train.sh", "--job.dump_folder", str(dump), *SMALL, *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines, sent = [], False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.search(r"(?<!validate )step:\s*(\d+)\s+loss", line)
+        if not sent and match and int(match.group(1)) >= at_step:
+            send(proc.pid, sig)
+            sent = True
+    proc.wait(timeout=120)
+    assert sent, "".join(lines)[-3000:]
+    return proc.returncode, "".join(lines)
+
+
+def checkpoint_steps(dump: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (dump / "checkpoint").glob("step-*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, with torchtitan's tensorboard and wandb loggers on (wandb offline:
+    no API key here), so that one launch also checks the metrics paths (tests/test_monitor.py)."""
+    require_prepared_assets()
+    dump = tmp_path_factory.mktemp("faults") / "reference"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        result = run_trainer("--job.dump_folder", str(dump), *SMALL, "--metrics.enable_tensorboard",
+                             "--metrics.enable_wandb", timeout=300)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return dump, result.stdout
+
+
+@pytest.mark.slow
+def test_keep_latest_k_keeps_the_last_two(reference):
+    dump, _ = reference
+    assert checkpoint_steps(dump) == [4, 6]
+    assert sorted(jsonl_losses(dump)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_metrics_tensorboard_wandb_offline_jsonl_progress_and_plots(reference):
+    dump, out = reference
+    assert "logging offline (WANDB_MODE=offline)" in out
+    assert "wandb ran offline: upload with `wandb sync " in out
+    assert f"progress: step {STEPS}/{STEPS} (100.0%)" in out and "ETA" in out
+    assert list(dump.glob("tb/*/events.out.tfevents.*"))
+    records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss_metrics/global_avg_loss", "lr", "grad_norm", "throughput(tps)", "mfu(%)",
+                "memory/max_reserved(GiB)"):
+        assert key in records[0], key
+    plots = subprocess.run([sys.executable, "tools/plot_run.py", str(dump / "tb")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert plots.returncode == 0, plots.stderr
+    for name in ("loss", "lr", "throughput"):
+        assert (dump / "tb" / "plots" / f"{name}.png").is_file()
+
+
+@pytest.mark.slow
+def test_kill9_broken_checkpoints_sigterm_then_resume_bit_identical(reference, tmp_path):
+    expected = jsonl_losses(reference[0])
+    dump = tmp_path / "run"
+
+    # 1. kill -9 (the whole process group) at a random step after the step-2 checkpoint
+    kill_at = random.choice([3, 4])
+    status, output = launch_and_signal(dump, signal.SIGKILL, kill_at)
+    assert status != 0
+    good = [s for s in checkpoint_steps(dump) if (dump / "checkpoint" / f"step-{s}" / ".metadata").is_file()]
+    assert good and max(good) <= kill_at
+
+    # 2. newer broken checkpoints: a truncated shard (metadata intact) and one with no .metadata
+    newest = dump / "checkpoint" / f"step-{max(good)}"
+    truncated = dump / "checkpoint" / "step-5"
+    shutil.rmtree(truncated, ignore_errors=True)
+    shutil.copytree(newest, truncated)
+    shard = max(truncated.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    unfinished = dump / "checkpoint" / "step-6"
+    shutil.copytree(newest, unfinished)
+    (unfinished / ".metadata").unlink()
+
+    # 3. rerun the same command, preempt it (SIGTERM) one step after it resumes
+    status, output = launch_and_signal(dump, signal.SIGTERM, max(good) + 1)
+    assert f"Training starts at step {max(good) + 1}" in output, output[-3000:]
+    assert "Skipping broken checkpoint" in output and "step-5: " in output and "truncated" in output
+    match = re.search(r"preempted \(SIGTERM\) after step (\d+): checkpoint saved to (\S+);", output)
+    assert match, output[-3000:]
+    preempted = int(match.group(1))
+    assert preempted < STEPS
+    from neollm.faults import validate_checkpoint
+
+    assert validate_checkpoint(str(dump / "checkpoint" / f"step-{preempted}")) is None
+    assert "[rank0]:Traceback" not in output  # (torchrun itself reports the signal it got)
+
+    # 4. rerun again: resumes from the preemption checkpoint and finishes
+    result = run_trainer("--job.dump_folder", str(dump), *SMALL, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert f"Training starts at step {preempted + 1}" in result.stdout
+
+    resumed = jsonl_losses(dump)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == expected[step], f"step {step}: {resumed[step]!r} != {expected[step]!r}"
+
+
+@pytest.mark.slow
+def test_nan_loss_is_skipped_then_stops_naming_the_step(tmp_path, monkeypatch):
+    """[guard] on_bad_loss = "skip": a NaN at step 2 drops that batch; a second bad step in a
+    row is over max_consecutive_skips 1 and stops the run with one line naming step 3."""
+    require_prepared_assets()
+    monkeypatch.setenv("NEOLLM_INJECT_BAD_LOSS", "2:nan,3:inf")
+    dump = tmp_path / "nan"
+    result = run_trainer("--job.dump_folder", str(dump), *SMALL, "--guard.on_bad_loss", "skip",
+                         "--guard.max_consecutive_skips", "1", timeout=300)
+    assert result.returncode != 0
+    assert "[guard] skipped step 2: loss is nan" in result.stdout
+    errors = [line for line in result.stdout.splitlines() if "error: training stopped at step 3" in line]
+    assert len(errors) == 1, result.stdout[-4000:]
+    assert "loss is inf" in errors[0]
+    assert checkpoint_steps(dump) == [2]  # nothing saved from the bad step on
+
+
+def test_loss_guard_spike_over_running_mean_and_nan():
+    from neollm.faults import LossGuard
+
+    guard = LossGuard("stop", max_loss_ratio=2.0, window=4, warmup_steps=3)
+    for step, loss in enumerate([10.0, 9.0, 8.0, 7.0], start=1):
+        assert guard.check(step, loss) is None
+    assert guard.running_mean() == pytest.approx(8.5)
+    assert "max_loss_ratio 2 x the running mean 8.5000" in guard.check(5, 17.5)
+    assert guard.check(6, 16.0) is None  # under 2 x mean: good, enters the window
+    assert guard.check(7, float("nan")) == "loss is nan"
+    state = guard.state_dict()
+    other = LossGuard("stop", max_loss_ratio=2.0, window=4, warmup_steps=3)
+    other.load_state_dict(state)
+    assert other.running_mean() == guard.running_mean()
+
+
+def test_loss_guard_injection_from_environment(monkeypatch):
+    from neollm.faults import LossGuard
+
+    monkeypatch.setenv("NEOLLM_INJECT_BAD_LOSS", "2:nan,4:x100")
+    guard = LossGuard("skip", max_loss_ratio=3.0, window=8, warmup_steps=1)
+    assert guard.check(1, 5.0) is None
+    assert guard.check(2, 5.0) == "loss is nan"
+    assert guard.check(3, 5.0) is None
+    assert "over [guard] max_loss_ratio 3" in guard.check(4, 5.0)
+
+
+def test_validate_checkpoint_names_what_is_wrong(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from neollm.faults import validate_checkpoint
+
+    good = tmp_path / "step-1"
+    dcp.save({"w": torch.arange(1000.0)}, checkpoint_id=str(good))
+    assert validate_checkpoint(str(good)) is None
+    truncated = tmp_path / "step-2"
+    shutil.copytree(good, truncated)
+    shard = next(truncated.glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(10)
+    assert "truncated" in validate_checkpoint(str(truncated))
+    garbled = tmp_path / "step-3"
+    shutil.copytree(good, garbled)
+    (garbled / ".metadata").write_bytes(b"\x80garbage")
+    assert "unreadable" in validate_checkpoint(str(garbled))
+    (garbled / ".metadata").unlink()
+    assert "no .metadata" in validate_checkpoint(str(garbled))
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_on_localhost(tmp_path):
+    """run_train.sh's multi-node path: two "nodes" of one rank each meet at MASTER_ADDR:MASTER_PORT
+    (c10d) and train with HSDP replicate 2 x shard 1; both see the same global loss."""
+    import socket
+
+    require_prepared_assets()
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, NGPU="1", NNODES="2", MASTER_ADDR="localhost", MASTER_PORT=str(port),
+               RDZV_ID=f"test{port}", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("OMP_NUM_THREADS", None)
+    dump = tmp_path / "two_nodes"
+    cmd = ["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", "2",
+           "--checkpoint.interval", "2", "--training.seq_len", "32", "--training.global_batch_size", "2",
+           "--training.local_batch_size", "1", "--parallelism.data_parallel_replicate_degree", "2",
+           "--parallelism.data_parallel_shard_degree", "1"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, out in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:]
+        assert "dp_replicate=2, dp_shard=1" in out
+    losses = [re.findall(r"(?<!validate )step:\s*2\s+loss:\s*(\S+)", out) for out in outputs]
+    assert losses[0] and losses[0] == losses[1]
+    assert len(list((dump / "checkpoint" / "step-2").glob("*.distcp"))) == 2
+
+
+def test_rng_state_round_trip():
+    import torch
+
+    from neollm.faults import RNGState
+
+    state = RNGState()
+    saved = {k: {n: t.clone() for n, t in v.items()} for k, v in state.state_dict().items()}
+    first = torch.rand(4)
+    torch.rand(100)
+    state.load_state_dict(saved)
+    assert torch.equal(torch.rand(4), first)
+    assert state.checkpoint_prefixes == ["rank0."]
