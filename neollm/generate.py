@@ -54,7 +54,7 @@ from torch import Tensor
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
 from neollm.model import attention_ops as ops
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
-from neollm.model.attention import XSA_EPS, Attention
+from neollm.model.attention import Attention
 from neollm.model.block import Block
 from neollm.model.deltanet import GatedDeltaNet, _f32, _l2norm
 from neollm.model.model import NeoLLM
@@ -113,21 +113,7 @@ def _attention_step(attn: Attention, x: Tensor, rope: Tensor, c: AttentionCache,
     batch, T, _ = x.shape
     h, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     end = pos + T
-    # 1-3: per token, as Attention.forward
-    q = attn.wq(x).view(batch, T, h, d)
-    k = attn.wk(x).view(batch, T, hkv, d)
-    v = attn.wv(x).view(batch, T, hkv, d)
-    if attn.mea:
-        k = ops.head_group_norm(ops.mix_heads(k, attn.mea_k_mix), attn.mea_k_weight, attn.mea_k_bias, attn.eps)
-        v = ops.head_group_norm(ops.mix_heads(v, attn.mea_v_mix), attn.mea_v_weight, attn.mea_v_bias, attn.eps)
-    if attn.seednorm_qk:
-        q = ops.seednorm(q, attn.q_seed_gamma, attn.q_seed_alpha, attn.q_seed_beta, attn.eps)
-        k = ops.seednorm(k, attn.k_seed_gamma, attn.k_seed_alpha, attn.k_seed_beta, attn.eps)
-    elif attn.qkv_norm:
-        q = ops.rms_norm(q, attn.q_norm_weight, attn.eps)
-        k = ops.rms_norm(k, attn.k_norm_weight, attn.eps)
-    if attn.qkv_norm:
-        v = ops.rms_norm(v, attn.v_norm_weight, attn.eps)
+    q, k, v = attn.qkv(x)  # 1-3: per token, as Attention.forward
     # 4. RoPE at the absolute positions
     table = rope[pos:end]
     q, k = apply_rope(q, table), apply_rope(k, table)
@@ -171,29 +157,14 @@ def _attention_step(attn: Attention, x: Tensor, rope: Tensor, c: AttentionCache,
         qt, c.keys[:, :, :end], c.values[:, :, :end], attn_mask=mask, enable_gqa=hkv != h,
     ).transpose(1, 2)  # [B, T, H, d]
     if attn.affine:
-        logits = attn.affine_proj(x)
-        dt = ops.compute_dtype(logits)
-        alpha = 1.0 + torch.tanh(logits.to(dt) + attn.affine_bias.to(dt))
-        alpha = ops.grouped(alpha.unsqueeze(-1), hkv)
         vdt = ops.compute_dtype(new_values)
         if c.value_sum is None:
             c.value_sum = new_values.new_zeros(batch, hkv, d, dtype=vdt)
         csum = c.value_sum.unsqueeze(2) + torch.cumsum(new_values.to(vdt), dim=2)  # [B, Hkv, T, d]
         c.value_sum = csum[:, :, -1]
         count = torch.arange(pos + 1, end + 1, device=x.device, dtype=vdt).view(1, 1, T, 1)
-        mean_v = (csum / count).to(new_values.dtype).transpose(1, 2).unsqueeze(3)
-        y = (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
-    # 7-10: per token
-    if attn.xsa:
-        y = ops.exclusive(y, v, XSA_EPS)
-    if attn.routing:
-        route = torch.sigmoid(attn.router(x) + attn.router_bias).view(batch, T, h, -1)
-        y = ops.directional_suppress(y, attn.routing_directions, route)
-    if attn.gate_kind == "elementwise":
-        y = y * torch.sigmoid(attn.gate_proj(x)).view(batch, T, h, d)
-    elif attn.gate_kind == "headwise":
-        y = y * torch.sigmoid(attn.gate_proj(x)).unsqueeze(-1)
-    return attn.wo(y.reshape(batch, T, h * d))
+        y = attn.mix_uniform(y, x, (csum / count).to(new_values.dtype).transpose(1, 2).unsqueeze(3))
+    return attn.finish(y, v, x)
 
 
 # ---- Gated DeltaNet step --------------------------------------------------------------------
@@ -289,29 +260,9 @@ def _fla_recurrence(m: GatedDeltaNet, x: Tensor, q: Tensor, k: Tensor, v: Tensor
 # ---- block / model step ---------------------------------------------------------------------
 def _block_step(block: Block, x: Tensor, rope: Tensor, c, cache: DecodeCache) -> Tensor:
     """Block.forward with the mixer run incrementally (everything else is per token)."""
-    normed = block.mixer_norm(x)
-    if block.lns is not None:
-        normed = normed * block.lns
-    if block.fan is not None:
-        normed = block.fan(normed)
     if block.mixer_code == "A":
-        mixed = _attention_step(block.mixer, normed, rope, c, cache.pos, cache.max_len)
-    else:
-        mixed = _gdn_step(block.mixer, normed, c, cache.gdn_kernels)
-    h = block._add(x, mixed, block.mixer_gate)
-    if block.gpas is not None:
-        h = block.gpas(h)
-    normed = block.mlp_norm(h)
-    if block.lns is not None:
-        normed = normed * block.lns
-    out = block.mlp(normed)
-    if block.post_norm is not None:
-        skip = h if block.gpas is None else block.gpas(h)
-        return block.post_norm(block._add(skip, out, block.mlp_gate))
-    h = block._add(h, out, block.mlp_gate)
-    if block.gpas is not None:
-        h = block.gpas(h)
-    return h
+        return block(x, rope, mixer=lambda a: _attention_step(block.mixer, a, rope, c, cache.pos, cache.max_len))
+    return block(x, rope, mixer=lambda a: _gdn_step(block.mixer, a, c, cache.gdn_kernels))
 
 
 @torch.no_grad()

@@ -203,6 +203,26 @@ class Attention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h, hkv = self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x)
+        # 4. RoPE, 5. momentum
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.momentum_gamma != 0.0:
+            q = ops.momentum_shift(q, self.momentum_gamma)
+            k = ops.momentum_shift(k, self.momentum_gamma)
+        # 6. kernel ([B, heads, T, d] layout)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt
+        y = F.scaled_dot_product_attention(
+            qt, kt, values, is_causal=True, enable_gqa=hkv != h,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        ).transpose(1, 2)  # [B, T, H, d]
+        if self.affine:
+            y = self.mix_uniform(y, x, ops.causal_mean(values).transpose(1, 2).unsqueeze(3))
+        return self.finish(y, v, x)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3: projections, MEA, QK(V) norm -> q [B, T, H, d], k and v [B, T, Hkv, d]."""
         batch, seq_len, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         # 1. projections
@@ -224,25 +244,23 @@ class Attention(nn.Module):
             k = ops.rms_norm(k, self.k_norm_weight, self.eps)
         if self.qkv_norm:
             v = ops.rms_norm(v, self.v_norm_weight, self.eps)
-        # 4. RoPE, 5. momentum
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.momentum_gamma != 0.0:
-            q = ops.momentum_shift(q, self.momentum_gamma)
-            k = ops.momentum_shift(k, self.momentum_gamma)
-        # 6. kernel ([B, heads, T, d] layout)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt
-        y = F.scaled_dot_product_attention(
-            qt, kt, values, is_causal=True, enable_gqa=hkv != h,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        ).transpose(1, 2)  # [B, T, H, d]
-        if self.affine:
-            logits = self.affine_proj(x)
-            dt = ops.compute_dtype(logits)
-            alpha = 1.0 + torch.tanh(logits.to(dt) + self.affine_bias.to(dt))  # [B, T, H]
-            alpha = ops.grouped(alpha.unsqueeze(-1), hkv)                      # [B, T, Hkv, g, 1]
-            mean_v = ops.causal_mean(values).transpose(1, 2).unsqueeze(3)     # [B, T, Hkv, 1, d]
-            y = (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
+        return q, k, v
+
+    def mix_uniform(self, y: torch.Tensor, x: torch.Tensor, mean_v: torch.Tensor) -> torch.Tensor:
+        """Affine-scaled attention: alpha * y + (1 - alpha) * mean_v, alpha from x.
+
+        y [B, T, H, d]; mean_v [B, T, Hkv, 1, d], the causal mean of the values the kernel read.
+        """
+        hkv = self.n_kv_heads
+        logits = self.affine_proj(x)
+        dt = ops.compute_dtype(logits)
+        alpha = 1.0 + torch.tanh(logits.to(dt) + self.affine_bias.to(dt))  # [B, T, H]
+        alpha = ops.grouped(alpha.unsqueeze(-1), hkv)                      # [B, T, Hkv, g, 1]
+        return (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
+
+    def finish(self, y: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Steps 7-10 on the kernel output y [B, T, H, d]: XSA, routing, output gate, Wo."""
+        batch, seq_len, h, d = y.shape
         # 7. XSA
         if self.xsa:
             y = ops.exclusive(y, v, XSA_EPS)

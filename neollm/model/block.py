@@ -35,6 +35,8 @@ The final RMSNorm and the embedding are model.py's (no model-level wiring is nee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 
 import torch
@@ -103,13 +105,18 @@ class Block(nn.Module):
             branch = self.dropout(branch)
         return x + branch if gate is None else gate(x, branch)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor,
+                mixer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``mixer`` replaces the token mixer's call (neollm.generate's cached step); None in training."""
         normed = self.mixer_norm(x)
         if self.lns is not None:
             normed = normed * self.lns
         if self.fan is not None:
             normed = self.fan(normed)
-        mixed = self.mixer(normed, rope) if self.mixer_code == "A" else self.mixer(normed)
+        if mixer is not None:
+            mixed = mixer(normed)
+        else:
+            mixed = self.mixer(normed, rope) if self.mixer_code == "A" else self.mixer(normed)
         h = self._add(x, mixed, self.mixer_gate)
         if self.gpas is not None:
             h = self.gpas(h)
