@@ -35,6 +35,18 @@ def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/deb
     )
 
 
+def load_tool(name: str):
+    """Import tools/<name>.py as module ``name`` (registered in sys.modules: dataclasses and
+    multiprocessing workers look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def losses_by_step(output: str) -> dict[int, float]:
     """Parse torchtitan's training metric lines ("step: N  loss: X", not "validate step: ...")."""
     return {int(step): float(loss) for step, loss in LOSS_LINE.findall(output)}

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
-from conftest import REPO
+from conftest import load_tool
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench")
 
 
 def test_bench_measures_a_flavor_on_cpu(tmp_path, capsys):

@@ -6,15 +6,14 @@ Uses small corpora written into tmp_path, plus the Qwen3 tokenizer prepared by
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
@@ -288,11 +287,7 @@ def test_wiki_vital_en_dataset_resumes_by_sample_index(datasets_table, tokenizer
 
 @pytest.fixture(scope="module")
 def prep():
-    spec = importlib.util.spec_from_file_location("prepare_corpus", REPO / "tools" / "prepare_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("prepare_corpus")
 
 
 def fake_summaries(n: int) -> dict:

@@ -10,14 +10,13 @@ and without dataloader workers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
@@ -47,10 +46,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     jsonl = root / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
-    spec = importlib.util.spec_from_file_location("tokenize_data", REPO / "tools" / "tokenize_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    spec.loader.exec_module(tool)
+    tool = load_tool("tokenize_data")
     assert tool.main(["--input", str(jsonl), "--out", str(root / "shards"), "--tokenizer", str(QWEN3_DIR),
                       "--validation-input", str(jsonl), "--docs-per-shard", "8", "--workers", "1",
                       "--quiet"]) == 0

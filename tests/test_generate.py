@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import REPO, TOKENIZER_DIR, require_prepared_assets, run_trainer
+from conftest import TOKENIZER_DIR, load_tool, require_prepared_assets, run_trainer
 from test_model import build, tiny
 
 from neollm.generate import (
@@ -197,9 +196,7 @@ def test_dcp_checkpoint_from_a_real_run(tmp_path, capsys):
                        + [forward_step(model, tokens[:, t:t + 1], cache) for t in range(4, 12)], dim=1)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
 
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "tools" / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("generate")
     assert cli.main([
         "--checkpoint", str(dump), "--flavor", "debug", "--tokenizer", str(TOKENIZER_DIR),
         "--prompt", "The history of", "--prompt", "A", "--max-new-tokens", "5", "--temperature", "0.8",

@@ -7,13 +7,12 @@ dataloader builders and torchtitan's packing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
@@ -89,10 +88,7 @@ def windows(tokenizer, texts) -> list[list[int]]:
 def test_rule_matches_tokenize_data_and_is_deterministic():
     from neollm.data.holdout import is_held_out
 
-    spec = importlib.util.spec_from_file_location("tokenize_data", REPO / "tools" / "tokenize_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, tool)
-    spec.loader.exec_module(tool)
+    tool = load_tool("tokenize_data")
     texts = [f"text {i} \u00e9\u4e2d" for i in range(2000)]
     for fraction in (0.0, 0.01, 0.3):
         assert [is_held_out(t, fraction) for t in texts] == [tool.is_validation(t, fraction) for t in texts]

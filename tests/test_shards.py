@@ -5,16 +5,15 @@ Small corpora are written into tmp_path; the tokenizer is the prepared Qwen3 one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
@@ -43,11 +42,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("tokenize_data", REPO / "tools" / "tokenize_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("tokenize_data")
 
 
 def write_jsonl(path: Path, texts) -> Path:

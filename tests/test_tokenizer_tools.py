@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
@@ -23,12 +22,7 @@ TRICKY = [
 ]
 
 
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+tool = load_tool
 
 
 def random_texts(n: int, seed: int = 0) -> list[str]:
