@@ -103,6 +103,12 @@ def new_cache(model: NeoLLM, max_len: int | None = None, gdn_kernels: str = "aut
         raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {limit} (the RoPE table)")
     if gdn_kernels not in ("auto", "fla", "torch"):
         raise ValueError(f"gdn_kernels must be 'auto', 'fla' or 'torch', got {gdn_kernels!r}")
+    unsupported = sorted({b.mixer_code for b in model.layers.values()} - {"A", "D"})
+    if unsupported:
+        raise ValueError(
+            f"cached decoding supports attention (A) and Gated DeltaNet (D) layers; this model has "
+            f"{', '.join(unsupported)} layers: decode without the cache (use_cache=False, tools/generate.py --no-cache)"
+        )
     layers = [AttentionCache() if b.mixer_code == "A" else GDNCache() for b in model.layers.values()]
     return DecodeCache(layers=layers, max_len=max_len, gdn_kernels=gdn_kernels)
 

@@ -18,7 +18,13 @@ from torchtitan.protocols.model import BaseModelArgs
 
 from neollm.errors import ConfigError
 
-MIXER_CODES = {"A": "full attention", "D": "Gated DeltaNet"}
+
+
+def mixer_codes() -> dict[str, str]:
+    """Layer-pattern code -> mixer name: "A" full attention, the rest neollm.model.mixers."""
+    from neollm.model.mixers import MIXERS
+
+    return {"A": "full attention", **{code: spec.name for code, spec in MIXERS.items()}}
 
 
 class ModelConfigError(ConfigError):
@@ -41,7 +47,7 @@ class NeoLLMModelArgs(BaseModelArgs):
     tie_embeddings: bool = True
     init_std: float = 0.02
 
-    # mixers: one character per layer, tiled over n_layers ("A" attention, "D" Gated DeltaNet)
+    # mixers: one character per layer, tiled over n_layers ("A" attention; others: neollm.model.mixers)
     layer_pattern: str = "A"
     gdn_num_heads: int = 4
     gdn_head_dim: int = 64
@@ -122,8 +128,10 @@ class NeoLLMModelArgs(BaseModelArgs):
             fail(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             fail(f"head_dim ({self.head_dim}) must be even for RoPE")
-        if not self.layer_pattern or set(self.layer_pattern) - set(MIXER_CODES):
-            fail(f"layer_pattern {self.layer_pattern!r} may only use {sorted(MIXER_CODES)}")
+        codes = mixer_codes()
+        if not self.layer_pattern or set(self.layer_pattern) - set(codes):
+            known = ", ".join(f"{c} ({n})" for c, n in codes.items())
+            fail(f"layer_pattern {self.layer_pattern!r} may only use the codes {known}")
         if len(self.layer_pattern) > self.n_layers or self.n_layers % len(self.layer_pattern):
             fail(f"layer_pattern {self.layer_pattern!r} (length {len(self.layer_pattern)}) must "
                  f"tile n_layers ({self.n_layers}) exactly")

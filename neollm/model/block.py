@@ -44,8 +44,8 @@ import torch.nn as nn
 
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.attention import Attention
-from neollm.model.deltanet import GatedDeltaNet
 from neollm.model.fan import FAN
+from neollm.model.mixers import build_mixer
 from neollm.model.mlp import MLP
 from neollm.model.norms import GPAS, GatedResidual, lns_scale, no_weight_decay
 
@@ -71,11 +71,7 @@ class Block(nn.Module):
         if attention:
             self.mixer: nn.Module = Attention(args)
         else:
-            self.mixer = GatedDeltaNet(
-                dim=args.dim, num_heads=args.gdn_num_heads, head_dim=args.gdn_head_dim,
-                expand_v=args.gdn_expand_v, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
-                backend=args.gdn_backend, layer_idx=layer_id,
-            )
+            self.mixer = build_mixer(mixer_code, args, layer_id)
         self.mlp_norm = _rmsnorm(args, enabled=not args.simplegpt)
         self.mlp = MLP(args)
         self.post_norm = _rmsnorm(args) if args.hybrid_norm else None

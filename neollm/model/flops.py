@@ -6,8 +6,8 @@ Convention (PaLM appendix B, as torchtitan, nanoGPT and llm.c count): a matmul o
 token over the full T x T square (the causal kernel skips about half of it, so MFU computed this
 way matches the others' numbers rather than the work done). Recomputation from activation
 checkpointing is not counted. The tied LM head counts its 6 * dim * vocab (the embedding lookup
-itself is free). Gated DeltaNet layers count their own projections and chunked recurrence
-(neollm.model.deltanet.gdn_flops_per_token). LUCID adds, per KV head and token, its key Gram row
+itself is free). Other mixers (Gated DeltaNet, ...) count their own projections and recurrence
+(neollm.model.mixers: each MixerSpec.flops_per_token). LUCID adds, per KV head and token, its key Gram row
 (2 T d) and the triangular solve (T d), times 3 for backward. Elementwise work (norms, gates,
 FAN's sin/cos, cumsums) is not counted.
 """
@@ -20,21 +20,19 @@ from neollm.model.args import NeoLLMModelArgs
 
 
 def training_flops_per_token(model: nn.Module, args: NeoLLMModelArgs, seq_len: int) -> int:
-    from neollm.model.deltanet import GatedDeltaNet, gdn_flops_per_token
+    from neollm.model.mixers import MIXERS
 
-    gdn_modules = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
-    inside_gdn = {id(p) for m in gdn_modules for p in m.parameters()}
+    codes = args.layer_types()
+    other_mixers = [m for m in model.modules() if getattr(m, "mixer_code", "A") != "A"]
+    inside_mixers = {id(p) for block in other_mixers for p in block.mixer.parameters()}
     linear_weights = sum(
         m.weight.numel()
         for m in model.modules()
-        if isinstance(m, nn.Linear) and id(m.weight) not in inside_gdn
+        if isinstance(m, nn.Linear) and id(m.weight) not in inside_mixers
     )
-    n_attention = args.layer_types().count("A")
-    n_gdn = args.layer_types().count("D")
+    n_attention = codes.count("A")
     head = args.dim * args.vocab_size if args.tie_embeddings else 0  # untied head is a Linear
     attention_core = 6 * 2 * seq_len * args.head_dim * args.n_heads * n_attention
-    gdn = n_gdn * gdn_flops_per_token(
-        args.dim, args.gdn_num_heads, args.gdn_head_dim, args.gdn_expand_v, args.gdn_conv_size
-    )
+    mixers = sum(MIXERS[code].flops_per_token(args, seq_len) for code in codes if code != "A")
     lucid = 9 * seq_len * args.head_dim * args.n_kv_heads * n_attention if args.lucid else 0
-    return 6 * (linear_weights + head) + attention_core + gdn + lucid
+    return 6 * (linear_weights + head) + attention_core + mixers + lucid

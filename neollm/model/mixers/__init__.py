@@ -1,0 +1,57 @@
+"""Token mixers other than full attention, by layer-pattern code.
+
+``layer_pattern`` (NeoLLMModelArgs) names one mixer per layer with a single character. "A" is
+full attention (neollm.model.attention, built by the block itself: it takes the RoPE table and
+the attention technique switches). Every other code is registered here with a builder, a
+training-FLOPs count for MFU, and whether it runs on CPU. A mixer module maps [B, T, D] to
+[B, T, D], is meta-device friendly (the trainer builds on ``meta``, then ``to_empty`` and
+``init_weights(init_std, out_std)``), and is causal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    """Human name (for messages and tables)."""
+    build: Callable[..., nn.Module]
+    """build(args, layer_id) -> module."""
+    flops_per_token: Callable[..., int]
+    """flops_per_token(args, seq_len) -> training (fwd + bwd) FLOPs per token of one layer,
+    its projections included (neollm.model.flops's convention)."""
+    cpu: bool = True
+    """False: the mixer needs CUDA (Triton kernels with no cheap reference); building it is
+    fine anywhere, running it on CPU raises a clear error."""
+
+
+def _gdn_build(args, layer_id: int) -> nn.Module:
+    from neollm.model.deltanet import GatedDeltaNet
+
+    return GatedDeltaNet(
+        dim=args.dim, num_heads=args.gdn_num_heads, head_dim=args.gdn_head_dim,
+        expand_v=args.gdn_expand_v, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
+        backend=args.gdn_backend, layer_idx=layer_id,
+    )
+
+
+def _gdn_flops(args, seq_len: int) -> int:
+    from neollm.model.deltanet import gdn_flops_per_token
+
+    return gdn_flops_per_token(args.dim, args.gdn_num_heads, args.gdn_head_dim,
+                               args.gdn_expand_v, args.gdn_conv_size)
+
+
+MIXERS: dict[str, MixerSpec] = {
+    "D": MixerSpec("Gated DeltaNet", _gdn_build, _gdn_flops),
+}
+
+
+def build_mixer(code: str, args, layer_id: int) -> nn.Module:
+    """The non-attention mixer for ``code`` (a key of MIXERS)."""
+    return MIXERS[code].build(args, layer_id)
