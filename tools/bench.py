@@ -11,7 +11,8 @@ trainer runs it. Prints one markdown table; ``--json`` / ``--markdown`` also wri
     python tools/bench.py --device cpu --configs debug --batch 2 --seq 64 --steps 2 --warmup 1
 
 MFU = FLOPs per token (neollm/model/flops.py for NeoLLM, torchtitan's count for llama3) x tok/s /
-``--peak-tflops`` (989 = H100/H200 SXM dense bf16, the figure torchtitan uses).
+``--peak-tflops`` (default 800: the dense bf16 matmul rate measured on the lent H100; 989 is the
+datasheet figure torchtitan uses). ``--profile DIR`` writes each config's top kernels.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Result:
     mfu: float
     peak_gib: float
     loss: float
+    first_step_s: float = 0.0
+    """Wall time of the first step: compilation (and autotuning) dominate it."""
 
 
 def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool):
@@ -86,8 +89,22 @@ def build_llama3(vocab: int, seq: int, device: torch.device, compile_model: bool
     return model, flops, step
 
 
+def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40) -> str:
+    """The kernels that take the time: torch.profiler over ``steps`` calls of ``step_fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit, max_name_column_width=90)
+
+
 def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmup: int,
-        device: torch.device, peak_tflops: float) -> Result:
+        device: torch.device, peak_tflops: float, profile_dir: Path | None = None) -> Result:
     torch.manual_seed(0)
     model, flops_per_token, step = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
@@ -98,22 +115,37 @@ def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     loss = torch.zeros(())
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            start = time.perf_counter()
+
+    def train_step() -> torch.Tensor:
         with amp:
             loss = step(inputs, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    sync()
+    first = time.perf_counter()
+    first_step_s = float("nan")
+    for i in range(warmup + steps):
+        if i == 1:
+            sync()
+            first_step_s = time.perf_counter() - first
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        loss = train_step()
     sync()
     elapsed = (time.perf_counter() - start) / steps
     tok_s = batch * seq / elapsed
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in model.parameters())
     result = Result(name, params, tok_s, elapsed * 1e3, flops_per_token * tok_s / (peak_tflops * 1e12),
-                    peak, float(loss))
+                    peak, float(loss.detach()), first_step_s)
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        (profile_dir / f"{safe}.txt").write_text(profile_table(train_step, 3, device))
     del model, optimizer, step
     gc.collect()
     if device.type == "cuda":
@@ -122,10 +154,11 @@ def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmu
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| config | params | tok/s | step ms | MFU | peak GiB | loss |", "|---|---|---|---|---|---|---|"]
+    lines = ["| config | params | tok/s | step ms | MFU | peak GiB | loss | first step s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.name} | {r.params:,} | {r.tok_per_s:,.0f} | {r.step_ms:.1f} | "
-                     f"{100 * r.mfu:.1f}% | {r.peak_gib:.2f} | {r.loss:.3f} |")
+                     f"{100 * r.mfu:.1f}% | {r.peak_gib:.2f} | {r.loss:.3f} | {r.first_step_s:.1f} |")
     return "\n".join(lines)
 
 
@@ -140,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--peak-tflops", type=float, default=800.0,
+                   help="bf16 peak for MFU: 800 = the dense bf16 matmul rate measured on the lent H100 "
+                        "(989 = the H100 SXM datasheet figure torchtitan uses)")
+    p.add_argument("--profile", type=Path, help="also write a torch.profiler kernel table per config here")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     opts = p.parse_args(argv)
@@ -148,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(opts.device)
     compile_model = not opts.no_compile
     common = dict(batch=opts.batch, seq=opts.seq, steps=opts.steps, warmup=opts.warmup,
-                  device=device, peak_tflops=opts.peak_tflops)
+                  device=device, peak_tflops=opts.peak_tflops, profile_dir=opts.profile)
     results: list[Result] = []
 
     def record(result: Result) -> None:

@@ -1,0 +1,96 @@
+"""Loss + head cost: Cut Cross-Entropy vs compiled logits + cross-entropy vs our chunked path.
+
+Times forward + backward of the loss from the final hidden states [batch * seq, dim] and the tied
+head weight [vocab, dim] (bf16, gradients to both), and the peak memory it adds above its inputs,
+for each vocabulary. One process, one device, every method side by side.
+
+    python tools/bench_loss.py --vocabs 64402,151665 --batch 64 --seq 512 --dim 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import neollm  # noqa: F401
+from neollm.loss import LossSettings, linear_cross_entropy_sum
+
+
+def torch_logits_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What torchtitan's trainer does: materialise the logits, fp32 cross-entropy."""
+    return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+
+
+def methods() -> dict:
+    compiled = torch.compile(torch_logits_ce)
+    return {
+        "cce (exact, filter_eps=None)": lambda h, w, t: linear_cross_entropy_sum(h, w, t, LossSettings(impl="cce")),
+        "torch logits + CE (compiled)": compiled,
+        "torch logits + CE (eager)": torch_logits_ce,
+        "chunked 4096 (neollm fallback)": lambda h, w, t: linear_cross_entropy_sum(
+            h, w, t, LossSettings(impl="chunked", chunk_size=4096)),
+    }
+
+
+def measure(fn, hidden, weight, targets, steps: int, warmup: int) -> tuple[float, float, float]:
+    """(ms per fwd+bwd, peak GiB above the inputs, loss)."""
+    for _ in range(warmup):
+        fn(hidden, weight, targets).backward()
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    hidden.grad = weight.grad = None
+    return ms, peak, float(loss) / targets.numel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocabs", default="64402,151665")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    opts = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device (Cut Cross-Entropy is Triton)")
+    rows = []
+    print("| vocab | method | fwd+bwd ms | peak GiB above inputs | loss/token |\n|---|---|---|---|---|", flush=True)
+    for vocab in (int(v) for v in opts.vocabs.split(",")):
+        torch.manual_seed(0)
+        n = opts.batch * opts.seq
+        hidden = (torch.randn(n, opts.dim, device="cuda") * 0.5).bfloat16().requires_grad_()
+        weight = (torch.randn(vocab, opts.dim, device="cuda") * 0.02).bfloat16().requires_grad_()
+        targets = torch.randint(0, vocab, (n,), device="cuda")
+        for name, fn in methods().items():
+            try:
+                ms, peak, loss = measure(fn, hidden, weight, targets, opts.steps, opts.warmup)
+            except torch.OutOfMemoryError:
+                ms = peak = loss = float("nan")
+                torch.cuda.empty_cache()
+            rows.append(dict(vocab=vocab, method=name, ms=ms, peak_gib=peak, loss=loss))
+            print(f"| {vocab:,} | {name} | {ms:.2f} | {peak:.2f} | {loss:.4f} |", flush=True)
+        del hidden, weight, targets
+        torch.cuda.empty_cache()
+    if opts.json:
+        opts.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Optimizer step time on a flavor's real parameter set: AdamW vs AdEMAMix vs Conda.
+
+The model's parameters (fp32, on the device) get random gradients; each optimizer is built with
+NeoLLM's parameter groups (no decay on norms, gains, biases) and stepped ``--steps`` times after
+``--warmup``. Conda recomputes each matrix's SVD basis every ``update_proj_gap`` steps: its table
+shows a plain step and a step that refreshes the bases separately.
+
+    python tools/bench_optim.py --flavor neollm_135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import neollm  # noqa: F401
+from neollm.model.args import FLAVORS
+from neollm.model.model import NeoLLM
+from neollm.optim.ademamix import AdEMAMix
+from neollm.optim.conda import Conda
+from neollm.optim.param_groups import build_param_groups
+
+
+def candidates(device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "AdamW (fused)": lambda g: torch.optim.AdamW(g, lr=6e-4, fused=cuda),
+        "AdamW (foreach)": lambda g: torch.optim.AdamW(g, lr=6e-4, foreach=True),
+        "AdEMAMix (foreach)": lambda g: AdEMAMix(g, lr=6e-4, betas=(0.9, 0.999, 0.999), alpha=5.0,
+                                                  t_alpha=5000, t_beta3=5000, foreach=True),
+        "Conda (no SVD this step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9),
+        "Conda (SVD refresh every step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1),
+    }
+
+
+def time_steps(optimizer, params, steps: int, warmup: int, sync) -> float:
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        optimizer.step()
+    sync()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flavor", default="neollm_135m", choices=sorted(FLAVORS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path)
+    opts = p.parse_args(argv)
+    device = torch.device(opts.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.device("meta"):
+        model = NeoLLM(FLAVORS[opts.flavor])
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for param in params:
+        param.grad = torch.randn_like(param) * 1e-3
+    total = sum(p.numel() for p in params)
+    rows = []
+    print(f"{opts.flavor}: {total:,} parameters in {len(params)} tensors on {device}")
+    print("| optimizer | step ms |\n|---|---|", flush=True)
+    for name, make in candidates(device).items():
+        optimizer = make(build_param_groups(model, weight_decay=0.1))
+        # "SVD every step" needs the steps to count from the start so each refresh happens.
+        ms = time_steps(optimizer, params, opts.steps, opts.warmup, sync)
+        rows.append(dict(optimizer=name, step_ms=ms))
+        print(f"| {name} | {ms:.2f} |", flush=True)
+        del optimizer
+    if opts.json:
+        opts.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
