@@ -388,3 +388,24 @@ def test_all_on_in_bfloat16_keeps_dtype_and_stays_finite():
     with torch.no_grad():
         low = att.eval()(x.to(torch.bfloat16), cache.float()).double()
     assert (low - reference_out).norm() / reference_out.norm() < 0.05
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sdpa_inputs_keep_the_fused_kernel_layout(name, monkeypatch):
+    """Flash / memory-efficient SDPA need q, k, v of one dtype with a contiguous head dim;
+    otherwise the GPU silently runs the T x T math fallback (what an einsum layout once caused)."""
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q, k, v))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    att = make_attention(**CONFIGS[name]).float().eval()
+    x, cache = inputs()
+    with torch.no_grad():
+        att(x.float(), cache.float())
+    (q, k, v), = seen
+    assert q.dtype == k.dtype == v.dtype
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1

@@ -45,8 +45,11 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
 
 
 def mix_heads(x: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    """Head-level linear composition: ``out[..., j, :] = sum_i mixing[j, i] * x[..., i, :]``."""
-    return torch.einsum("btid,ji->btjd", x, mixing.to(x.dtype))
+    """Head-level linear composition: ``out[..., j, :] = sum_i mixing[j, i] * x[..., i, :]``.
+
+    A broadcast matmul over the head axis keeps ``x``'s layout (head dim contiguous): an einsum
+    returned a head-dim stride of Hkv, which sent SDPA to its T x T math fallback on GPU."""
+    return torch.matmul(mixing.to(x.dtype), x)
 
 
 def head_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -89,7 +92,8 @@ def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """
     p = lucid_preconditioner(k, eps)
     x = torch.linalg.solve_triangular(p, v.to(p.dtype), upper=False, unitriangular=True)
-    return x.to(v.dtype)
+    # The solver may return a column-major result; SDPA's fused kernels need a contiguous head dim.
+    return x.to(v.dtype).contiguous()
 
 
 def causal_mean(v: torch.Tensor) -> torch.Tensor:
