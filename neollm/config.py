@@ -21,7 +21,8 @@ class Model:
 @dataclass
 class Loss:
     impl: str = "auto"
-    """"auto" (Cut Cross-Entropy on CUDA, chunked PyTorch elsewhere), "cce" or "chunked"."""
+    """"auto" (Cut Cross-Entropy on CUDA, chunked PyTorch elsewhere), "cce", "fused" (chunked
+    matmuls with the gradient formed in the forward pass; neollm/fused_linear_ce.py) or "chunked"."""
 
     z_loss: float = 0.0
     """Weight of the z-loss, z_loss * logsumexp(logits)^2 per token (0 = off)."""

@@ -32,11 +32,12 @@ def _reference(hidden, weight, targets, z_loss=0.0):
     return loss + z_loss * logits.logsumexp(-1)[valid].pow(2).sum()
 
 
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
 @pytest.mark.parametrize("chunk_size", [1, 8, 37, 4096])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_chunked_loss_matches_logits_cross_entropy(chunk_size, z_loss):
+def test_chunked_loss_matches_logits_cross_entropy(impl, chunk_size, z_loss):
     hidden, weight, targets = _problem()
-    settings = LossSettings(impl="chunked", z_loss=z_loss, chunk_size=chunk_size)
+    settings = LossSettings(impl=impl, z_loss=z_loss, chunk_size=chunk_size)
     loss = linear_cross_entropy_sum(hidden, weight, targets, settings)
     grads = torch.autograd.grad(loss, (hidden, weight))
     expected = _reference(hidden, weight, targets, z_loss)
@@ -46,13 +47,32 @@ def test_chunked_loss_matches_logits_cross_entropy(chunk_size, z_loss):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_ignored_tokens_contribute_nothing():
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_ignored_tokens_contribute_nothing(impl):
     hidden, weight, targets = _problem()
     all_ignored = torch.full_like(targets, IGNORE_INDEX)
-    loss = linear_cross_entropy_sum(hidden, weight, all_ignored, LossSettings(impl="chunked", z_loss=1.0))
+    loss = linear_cross_entropy_sum(hidden, weight, all_ignored, LossSettings(impl=impl, z_loss=1.0))
     assert loss.item() == 0.0
     loss.backward()
     assert hidden.grad.abs().max() == 0
+
+
+def test_fused_loss_scales_with_the_incoming_gradient_and_skips_unneeded_grads():
+    """Backward multiplies the gradients formed in forward by grad_output; a frozen weight gets none;
+    without grad mode the value is the same."""
+    hidden, weight, targets = _problem()
+    settings = LossSettings(impl="fused", chunk_size=7)
+    (3.0 * linear_cross_entropy_sum(hidden, weight, targets, settings)).backward()
+    expected = torch.autograd.grad(3.0 * _reference(hidden, weight, targets), (hidden, weight))
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=1e-10, atol=1e-12)
+    frozen = weight.detach()
+    h = hidden.detach().requires_grad_()
+    linear_cross_entropy_sum(h, frozen, targets, settings).backward()
+    torch.testing.assert_close(h.grad, expected[0] / 3.0, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        value = linear_cross_entropy_sum(hidden, weight, targets, settings)
+    torch.testing.assert_close(value, _reference(hidden, weight, targets), rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_nll_is_per_token_negative_log_likelihood():

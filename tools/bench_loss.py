@@ -1,4 +1,4 @@
-"""Loss + head cost: Cut Cross-Entropy vs compiled logits + cross-entropy vs our chunked path.
+"""Loss + head cost: Cut Cross-Entropy vs compiled logits + cross-entropy vs our chunked paths.
 
 Times forward + backward of the loss from the final hidden states [batch * seq, dim] and the tied
 head weight [vocab, dim] (bf16, gradients to both), and the peak memory it adds above its inputs,
@@ -33,7 +33,11 @@ def methods() -> dict:
         "cce (exact, filter_eps=None)": lambda h, w, t: linear_cross_entropy_sum(h, w, t, LossSettings(impl="cce")),
         "torch logits + CE (compiled)": compiled,
         "torch logits + CE (eager)": torch_logits_ce,
-        "chunked 4096 (neollm fallback)": lambda h, w, t: linear_cross_entropy_sum(
+        "fused 4096 (gradient in forward)": lambda h, w, t: linear_cross_entropy_sum(
+            h, w, t, LossSettings(impl="fused", chunk_size=4096)),
+        "fused 8192 (gradient in forward)": lambda h, w, t: linear_cross_entropy_sum(
+            h, w, t, LossSettings(impl="fused", chunk_size=8192)),
+        "chunked 4096 (recompute in backward)": lambda h, w, t: linear_cross_entropy_sum(
             h, w, t, LossSettings(impl="chunked", chunk_size=4096)),
     }
 
@@ -54,7 +58,7 @@ def measure(fn, hidden, weight, targets, steps: int, warmup: int) -> tuple[float
     ms = (time.perf_counter() - start) / steps * 1e3
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     hidden.grad = weight.grad = None
-    return ms, peak, float(loss) / targets.numel()
+    return ms, peak, float(loss.detach()) / targets.numel()
 
 
 def main(argv: list[str] | None = None) -> int:
