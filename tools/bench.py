@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import neollm  # noqa: F401  (the project is installed: pip install -e .)
+from neollm.loss import LOSS_IMPLS, LossSettings
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
@@ -48,12 +49,25 @@ class Result:
     """Wall time of the first step: compilation (and autotuning) dominate it."""
 
 
-def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool):
+def float8_filter(module: torch.nn.Module, fqn: str) -> bool:
+    """Linears whose both sizes are multiples of 16 (float8 matmul alignment)."""
+    return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
+            and module.out_features % 16 == 0)
+
+
+def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool,
+                 loss_impl: str = "auto", float8: str = ""):
     with torch.device("meta"):
         model = NeoLLM(args)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
+    model.loss_settings = LossSettings(impl=loss_impl)
+    if float8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(float8),
+                                   module_filter_fn=float8_filter)
     if compile_model:
         compile_blocks(model, "inductor")
     flops = training_flops_per_token(model, args, args.max_seq_len)
@@ -176,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=800.0,
                    help="bf16 peak for MFU: 800 = the dense bf16 matmul rate measured on the lent H100 "
                         "(989 = the H100 SXM datasheet figure torchtitan uses)")
+    p.add_argument("--loss", choices=LOSS_IMPLS, default="auto", help="NeoLLM's [loss] impl")
+    p.add_argument("--float8", choices=("", "tensorwise", "rowwise"), default="",
+                   help="torchao float8 training on NeoLLM's linears (sizes divisible by 16)")
     p.add_argument("--profile", type=Path, help="also write a torch.profiler kernel table per config here")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -208,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             variants += [(f"{name} -{field}", dataclasses.replace(args, **{field: off}))
                          for field, off in technique_switches(args).items()]
         for label, variant in variants:
-            record(run(f"{label} V={variant.vocab_size}",
-                       lambda a=variant: build_neollm(a, device, compile_model),
+            suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
+            record(run(f"{label} V={variant.vocab_size}{suffix}",
+                       lambda a=variant: build_neollm(a, device, compile_model, opts.loss, opts.float8),
                        vocab=variant.vocab_size, **common))
 
     print()
