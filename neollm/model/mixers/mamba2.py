@@ -146,7 +146,8 @@ def _fla_mamba2(z: Tensor, xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tens
     _ensure_fla_workaround()
     H, P, N = dims
     B, T, _ = xbc.shape
-    xbc, _ = causal_conv1d(x=xbc, weight=conv_w.squeeze(1), bias=conv_b, activation="silu", backend="triton")
+    xbc, _ = causal_conv1d(x=xbc.contiguous(), weight=conv_w.squeeze(1), bias=conv_b, activation="silu",
+                           backend="triton")
     xs, Bm, Cm = torch.split(xbc, [H * P, N, N], dim=-1)
     dt = F.softplus(dt.float() + dt_bias.float())
     g = -torch.exp(A_log.float()) * dt
@@ -156,7 +157,7 @@ def _fla_mamba2(z: Tensor, xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tens
     v = (xs.float() * dt[..., None]).to(xs.dtype)
     y, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, initial_state=None, output_final_state=False)
     y = (y.float() + D.float()[:, None] * xs.float()).to(xs.dtype).reshape(B, T, H * P)
-    return rmsnorm_fn(x=y, weight=norm_w, bias=None, z=z, eps=eps, group_size=H * P, norm_before_gate=False)
+    return rmsnorm_fn(x=y, weight=norm_w, bias=None, z=z.contiguous(), eps=eps, group_size=H * P, norm_before_gate=False)
 
 
 def mamba2_flops_per_token(dim: int, head_dim: int, state_size: int, expand: int, conv_size: int,
