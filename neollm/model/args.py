@@ -105,7 +105,7 @@ class NeoLLMModelArgs(BaseModelArgs):
     fan_ratio: float = 0.0
     """FANformer ATF: mixer input X -> [cos(XWp) | sin(XWp) | XWpbar+b], Dp = int(ratio*dim); 0 = off (2502.21309)."""
     fan_on_gdn: bool = False
-    """Also feed the FAN features to Gated DeltaNet layers (default: attention layers only)."""
+    """Also feed the FAN features to the non-attention mixer layers (D, G, T, M; default: attention only)."""
     layernorm_scaling: bool = False
     """LNS: both pre-norm outputs of layer l (1-indexed) times the constant 1/sqrt(l) (arXiv 2502.05795)."""
     gpas: bool = False
