@@ -284,6 +284,8 @@ def test_fla_workaround_mechanism_simulated_hopper(monkeypatch):
     fake_h100 = lambda arch="none", tensor_idx=0: arch in ("none", "hopper", "ampere", "ada")  # noqa: E731
     monkeypatch.setattr(chunk_o, "check_shared_mem", fake_h100)
     monkeypatch.setattr(gdr_chunk, "chunk_bwd_dqkwg", gdr_chunk.chunk_bwd_dqkwg)  # restored after the test
+    sgla_chunk = pytest.importorskip("fla.ops.simple_gla.chunk")
+    monkeypatch.setattr(sgla_chunk, "chunk_bwd_dqkwg", sgla_chunk.chunk_bwd_dqkwg)
     monkeypatch.setattr(fla_compat, "_installed", False)
     monkeypatch.setattr(fla_compat, "_hopper_present", lambda: True)
     monkeypatch.setattr(fla_compat, "_triton_in_broken_range", lambda: True)
@@ -302,4 +304,5 @@ def test_fla_workaround_mechanism_simulated_hopper(monkeypatch):
     assert fla_compat.install_fla_hopper_workaround() is True and gdr_chunk.chunk_bwd_dqkwg is patched
     patched(**args)
     assert seen == {"BK": 32, "BV": 32, "hopper_during": False}
+    assert getattr(sgla_chunk.chunk_bwd_dqkwg, fla_compat._MARK, False)  # Mamba2's simple-GLA backward too
     assert chunk_o.IS_NVIDIA_HOPPER is True and chunk_o.check_shared_mem is fake_h100  # restored after the call

@@ -14,8 +14,11 @@ What fla 0.6.0 does (read from the installed package):
   ``@dispatch('common')``, whose default path calls the plain function, which reads the ``chunk_o`` globals at
   call time.
 
-The fix: replace the name ``chunk_bwd_dqkwg`` in ``fla.ops.gated_delta_rule.chunk`` (so only the gated delta rule,
-not simple_gla/delta_rule/comba, is affected) with a wrapper that, for the duration of that one call, sets
+* ``fla/ops/simple_gla/chunk.py`` imports it the same way (line 11) and calls it from its backward (line 108)
+  with ``g`` set when the decay is per token (our Mamba2 mixer; RetNet passes ``g_gamma`` and ``g=None``).
+
+The fix: replace the name ``chunk_bwd_dqkwg`` in ``fla.ops.gated_delta_rule.chunk`` and ``fla.ops.simple_gla.chunk``
+(so only those two, not delta_rule/comba, are affected) with a wrapper that, for the duration of that one call, sets
 ``chunk_o.IS_NVIDIA_HOPPER = False`` (skips the guard) and ``chunk_o.check_shared_mem`` to a function returning
 False (CONST_TILING = 32, so BK = BV = 32 for K, V >= 32), then restores both. Not thread-safe by design (the
 trainer runs one backward at a time per process). A GPU test (tests/gpu/test_gdn_gpu.py) compares the patched
@@ -29,6 +32,7 @@ import importlib
 from typing import Any, Callable
 
 _MARK = "_neollm_hopper_bk32"
+_PATCHED_MODULES = ("fla.ops.gated_delta_rule.chunk", "fla.ops.simple_gla.chunk")
 _installed = False
 
 
@@ -74,7 +78,7 @@ def _wrap(original: Callable[..., Any], chunk_o: Any) -> Callable[..., Any]:
 
 
 def install_fla_hopper_workaround() -> bool:
-    """Make fla's GDN backward use BK=32 and skip the #640 guard, only on Hopper with Triton in [3.4, 3.7.1).
+    """Make fla's GDN and simple-GLA backward use BK=32 and skip the #640 guard, only on Hopper with Triton in [3.4, 3.7.1).
 
     Returns True when the workaround is (or already was) installed, False when it is not needed (no CUDA
     device of capability 9.x, or a Triton outside the broken range) -- then nothing is imported or changed.
@@ -86,7 +90,7 @@ def install_fla_hopper_workaround() -> bool:
     if not (_hopper_present() and _triton_in_broken_range()):
         return False
     chunk_o = importlib.import_module("fla.ops.common.chunk_o")
-    gdr_chunk = importlib.import_module("fla.ops.gated_delta_rule.chunk")
+    patched = [importlib.import_module(m) for m in _PATCHED_MODULES]
 
     for name in ("IS_NVIDIA_HOPPER", "check_shared_mem"):
         if not hasattr(chunk_o, name):
@@ -94,8 +98,9 @@ def install_fla_hopper_workaround() -> bool:
                 f"fla.ops.common.chunk_o has no {name!r}: this fla is not 0.6.0; re-read chunk_bwd_dqkwg and "
                 "update neollm/kernels/fla_compat.py"
             )
-    current = gdr_chunk.chunk_bwd_dqkwg
-    if not getattr(current, _MARK, False):
-        gdr_chunk.chunk_bwd_dqkwg = _wrap(current, chunk_o)
+    for module in patched:
+        current = module.chunk_bwd_dqkwg
+        if not getattr(current, _MARK, False):
+            module.chunk_bwd_dqkwg = _wrap(current, chunk_o)
     _installed = True
     return True

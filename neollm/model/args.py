@@ -2,7 +2,8 @@
 
 A flavor is a complete ``NeoLLMModelArgs``. With every switch off the model is the plain pre-norm
 GQA transformer (RoPE, RMSNorm, SwiGLU, tied embeddings): the baseline every technique is
-measured against. The layer pattern mixes full attention ("A") with Gated DeltaNet ("D").
+measured against. The layer pattern mixes full attention ("A") with the mixers of neollm.model.mixers
+(Gated DeltaNet "D", GLA "G", RetNet "T", Mamba2 "M", ...).
 """
 
 from __future__ import annotations
@@ -54,7 +55,17 @@ class NeoLLMModelArgs(BaseModelArgs):
     gdn_expand_v: float = 2.0
     gdn_conv_size: int = 4
     gdn_backend: str = "auto"
-    """"auto": fla Triton kernels on CUDA, the pure-PyTorch reference elsewhere; or "fla" / "torch"."""
+    """"auto": fla Triton kernels on CUDA, the pure-PyTorch reference elsewhere; or "fla" / "torch".
+    Applies to every fla-backed mixer (D, G, T, M). G (GLA) and T (RetNet) take their head count and
+    key/value sizes from gdn_num_heads / gdn_head_dim / gdn_expand_v; M (Mamba2) its conv from gdn_conv_size."""
+    gla_gate_low_rank_dim: int = 16
+    """GLA ("G"): rank of the low-rank forget-gate projection (fla's gate_low_rank_dim)."""
+    mamba2_expand: int = 2
+    """Mamba2 ("M"): inner width = mamba2_expand * dim (fla's expand)."""
+    mamba2_head_dim: int = 64
+    """Mamba2 ("M"): channels per head P; heads = mamba2_expand * dim / mamba2_head_dim."""
+    mamba2_state_size: int = 128
+    """Mamba2 ("M"): SSM state size N per head (fla's state_size)."""
 
     # ---- attention techniques (full-attention layers; neollm/model/attention*.py) ----------
     seednorm_qk: bool = False
@@ -94,7 +105,7 @@ class NeoLLMModelArgs(BaseModelArgs):
     fan_ratio: float = 0.0
     """FANformer ATF: mixer input X -> [cos(XWp) | sin(XWp) | XWpbar+b], Dp = int(ratio*dim); 0 = off (2502.21309)."""
     fan_on_gdn: bool = False
-    """Also feed the FAN features to Gated DeltaNet layers (default: attention layers only)."""
+    """Also feed the FAN features to the non-attention mixer layers (D, G, T, M; default: attention only)."""
     layernorm_scaling: bool = False
     """LNS: both pre-norm outputs of layer l (1-indexed) times the constant 1/sqrt(l) (arXiv 2502.05795)."""
     gpas: bool = False
@@ -121,7 +132,8 @@ class NeoLLMModelArgs(BaseModelArgs):
             raise ModelConfigError(f"model args: {msg}")
 
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim",
-                     "vocab_size", "max_seq_len", "gdn_num_heads", "gdn_head_dim", "gdn_conv_size"):
+                     "vocab_size", "max_seq_len", "gdn_num_heads", "gdn_head_dim", "gdn_conv_size",
+                     "gla_gate_low_rank_dim", "mamba2_expand", "mamba2_head_dim", "mamba2_state_size"):
             if getattr(self, name) <= 0:
                 fail(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
@@ -140,6 +152,11 @@ class NeoLLMModelArgs(BaseModelArgs):
         gdn_v = self.gdn_head_dim * self.gdn_expand_v
         if gdn_v != int(gdn_v):
             fail(f"gdn_head_dim * gdn_expand_v must be an integer, got {gdn_v}")
+        if "T" in self.layer_pattern and self.gdn_head_dim % 2:
+            fail(f"RetNet layers (T) apply RoPE over gdn_head_dim, which must be even; got {self.gdn_head_dim}")
+        if "M" in self.layer_pattern and (self.mamba2_expand * self.dim) % self.mamba2_head_dim:
+            fail(f"Mamba2 layers (M) need mamba2_expand * dim ({self.mamba2_expand * self.dim}) to be a "
+                 f"multiple of mamba2_head_dim ({self.mamba2_head_dim}); change mamba2_head_dim or mamba2_expand")
         # projection, MLP and residual techniques
         if self.mlp_type not in ("swiglu", "polynorm"):
             fail(f"mlp_type must be 'swiglu' or 'polynorm', got {self.mlp_type!r}")

@@ -1,4 +1,4 @@
-"""One decoder block: a mixer sublayer (attention or Gated DeltaNet) and an MLP sublayer, and the residual scheme.
+"""One decoder block: a mixer sublayer (attention or a neollm.model.mixers mixer) and an MLP sublayer, and the residual scheme.
 
 With every switch off it is the plain pre-norm block ``h = x + mixer(norm(x)); out = h + mlp(norm(h))``.
 The switches of the "projection, MLP and residual" section add, for layer l = layer_id + 1:

@@ -12,6 +12,7 @@ SHAPE_FIELDS = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
     "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings", "init_std", "layer_pattern",
     "gdn_num_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "gdn_backend",
+    "gla_gate_low_rank_dim", "mamba2_expand", "mamba2_head_dim", "mamba2_state_size",
 }
 # Settings of a technique that only matter while its switch is on (no technique of their own).
 DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn"}

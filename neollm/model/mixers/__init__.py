@@ -47,8 +47,67 @@ def _gdn_flops(args, seq_len: int) -> int:
                                args.gdn_expand_v, args.gdn_conv_size)
 
 
+def _gla_build(args, layer_id: int) -> nn.Module:
+    from neollm.model.mixers.gla import GatedLinearAttention
+
+    return GatedLinearAttention(
+        dim=args.dim, num_heads=args.gdn_num_heads, head_k_dim=args.gdn_head_dim,
+        head_v_dim=_gdn_v(args), gate_low_rank_dim=args.gla_gate_low_rank_dim, norm_eps=args.norm_eps,
+        backend=args.gdn_backend, layer_idx=layer_id,
+    )
+
+
+def _gla_flops(args, seq_len: int) -> int:
+    from neollm.model.mixers.gla import gla_flops_per_token
+
+    return gla_flops_per_token(args.dim, args.gdn_num_heads, args.gdn_head_dim, _gdn_v(args),
+                               args.gla_gate_low_rank_dim)
+
+
+def _retnet_build(args, layer_id: int) -> nn.Module:
+    from neollm.model.mixers.retnet import MultiScaleRetention
+
+    return MultiScaleRetention(
+        dim=args.dim, num_heads=args.gdn_num_heads, head_k_dim=args.gdn_head_dim, head_v_dim=_gdn_v(args),
+        norm_eps=args.norm_eps, backend=args.gdn_backend, layer_idx=layer_id,
+    )
+
+
+def _retnet_flops(args, seq_len: int) -> int:
+    from neollm.model.mixers.retnet import retnet_flops_per_token
+
+    return retnet_flops_per_token(args.dim, args.gdn_num_heads, args.gdn_head_dim, _gdn_v(args))
+
+
+def _mamba2_build(args, layer_id: int) -> nn.Module:
+    from neollm.model.mixers.mamba2 import Mamba2
+
+    return Mamba2(
+        dim=args.dim, head_dim=args.mamba2_head_dim, state_size=args.mamba2_state_size,
+        expand=args.mamba2_expand, conv_size=args.gdn_conv_size, norm_eps=args.norm_eps,
+        backend=args.gdn_backend, layer_idx=layer_id,
+    )
+
+
+def _mamba2_flops(args, seq_len: int) -> int:
+    from neollm.model.mixers.mamba2 import mamba2_flops_per_token
+
+    return mamba2_flops_per_token(args.dim, args.mamba2_head_dim, args.mamba2_state_size, args.mamba2_expand,
+                                  args.gdn_conv_size)
+
+
+def _gdn_v(args) -> int:
+    return int(round(args.gdn_head_dim * args.gdn_expand_v))
+
+
+# Sizes: G and T reuse the Gated DeltaNet head fields (gdn_num_heads heads, key gdn_head_dim, value
+# gdn_head_dim * gdn_expand_v), so D, G and T layers carry the same recurrent state; M has its own
+# mamba2_* fields and reuses gdn_conv_size. gdn_backend picks fla / torch for all four.
 MIXERS: dict[str, MixerSpec] = {
     "D": MixerSpec("Gated DeltaNet", _gdn_build, _gdn_flops),
+    "G": MixerSpec("Gated Linear Attention", _gla_build, _gla_flops),
+    "T": MixerSpec("RetNet (multi-scale retention)", _retnet_build, _retnet_flops),
+    "M": MixerSpec("Mamba2", _mamba2_build, _mamba2_flops),
 }
 
 

@@ -1,0 +1,116 @@
+"""Gated Linear Attention (GLA, arXiv 2312.06635) token mixer: fla's layer, meta-device friendly, with a torch path.
+
+Parameter names and shapes are those of ``fla.layers.GatedLinearAttention(hidden_size=dim, expand_k=H*K/dim,
+expand_v=H*V/dim, num_heads=H, gate_low_rank_dim=r)`` with fla 0.6.0's defaults otherwise (mode 'chunk', no
+short conv, swish output gate fused with the RMSNorm, gate_logit_normalizer 16, no clamp, no feature map),
+so state dicts load either way. Sizes come from the Gated DeltaNet fields (gdn_num_heads, gdn_head_dim,
+gdn_expand_v): at dim 512 they give fla's default shape (K = dim/2 over 4 heads, V = dim), and GLA and
+GDN layers then carry the same recurrent state.
+
+Math (fla/layers/gla.py, training path, no cache / mask):
+    q, k, v = x W_q, x W_k, x W_v;   g = logsigmoid(x W_gk1 W_gk2 + b_gk) / 16   (per key channel, <= 0)
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
+    y = W_o( RMSNorm(o) * g_norm_swish_gate.weight * SiLU(x W_g) )   (per head over V)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from neollm.kernels.linear_attention import chunk_gla_ref
+from neollm.model.deltanet import _ensure_fla_workaround, _f32, _GatedRMSNorm
+from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
+
+__all__ = ["GatedLinearAttention", "gla_flops_per_token"]
+
+class GatedLinearAttention(nn.Module):
+    """GLA token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton chunk_gla), "torch", or "auto"."""
+
+    chunk_size: int = 16  # torch path only ([C, C, K] decay tensor per chunk); fla's kernel uses 64
+    gate_logit_normalizer: float = 16.0
+
+    def __init__(self, dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, gate_low_rank_dim: int = 16,
+                 norm_eps: float = 1e-5, backend: str = "auto", layer_idx: int | None = None) -> None:
+        super().__init__()
+        check_backend(backend)
+        self.hidden_size = dim
+        self.num_heads = num_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
+        self.norm_eps = norm_eps
+        self.backend = backend
+        self.layer_idx = layer_idx
+        # Registration order follows fla's layer so state_dict() lists keys in the same order.
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.g_norm_swish_gate = _GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        """Linear weights ~ N(0, init_std), o_proj ~ N(0, out_std or init_std), the gate bias 0 (fla's model
+        init: every Linear normal, biases zero), norm weight 1. The gate then starts at logsigmoid(0)/16:
+        a decay of exp(-0.043) = 0.958 per token on every channel."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0], self.gk_proj[1]):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+        nn.init.zeros_(self.gk_proj[1].bias)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
+        self.g_norm_swish_gate.reset_parameters()
+
+    def _qkvg(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = self.q_proj(x).reshape(B, T, H, K)
+        k = self.k_proj(x).reshape(B, T, H, K)
+        v = self.v_proj(x).reshape(B, T, H, V)
+        gk = F.logsigmoid(_f32(self.gk_proj(x))) / self.gate_logit_normalizer
+        return q, k, v, gk.reshape(B, T, H, K)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = resolve_backend(self.backend, x, "GatedLinearAttention")
+        B, T, _ = x.shape
+        H, V = self.num_heads, self.head_v_dim
+        q, k, v, gk = self._qkvg(x)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        if backend == "fla":
+            o = _fla_gla(q, k, v, gk, gate, self.g_norm_swish_gate.weight, self.norm_eps)
+        else:
+            o, _ = chunk_gla_ref(q, k, v, gk, chunk_size=self.chunk_size)
+            o = self.g_norm_swish_gate(o, gate)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
+                f"head_v_dim={self.head_v_dim}, backend={self.backend!r}")
+
+
+@torch.compiler.disable
+def _fla_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """fla's Triton chunk_gla and gated RMSNorm, outside torch.compile's graph (as deltanet._fla_mix)."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    from fla.ops.gla import chunk_gla
+
+    _ensure_fla_workaround()
+    o, _ = chunk_gla(q=q, k=k, v=v, g=gk, initial_state=None, output_final_state=False, state_v_first=True)
+    return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
+
+
+def gla_flops_per_token(dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, gate_low_rank_dim: int,
+                        chunk_size: int = 64) -> int:
+    """Training (fwd + bwd) FLOPs per token of one GLA layer, neollm.model.flops's convention (x3 matmuls,
+    elementwise work not counted).
+      projections: 6 (D (2HK + 2HV) + D r + r HK + HV D)    [q, k, v, g, the low-rank gate (r), o_proj]
+      recurrence:  3 H (2C(K + V) + 4KV)                     (linear_attention_recurrence_flops), C = 64
+    At D=512, H=4, K=64, V=128, r=16: ~6.4M (projections) + ~0.7M (recurrence).
+    """
+    H, K, V, r = num_heads, head_k_dim, head_v_dim, gate_low_rank_dim
+    linear = dim * (2 * H * K + 2 * H * V) + dim * r + r * H * K + H * V * dim
+    return 6 * linear + linear_attention_recurrence_flops(H, K, V, chunk_size)

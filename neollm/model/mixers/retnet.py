@@ -1,0 +1,117 @@
+"""Multi-scale retention (RetNet, arXiv 2307.08621) token mixer: fla's layer, meta-device friendly, with a torch path.
+
+Parameter names and shapes are those of ``fla.layers.MultiScaleRetention(hidden_size=dim, expand_k=H*K/dim,
+expand_v=H*V/dim, num_heads=H)`` with fla 0.6.0's defaults otherwise (no short conv, swish output gate fused
+with the RMSNorm, no feature map), so state dicts load either way. Sizes come from the Gated DeltaNet fields
+(gdn_num_heads, gdn_head_dim, gdn_expand_v), so a T layer holds the same state as a D or G layer.
+
+Math (fla/layers/multiscale_retention.py, training path):
+    q, k = RoPE(x W_q), RoPE(x W_k)   (rotate-half, base 10000, over the whole head: fla's RotaryEmbedding;
+                                      no xPos scaling, as fla)
+    v = x W_v;  gamma_h = 1 - 2^(-5 - h) for head h = 0..H-1   (fixed, data-independent decay)
+    S_t = gamma_h S_{t-1} + k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
+    y = W_o( RMSNorm(o) * g_norm_swish_gate.weight * SiLU(x W_g) )   (per head over V)
+The paper's GroupNorm over each head is fla's RMSNorm here; its swish gate is the same. Our reading of the
+paper's gamma formula, fla's and the authors' (torchscale) all agree: gammas depend only on the head count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from neollm.kernels.linear_attention import chunk_simple_gla_ref
+from neollm.model.deltanet import _ensure_fla_workaround, _GatedRMSNorm
+from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
+from neollm.model.rope import apply_rope, rope_cache
+
+__all__ = ["MultiScaleRetention", "retention_log_decays", "retnet_flops_per_token"]
+
+ROPE_BASE = 10_000.0  # fla's RotaryEmbedding default
+
+
+def retention_log_decays(num_heads: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """log gamma_h = log(1 - 2^(-5 - h)), h = 0..H-1 (as fla.ops.retention.chunk_retention builds them)."""
+    h = torch.arange(num_heads, device=device, dtype=dtype)
+    return torch.log1p(-torch.pow(2.0, -5.0 - h))
+
+
+class MultiScaleRetention(nn.Module):
+    """RetNet retention mixer, [B, T, D] -> [B, T, D]; backend "fla" (chunk_retention), "torch", or "auto"."""
+
+    chunk_size: int = 64  # torch path; fla's kernel uses 64 too
+
+    def __init__(self, dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, norm_eps: float = 1e-5,
+                 backend: str = "auto", layer_idx: int | None = None) -> None:
+        super().__init__()
+        check_backend(backend)
+        if head_k_dim % 2:
+            raise ValueError(f"MultiScaleRetention: head_k_dim must be even for RoPE, got {head_k_dim}")
+        self.hidden_size = dim
+        self.num_heads = num_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
+        self.norm_eps = norm_eps
+        self.backend = backend
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.g_norm_swish_gate = _GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        """Linear weights ~ N(0, init_std), o_proj ~ N(0, out_std or init_std), norm weight 1 (no other params)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
+        self.g_norm_swish_gate.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = resolve_backend(self.backend, x, "MultiScaleRetention")
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        rope = rope_cache(K, T, ROPE_BASE, device=x.device)
+        q = apply_rope(self.q_proj(x).reshape(B, T, H, K), rope)
+        k = apply_rope(self.k_proj(x).reshape(B, T, H, K), rope)
+        v = self.v_proj(x).reshape(B, T, H, V)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        if backend == "fla":
+            o = _fla_retention(q, k, v, gate, self.g_norm_swish_gate.weight, self.norm_eps)
+        else:
+            g = retention_log_decays(H, device=x.device).expand(B, T, H)
+            o, _ = chunk_simple_gla_ref(q, k, v, g, chunk_size=self.chunk_size)
+            o = self.g_norm_swish_gate(o, gate)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
+                f"head_v_dim={self.head_v_dim}, backend={self.backend!r}")
+
+
+@torch.compiler.disable
+def _fla_retention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """fla's Triton chunk_retention (chunk_simple_gla with the fixed gammas) and gated RMSNorm, out of the graph."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    from fla.ops.retention import chunk_retention
+
+    _ensure_fla_workaround()
+    o, _ = chunk_retention(q=q, k=k, v=v, initial_state=None, output_final_state=False)
+    return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
+
+
+def retnet_flops_per_token(dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, chunk_size: int = 64) -> int:
+    """Training (fwd + bwd) FLOPs per token of one retention layer, neollm.model.flops's convention.
+      projections: 6 (D (2HK + 2HV) + HV D)     [q, k, v, g, o_proj]
+      recurrence:  3 H (2C(K + V) + 4KV)        (common.linear_attention_recurrence_flops), C = 64
+    RoPE, the decay and the gated norm are elementwise (not counted).
+    At D=512, H=4, K=64, V=128: ~6.3M (projections) + ~0.7M (recurrence).
+    """
+    H, K, V = num_heads, head_k_dim, head_v_dim
+    linear = dim * (2 * H * K + 2 * H * V) + H * V * dim
+    return 6 * linear + linear_attention_recurrence_flops(H, K, V, chunk_size)
+
