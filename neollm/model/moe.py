@@ -28,10 +28,13 @@ GPT-2 residual scaling the dense MLP uses). The experts are torchtitan's ``Group
 weights w1/w3, [E, dim, hidden] w2): on CUDA its padded grouped GEMM (``torch._grouped_mm``, which computes in
 bf16), elsewhere its per-expert loop (a host sync for the split sizes, hence a graph break under
 torch.compile). torchtitan's own ``MoE`` module is not used: its router returns only the chosen scores (the
-loss needs the full p_t), it balances with a bias instead of an auxiliary loss, and it scales expert *inputs*
-by the gate (score_before_experts), which for a SwiGLU expert is not the weighted sum of expert outputs above.
+loss needs the full p_t), it balances with a bias instead of an auxiliary loss, and by default it scales
+expert *inputs* by the gate (score_before_experts), which for a SwiGLU expert is not the weighted sum of expert
+outputs above.
 No shared expert, no capacity limit (no token is dropped), no dropout inside the experts (the block's
-sublayer dropout still applies). CoLA, SimpleNorm and learnable multipliers do not reach the experts.
+sublayer dropout still applies). CoLA, SimpleNorm and learnable multipliers do not reach the experts. The
+expert weights are 3-D: weight decay applies to them, but Conda (neollm/optim/conda.py) projects only 2-D
+matrices, so under Conda they get its plain Adam step.
 """
 
 from __future__ import annotations
