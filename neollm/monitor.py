@@ -77,6 +77,9 @@ def technique_scalars(model: nn.Module) -> dict[str, float]:
     from neollm.model.norms import GPAS, GatedResidual, PolyNorm
 
     out: dict[str, float] = {}
+    moe_aux = getattr(model, "last_moe_aux_loss", None)  # this rank's last micro-batch, no coefficient
+    if moe_aux is not None:
+        out["techniques/moe_aux_loss/sum_over_layers"] = float(moe_aux)
     for name, module in model.named_modules():
         name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
         if isinstance(module, GPAS):

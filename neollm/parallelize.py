@@ -58,11 +58,13 @@ def compile_blocks(model: nn.Module, backend: str) -> None:
     """torch.compile each block: identical blocks share one compiled graph.
 
     Attention blocks compile whole (fullgraph). Gated DeltaNet blocks call fla's Triton
-    autograd functions, which dynamo cannot always trace, so they allow graph breaks.
+    autograd functions, which dynamo cannot always trace, and MoE blocks route a data-dependent
+    number of tokens to each expert (the CPU expert loop reads the counts on the host), so both
+    allow graph breaks.
     """
     for layer_id, block in model.layers.named_children():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
-        fullgraph = getattr(inner, "mixer_code", "A") == "A"
+        fullgraph = getattr(inner, "mixer_code", "A") == "A" and not getattr(inner, "moe", False)
         model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
     logger.info("Compiled each NeoLLM block with torch.compile (backend %s)", backend)
 

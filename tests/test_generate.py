@@ -32,6 +32,8 @@ CASES = {
     "all_attention": tiny(NeoLLMModelArgs(layer_pattern="A", **ALL_ATTENTION)),
     "everything_hybrid": tiny(NeoLLMModelArgs(layer_pattern="DA", **EVERYTHING)),
     "gdn_only": tiny(NeoLLMModelArgs(layer_pattern="D")),
+    "gelu_mlp": tiny(NeoLLMModelArgs(layer_pattern="DA", mlp_type="mlp", learnable_multipliers=True)),
+    "moe": tiny(NeoLLMModelArgs(layer_pattern="DA", mlp_type="moe", moe_num_experts=4, moe_top_k=2)),
 }
 
 

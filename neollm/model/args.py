@@ -28,6 +28,9 @@ def mixer_codes() -> dict[str, str]:
     return {"A": "full attention", **{code: spec.name for code, spec in MIXERS.items()}}
 
 
+MLP_TYPES = ("swiglu", "polynorm", "mlp", "moe")
+
+
 class ModelConfigError(ConfigError):
     """A model setting that cannot work; the message names the setting and the fix."""
 
@@ -93,9 +96,18 @@ class NeoLLMModelArgs(BaseModelArgs):
 
     # ---- projection, MLP and residual techniques (linear.py, mlp.py, block.py, norms.py) -----
     mlp_type: str = "swiglu"
-    """MLP gate activation: "swiglu" (SiLU) or "polynorm" (PolyNorm, PolyCom arXiv 2411.03884)."""
+    """FFN: "swiglu" (GLU, SiLU gate), "polynorm" (GLU, PolyNorm gate, arXiv 2411.03884), "mlp" (W2 GELU(W1 x)),
+    "moe" (sparse top-k mixture of SwiGLU experts with a load-balancing loss; neollm/model/moe.py)."""
     polynorm_exclusive: bool = False
     """PolyNorm: strip the x^2 and x^3 branches of their part along the x branch (sigmoid-gated), renormalise."""
+    moe_num_experts: int = 8
+    """mlp_type "moe": experts per MoE layer."""
+    moe_top_k: int = 2
+    """mlp_type "moe": experts each token is routed to."""
+    moe_hidden_dim: int = 0
+    """mlp_type "moe": hidden size of each SwiGLU expert; 0 = ffn_hidden_dim // moe_top_k (active FFN = dense)."""
+    moe_aux_loss_coef: float = 0.01
+    """mlp_type "moe": weight of the Switch load-balancing loss (arXiv 2101.03961) added to the training loss."""
     learnable_multipliers: bool = False
     """Learnable multipliers y = r*(W(c*x)): r on o/down/gate/fan projections, c on o/down (arXiv 2601.04890)."""
     simplegpt: bool = False
@@ -158,10 +170,12 @@ class NeoLLMModelArgs(BaseModelArgs):
             fail(f"Mamba2 layers (M) need mamba2_expand * dim ({self.mamba2_expand * self.dim}) to be a "
                  f"multiple of mamba2_head_dim ({self.mamba2_head_dim}); change mamba2_head_dim or mamba2_expand")
         # projection, MLP and residual techniques
-        if self.mlp_type not in ("swiglu", "polynorm"):
-            fail(f"mlp_type must be 'swiglu' or 'polynorm', got {self.mlp_type!r}")
+        if self.mlp_type not in MLP_TYPES:
+            fail(f"mlp_type must be one of {', '.join(map(repr, MLP_TYPES))}, got {self.mlp_type!r}")
         if self.polynorm_exclusive and self.mlp_type != "polynorm":
             fail("polynorm_exclusive needs mlp_type = 'polynorm'")
+        if self.mlp_type == "moe":
+            self._validate_moe(fail)
         if not 0.0 <= self.cola_rank_ratio <= 1.0:
             fail(f"cola_rank_ratio must be in [0, 1] (0 = off), got {self.cola_rank_ratio}")
         if self.cola_rank_ratio and int(self.dim * self.cola_rank_ratio) < 1:
@@ -185,6 +199,31 @@ class NeoLLMModelArgs(BaseModelArgs):
                  f"got {self.attention_output_gate!r}")
         if not 0.0 <= self.attention_dropout < 1.0:
             fail(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+
+    def moe_expert_hidden_dim(self) -> int:
+        """Hidden size of one MoE expert: moe_hidden_dim, or ffn_hidden_dim // moe_top_k when 0."""
+        return self.moe_hidden_dim or self.ffn_hidden_dim // self.moe_top_k
+
+    def _validate_moe(self, fail) -> None:
+        if self.moe_num_experts < 2:
+            fail(f"moe_num_experts must be >= 2 (a mixture), got {self.moe_num_experts}")
+        if not 1 <= self.moe_top_k <= self.moe_num_experts:
+            fail(f"moe_top_k must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
+        if self.moe_hidden_dim < 0:
+            fail(f"moe_hidden_dim must be >= 0 (0 = ffn_hidden_dim // moe_top_k), got {self.moe_hidden_dim}")
+        if self.moe_expert_hidden_dim() < 1:
+            fail(f"ffn_hidden_dim // moe_top_k = {self.ffn_hidden_dim} // {self.moe_top_k} is 0: "
+                 "set moe_hidden_dim > 0 or lower moe_top_k")
+        if not 0.0 <= self.moe_aux_loss_coef < float("inf"):
+            fail(f"moe_aux_loss_coef must be a finite number >= 0 (0 = no balancing loss), "
+                 f"got {self.moe_aux_loss_coef}")
+        if self.simplegpt:
+            fail("mlp_type 'moe' does not support simplegpt: the experts are not make_linear projections, so "
+                 "no SimpleNorm would replace the MLP pre-norm that simplegpt drops; set simplegpt = false "
+                 "or pick another mlp_type")
+        if self.cola_rank_ratio:
+            fail("mlp_type 'moe' does not support cola_rank_ratio: the experts stay dense (not CoLA); set "
+                 "cola_rank_ratio = 0 or pick another mlp_type")
 
     # ---- torchtitan protocol ---------------------------------------------------------------
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:

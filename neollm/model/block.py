@@ -29,7 +29,7 @@ Techniques (paper, what and why; per-layer parameters at D = 512):
   the pre-norm of the MLP and of attention mixers. Gated DeltaNet keeps its pre-norm: its projections are
   fla-named ``nn.Linear`` outside make_linear (no SimpleNorm), and its beta/decay gates need a bounded input.
 * FAN/ATF, arXiv 2502.21309 (``fan_ratio``, ``fan_on_gdn``): fan.FAN between the pre-norm and the mixer.
-* PolyNorm MLP, CoLA, learnable multipliers: mlp.py / linear.py.
+* PolyNorm MLP, plain GELU MLP, CoLA, learnable multipliers: mlp.py / linear.py; MoE FFN: moe.py.
 The final RMSNorm and the embedding are model.py's (no model-level wiring is needed for these switches).
 """
 
@@ -46,7 +46,7 @@ from neollm.model.args import NeoLLMModelArgs
 from neollm.model.attention import Attention
 from neollm.model.fan import FAN
 from neollm.model.mixers import build_mixer
-from neollm.model.mlp import MLP
+from neollm.model.mlp import build_mlp
 from neollm.model.norms import GPAS, GatedResidual, lns_scale, no_weight_decay
 
 
@@ -73,7 +73,8 @@ class Block(nn.Module):
         else:
             self.mixer = build_mixer(mixer_code, args, layer_id)
         self.mlp_norm = _rmsnorm(args, enabled=not args.simplegpt)
-        self.mlp = MLP(args)
+        self.mlp = build_mlp(args)
+        self.moe = args.mlp_type == "moe"  # its mlp returns (out, aux_loss)
         self.post_norm = _rmsnorm(args) if args.hybrid_norm else None
         self.gpas = GPAS() if args.gpas else None
         self.mixer_gate = GatedResidual(args.dim) if args.gated_residual else None
@@ -102,8 +103,13 @@ class Block(nn.Module):
         return x + branch if gate is None else gate(x, branch)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor,
-                mixer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """``mixer`` replaces the token mixer's call (neollm.generate's cached step); None in training."""
+                mixer: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``mixer`` replaces the token mixer's call (neollm.generate's cached step); None in training.
+
+        ``return_aux``: return ``(out, aux)``, aux the MoE load-balancing loss (None without a MoE). It is
+        returned rather than stored on a module so that it survives torch.compile and activation checkpointing.
+        """
         normed = self.mixer_norm(x)
         if self.lns is not None:
             normed = normed * self.lns
@@ -120,11 +126,15 @@ class Block(nn.Module):
         normed = self.mlp_norm(h)
         if self.lns is not None:
             normed = normed * self.lns
+        aux = None
         out = self.mlp(normed)
+        if self.moe:
+            out, aux = out
         if self.post_norm is not None:
             skip = h if self.gpas is None else self.gpas(h)
-            return self.post_norm(self._add(skip, out, self.mlp_gate))
-        h = self._add(h, out, self.mlp_gate)
-        if self.gpas is not None:
-            h = self.gpas(h)
-        return h
+            h = self.post_norm(self._add(skip, out, self.mlp_gate))
+        else:
+            h = self._add(h, out, self.mlp_gate)
+            if self.gpas is not None:
+                h = self.gpas(h)
+        return (h, aux) if return_aux else h

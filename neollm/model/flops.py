@@ -9,7 +9,9 @@ checkpointing is not counted. The tied LM head counts its 6 * dim * vocab (the e
 itself is free). Other mixers (Gated DeltaNet, ...) count their own projections and recurrence
 (neollm.model.mixers: each MixerSpec.flops_per_token). LUCID adds, per KV head and token, its key Gram row
 (2 T d) and the triangular solve (T d), times 3 for backward. Elementwise work (norms, gates,
-FAN's sin/cos, cumsums) is not counted.
+FAN's sin/cos, cumsums) is not counted. A MoE FFN (mlp_type "moe") counts its ACTIVE weights only: the
+router (an nn.Linear, dim * E) plus top_k experts of 3 * dim * hidden each; the inactive experts' weights do
+no work for the token. Routing (softmax, top-k, sort, gather/scatter) is elementwise and not counted.
 """
 
 from __future__ import annotations
@@ -35,4 +37,14 @@ def training_flops_per_token(model: nn.Module, args: NeoLLMModelArgs, seq_len: i
     attention_core = 6 * 2 * seq_len * args.head_dim * args.n_heads * n_attention
     mixers = sum(MIXERS[code].flops_per_token(args, seq_len) for code in codes if code != "A")
     lucid = 9 * seq_len * args.head_dim * args.n_kv_heads * n_attention if args.lucid else 0
-    return 6 * (linear_weights + head) + attention_core + mixers + lucid
+    return 6 * (linear_weights + head + moe_active_expert_weights(model)) + attention_core + mixers + lucid
+
+
+def moe_active_expert_weights(model: nn.Module) -> int:
+    """Expert weights one token passes through, summed over the MoE layers (top_k of each layer's experts)."""
+    from neollm.model.moe import MoE
+
+    return sum(
+        m.top_k * sum(p[0].numel() for p in (m.experts.w1, m.experts.w2, m.experts.w3))
+        for m in model.modules() if isinstance(m, MoE)
+    )

@@ -8,7 +8,8 @@ composes, in this order,
 
 Every module returned has ``init_weights(std)`` where ``std`` is the std a dense ``W`` would get (the
 projection's output scale at init matches the dense layer it replaces, see CoLALinear). Roles used in the
-code: q, k, v, o (attention), gate, up, down (MLP), fan_p, fan_pbar (FAN features), attn_gate, attn_affine,
+code: q, k, v, o (attention), gate, up, down (GLU MLP), up_act (the plain MLP's up projection, which feeds GELU
+directly), fan_p, fan_pbar (FAN features), attn_gate, attn_affine,
 attn_router (attention logit projections); roles outside the multiplier lists get CoLA and SimpleNorm
 (every projection, ``attn_affine`` excepted, see below) but no learnable multipliers. The Gated DeltaNet mixer
 builds its own ``nn.Linear`` (fla's parameter names), so none of these techniques reach its projections.
@@ -36,7 +37,8 @@ Techniques (switches in NeoLLMModelArgs):
     - c (column) on ``down`` (sourced: NeoLLM's column multiplier on the PolyNorm⊙up product before down_proj)
       and on ``o`` (attention is linear in v per head, so c_o ≡ a row multiplier on v; c_o survives a v-norm);
     - r (row) on ``o`` and ``down`` (residual writes: no norm follows), on ``gate`` (feeds SiLU/PolyNorm, whose
-      output changes with per-channel scale; PolyNorm has no per-channel gain) and on ``fan_p``/``fan_pbar``
+      output changes with per-channel scale; PolyNorm has no per-channel gain), on ``up_act`` (the plain MLP's
+      up projection feeds GELU, so it stands where the GLU's gate does) and on ``fan_p``/``fan_pbar``
       (r_p sets the frequency of each periodic feature);
     - none on q/k (next to QK-norm gains when those are on; only r_q ⊙ r_k would matter otherwise), none on
       the *columns* of q/k/v/gate/up/fan (their input is the pre-norm output, whose gain is that multiplier),
@@ -61,7 +63,7 @@ from neollm.model.norms import no_weight_decay
 __all__ = ["CoLALinear", "Linear", "Projection", "init_linear", "make_linear", "ROW_MULTIPLIER_ROLES",
            "COLUMN_MULTIPLIER_ROLES", "SIMPLENORM_EXEMPT_ROLES"]
 
-ROW_MULTIPLIER_ROLES = frozenset({"o", "down", "gate", "fan_p", "fan_pbar"})
+ROW_MULTIPLIER_ROLES = frozenset({"o", "down", "gate", "up_act", "fan_p", "fan_pbar"})
 COLUMN_MULTIPLIER_ROLES = frozenset({"o", "down"})
 SIMPLENORM_EXEMPT_ROLES = frozenset({"attn_affine"})
 

@@ -1,4 +1,5 @@
-"""Feed-forward block: a GLU MLP whose gate activation is SiLU (SwiGLU, the default) or PolyNorm (NeoLLM).
+"""Feed-forward block (``mlp_type``): a GLU MLP whose gate activation is SiLU (SwiGLU, the default) or PolyNorm
+(NeoLLM), the classic two-layer GELU MLP, or a sparse mixture of SwiGLU experts (neollm/model/moe.py).
 
     out = W_down( drop( act(W_gate m) ⊙ (W_up m) ) ),   act = SiLU      (mlp_type "swiglu", Shazeer 2020)
                                                          act = PolyNorm  (mlp_type "polynorm", arXiv 2411.03884)
@@ -9,6 +10,18 @@ multiplier c (linear.py), and dropout on the product equals dropout on the PolyN
 product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
 PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none.
+
+mlp_type "mlp" (``GeluMLP``), the GPT-2 / original-Transformer FFN:
+
+    out = W_down( drop( GELU(W_up m) ) ),   W_up: dim -> ffn_hidden_dim,  no biases (as the GLU variants)
+
+GELU is the exact erf form (PyTorch's default, also CoLA's activation in linear.py); GPT-2's tanh approximation
+differs from it by under 1e-3 and is not offered. It has 2 * dim * ffn_hidden_dim weights against the GLU's 3, so
+a parameter- (and FLOP-) matched comparison with a GLU of hidden size H sets ffn_hidden_dim = 1.5 * H for "mlp"
+(1536 -> 2304 at the 135M shape); the hidden size is not adjusted automatically. Both projections come from
+``make_linear`` (roles ``up_act`` and ``down``): CoLA, SimpleNorm and learnable multipliers apply, the row
+multiplier sitting on W_up (it feeds the activation, as the GLU's gate does) and on W_down, the column
+multiplier on W_down's input. Parameter names w1 (up), w2 (down).
 """
 
 from __future__ import annotations
@@ -48,3 +61,34 @@ class MLP(nn.Module):
 
 
 SwiGLU = MLP  # the default configuration of MLP (name kept for existing imports)
+
+
+class GeluMLP(nn.Module):
+    """mlp_type "mlp": W_down(drop(GELU(W_up x))), see the module docstring."""
+
+    def __init__(self, args: NeoLLMModelArgs) -> None:
+        super().__init__()
+        self.w1 = make_linear(args.dim, args.ffn_hidden_dim, args, role="up_act")
+        self.w2 = make_linear(args.ffn_hidden_dim, args.dim, args, role="down")
+        self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else None
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        init_linear(self.w1, init_std)
+        init_linear(self.w2, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.w1(x))
+        if self.dropout is not None:
+            hidden = self.dropout(hidden)
+        return self.w2(hidden)
+
+
+def build_mlp(args: NeoLLMModelArgs) -> nn.Module:
+    """The FFN that ``args.mlp_type`` names (a MoE returns ``(out, aux_loss)`` from forward)."""
+    if args.mlp_type == "mlp":
+        return GeluMLP(args)
+    if args.mlp_type == "moe":
+        from neollm.model.moe import MoE
+
+        return MoE(args)
+    return MLP(args)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchtitan.protocols.model import ModelProtocol
 
-from neollm.loss import LossSettings, linear_cross_entropy_sum
+from neollm.loss import IGNORE_INDEX, LossSettings, linear_cross_entropy_sum
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.block import Block
 from neollm.model.rope import rope_cache
@@ -35,6 +35,7 @@ class NeoLLM(ModelProtocol):
         )
         self.register_buffer("rope", self._rope_table(), persistent=False)
         self.loss_settings = LossSettings()  # the trainer sets the run's [loss] section
+        self.last_moe_aux_loss: torch.Tensor | None = None  # sum over layers, last forward with labels (MoE)
 
     def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
         a = self.model_args
@@ -57,7 +58,10 @@ class NeoLLM(ModelProtocol):
         """tokens [B, T] -> logits [B, T, vocab]; with labels [B, T], the summed loss instead.
 
         With labels the head runs through neollm.loss (Cut Cross-Entropy on CUDA), so the
-        [B*T, vocab] logits are never materialised.
+        [B*T, vocab] logits are never materialised. With mlp_type "moe" the summed loss also holds
+        moe_aux_loss_coef * (sum of the layers' load-balancing losses) * (valid tokens): divided by the
+        valid-token count (the trainer's step) it is CE_mean + coef * aux (neollm/model/moe.py). Only in
+        training mode: in eval mode (validation) the loss is the cross-entropy alone, comparable across FFNs.
         """
         if tokens.shape[1] > self.model_args.max_seq_len:
             raise ValueError(
@@ -65,9 +69,21 @@ class NeoLLM(ModelProtocol):
                 f"{self.model_args.max_seq_len} ([training] seq_len)"
             )
         h = self.tok_embeddings(tokens)
+        args = self.model_args
+        balance = labels is not None and self.training and args.mlp_type == "moe" and args.moe_aux_loss_coef > 0
+        aux_total = None
         for block in self.layers.values():
-            h = block(h, self.rope)
+            if balance:
+                h, aux = block(h, self.rope, return_aux=True)
+                aux_total = aux if aux_total is None else aux_total + aux
+            else:
+                h = block(h, self.rope)
         h = self.norm(h)
-        if labels is not None:
-            return linear_cross_entropy_sum(h, self.head_weight(), labels, self.loss_settings)
-        return F.linear(h, self.head_weight())
+        if labels is None:
+            return F.linear(h, self.head_weight())
+        loss = linear_cross_entropy_sum(h, self.head_weight(), labels, self.loss_settings)
+        if aux_total is not None:
+            self.last_moe_aux_loss = aux_total.detach()
+            valid = (labels != IGNORE_INDEX).sum()
+            loss = loss + args.moe_aux_loss_coef * aux_total * valid
+        return loss

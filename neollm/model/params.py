@@ -15,7 +15,8 @@ SHAPE_FIELDS = {
     "gla_gate_low_rank_dim", "mamba2_expand", "mamba2_head_dim", "mamba2_state_size",
 }
 # Settings of a technique that only matter while its switch is on (no technique of their own).
-DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn"}
+DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn", "moe_num_experts", "moe_top_k", "moe_hidden_dim",
+                    "moe_aux_loss_coef"}
 
 
 def technique_switches(args: NeoLLMModelArgs) -> dict[str, object]:
@@ -36,6 +37,14 @@ def count_parameters(args: NeoLLMModelArgs) -> tuple[int, int]:
     with torch.device("meta"):
         model = NeoLLM(args)
     return sum(p.numel() for p in model.parameters()), model.tok_embeddings.weight.numel()
+
+
+def moe_inactive_parameters(args: NeoLLMModelArgs) -> int:
+    """Expert weights a token does not use (mlp_type "moe": E - top_k experts per MoE layer); 0 otherwise."""
+    if args.mlp_type != "moe":
+        return 0
+    per_expert = 3 * args.dim * args.moe_expert_hidden_dim()
+    return args.n_layers * (args.moe_num_experts - args.moe_top_k) * per_expert
 
 
 def all_off(args: NeoLLMModelArgs) -> NeoLLMModelArgs:
@@ -65,6 +74,10 @@ def flavor_report(name: str) -> str:
     total, embedding = count_parameters(args)
     base_total, _ = count_parameters(all_off(args))
     lines = [f"{name}: {total:,} parameters ({embedding:,} embedding, {total - embedding:,} non-embedding)"]
+    inactive = moe_inactive_parameters(args)
+    if inactive:
+        lines.append(f"  active per token (top-{args.moe_top_k} of {args.moe_num_experts} experts): "
+                     f"{total - inactive:,}")
     breakdown = technique_breakdown(args)
     if breakdown:
         lines.append(f"  {'all switches off':<26} {base_total:>12,}")
