@@ -84,12 +84,13 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
     base_job = _parse([*head, *grid.cli_args(common_cli), *_overrides_arg(base_overrides)])
     base_args = grid.model_args_for(base_job)
 
+    skipped: list[str] = []
     if opts.add_one:
-        variants = grid.add_one(base_args)
+        variants = grid.add_one(base_args, skipped)
     else:
         variants = [grid.Variant("base", reference=True)]
         if opts.leave_one_out:
-            variants += grid.leave_one_out(base_args)
+            variants += grid.leave_one_out(base_args, skipped)
         else:
             candidates = grid.vary_grid(opts.vary) + (grid.variants_from_toml(opts.variants) if opts.variants else [])
             for v in candidates:
@@ -97,6 +98,8 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
                     print(f"note: variant {v.name} equals the base config: run once, as 'base'", file=sys.stderr)
                 else:
                     variants.append(v)
+    for reason in skipped:
+        print(f"note: left out, cannot change alone: {reason}", file=sys.stderr)
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names repeat: {names}")
@@ -139,10 +142,11 @@ def _seeds(text: str | None, base_job) -> list[int]:
 def _validation_cli(opts, job) -> dict[str, str]:
     """Validation at a fixed interval on fixed batches, its last evaluation at the last step."""
     v, steps = job.validation, job.training.steps
-    freq = opts.val_freq or (v.freq if v.enable else max(1, steps // 10))
+    about_ten = max(d for d in range(1, max(1, steps // 10) + 1) if steps % d == 0)
+    freq = opts.val_freq or (v.freq if v.enable else about_ten)
     if freq <= 0 or steps % freq:
         raise ConfigError(f"validation every {freq} steps does not end at step {steps}: choose a "
-                          f"--val-freq dividing the steps (e.g. {max(1, steps // 10)} for {steps})")
+                          f"--val-freq dividing the steps (e.g. {about_ten} for {steps})")
     val_steps = opts.val_steps or (v.steps if v.enable else 10)
     cli = {"validation.enable": "true", "validation.freq": str(freq), "validation.steps": str(val_steps)}
     if not v.enable:  # torchtitan's defaults (seq_len 2048, batch 8) would not match the run

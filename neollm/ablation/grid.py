@@ -55,7 +55,9 @@ class Variant:
 
     @property
     def dirname(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._+=,-]", "_", self.name)
+        # a leading "-" would read as an option in shell commands: "-gpas" -> "minus_gpas"
+        name = re.sub(r"^-", "minus_", re.sub(r"^\+", "plus_", self.name))
+        return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -179,28 +181,42 @@ def switch_off(base, name: str) -> dict[str, object]:
 
 
 def all_switches_off(base) -> dict[str, object]:
+    """Overrides turning every technique switch of ``base`` off (with the fields that need one)."""
     from neollm.model.params import technique_switches
 
-    changes: dict[str, object] = {}
-    for name in technique_switches(base):
-        changes.update(switch_off(base, name))
+    changes = {name: _default(name) for name in technique_switches(base)}
+    for dependent, needs in NEEDS.items():
+        if set(needs) & set(changes) and getattr(base, dependent) != _default(dependent):
+            changes[dependent] = _default(dependent)
     return _checked(base, changes, "plain")
 
 
-def leave_one_out(base) -> list[Variant]:
-    """One variant per technique switch of ``base`` (its model args), that switch off."""
+def leave_one_out(base, skipped: list[str] | None = None) -> list[Variant]:
+    """One variant per technique switch of ``base`` (its model args), that switch off.
+
+    A switch that cannot be turned off alone (a setting another switch needs, not in NEEDS) is
+    left out, its reason appended to ``skipped``."""
     from neollm.model.params import technique_switches
 
     switches = technique_switches(base)
     if not switches:
         raise ConfigError("--leave-one-out: the base model has no technique switched on (flavor with "
                           "every switch off): choose a flavor such as neollm_135m, or use --vary")
-    return [Variant(name=f"-{name}", what=f"{name} off (base: {format_value(getattr(base, name))})",
-                    model=switch_off(base, name)) for name in switches]
+    variants = []
+    for name in switches:
+        try:
+            changes = switch_off(base, name)
+        except ConfigError as error:
+            (skipped if skipped is not None else []).append(str(error))
+            continue
+        variants.append(Variant(name=f"-{name}", model=changes, what=(
+            f"{name} = {format_value(_default(name))} (base: {format_value(getattr(base, name))})")))
+    return variants
 
 
-def add_one(base) -> list[Variant]:
-    """The reference "plain" (every switch of ``base`` off) and one variant per switch on alone."""
+def add_one(base, skipped: list[str] | None = None) -> list[Variant]:
+    """The reference "plain" (every switch of ``base`` off) and one variant per switch on alone
+    (a switch that cannot be on alone is left out, its reason appended to ``skipped``)."""
     from neollm.model.params import technique_switches
 
     switches = technique_switches(base)
@@ -216,7 +232,11 @@ def add_one(base) -> list[Variant]:
         for dependent in DEPENDENT_FIELDS:  # settings of this switch (not switches): base values
             if name in NEEDS.get(dependent, ()) and getattr(base, dependent) != _default(dependent):
                 on[dependent] = getattr(base, dependent)
-        _checked(plain, on, f"+{name}")
+        try:
+            _checked(plain, on, f"+{name}")
+        except ConfigError as error:
+            (skipped if skipped is not None else []).append(str(error))
+            continue
         variants.append(Variant(name=f"+{name}", what=f"{name} = {format_value(getattr(base, name))} on plain",
                                 model={**off, **on}))
     return variants
