@@ -233,4 +233,6 @@ def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
     assert md.count("\n| layer_pattern=") == 2 and "unknown (one seed" in md
     for png in ("val_loss.png", "delta.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 10_000
-    assert json.loads((out / "layer_pattern=D" / "model_args.json").read_text())["layer_pattern"] == "D"
+    from neollm.hf.convert import model_args_from_json  # what convert_to_hf --flavor X.json reads
+
+    assert model_args_from_json(out / "layer_pattern=D" / "model_args.json").layer_pattern == "D"
