@@ -107,12 +107,18 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
     seeds = _seeds(opts.seeds, base_job)
     variants = grid.with_seeds(variants, seeds, opts.seeds_all)
     validation = _validation_cli(opts, base_job)
+    freq = int(validation["validation.freq"])
+    for v in variants:
+        steps = v.cli.get("training.steps")
+        if steps is not None and (not steps.isdigit() or int(steps) % freq):
+            raise ConfigError(f"variant {v.name}: training.steps {steps} is not a multiple of the "
+                              f"validation interval {freq}: choose a --val-freq dividing every variant's steps")
     runs = []
     for v in variants:
         dump = opts.out / v.dirname
         overrides = grid.merged_overrides(base_overrides, v)
         argv = [*head, "--job.dump_folder", str(dump),
-                *grid.cli_args({**common_cli, **validation, "checkpoint.enable": "true", **v.cli,
+                *grid.cli_args({"checkpoint.enable": "true", **common_cli, **validation, **v.cli,
                                 "debug.seed": str(v.seed)}),
                 *_overrides_arg(overrides)]
         runs.append((v, argv))

@@ -288,7 +288,12 @@ def same_as(variant: Variant, base_args, base_job) -> bool:
     for key, text in variant.cli.items():
         section, _, name = key.partition(".")
         current = getattr(getattr(base_job, section, None), name, object())
-        if format_value(current) != text:
+        try:  # "3e-3" equals 0.003: compare as the key's type where it has one
+            same = type(current)(text) == current if isinstance(current, (int, float)) \
+                and not isinstance(current, bool) else format_value(current) == text
+        except ValueError:
+            same = False
+        if not same:
             return False
     return True
 
