@@ -17,6 +17,12 @@ class Model:
     """Allow an embedding larger than the tokenizer needs (its largest id + 1) beyond padding
     to a multiple of 64 or 128. Off: such a vocab_size is refused before step 1."""
 
+    overrides: list[str] = field(default_factory=list)
+    """Change single model fields of the flavor: ["layer_pattern=DA", "gpas=false", ...]. Each
+    "field=value" names a NeoLLMModelArgs field (neollm/model/args.py) and is read by its type
+    (bool true/false, int, float, str). On the command line: --model.overrides a=b c=d. Used by
+    tools/ablate.py to swap one module at a time (neollm/model/overrides.py)."""
+
 
 @dataclass
 class Loss:

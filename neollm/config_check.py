@@ -139,7 +139,8 @@ def _reword_tyro(text: str) -> str:
         option = match.group(1).split(",")[0].strip()
         if not option.startswith("-"):
             return (f"unexpected value {option!r} on the command line: true/false options are flags "
-                    "(--section.key turns one on, --section.no-key off), other options take one value")
+                    "(--section.key turns one on, --section.no-key off), other options take one value "
+                    "(a list is one comma-separated value: --model.overrides gpas=false,layer_pattern=A)")
         hint = re.search(r"Perhaps you meant:\s*\n\s*(--[\w.-]+)", text)
         fix = f"did you mean {hint.group(1)}?" if hint else "run ./run_train.sh --help for the valid options"
         return f"unknown option {option}: {fix}"

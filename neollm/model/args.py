@@ -227,9 +227,11 @@ class NeoLLMModelArgs(BaseModelArgs):
 
     # ---- torchtitan protocol ---------------------------------------------------------------
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
-        """Take the run's sequence length and vocabulary; check the tokenizer fits."""
+        """Take the run's [model] overrides, sequence length and vocabulary; check the tokenizer fits."""
+        from neollm.model.overrides import apply_overrides
         from neollm.tokenizer import tokenizer_vocab_size
 
+        apply_overrides(self, getattr(job_config.model, "overrides", None))
         self.max_seq_len = job_config.training.seq_len
         override = getattr(job_config.model, "vocab_size", 0)
         if override < 0:
