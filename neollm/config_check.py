@@ -242,7 +242,7 @@ def check_ranges(job_config) -> None:
         need(0 <= s.decay_ratio <= 1, f"[lr_scheduler] decay_ratio must be in [0, 1] or unset, got {s.decay_ratio}")
     start = getattr(s, "start_lr_factor", None)
     if start is not None:
-        need(0 < start <= 1, f"[lr_scheduler] start_lr_factor must be in (0, 1] or unset, got {start}")
+        need(0 <= start <= 1, f"[lr_scheduler] start_lr_factor must be in [0, 1] or unset, got {start}")
     c = job_config.checkpoint
     need(c.interval > 0, f"[checkpoint] interval must be positive, got {c.interval}")
     need(c.keep_latest_k == 0 or c.keep_latest_k >= 2,

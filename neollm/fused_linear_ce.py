@@ -39,7 +39,10 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, z_loss: fl
         scale = scale + 2.0 * z_loss * lse
     loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
     grad = torch.exp(lf - lse.unsqueeze(-1)) * scale.unsqueeze(-1)
-    grad = grad - torch.nn.functional.one_hot(safe, lf.shape[-1]).to(grad.dtype)
+    # Compare against a column index rather than one_hot: it fuses into the same kernel instead of
+    # materialising an int64 [chunk, vocab] tensor.
+    columns = torch.arange(lf.shape[-1], device=lf.device)
+    grad = grad - (columns.unsqueeze(0) == safe.unsqueeze(-1)).to(grad.dtype)
     grad = grad * valid.unsqueeze(-1).to(grad.dtype)
     return loss, grad.to(logits.dtype)
 

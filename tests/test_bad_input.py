@@ -119,3 +119,18 @@ def test_model_shapes_that_do_not_fit(change, fragment):
     with pytest.raises(ConfigError, match=None) as raised:
         dataclasses.replace(FLAVORS["debug"], **change)
     assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "train_configs").glob("*.toml")))
+def test_every_shipped_config_passes_the_config_checks(config):
+    """Types, ranges, model choice and loss settings of each train_configs/*.toml (data and
+    tokenizer availability are machine-dependent and tested elsewhere)."""
+    import neollm  # noqa: F401
+    from neollm.config_check import check_ranges, check_types, parse_config
+    from neollm.train import check_model_choice, loss_settings
+
+    job = parse_config(["--job.config_file", str(REPO / "train_configs" / config)])
+    check_types(job)
+    check_ranges(job)
+    check_model_choice(job)
+    loss_settings(job)

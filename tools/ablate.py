@@ -16,11 +16,13 @@ results.md, results.json, val_loss.png and delta.png into --out. See docs/ablati
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
 import os
 import platform
+import queue
 import shlex
 import subprocess
 import sys
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-freq", type=int, help="validate every N steps (default: config's, else steps/10)")
     p.add_argument("--val-steps", type=int, help="validation batches per evaluation (default: config's, else 10)")
     p.add_argument("--ngpu", type=int, default=int(os.environ.get("NGPU", "1")), help="processes per run")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="variants trained at once (default 1). With at least parallel x ngpu GPUs each run "
+                        "gets its own; otherwise they share the GPUs (then tok/s is not each run's own)")
     p.add_argument("--max-runs", type=int, help="stop after starting this many runs (rerun to continue)")
     p.add_argument("--dry-run", action="store_true", help="print each variant's command and exit")
     return p
@@ -196,6 +201,18 @@ def header(opts, argv: list[str]) -> dict:
             "git commit": commit, "device": f"{device} x {opts.ngpu} process(es)"}
 
 
+def gpu_env(slot: int, parallel: int, ngpu: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a run slot when the GPUs can be split between parallel runs."""
+    if parallel <= 1:
+        return {}
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < parallel * ngpu:
+        return {}  # shared: every run sees every GPU
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(slot * ngpu + i) for i in range(ngpu))}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = build_parser().parse_args(argv)
@@ -215,31 +232,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    results, missing, started = [], [], 0
-    failure = None
+    results, missing = [], []
+    failure: list[Exception] = []
+    todo = []
     for v, run_argv in runs:
-        dump = opts.out / v.dirname
-        if v.name in checked and (failure or (opts.max_runs is not None and started >= opts.max_runs)):
+        if v.name in checked and opts.max_runs is not None and len(todo) >= opts.max_runs:
             missing.append(v.name)
-            continue
+        else:
+            todo.append((v, run_argv))
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(max(1, opts.parallel)):
+        slots.put(slot)
+
+    def one(v: grid.Variant, run_argv: list[str]):
+        dump = opts.out / v.dirname
         info = checked.get(v.name, {})
-        if info:
-            dump.mkdir(parents=True, exist_ok=True)
-            (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
-            started += 1
-            print(f"[{started}] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
+        if info and failure:
+            missing.append(v.name)
+            return None
+        slot = slots.get()
         try:
+            if info:
+                dump.mkdir(parents=True, exist_ok=True)
+                (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
+                print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
             extra = {k: info[k] for k in ("params", "params_non_embedding")} if info else None
+            env = gpu_env(slot, opts.parallel, opts.ngpu)
             result, ran = runner.run_variant(v, dump, run_argv, opts.ngpu, info.get("checkpoint_folder", "checkpoint"),
-                                             report.summarize, extra)
+                                             report.summarize, extra, env=env)
         except runner.RunFailed as error:
             print(f"error: {error}", file=sys.stderr)
-            failure = error
+            failure.append(error)
             missing.append(v.name)
-            continue
-        if not ran:
-            print(f"    {v.name}: finished earlier, skipped", flush=True)
-        results.append(result)
+            return None
+        finally:
+            slots.put(slot)
+        print(f"    {v.name}: {'done' if ran else 'finished earlier, skipped'}", flush=True)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+        for result in pool.map(lambda job: one(*job), todo):  # map keeps the grid's order
+            if result is not None:
+                results.append(result)
     if not any(r["variant"]["reference"] for r in results):
         print("no finished reference run yet: rerun the same command to continue", file=sys.stderr)
         return 1 if failure else 0

@@ -60,7 +60,7 @@ def _error_lines(log: Path, limit: int = 5) -> str:
 
 
 def run_variant(variant: Variant, dump: Path, argv: list[str], ngpu: int, checkpoint_folder: str,
-                summarize, extra: dict | None = None) -> tuple[dict, bool]:
+                summarize, extra: dict | None = None, env: dict | None = None) -> tuple[dict, bool]:
     """Run (or skip, or resume) one variant; returns (result, ran_now)."""
     done = finished(dump, argv)
     if done is not None:
@@ -72,7 +72,7 @@ def run_variant(variant: Variant, dump: Path, argv: list[str], ngpu: int, checkp
             (dump / stale).unlink(missing_ok=True)
     (dump / "variant.json").write_text(json.dumps({**asdict(variant), "argv": argv}, indent=2, default=str))
     env = dict(os.environ, NGPU=str(ngpu), NEOLLM_SKIP_PREFLIGHT="1",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(env or {}))
     log = dump / "train.log"
     start = time.time()
     with open(log, "a") as out:
