@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variants trained at once (default 1). With at least parallel x ngpu GPUs each run "
                         "gets its own; otherwise they share the GPUs (then tok/s is not each run's own)")
     p.add_argument("--max-runs", type=int, help="stop after starting this many runs (rerun to continue)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write results.md/json and plots from the finished variants; train nothing")
     p.add_argument("--dry-run", action="store_true", help="print each variant's command and exit")
     return p
 
@@ -198,7 +200,10 @@ def header(opts, argv: list[str]) -> dict:
               else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return {"command": "python tools/ablate.py " + shlex.join(argv), "config": str(opts.config),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "git commit": commit, "device": f"{device} x {opts.ngpu} process(es)"}
+            "git commit": commit, "device": f"{device} x {opts.ngpu} process(es)",
+            "runs at once": str(opts.parallel) + (" sharing the GPU(s): tok/s is not each variant's own speed"
+                                                  if opts.parallel > 1 and not gpu_env(0, opts.parallel, opts.ngpu)
+                                                  else "")}
 
 
 def gpu_env(slot: int, parallel: int, ngpu: int) -> dict[str, str]:
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.out.mkdir(parents=True, exist_ok=True)
         checked = {}
         for v, run_argv in runs:  # every variant is checked before the first one trains
-            if runner.finished(opts.out / v.dirname, run_argv) is None:
+            if runner.finished(opts.out / v.dirname, run_argv) is None and not opts.report_only:
                 checked[v.name] = check_variant(v, run_argv, opts.ngpu)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -235,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     results, missing = [], []
     failure: list[Exception] = []
     todo = []
+    to_start = 0
     for v, run_argv in runs:
-        if v.name in checked and opts.max_runs is not None and len(todo) >= opts.max_runs:
+        unfinished = runner.finished(opts.out / v.dirname, run_argv) is None
+        if unfinished and (opts.report_only or (opts.max_runs is not None and to_start >= opts.max_runs)):
             missing.append(v.name)
-        else:
-            todo.append((v, run_argv))
+            continue
+        to_start += unfinished
+        todo.append((v, run_argv))
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(max(1, opts.parallel)):
         slots.put(slot)
