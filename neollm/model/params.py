@@ -13,6 +13,7 @@ SHAPE_FIELDS = {
     "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings", "init_std", "layer_pattern",
     "gdn_num_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "gdn_backend",
 }
+SHAPE_FIELDS |= {"rwkv_proj_low_rank_dim", "rwkv_gate_low_rank_dim", "rwkv_backend", "rnn_hidden_dim"}
 # Settings of a technique that only matter while its switch is on (no technique of their own).
 DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn"}
 
