@@ -98,8 +98,9 @@ def test_rwkv6_fla_backend_matches_torch_backend_and_fla_layer(mode):
     same_tol = 1e-3 if mode == "fp32" else 2e-2
     if mode == "autocast":
         # Under autocast fla's layer hands chunk_rwkv6 the same dtypes and strides as ours and its output
-        # agrees (2e-5), but its own gradients of r/k/bonus/dx stray from the fp32 torch path by 0.1-0.4
-        # while ours stay within bf16 rounding of it (measured, H100, 2026-11-26): compare outputs only.
+        # agrees (2e-5), but its gradients of r/k/bonus/dx stray from the fp32 torch path by 0.1-0.4 — and
+        # from its own fp32 gradients by ~0.36 (ours: <= 1.7e-2) — measured on an H100, 2026-11-26. Our
+        # module is checked against the torch path below; against fla's layer only the output is.
         same = {"y": same["y"]}
     bad_same = {n: e for n, e in same.items() if not e < same_tol}
     assert not bad_same, bad_same
