@@ -16,7 +16,9 @@ The recurrent call runs under ``torch.compiler.disable``: dynamo graph-breaks on
 (``torch._dynamo.config.allow_rnn`` is off by default), and an explicit break keeps the rest of the block
 compiled (non-attention blocks compile with fullgraph=False). Recurrent weights keep PyTorch's default
 init U(-1/sqrt(H), 1/sqrt(H)) (also the weights' cuDNN layout is refreshed by ``nn.RNNBase._apply`` after
-``to_empty``); W_o ~ N(0, out_std) like every residual-branch output.
+``to_empty``); W_o ~ N(0, out_std) like every residual-branch output. cuDNN may warn that the weights are not
+one contiguous chunk (FSDP2 swaps in freshly gathered tensors each step): it then packs them per call, a copy
+of the layer's few MB of weights, small next to the recurrence itself.
 """
 
 from __future__ import annotations
