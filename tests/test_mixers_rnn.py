@@ -323,3 +323,49 @@ def test_codes_are_registered():
     assert {"R", "L", "N"} <= set(MIXERS) and all(MIXERS[c].cpu for c in "RLN")
     with pytest.raises(ModelConfigError, match="R \\(RWKV-6\\)"):
         tiny_args("X")
+
+
+# ------------------------------------------------------------------------------------- FSDP2, two CPU ranks
+def _make(name: str) -> nn.Module:
+    if name == "rwkv":
+        return RWKV6(dim=32, num_heads=2, head_dim=16, proj_low_rank_dim=4, gate_low_rank_dim=8, backend="torch")
+    return RecurrentMixer(name, dim=32, hidden=16)
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for name in ("rwkv", "lstm", "rnn"):
+            with torch.device("meta"):
+                m = _make(name)
+            fully_shard(m, mesh=mesh)
+            m.to_empty(device="cpu")
+            torch.manual_seed(rank)  # different streams per rank: a matrix built per rank would not be orthogonal
+            m.init_weights(0.02, 0.01)
+            assert all(isinstance(p, DTensor) for p in m.parameters())
+            full = {k: v.full_tensor() for k, v in m.state_dict().items()}
+            if name == "rwkv":
+                up = full["w_proj.linear.lora.2.weight"]
+                torch.testing.assert_close(up.T @ up, 0.01 * torch.eye(8), atol=1e-6, rtol=0)
+            ref = _make(name)
+            ref.load_state_dict(full)
+            x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
+            y = m(x)  # FSDP2 swaps gathered tensors into the module (cuDNN/ATen RNN weights included)
+            torch.testing.assert_close(y, ref(x), atol=1e-6, rtol=1e-6)
+            y.square().sum().backward()
+            assert all(p.grad is not None for p in m.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mixers_under_fsdp2_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
