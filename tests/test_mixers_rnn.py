@@ -361,6 +361,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
             torch.testing.assert_close(y, ref(x), atol=1e-6, rtol=1e-6)
             y.square().sum().backward()
             assert all(p.grad is not None for p in m.parameters())
+        dist.barrier()  # no collective may still be in flight when the group goes
     finally:
         dist.destroy_process_group()
 
