@@ -189,7 +189,8 @@ def test_cli_round_trip_and_fresh_process_load(exported, tmp_path):
         "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n"
         "assert tok.decode(tok('hello world').input_ids) == 'hello world'\n"
         f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
-        "assert torch.equal(model(ref['ids']).logits, ref['logits'])\n"
+        # Another process may split SDPA's CPU kernel over threads differently: equal to fp32 rounding.
+        "torch.testing.assert_close(model(ref['ids']).logits, ref['logits'], rtol=1e-5, atol=1e-5)\n"
         "g = model.generate(ref['ids'][:, :4], max_new_tokens=3, do_sample=False, use_cache=False)\n"
         "assert g.shape == (1, 7)\n"
         "print('ok')\n"

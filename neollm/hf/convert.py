@@ -166,12 +166,12 @@ def model_args_from_json(path: str | Path) -> NeoLLMModelArgs:
 
 def matching_flavor(args: NeoLLMModelArgs) -> str | None:
     """The flavor whose args equal ``args`` up to the run-level vocab_size / max_seq_len /
-    gdn_backend, if any."""
+    gdn_backend / rwkv_backend, if any."""
     import dataclasses
 
     from neollm.model.args import FLAVORS
 
-    run_level = dict(vocab_size=1, max_seq_len=1, gdn_backend="auto")
+    run_level = dict(vocab_size=1, max_seq_len=1, gdn_backend="auto", rwkv_backend="auto")
     mine = dataclasses.replace(args, **run_level)
     for name, flavor in FLAVORS.items():
         if dataclasses.replace(flavor, **run_level) == mine:

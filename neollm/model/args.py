@@ -69,6 +69,16 @@ class NeoLLMModelArgs(BaseModelArgs):
     """Mamba2 ("M"): channels per head P; heads = mamba2_expand * dim / mamba2_head_dim."""
     mamba2_state_size: int = 128
     """Mamba2 ("M"): SSM state size N per head (fla's state_size)."""
+    # RWKV-6 ("R", neollm/model/mixers/rwkv6.py): heads and head size are n_heads / head_dim
+    rwkv_proj_low_rank_dim: int = 32
+    """Rank of RWKV-6's data-dependent token-shift LoRA (fla's proj_low_rank_dim)."""
+    rwkv_gate_low_rank_dim: int = 64
+    """Rank of RWKV-6's decay LoRA (fla's gate_low_rank_dim)."""
+    rwkv_backend: str = "auto"
+    """"auto": fla's chunk_rwkv6 on CUDA, the pure-PyTorch chunked reference elsewhere; or "fla" / "torch"."""
+    # LSTM ("L") and Elman RNN ("N") baselines (neollm/model/mixers/rnn.py)
+    rnn_hidden_dim: int = 0
+    """Hidden size of the LSTM / RNN mixers; 0 = the largest multiple of 8 not exceeding an attention layer's params."""
 
     # ---- attention techniques (full-attention layers; neollm/model/attention*.py) ----------
     seednorm_qk: bool = False
@@ -159,6 +169,13 @@ class NeoLLMModelArgs(BaseModelArgs):
         if len(self.layer_pattern) > self.n_layers or self.n_layers % len(self.layer_pattern):
             fail(f"layer_pattern {self.layer_pattern!r} (length {len(self.layer_pattern)}) must "
                  f"tile n_layers ({self.n_layers}) exactly")
+        for name in ("rwkv_proj_low_rank_dim", "rwkv_gate_low_rank_dim"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rwkv_backend not in ("auto", "fla", "torch"):
+            fail(f"rwkv_backend must be 'auto', 'fla' or 'torch', got {self.rwkv_backend!r}")
+        if self.rnn_hidden_dim < 0:
+            fail(f"rnn_hidden_dim must be >= 0 (0 = sized like an attention layer), got {self.rnn_hidden_dim}")
         if self.gdn_backend not in ("auto", "fla", "torch"):
             fail(f"gdn_backend must be 'auto', 'fla' or 'torch', got {self.gdn_backend!r}")
         gdn_v = self.gdn_head_dim * self.gdn_expand_v

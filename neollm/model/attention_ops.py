@@ -47,9 +47,10 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
 def mix_heads(x: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
     """Head-level linear composition: ``out[..., j, :] = sum_i mixing[j, i] * x[..., i, :]``.
 
-    A broadcast matmul over the head axis keeps ``x``'s layout (head dim contiguous): an einsum
-    returned a head-dim stride of Hkv, which sent SDPA to its T x T math fallback on GPU."""
-    return torch.matmul(mixing.to(x.dtype), x)
+    The einsum returns a head-dim stride of Hkv, which sent SDPA to its T x T math fallback on GPU:
+    the result is made contiguous. (A broadcast matmul instead gave results that differ in the last
+    bit between grad and no-grad mode, which breaks exact checks of exported models.)"""
+    return torch.einsum("btid,ji->btjd", x, mixing.to(x.dtype)).contiguous()
 
 
 def head_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -14,6 +14,7 @@ SHAPE_FIELDS = {
     "gdn_num_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "gdn_backend",
     "gla_gate_low_rank_dim", "mamba2_expand", "mamba2_head_dim", "mamba2_state_size",
 }
+SHAPE_FIELDS |= {"rwkv_proj_low_rank_dim", "rwkv_gate_low_rank_dim", "rwkv_backend", "rnn_hidden_dim"}
 # Settings of a technique that only matter while its switch is on (no technique of their own).
 DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn", "moe_num_experts", "moe_top_k", "moe_hidden_dim",
                     "moe_aux_loss_coef"}

@@ -103,12 +103,51 @@ def _gdn_v(args) -> int:
 # Sizes: G and T reuse the Gated DeltaNet head fields (gdn_num_heads heads, key gdn_head_dim, value
 # gdn_head_dim * gdn_expand_v), so D, G and T layers carry the same recurrent state; M has its own
 # mamba2_* fields and reuses gdn_conv_size. gdn_backend picks fla / torch for all four.
+def _rwkv6_build(args, layer_id: int) -> nn.Module:
+    from neollm.model.mixers.rwkv6 import RWKV6
+
+    return RWKV6(
+        dim=args.dim, num_heads=args.n_heads, head_dim=args.head_dim,
+        proj_low_rank_dim=args.rwkv_proj_low_rank_dim, gate_low_rank_dim=args.rwkv_gate_low_rank_dim,
+        norm_eps=args.norm_eps, backend=args.rwkv_backend, layer_idx=layer_id,
+    )
+
+
+def _rwkv6_flops(args, seq_len: int) -> int:
+    from neollm.model.mixers.rwkv6 import rwkv6_flops_per_token
+
+    return rwkv6_flops_per_token(args.dim, args.n_heads, args.head_dim,
+                                 args.rwkv_proj_low_rank_dim, args.rwkv_gate_low_rank_dim)
+
+
+def _recurrent_build(kind: str) -> Callable[..., nn.Module]:
+    def build(args, layer_id: int) -> nn.Module:
+        from neollm.model.mixers.rnn import RecurrentMixer, rnn_hidden_size
+
+        return RecurrentMixer(kind, args.dim, rnn_hidden_size(kind, args))
+
+    return build
+
+
+def _recurrent_flops(kind: str) -> Callable[..., int]:
+    def flops(args, seq_len: int) -> int:
+        from neollm.model.mixers.rnn import rnn_flops_per_token, rnn_hidden_size
+
+        return rnn_flops_per_token(kind, args.dim, rnn_hidden_size(kind, args))
+
+    return flops
+
+
 MIXERS: dict[str, MixerSpec] = {
     "D": MixerSpec("Gated DeltaNet", _gdn_build, _gdn_flops),
     "G": MixerSpec("Gated Linear Attention", _gla_build, _gla_flops),
     "T": MixerSpec("RetNet (multi-scale retention)", _retnet_build, _retnet_flops),
     "M": MixerSpec("Mamba2", _mamba2_build, _mamba2_flops),
 }
+# RWKV-6 time mixing (heads and head size are attention's n_heads / head_dim) and the recurrent baselines.
+MIXERS["R"] = MixerSpec("RWKV-6", _rwkv6_build, _rwkv6_flops)
+MIXERS["L"] = MixerSpec("LSTM", _recurrent_build("lstm"), _recurrent_flops("lstm"))
+MIXERS["N"] = MixerSpec("Elman RNN (tanh)", _recurrent_build("rnn"), _recurrent_flops("rnn"))
 
 
 def build_mixer(code: str, args, layer_id: int) -> nn.Module:

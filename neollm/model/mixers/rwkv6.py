@@ -1,0 +1,245 @@
+"""RWKV-6 ("Finch", arXiv 2404.05892) time mixing as a NeoLLM token mixer: fla's RWKV6Attention, meta-friendly.
+
+Why RWKV-6 rather than RWKV-7: seed 003 benchmarked RWKV6 (its best mixer), and RWKV-6 is self-contained per
+layer (RWKV-7's value residual ``v_first`` crosses layers, which the Block interface does not carry).
+
+Parameter names and shapes are those of ``fla.layers.RWKV6Attention(hidden_size=dim, num_heads=num_heads,
+expand_k=expand_v=num_heads*head_dim/dim, proj_low_rank_dim, gate_low_rank_dim, mode='chunk')`` (fla 0.6.0,
+fla/layers/rwkv6.py), so state dicts load either way. Math on the training path (no cache / mask / varlen):
+
+    delta   = shift(x) - x                       shift(x)_t = x_{t-1}, x_{-1} = 0 (token shift)
+    m       = tanh((x + delta * mu_x) W_x1)       [B, T, 5, r] low-rank data-dependent lerp (ddlerp)
+    mix_*   = m_* W_x2[*] + x_bias[*]             for * in r, w, k, v, g
+    r, k, v, g = (x + delta * mix_*) W_*          (DDLerpLinear)
+    w       = -exp(LoRA_w(x + delta * mix_w))     LoRA: tanh(. A) B + b   (per-channel log decay <= 0)
+    o       = wkv6(r, k, v, w, u = bonus, scale 1)  (neollm.kernels.rwkv6 / fla chunk_rwkv6)
+    y       = W_o( GroupNorm_H(o) * SiLU(g) )     per-head LayerNorm with weight and bias
+
+fla's Triton-only pieces are done in torch here: the token shift (a pad), the per-head GroupNorm
+(fla.modules.GroupNorm, not RMS), the LoRA. On CUDA only the wkv recurrence goes to fla's kernel.
+
+Initialisation (our reading of fla's ``_initialize_weights`` and ``LoRA``): special parameters follow fla —
+mu, x_bias, bonus = 0; LoRA down-projection = 0, up-projection [out, in] orthogonal with gain
+0.1 * (sqrt(in/out) if in > out else 1), LoRA bias 0; GroupNorm weight 1, bias 0. So the decay starts at exp(-1) per step on every channel (fla's choice; the official
+RWKV-6 uses a per-channel decay schedule instead). The dense projections use NeoLLM's convention
+(N(0, init_std), o_proj N(0, out_std)) instead of fla's xavier_uniform(gain 2^-2.5), as the GDN mixer does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from neollm.kernels.rwkv6 import chunk_rwkv6_ref
+from neollm.model.norms import no_weight_decay
+
+__all__ = ["RWKV6", "rwkv6_flops_per_token"]
+
+_BACKENDS = ("auto", "fla", "torch")
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_shift_delta(x: Tensor) -> Tensor:
+    """x_{t-1} - x_t with a zero before the first token (fla's token_shift on [B, T, D])."""
+    return F.pad(x, (0, 0, 1, -1)) - x
+
+
+@torch.no_grad()
+def _orthogonal_(param: Tensor, gain: float) -> None:
+    """fla's orthogonal init (computed in fp32), also for sharded DTensors (built whole, then distributed)."""
+    if param.is_meta:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+    nn.init.orthogonal_(full, gain=gain)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(full)
+
+
+class _LoRA(nn.Module):
+    """tanh(x A) B + b, held as ``lora = Sequential(Linear, Tanh, Linear)`` (fla.layers.rwkv6.LoRA)."""
+
+    def __init__(self, input_dim: int, output_dim: int, low_rank_dim: int) -> None:
+        super().__init__()
+        self.lora = nn.Sequential(
+            nn.Linear(input_dim, low_rank_dim, bias=False), nn.Tanh(), nn.Linear(low_rank_dim, output_dim, bias=True)
+        )
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.zeros_(self.lora[0].weight)
+        out_dim, in_dim = self.lora[2].weight.shape
+        gain = math.sqrt(in_dim / out_dim) if in_dim > out_dim else 1.0
+        _orthogonal_(self.lora[2].weight, gain=0.1 * gain)
+        nn.init.zeros_(self.lora[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lora(x)
+
+
+class _LerpLinear(nn.Module):
+    """Linear(x + delta * mu) with a learned static mu (fla's LerpLinear)."""
+
+    def __init__(self, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, output_dim, bias=False)
+        self.mu = nn.Parameter(torch.zeros(input_dim))
+
+    def forward(self, x: Tensor, delta: Tensor) -> Tensor:
+        return self.linear(x + delta * self.mu)
+
+
+class _DDLerpLinear(nn.Module):
+    """Linear (or LoRA) of x + delta * mu with a data-dependent mu (fla's DDLerpLinear)."""
+
+    def __init__(self, input_dim: int, output_dim: int, low_rank_dim: int | None = None) -> None:
+        super().__init__()
+        self.linear = (
+            nn.Linear(input_dim, output_dim, bias=False) if low_rank_dim is None
+            else _LoRA(input_dim, output_dim, low_rank_dim)
+        )
+
+    def forward(self, x: Tensor, mu: Tensor, delta: Tensor) -> Tensor:
+        return self.linear(x + delta * mu)
+
+
+class RWKV6(nn.Module):
+    """RWKV-6 time mixing, [B, T, D] -> [B, T, D]; backend "fla" (Triton), "torch", or "auto" (fla on CUDA)."""
+
+    torch_chunk_size: int = 16  # the torch path's chunk (its memory grows with C); fla picks its own (64)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        proj_low_rank_dim: int = 32,
+        gate_low_rank_dim: int = 64,
+        norm_eps: float = 1e-5,
+        backend: str = "auto",
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.hidden_size = dim
+        self.num_heads = num_heads
+        self.head_k_dim = self.head_v_dim = head_dim
+        self.key_dim = self.value_dim = num_heads * head_dim
+        self.proj_low_rank_dim = proj_low_rank_dim
+        self.gate_low_rank_dim = gate_low_rank_dim
+        self.norm_eps = norm_eps
+        self.backend = backend
+        self.layer_idx = layer_idx
+
+        # Registration order follows fla's layer so state_dict() lists keys in the same order.
+        self.x_proj = nn.Sequential(
+            _LerpLinear(dim, proj_low_rank_dim * 5), nn.Tanh(), nn.Linear(proj_low_rank_dim * 5, dim, bias=False)
+        )
+        self.x_bias = nn.Parameter(torch.zeros(5, dim))
+        self.r_proj = _DDLerpLinear(dim, self.key_dim)
+        self.w_proj = _DDLerpLinear(dim, self.key_dim, low_rank_dim=gate_low_rank_dim)
+        self.k_proj = _DDLerpLinear(dim, self.key_dim)
+        self.v_proj = _DDLerpLinear(dim, self.value_dim)
+        self.g_proj = _DDLerpLinear(dim, self.value_dim)
+        self.bonus = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.g_norm = nn.GroupNorm(num_heads, self.value_dim, eps=norm_eps)  # holds weight/bias; applied in torch
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        """(Re)initialise every parameter (module docstring: fla's rules for the special ones)."""
+        for lin in (self.x_proj[0].linear, self.x_proj[2], self.r_proj.linear, self.k_proj.linear,
+                    self.v_proj.linear, self.g_proj.linear):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
+        self.w_proj.linear.init_weights()
+        for p in (self.x_proj[0].mu, self.x_bias, self.bonus, self.g_norm.bias):
+            nn.init.zeros_(p)
+        nn.init.ones_(self.g_norm.weight)
+        # x_bias [5, D] and bonus [H, K] are 2-D but are offsets/gains, not projections.
+        no_weight_decay(self.x_proj[0].mu, self.x_bias, self.bonus, self.g_norm.weight, self.g_norm.bias)
+
+    def _rkvwg(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, T, D = x.shape
+        delta = token_shift_delta(x)
+        m = torch.tanh(self.x_proj[0](x, delta)).view(B, T, 5, self.proj_low_rank_dim)
+        mix = torch.einsum("btnr,hnr->btnh", m, self.x_proj[2].weight.view(D, 5, self.proj_low_rank_dim))
+        mr, mw, mk, mv, mg = (mix + self.x_bias).unbind(-2)
+        H, K = self.num_heads, self.head_k_dim
+        r = self.r_proj(x, mr, delta).view(B, T, H, K)
+        w = -torch.exp(self.w_proj(x, mw, delta)).view(B, T, H, K)
+        k = self.k_proj(x, mk, delta).view(B, T, H, K)
+        v = self.v_proj(x, mv, delta).view(B, T, H, self.head_v_dim)
+        g = self.g_proj(x, mg, delta)
+        return r, k, v, w, g
+
+    def _out(self, o: Tensor, g: Tensor) -> Tensor:
+        """Per-head LayerNorm (fla GroupNorm, fp32 inside) times SiLU(g), then o_proj."""
+        B, T = o.shape[:2]
+        o32 = _f32(o)
+        mean = o32.mean(-1, keepdim=True)
+        var = (o32 - mean).pow(2).mean(-1, keepdim=True)
+        y = ((o32 - mean) * torch.rsqrt(var + self.norm_eps)).reshape(B, T, self.value_dim)
+        y = y * _f32(self.g_norm.weight) + _f32(self.g_norm.bias)
+        return self.o_proj(y.to(g.dtype) * F.silu(g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"expected x of shape [B, T, D], got {tuple(x.shape)}")
+        backend = self.backend
+        if backend == "auto":
+            backend = "fla" if x.is_cuda else "torch"
+        if backend == "fla" and not x.is_cuda:
+            raise ValueError("rwkv_backend='fla' needs a CUDA input (fla's kernels are Triton); use 'torch' or 'auto'")
+        r, k, v, w, g = self._rkvwg(x)
+        if backend == "fla":
+            o = _fla_wkv(r, k, v, w, self.bonus)
+        else:
+            o, _ = chunk_rwkv6_ref(r, k, v, w, self.bonus, scale=1.0, chunk_size=self.torch_chunk_size)
+        return self._out(o, g)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
+                f"proj_low_rank_dim={self.proj_low_rank_dim}, gate_low_rank_dim={self.gate_low_rank_dim}, "
+                f"backend={self.backend!r}")
+
+
+@torch.compiler.disable
+def _fla_wkv(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
+    """fla's chunked RWKV-6 kernel (Triton autograd Function, kept out of torch.compile's graph)."""
+    from neollm.model.deltanet import _ensure_fla_workaround
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    _ensure_fla_workaround()
+    o, _ = chunk_rwkv6(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=None, output_final_state=False)
+    return o
+
+
+def rwkv6_flops_per_token(dim: int, num_heads: int, head_dim: int, proj_low_rank_dim: int,
+                          gate_low_rank_dim: int, chunk_size: int = 64) -> int:
+    """Training (forward + backward) FLOPs per token of one RWKV6 layer, for MFU.
+
+    Convention as neollm.model.flops (each weight 6 FLOPs per token, elementwise work uncounted). With
+    H heads of K = V = head_dim, r = proj_low_rank_dim, g = gate_low_rank_dim, C = fla's chunk (64):
+      projections: 6 * (2 * D * 5r + 4 * D * HK + 2 * D * g + HK * D)   [ddlerp LoRA, r k v g, w LoRA, o]
+      recurrence per head and token, forward, full C x C blocks as the chunk kernel computes them:
+        scores r k^T inside the chunk 2CK, their product with v 2CV, inter-chunk r S 2KV,
+        state update k^T v 2KV  ->  2C(K + V) + 4KV, times 3 for forward + backward.
+    At D=512, H=8, K=64 this is ~9.24M (projections) + ~0.79M (recurrence) FLOPs per token.
+    """
+    H, K, C = num_heads, head_dim, chunk_size
+    hk = H * K
+    weights = 2 * dim * 5 * proj_low_rank_dim + 4 * dim * hk + 2 * dim * gate_low_rank_dim + hk * dim
+    recurrence = 3 * H * (2 * C * (K + K) + 4 * K * K)
+    return 6 * weights + recurrence
