@@ -27,7 +27,7 @@ class Model:
 @dataclass
 class Loss:
     impl: str = "auto"
-    """"auto" (Cut Cross-Entropy on CUDA, chunked PyTorch elsewhere), "cce", "fused" (chunked
+    """"auto" (on CUDA "fused" up to a 100k vocabulary, Cut Cross-Entropy above; "chunked" on CPU), "cce", "fused" (chunked
     matmuls with the gradient formed in the forward pass; neollm/fused_linear_ce.py) or "chunked"."""
 
     z_loss: float = 0.0

@@ -13,7 +13,8 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
 * ``"fused"`` — neollm.fused_linear_ce: chunks of logits through plain matmuls with the gradient
   formed in the forward pass (no recomputation), the softmax part compiled on CUDA. Exact; memory
   one chunk of logits; on an H100 at 64 x 512 tokens it beat CCE at vocab 64,402 (BENCHMARKS.md).
-* ``"auto"`` — ``cce`` on CUDA, ``chunked`` elsewhere.
+* ``"auto"`` — on CUDA ``fused`` up to a 100k vocabulary and ``cce`` above (the faster of the two
+  on an H100 at each of NeoLLM's vocabularies, FUSED_MAX_VOCAB), ``chunked`` elsewhere.
 
 z-loss (PaLM, arXiv 2204.02311 §5): ``z_loss * logsumexp(logits)^2`` per token. CCE returns only
 the per-token NLL, so the log-sum-exp is recovered exactly as ``nll + <h, w[target]>`` — one
@@ -85,9 +86,17 @@ def cce_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return nll.float()
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+FUSED_MAX_VOCAB = 100_000
+"""``auto`` on CUDA: ``fused`` up to this vocabulary, ``cce`` above. Measured on an H100 at 64 x 512
+tokens, d 512 (BENCHMARKS.md): vocab 64,402 fused 34 ms vs CCE 45 ms; vocab 151,665 CCE 105 ms
+vs fused 146 ms (fwd + bwd of the loss and head)."""
+
+
+def _resolve_impl(impl: str, device: torch.device, vocab_size: int = 0) -> str:
     if impl == "auto":
-        return "cce" if device.type == "cuda" else "chunked"
+        if device.type != "cuda":
+            return "chunked"
+        return "fused" if vocab_size <= FUSED_MAX_VOCAB else "cce"
     if impl == "cce" and device.type != "cuda":
         raise ConfigError("[loss] impl = 'cce' needs CUDA (Triton kernels); use 'chunked' or 'auto'")
     return impl
@@ -103,7 +112,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    impl = _resolve_impl(settings.impl, hidden.device)
+    impl = _resolve_impl(settings.impl, hidden.device, weight.shape[0])
     if impl == "fused":
         from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
 

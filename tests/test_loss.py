@@ -108,3 +108,14 @@ def test_cce_needs_cuda():
     hidden, weight, targets = _problem()
     with pytest.raises(ConfigError, match="needs CUDA"):
         linear_cross_entropy_sum(hidden, weight, targets, LossSettings(impl="cce"))
+
+
+def test_auto_picks_the_measured_faster_loss_per_vocabulary():
+    from neollm.loss import FUSED_MAX_VOCAB, _resolve_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _resolve_impl("auto", cuda, 64_402) == "fused"
+    assert _resolve_impl("auto", cuda, FUSED_MAX_VOCAB + 1) == "cce"
+    assert _resolve_impl("auto", cuda, 151_680) == "cce"
+    assert _resolve_impl("auto", cpu, 64_402) == "chunked"
+    assert _resolve_impl("fused", cpu, 151_680) == "fused"
