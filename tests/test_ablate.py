@@ -236,3 +236,27 @@ def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
     from neollm.hf.convert import model_args_from_json  # what convert_to_hf --flavor X.json reads
 
     assert model_args_from_json(out / "layer_pattern=D" / "model_args.json").layer_pattern == "D"
+
+
+def test_same_network_flags_a_switch_without_effect_and_nothing_else():
+    """learnable_multipliers does nothing while simplegpt is on (linear.py): such a variant is the
+    reference's network again; momentum (same parameters, other maths) and gpas are not."""
+    import dataclasses
+
+    from neollm.ablation.grid import same_network
+    from neollm.ablation.report import significance
+    from neollm.model.args import FLAVORS
+
+    base = dataclasses.replace(FLAVORS["debug"], simplegpt=True, learnable_multipliers=True,
+                               layer_pattern="A", vocab_size=512, max_seq_len=32)
+    assert same_network(base, dataclasses.replace(base, learnable_multipliers=False))
+    assert not same_network(base, dataclasses.replace(base, momentum_gamma=0.1))
+    assert not same_network(base, dataclasses.replace(base, gpas=True))
+
+    def run(name, reference, loss, **extra):
+        return {"variant": {"name": name, "reference": reference}, "final_val_loss": loss, **extra}
+
+    sig = significance([run("base", True, 5.0), run("base@1", True, 5.1),
+                        run("-lm", False, 4.5, same_network_as_reference=True), run("-x", False, 4.5)])
+    assert sig["rows"]["-lm"]["significant"].startswith("no-op")
+    assert sig["rows"]["-x"]["significant"] == "yes"

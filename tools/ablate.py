@@ -206,6 +206,24 @@ def header(opts, argv: list[str]) -> dict:
                                                   else "")}
 
 
+def mark_same_networks(runs, checked: dict) -> None:
+    """Flag variants whose model is the reference's network (a switch without effect in this base)."""
+    from neollm.model.args import NeoLLMModelArgs
+
+    reference = next((checked[v.name] for v, _ in runs if v.reference and v.name in checked), None)
+    if reference is None:
+        return
+    base = NeoLLMModelArgs(**reference["model_args"])
+    for v, _ in runs:
+        info = checked.get(v.name)
+        if info is None or v.reference or info["model_args"] == reference["model_args"]:
+            continue
+        if grid.same_network(base, NeoLLMModelArgs(**info["model_args"])):
+            info["same_network_as_reference"] = True
+            print(f"note: {v.name} builds the same network as the reference; it runs as a noise control",
+                  flush=True)
+
+
 def gpu_env(slot: int, parallel: int, ngpu: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for a run slot when the GPUs can be split between parallel runs."""
     if parallel <= 1:
@@ -233,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for v, run_argv in runs:  # every variant is checked before the first one trains
             if runner.finished(opts.out / v.dirname, run_argv) is None and not opts.report_only:
                 checked[v.name] = check_variant(v, run_argv, opts.ngpu)
+        mark_same_networks(runs, checked)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -264,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 dump.mkdir(parents=True, exist_ok=True)
                 (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
                 print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
-            extra = {k: info[k] for k in ("params", "params_non_embedding")} if info else None
+            extra = {k: info[k] for k in ("params", "params_non_embedding", "same_network_as_reference")
+                     if k in info} if info else None
             env = gpu_env(slot, opts.parallel, opts.ngpu)
             result, ran = runner.run_variant(v, dump, run_argv, opts.ngpu, info.get("checkpoint_folder", "checkpoint"),
                                              report.summarize, extra, env=env)

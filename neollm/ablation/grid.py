@@ -305,3 +305,34 @@ def model_args_for(job_config):
     args = copy.deepcopy(FLAVORS[job_config.model.flavor])
     args.update_from_config(job_config)
     return args
+
+
+def same_network(a, b, tokens: int = 16) -> bool:
+    """True when model args ``a`` and ``b`` build the same network: the same parameters and, from
+    one seed, the same logits (e.g. a switch that has no effect while another is on). Such a
+    variant is a free noise control, not an ablation. Parameters are compared on the meta device
+    first; only then are both models built on the CPU."""
+    import torch
+
+    from neollm.model.model import NeoLLM
+
+    def shapes(args) -> dict:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in NeoLLM(args).state_dict().items()}
+
+    if shapes(a) != shapes(b):
+        return False
+    logits = []
+    for args in (a, b):
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(0)
+            model = NeoLLM(args)
+            model.init_weights()
+            model.eval()
+            ids = (torch.arange(min(tokens, args.max_seq_len)) * 7919 % args.vocab_size)[None]
+            with torch.no_grad():
+                logits.append(model(ids))
+        finally:
+            torch.random.set_rng_state(state)
+    return torch.equal(logits[0], logits[1])

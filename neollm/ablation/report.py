@@ -80,6 +80,8 @@ def significance(results: list[dict]) -> dict:
         delta = r["final_val_loss"] - mean
         if r["variant"]["reference"]:
             verdict = "reference"
+        elif r.get("same_network_as_reference"):
+            verdict = "no-op: same network as the reference (a noise control)"
         elif spread is None:
             verdict = "spread unknown"
         else:
