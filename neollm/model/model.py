@@ -57,7 +57,7 @@ class NeoLLM(ModelProtocol):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]; with labels [B, T], the summed loss instead.
 
-        With labels the head runs through neollm.loss (Cut Cross-Entropy on CUDA), so the
+        With labels the head runs through neollm.loss (fused or Cut Cross-Entropy on CUDA), so the
         [B*T, vocab] logits are never materialised. With mlp_type "moe" the summed loss also holds
         moe_aux_loss_coef * (sum of the layers' load-balancing losses) * (valid tokens): divided by the
         valid-token count (the trainer's step) it is CE_mean + coef * aux (neollm/model/moe.py). Only in
