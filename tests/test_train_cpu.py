@@ -79,3 +79,18 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, overrides, ngpu, fragment
     result = run_trainer("--job.dump_folder", str(tmp_path / "bad"), *overrides, ngpu=ngpu, timeout=300)
     assert fragment in _error_line(result)
     assert not (tmp_path / "bad" / "checkpoint").exists()
+
+
+def test_fused_loss_trains_like_the_chunked_one_under_fsdp(tmp_path):
+    """[loss] impl = "fused" (gradient formed in the forward pass, the tied head weight owned by the
+    root FSDP2 unit) takes the same optimizer steps as the recomputing chunked path on 2 ranks."""
+    common = ("--checkpoint.no-enable", "--loss.chunk_size", "96")
+    losses = {}
+    for impl in ("chunked", "fused"):
+        result = run_trainer("--training.steps", "4", "--job.dump_folder", str(tmp_path / impl),
+                             "--loss.impl", impl, *common, ngpu=2)
+        assert result.returncode == 0, result.stdout[-4000:]
+        losses[impl] = losses_by_step(result.stdout)
+    assert sorted(losses["fused"]) == [1, 2, 3, 4]
+    for step, value in losses["chunked"].items():
+        assert abs(losses["fused"][step] - value) < 1e-4 * max(1.0, abs(value)), (step, losses)
