@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
+from neollm.model.mixers.common import check_backend, resolve_backend
 
 __all__ = ["GatedDeltaNet", "gdn_flops_per_token"]
 
-_BACKENDS = ("auto", "fla", "torch")
 _fla_workaround_checked = False
 
 
@@ -98,8 +98,7 @@ class GatedDeltaNet(nn.Module):
         layer_idx: int | None = None,
     ) -> None:
         super().__init__()
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         head_v_dim = head_dim * expand_v
         if not math.isclose(head_v_dim, round(head_v_dim), rel_tol=0, abs_tol=1e-6):
             raise ValueError(f"head_dim * expand_v must be an integer, got {head_dim} * {expand_v}")
@@ -162,14 +161,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias._no_weight_decay = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"expected x of shape [B, T, D], got {tuple(x.shape)}")
-        backend = self.backend
-        if backend == "auto":
-            backend = "fla" if x.is_cuda else "torch"
-        if backend == "fla":
-            if not x.is_cuda:
-                raise ValueError("backend='fla' needs a CUDA input (fla's kernels are Triton); use 'torch' or 'auto'")
+        if resolve_backend(self.backend, x, "GatedDeltaNet") == "fla":
             return self._forward_fla(x)
         return self._forward_torch(x)
 

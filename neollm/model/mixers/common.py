@@ -1,4 +1,5 @@
-"""Pieces shared by the fla-backed mixers (GLA, RetNet, Mamba2): backend choice and the recurrence FLOPs."""
+"""Pieces shared by the fla-backed mixers (Gated DeltaNet, GLA, RetNet, Mamba2, RWKV-6): backend choice and
+the recurrence FLOPs."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ from torch import Tensor
 _BACKENDS = ("auto", "fla", "torch")
 
 
-def resolve_backend(backend: str, x: Tensor, name: str) -> str:
-    """"auto" -> "fla" on CUDA, else "torch"; "fla" on a CPU input is an error naming the fix."""
+def resolve_backend(backend: str, x: Tensor, name: str, setting: str = "gdn_backend") -> str:
+    """"auto" -> "fla" on CUDA, else "torch"; "fla" on a CPU input is an error naming the fix
+    (``setting``: the model field that chose the backend)."""
     if x.dim() != 3:
         raise ValueError(f"{name}: expected x of shape [B, T, D], got {tuple(x.shape)}")
     if backend == "auto":
         return "fla" if x.is_cuda else "torch"
     if backend == "fla" and not x.is_cuda:
-        raise ValueError(f"{name}: backend='fla' needs a CUDA input (fla's kernels are Triton); "
-                         "set gdn_backend = 'auto' or 'torch'")
+        raise ValueError(f"{name}: {setting}='fla' needs a CUDA input (fla's kernels are Triton); "
+                         f"set {setting} = 'auto' or 'torch'")
     return backend
 
 

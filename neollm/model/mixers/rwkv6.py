@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.rwkv6 import chunk_rwkv6_ref
+from neollm.model.mixers.common import check_backend, resolve_backend
 from neollm.model.norms import no_weight_decay
 
 __all__ = ["RWKV6", "rwkv6_flops_per_token"]
 
-_BACKENDS = ("auto", "fla", "torch")
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -129,8 +129,7 @@ class RWKV6(nn.Module):
         layer_idx: int | None = None,
     ) -> None:
         super().__init__()
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.hidden_size = dim
         self.num_heads = num_heads
         self.head_k_dim = self.head_v_dim = head_dim
@@ -195,13 +194,7 @@ class RWKV6(nn.Module):
         return self.o_proj(y.to(g.dtype) * F.silu(g))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"expected x of shape [B, T, D], got {tuple(x.shape)}")
-        backend = self.backend
-        if backend == "auto":
-            backend = "fla" if x.is_cuda else "torch"
-        if backend == "fla" and not x.is_cuda:
-            raise ValueError("rwkv_backend='fla' needs a CUDA input (fla's kernels are Triton); use 'torch' or 'auto'")
+        backend = resolve_backend(self.backend, x, "RWKV6", setting="rwkv_backend")
         r, k, v, w, g = self._rkvwg(x)
         if backend == "fla":
             o = _fla_wkv(r, k, v, w, self.bonus)
