@@ -61,6 +61,32 @@ class RunLogger(BaseLogger):
             self.jsonl = None
 
 
+def read_metrics_jsonl(path) -> dict[str, dict[int, float]]:
+    """The numbers of a ``metrics.jsonl`` this logger wrote: tag -> step -> value. A step logged
+    twice (a resumed run) keeps its last value; lines cut by a crash and non-numbers are skipped;
+    a missing file gives no series."""
+    from pathlib import Path
+
+    path = Path(path)
+    series: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return series
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.pop("step", None)
+        if step is None:
+            continue
+        for tag, value in record.items():
+            if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+                value = float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and tag != "time":
+                series.setdefault(tag, {})[int(step)] = float(value)
+    return series
+
+
 def _full(param: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (gathers an FSDP/TP DTensor: every rank must call this)."""
     data = param.detach()

@@ -14,32 +14,13 @@ techniques.png into --out (default: <run>/plots).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from neollm.monitor import read_metrics_jsonl as read_jsonl
+
 Series = dict[str, dict[int, float]]  # tag -> step -> value
-
-
-def read_jsonl(path: Path) -> Series:
-    series: Series = defaultdict(dict)
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        step = record.pop("step", None)
-        if step is None:
-            continue
-        for tag, value in record.items():
-            if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-                value = float(value)
-            if isinstance(value, (int, float)) and tag != "time":
-                series[tag][int(step)] = float(value)
-    return series
 
 
 def read_tensorboard(folder: Path) -> Series:

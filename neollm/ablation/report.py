@@ -18,34 +18,15 @@ import json
 import statistics
 from pathlib import Path
 
+from neollm.monitor import read_metrics_jsonl
+
 VAL, TRAIN = "validation_metrics/loss", "loss_metrics/global_avg_loss"
 TOKENS, TPS, MEMORY = "n_tokens_seen", "throughput(tps)", "memory/max_reserved(GiB)"
 
 
-def read_metrics(path: Path) -> dict[str, dict[int, float]]:
-    """tag -> step -> value (last value wins; cut lines and non-numbers skipped)."""
-    series: dict[str, dict[int, float]] = {}
-    if not path.is_file():
-        return series
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        step = record.pop("step", None)
-        if step is None:
-            continue
-        for tag, value in record.items():
-            if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-                value = float(value)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and tag != "time":
-                series.setdefault(tag, {})[int(step)] = float(value)
-    return series
-
-
 def summarize(dump: Path) -> dict:
     """A finished run's numbers (validation loss curve against tokens seen)."""
-    series = read_metrics(dump / "metrics.jsonl")
+    series = read_metrics_jsonl(dump / "metrics.jsonl")
     val, tokens = series.get(VAL, {}), series.get(TOKENS, {})
     if not val:
         raise ValueError(f"{dump}/metrics.jsonl has no {VAL}: is [validation] enabled?")
