@@ -9,6 +9,13 @@
 folder (the latest step is used), or a state-dict file (.pt / .safetensors). The vocabulary
 size is read from the checkpoint; --max-seq-len sets the context (default: the flavor's).
 Each prompt's continuation is printed after it; timing goes to stderr.
+
+--decode-mode picks the per-token step of cached decoding (neollm/decode_graph.py): "auto"
+(default) = "cuda_graph" on CUDA (the static-shape step captured once and replayed per token;
+"dynamic" with a warning if the capture fails), "dynamic" elsewhere; "dynamic" = forward_step
+per token (Python positions, launch-bound on a GPU); "eager" = the static step without a graph
+(for checks); "compile" = the static step through torch.compile (+ a CUDA graph on CUDA; the
+compilation takes a while). The reported time includes the capture / compilation.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOS")
     p.add_argument("--no-cache", action="store_true", help="full forward per token (slow; for checks)")
+    p.add_argument("--decode-mode", choices=("auto", "dynamic", "eager", "cuda_graph", "compile"), default="auto",
+                   help="cached decoding step: auto = cuda_graph on CUDA, dynamic elsewhere (see above)")
     p.add_argument("--gdn-kernels", choices=("auto", "fla", "torch"), default="auto",
                    help="Gated DeltaNet decode kernels: auto = fla on CUDA, torch reference elsewhere")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the flavor's)")
@@ -51,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from neollm.decode_graph import resolve_decode_mode
     from neollm.generate import SamplingConfig, generate, load_model
     from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
 
@@ -71,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_length=args.min_length, repetition_penalty=args.repetition_penalty,
         seed=args.seed, eos_id=None if args.no_eos_stop else tokenizer.eos_id,
-        use_cache=not args.no_cache,
+        use_cache=not args.no_cache, decode_mode=args.decode_mode,
     )
+    cfg.validate()
+    mode = resolve_decode_mode(cfg.decode_mode, device) if cfg.use_cache else "uncached"
     start = time.perf_counter()
     outputs = generate(model, prompts, cfg, gdn_kernels=args.gdn_kernels)
     if device.startswith("cuda"):
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * 40)
     n = sum(len(o) for o in outputs)
     print(f"{n} new tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s, {device}, "
-          f"{'cached' if cfg.use_cache else 'uncached'})", file=sys.stderr)
+          f"{mode})", file=sys.stderr)
     return 0
 
 

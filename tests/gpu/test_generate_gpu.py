@@ -1,4 +1,5 @@
-"""GPU checks of cached decoding: fla's recurrent/chunk kernels with a carried state vs the full forward.
+"""GPU checks of cached decoding: fla's recurrent/chunk kernels with a carried state vs the full forward,
+and the static decoder's CUDA-graph and compile modes vs the dynamic step.
 
 Not run in this repository's CPU CI (written without GPU access; run with `pytest -m gpu tests/gpu`).
 fp32 with TF32 inside fla's Triton dots: relative RMS error tolerance 5e-3, as tests/gpu/test_gdn_gpu.py.
@@ -15,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_model import build, tiny  # noqa: E402
 
+from neollm.decode_graph import DecoderPool, StaticDecoder  # noqa: E402
 from neollm.generate import forward_step, generate, new_cache  # noqa: E402
 from neollm.model.args import FLAVORS  # noqa: E402
 
@@ -45,3 +47,59 @@ def test_cached_decoding_on_cuda(kernels):
     assert rel_err(torch.cat(parts, dim=1), full) < 5e-3
     out = generate(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, gdn_kernels=kernels)
     assert len(out[0]) == 8
+
+
+STATIC_FLAVORS = {
+    "neollm_135m": tiny(FLAVORS["neollm_135m"], max_seq_len=96),  # LUCID, momentum, affine, GQA
+    "hybrid_fla": tiny(FLAVORS["neollm_110m_hybrid"], gdn_backend="auto", max_seq_len=96),  # fla GDN
+}
+
+
+def _perturbed_cuda(args):
+    model = build(args).cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
+@pytest.mark.parametrize("flavor", list(STATIC_FLAVORS))
+def test_static_decoder_on_cuda(flavor, mode):
+    """Teacher-forced: the replayed graph's logits equal the dynamic step's (fp32; the masked
+    full-buffer attention and LUCID sum in another order), the cache keeps its addresses; then
+    generate() in this mode picks the dynamic path's greedy tokens, reusing a pooled decoder."""
+    args = STATIC_FLAVORS[flavor]
+    model = _perturbed_cuda(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
+    dec = StaticDecoder(model, batch=2, max_len=48, mode=mode)
+    addresses = [t.data_ptr() for t in dec.cache.tensors()]
+    cache = new_cache(model, 48)
+    static = [dec.prefill(tokens[:, :20])]
+    dynamic = [forward_step(model, tokens[:, :20], cache)[:, -1]]
+    for t in range(20, 40):
+        static.append(dec.step(tokens[:, t]).clone())
+        dynamic.append(forward_step(model, tokens[:, t:t + 1], cache)[:, -1])
+    assert rel_err(torch.stack(static), torch.stack(dynamic)) < 1e-4
+    assert [t.data_ptr() for t in dec.cache.tensors()] == addresses
+    assert dec.pos.item() == 40
+
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    greedy = generate(model, prompts, max_new_tokens=16, temperature=0, decode_mode="dynamic")
+    pool = DecoderPool()
+    for _ in range(2):  # the second call replays the pooled graphs
+        assert generate(model, prompts, max_new_tokens=16, temperature=0, decode_mode=mode,
+                        decoders=pool) == greedy
+    assert len(pool) == 2
+    sampled = generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=3, decode_mode="dynamic")
+    assert generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=3, decode_mode=mode,
+                    decoders=pool) == sampled
+
+
+def test_auto_mode_is_cuda_graph_on_cuda():
+    model = _perturbed_cuda(STATIC_FLAVORS["neollm_135m"])
+    greedy = generate(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, decode_mode="dynamic")
+    pool = DecoderPool()
+    assert generate(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, decoders=pool) == greedy
+    assert next(iter(pool._entries.values()))._graph is not None
