@@ -350,7 +350,7 @@ def forward_step(model: NeoLLM, tokens: Tensor, cache: DecodeCache) -> Tensor:
 
 
 # ---- sampling -------------------------------------------------------------------------------
-DECODE_MODES = ("auto", "dynamic", "eager", "cuda_graph", "compile")  # = neollm.decode_graph.DECODE_MODES
+DECODE_MODES = ("auto", "dynamic", "eager", "cuda_graph", "compile")  # SamplingConfig.decode_mode; decode_graph.py runs them
 
 
 @dataclass

@@ -85,13 +85,13 @@ def test_static_decoder_on_cuda(flavor, mode):
     assert [t.data_ptr() for t in dec.cache.tensors()] == addresses
     assert dec.pos.item() == 40
 
-    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]  # one length group: one more capture / compilation
     greedy = generate(model, prompts, max_new_tokens=16, temperature=0, decode_mode="dynamic")
     pool = DecoderPool()
     for _ in range(2):  # the second call replays the pooled graphs
         assert generate(model, prompts, max_new_tokens=16, temperature=0, decode_mode=mode,
                         decoders=pool) == greedy
-    assert len(pool) == 2
+    assert len(pool) == 1
     sampled = generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=3, decode_mode="dynamic")
     assert generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=3, decode_mode=mode,
                     decoders=pool) == sampled
