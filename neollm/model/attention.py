@@ -94,6 +94,7 @@ import torch.nn.functional as F
 
 from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
+from neollm.model.init_utils import copy_full_
 from neollm.model.linear import init_linear, make_linear
 from neollm.model.rope import apply_rope
 
@@ -183,7 +184,7 @@ class Attention(nn.Module):
                 self.v_norm_weight.fill_(1.0)
             if self.mea:
                 for mix in (self.mea_k_mix, self.mea_v_mix):
-                    mix.copy_(torch.eye(self.n_kv_heads, dtype=mix.dtype, device=mix.device))
+                    copy_full_(mix, torch.eye(self.n_kv_heads))  # sharded under FSDP2
                 self.mea_k_weight.fill_(1.0)
                 self.mea_v_weight.fill_(1.0)
                 self.mea_k_bias.zero_()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.rwkv6 import chunk_rwkv6_ref
+from neollm.model.init_utils import copy_full_
 from neollm.model.mixers.common import check_backend, resolve_backend
 from neollm.model.norms import no_weight_decay
 
@@ -56,13 +57,9 @@ def _orthogonal_(param: Tensor, gain: float) -> None:
     """fla's orthogonal init (computed in fp32), also for sharded DTensors (built whole, then distributed)."""
     if param.is_meta:
         return
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     full = torch.empty(param.shape, dtype=torch.float32, device=param.device)
     nn.init.orthogonal_(full, gain=gain)
-    if isinstance(param, DTensor):
-        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
-    param.copy_(full)
+    copy_full_(param, full)
 
 
 class _LoRA(nn.Module):
