@@ -13,6 +13,11 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
 * ``"fused"`` — neollm.fused_linear_ce: chunks of logits through plain matmuls with the gradient
   formed in the forward pass (no recomputation), the softmax part compiled on CUDA. Exact; memory
   one chunk of logits; on an H100 at 64 x 512 tokens it beat CCE at vocab 64,402 (BENCHMARKS.md).
+* ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
+  compiled on CUDA: what torchtitan's stock trainer does. That computation (F.cross_entropy on the
+  compiled logits) was the fastest on an H100 at vocab 64,402 (17 ms vs 34 ms for ``fused`` at
+  64 x 512 tokens, BENCHMARKS.md) for ~4 GiB of bf16 logits, and slower than CCE at 152k; this
+  implementation of it (with z-loss) is not timed on a GPU yet. For when memory is not the limit.
 * ``"auto"`` — on CUDA ``fused`` up to a 100k vocabulary and ``cce`` above (the faster of the two
   on an H100 at each of NeoLLM's vocabularies, FUSED_MAX_VOCAB), ``chunked`` elsewhere.
 
@@ -33,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from neollm.errors import ConfigError
 
 IGNORE_INDEX = -100
-LOSS_IMPLS = ("auto", "cce", "fused", "chunked")
+LOSS_IMPLS = ("auto", "cce", "fused", "chunked", "logits")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,34 @@ def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         else:
             pieces.append(_chunk_nll(*args))
     return torch.cat(pieces)
+
+
+def logits_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    z_loss: float) -> torch.Tensor:
+    """Sum of NLL (+ z-loss) over valid tokens from the whole logits [N, V] (fp32 or fp64 math)."""
+    logits = _at_least_fp32(hidden @ weight.t())
+    lse = logits.logsumexp(-1)
+    target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    valid = targets != IGNORE_INDEX
+    zero = lse.new_zeros(())
+    loss = torch.where(valid, lse - target_logit, zero).sum()
+    if z_loss:
+        loss = loss + z_loss * torch.where(valid, lse, zero).pow(2).sum()
+    return loss
+
+
+_compiled_logits_loss_sum = None
+
+
+def _logits_loss_fn(device: torch.device):
+    """``logits_loss_sum`` compiled once per process on CUDA (inductor fuses the cast, the
+    log-sum-exp and the gather, and keeps the logits in bf16 for backward); eager elsewhere."""
+    global _compiled_logits_loss_sum
+    if device.type != "cuda":
+        return logits_loss_sum
+    if _compiled_logits_loss_sum is None:
+        _compiled_logits_loss_sum = torch.compile(logits_loss_sum)
+    return _compiled_logits_loss_sum
 
 
 def cce_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,6 +151,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
         return fused_linear_cross_entropy_sum(hidden, weight, targets, settings.z_loss,
                                               settings.chunk_size, IGNORE_INDEX)
+    if impl == "logits":
+        return _logits_loss_fn(hidden.device)(hidden, weight, targets, settings.z_loss)
     if impl == "cce":
         nll = cce_token_nll(hidden, weight, targets)
     else:

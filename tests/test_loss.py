@@ -32,7 +32,7 @@ def _reference(hidden, weight, targets, z_loss=0.0):
     return loss + z_loss * logits.logsumexp(-1)[valid].pow(2).sum()
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "fused", "logits"])
 @pytest.mark.parametrize("chunk_size", [1, 8, 37, 4096])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 def test_chunked_loss_matches_logits_cross_entropy(impl, chunk_size, z_loss):
@@ -47,7 +47,7 @@ def test_chunked_loss_matches_logits_cross_entropy(impl, chunk_size, z_loss):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "fused", "logits"])
 def test_ignored_tokens_contribute_nothing(impl):
     hidden, weight, targets = _problem()
     all_ignored = torch.full_like(targets, IGNORE_INDEX)

@@ -37,6 +37,7 @@ def methods() -> dict:
             h, w, t, LossSettings(impl="fused", chunk_size=4096)),
         "fused 8192 (gradient in forward)": lambda h, w, t: linear_cross_entropy_sum(
             h, w, t, LossSettings(impl="fused", chunk_size=8192)),
+        "logits (NeoLLM's impl, compiled)": lambda h, w, t: linear_cross_entropy_sum(h, w, t, LossSettings(impl="logits")),
         "chunked 4096 (recompute in backward)": lambda h, w, t: linear_cross_entropy_sum(
             h, w, t, LossSettings(impl="chunked", chunk_size=4096)),
     }
