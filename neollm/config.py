@@ -42,7 +42,10 @@ class Loss:
 class Optimizer:
     """NeoLLM's keys in ``[optimizer]`` (torchtitan's name, lr, beta1, beta2, eps, weight_decay,
     implementation stay). ``name`` may be "AdamW", "Adam", "AdEMAMix" or "Conda"
-    (neollm/optim). Weight decay applies only to matrices not flagged ``_no_weight_decay``."""
+    (neollm/optim). Weight decay applies only to matrices not flagged ``_no_weight_decay``.
+    ``implementation`` for our optimizers (no fused kernels): AdEMAMix batches with foreach ops unless
+    "for-loop"; Conda batches (foreach ops, batched projections) with "foreach", not with "for-loop",
+    and with "fused" (torchtitan's default) on CUDA only."""
 
     beta3: float = 0.9999
     """AdEMAMix: slow-EMA coefficient (paper/official default 0.9999; seed 000 uses 0.999)."""

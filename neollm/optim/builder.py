@@ -78,6 +78,8 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "correct_bias": getattr(config, "conda_correct_bias", True),
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
+            # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
+            "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }
     raise ConfigError(f"[optimizer] name {name!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
 

@@ -33,6 +33,16 @@ HSDP replica dimension):
 * other placements (e.g. tensor-parallel ``Shard(1)``) fall back to gathering g, m and v and
   computing the full update on every rank (correct, costlier).
 
+``foreach=True`` computes the same step batched: the moment updates and the non-matrix Adam steps
+as ``torch._foreach_*`` ops over all tensors at once, and the projections of matrices with the
+same (local) shape and side as one batched matmul, instead of ~10 small kernels per tensor (a
+per-tensor step of NeoLLM-135M's 482 tensors took 53.5 ms on an H100: launch-bound; the batched
+step is not timed on a GPU yet). ``None`` (the default) batches CUDA tensors only: on a CPU, which
+is not launch-bound, the stacking copies made it ~25% slower. ``[optimizer] implementation =
+"foreach"`` / ``"for-loop"`` force it on / off. Left projections of row-sharded DTensors (which
+need reduce-scatters) and other layouts keep the per-tensor path. Equal to the per-tensor step up
+to matmul summation order (tests/test_optim.py runs both against the reference).
+
 State per parameter: ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq`` (parameter-sized)
 and, for matrices, ``projector`` (the basis). All are tensors, so DCP checkpoints them.
 """
@@ -40,6 +50,7 @@ and, for matrices, ``projector`` (the basis). All are tensors, so DCP checkpoint
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Iterable
 
 import torch
@@ -56,6 +67,11 @@ def svd_basis(matrix: torch.Tensor) -> torch.Tensor:
     U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
     basis = Vh if matrix.shape[0] >= matrix.shape[1] else U
     return basis.to(orig_dtype).contiguous()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (shares its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _is_right(shape) -> bool:
@@ -78,6 +94,7 @@ class Conda(Optimizer):
         correct_bias: bool = True,
         update_proj_gap: int = 500,
         scale: float = 0.25,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Conda: invalid learning rate {lr}")
@@ -89,7 +106,8 @@ class Conda(Optimizer):
         if update_proj_gap < 1:
             raise ValueError(f"Conda: update_proj_gap must be >= 1, got {update_proj_gap}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, update_proj_gap=int(update_proj_gap), scale=scale)
+                        correct_bias=correct_bias, update_proj_gap=int(update_proj_gap), scale=scale,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -100,40 +118,123 @@ class Conda(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            # Bucket by step (normally one bucket), mesh, device and dtype for the batched path.
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("Conda does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                    state["exp_avg"] = torch.zeros_like(p.grad)
+                    state["exp_avg_sq"] = torch.zeros_like(p.grad)
                 step = int(state["step"].item())  # before this step, as in the reference
-
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                if grad.ndim == 2:
-                    if "projector" not in state or step % group["update_proj_gap"] == 0:
-                        state["projector"] = self._basis(exp_avg)
-                    norm_grad = self._projected_direction(grad, exp_avg, exp_avg_sq,
-                                                          state["projector"], group)
+                foreach = group.get("foreach")
+                if foreach or (foreach is None and p.device.type == "cuda"):
+                    mesh = p.device_mesh if isinstance(p, DTensor) else None
+                    buckets[(step, mesh, p.device, p.dtype)].append(p)
                 else:
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    norm_grad = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-
-                state["step"] += 1
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    t = step + 1
-                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                p.add_(norm_grad, alpha=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                    self._update_single(p, state, step, group)
+            for (step, *_), params in buckets.items():
+                self._update_foreach(params, step, group)
         return loss
+
+    @staticmethod
+    def _step_size(step: int, group: dict) -> float:
+        beta1, beta2 = group["betas"]
+        if not group["correct_bias"]:
+            return group["lr"]
+        t = step + 1
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+    def _refresh_basis(self, state: dict, step: int, group: dict) -> None:
+        if "projector" not in state or step % group["update_proj_gap"] == 0:
+            state["projector"] = self._basis(state["exp_avg"])
+
+    def _update_single(self, p: torch.Tensor, state: dict, step: int, group: dict) -> None:
+        """One tensor: the reference's order of operations."""
+        beta1, beta2 = group["betas"]
+        grad = p.grad
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        if grad.ndim == 2:
+            self._refresh_basis(state, step, group)
+            norm_grad = self._projected_direction(grad, exp_avg, exp_avg_sq, state["projector"], group)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            norm_grad = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        state["step"] += 1
+        p.add_(norm_grad, alpha=-self._step_size(step, group))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _update_foreach(self, params: list[torch.Tensor], step: int, group: dict) -> None:
+        """Tensors at the same step, on one mesh/device/dtype: the same math as ``_update_single``,
+        on local shards, with foreach ops and batched projections."""
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        states = [self.state[p] for p in params]
+        local = [_local(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        ms = [_local(s["exp_avg"]) for s in states]
+        vs = [_local(s["exp_avg_sq"]) for s in states]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
+
+        directions: list[torch.Tensor | None] = [None] * len(params)
+        others = [i for i, p in enumerate(params) if p.ndim != 2]
+        if others:  # Adam without projection
+            v_o, g_o = [vs[i] for i in others], [grads[i] for i in others]
+            torch._foreach_mul_(v_o, beta2)
+            torch._foreach_addcmul_(v_o, g_o, g_o, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(v_o)
+            torch._foreach_add_(denom, eps)
+            for i, d in zip(others, torch._foreach_div([ms[i] for i in others], denom)):
+                directions[i] = d
+
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            if p.ndim != 2:
+                continue
+            self._refresh_basis(states[i], step, group)
+            right = _is_right(p.shape)
+            if not isinstance(p, DTensor) or (right and _row_sharded(p.grad)):
+                batches[(tuple(grads[i].shape), right)].append(i)
+            else:  # reduce-scatters (left, row-sharded) or gathered layouts: one tensor at a time
+                d = self._projected_direction(params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"],
+                                              states[i]["projector"], group)
+                directions[i] = _local(d)
+        for (_, right), idx in batches.items():
+            for i, d in zip(idx, self._batched_directions(
+                    [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
+                    [states[i]["projector"] for i in idx], right, group)):
+                directions[i] = d
+
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        torch._foreach_add_(local, directions, alpha=-self._step_size(step, group))
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(local, local, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _batched_directions(grads, ms, vs, bases, right: bool, group: dict) -> list[torch.Tensor]:
+        """``_direction_local`` for k matrices of one shape and side as batched matmuls; v updated in place."""
+        beta2 = group["betas"][1]
+        if len(grads) == 1:  # views, no copies (v is updated in place through its view)
+            g, m, v, basis = grads[0][None], ms[0][None], vs[0][None], bases[0][None]
+        else:
+            g, m, v, basis = torch.stack(grads), torch.stack(ms), torch.stack(vs), torch.stack(bases)
+        if right:
+            g_proj, m_proj = g @ basis.mT, m @ basis.mT
+        else:
+            g_proj, m_proj = basis.mT @ g, basis.mT @ m
+        v.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
+        if len(vs) > 1:
+            torch._foreach_copy_(vs, list(v.unbind(0)))
+        n = m_proj / v.sqrt().add_(group["eps"])
+        back = n @ basis if right else basis @ n
+        return list((back * group["scale"]).unbind(0))
 
     # -- basis -------------------------------------------------------------------------------
 
