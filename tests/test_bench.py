@@ -25,3 +25,36 @@ def test_bench_measures_a_flavor_on_cpu(tmp_path, capsys):
     assert math.isfinite(rows[0]["loss"]) and abs(rows[0]["loss"] - math.log(256)) < 1.0
     assert "| debug V=256 |" in (tmp_path / "bench.md").read_text()
     assert "| config | params | tok/s |" in capsys.readouterr().out
+
+
+def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
+    """tools/bench_scaling.py: the real trainer on 1 and 2 CPU ranks (gloo), same global batch."""
+    from conftest import require_prepared_assets
+
+    require_prepared_assets()
+    scaling = load_tool("bench_scaling")
+    out = tmp_path / "scaling"
+    argv = ["--config", "train_configs/debug.toml", "--layouts", "1,2", "--steps", "4", "--skip", "1",
+            "--compare-steps", "4", "--out", str(out)]
+    assert scaling.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["layout"], r["ngpu"], r["local_batch"]) for r in rows] == [("1", 1, 4), ("2", 2, 4)]
+    assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == 8 * 128  # the global batch, any layout
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["tok_s"] > 0
+    assert rows[1]["loss_steps_compared"] == 4 and rows[1]["loss_max_abs_diff"] < 1.0
+    assert all(math.isfinite(v) for r in rows for v in r["losses"].values()) and len(rows[1]["losses"]) == 4
+    assert "| 2 | 2 | 4 | 1,024 |" in (out / "results.md").read_text()
+    first = (out / "2" / "result.json").read_text()
+    capsys.readouterr()
+    assert scaling.main(argv) == 0  # finished layouts are not run again
+    assert (out / "2" / "result.json").read_text() == first
+
+
+def test_bench_scaling_refuses_bad_layouts_before_training(tmp_path, capsys):
+    scaling = load_tool("bench_scaling")
+    base = ["--config", "train_configs/debug.toml", "--steps", "4", "--skip", "1", "--out", str(tmp_path)]
+    assert scaling.main([*base, "--layouts", "1,2y2"]) == 2
+    assert "layout '2y2': write N" in capsys.readouterr().err
+    assert scaling.main([*base, "--layouts", "3"]) == 2  # global batch 8 over 3 ranks
+    assert "does not divide over 3 ranks" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -21,10 +21,8 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import queue
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from neollm.ablation import grid, report, runner  # noqa: E402
 from neollm.errors import ConfigError  # noqa: E402
+from neollm.provenance import device_name, git_commit  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,19 +184,7 @@ def check_variant(variant: grid.Variant, argv: list[str], ngpu: int) -> dict:
 
 
 def header(opts, argv: list[str]) -> dict:
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
-    import torch
-
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    commit, device = git_commit(), device_name()
     return {"command": "python tools/ablate.py " + shlex.join(argv), "config": str(opts.config),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "git commit": commit, "device": f"{device} x {opts.ngpu} process(es)",

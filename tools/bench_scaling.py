@@ -1,0 +1,198 @@
+"""Multi-GPU scaling of the real trainer: the same TOML on 1, 2, ... N processes, side by side.
+
+Each layout is one ``./run_train.sh`` run (torchrun, FSDP2; ``RxS`` is HSDP: R replicas of S-way
+sharding, NGPU = R * S) with the config's global batch unchanged, so every layout takes the same
+optimizer steps on the same tokens; only the split across ranks (and the micro-batches) differ.
+Per layout: tokens per step, median step time over the steps after ``--skip`` (compilation and
+warm-up excluded), total and per-GPU tok/s, scaling against the first layout (ideally NGPU x) and
+peak memory; and how far its training losses are from the first layout's over the first
+``--compare-steps`` steps. Rank r of W reads the r-th contiguous block of documents (neollm/data),
+so the layouts train on different sequences at each step: their losses agree statistically (same
+model, same data distribution, same recipe), not bit for bit.
+
+    python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,2 --steps 30 \\
+        --out outputs/scaling --set compile.enable=true
+    python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,8,2x4 --steps 200 ...
+
+The micro-batch per rank is the config's local batch, or the global batch / data-parallel degree
+when that is smaller (``--local-batch`` to fix it for every layout). Validation and checkpoints are
+off. A finished layout (``<out>/<layout>/result.json``) is skipped when the command is rerun, so a
+long comparison can be spread over several jobs. Writes ``results.md`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from neollm.ablation.grid import Variant  # noqa: E402
+from neollm.ablation.runner import RunFailed, run_variant  # noqa: E402
+from neollm.errors import ConfigError  # noqa: E402
+from neollm.monitor import read_metrics_jsonl  # noqa: E402
+from neollm.provenance import device_name, git_commit  # noqa: E402
+
+TRAIN, TOKENS = "loss_metrics/global_avg_loss", "n_tokens_seen"
+STEP_TIME, MEMORY = "time_metrics/end_to_end(s)", "memory/max_reserved(GiB)"
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """"N" -> (1 replica, N shards); "RxS" -> (R, S) (HSDP)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1 and parts[0] >= 1:
+        return 1, parts[0]
+    if len(parts) == 2 and min(parts) >= 1:
+        return parts[0], parts[1]
+    raise ConfigError(f"layout {text!r}: write N (FSDP over N GPUs) or RxS (HSDP, R replicas x S shards)")
+
+
+def read_batch(config: Path) -> tuple[int, int]:
+    """(global, local) batch of a TOML's ``[training]`` (torchtitan's defaults when unset)."""
+    import tomllib
+
+    training = tomllib.loads(config.read_text()).get("training", {})
+    local = int(training.get("local_batch_size", 8))
+    global_ = int(training.get("global_batch_size", -1))
+    return (global_ if global_ > 0 else local), local
+
+
+def layout_argv(config: Path, dump: Path, replicas: int, shards: int, steps: int, local_batch: int,
+                sets: list[str]) -> list[str]:
+    argv = ["--job.config_file", str(config), "--job.dump_folder", str(dump), "--training.steps", str(steps),
+            "--training.local_batch_size", str(local_batch), "--metrics.log_freq", "1",
+            "--parallelism.data_parallel_replicate_degree", str(replicas),
+            "--parallelism.data_parallel_shard_degree", str(shards),
+            "--validation.no-enable", "--checkpoint.no-enable"]
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write section.key=value")
+        if value.lower() in ("true", "false"):  # torchtitan's boolean flags
+            section, _, name = key.rpartition(".")
+            argv.append(f"--{key}" if value.lower() == "true" else f"--{section}.no-{name}")
+        else:
+            argv += [f"--{key}", value]
+    return argv
+
+
+def preflight(name: str, argv: list[str], ngpu: int) -> None:
+    """run_train.sh's own checks (config keys, ranges, batch split over the ranks, tokenizer, data)."""
+    import neollm  # noqa: F401  (registers the spec and datasets)
+    from neollm.config_check import parse_config
+    from neollm.preflight import check_run
+
+    try:
+        check_run(parse_config(argv), ngpu)
+    except (ConfigError, FileNotFoundError) as error:
+        raise ConfigError(f"layout {name}: {error}") from None
+
+
+def summarize(dump: Path, skip: int) -> dict:
+    """A finished layout's numbers from its metrics.jsonl."""
+    series = read_metrics_jsonl(dump / "metrics.jsonl")
+    tokens, times = series.get(TOKENS, {}), series.get(STEP_TIME, {})
+    if not tokens or not times:
+        raise ValueError(f"{dump}/metrics.jsonl has no {TOKENS} / {STEP_TIME}: did the run log every step?")
+    per_step = max(tokens.values()) / max(tokens)
+    timed = [t for s, t in sorted(times.items()) if s > skip]
+    if not timed:
+        raise ValueError(f"{dump}: no step after --skip {skip} (run more --steps)")
+    step_s = statistics.median(timed)
+    return {"tokens_per_step": int(per_step), "steps": max(tokens), "timed_steps": len(timed),
+            "step_s_median": step_s, "tok_s": per_step / step_s,
+            "peak_memory_gib": max(series.get(MEMORY, {}).values(), default=None),
+            "losses": {str(s): v for s, v in sorted(series.get(TRAIN, {}).items())}}
+
+
+def compare(results: list[dict], compare_steps: int) -> None:
+    """Scaling and loss agreement of every layout against the first one (in place)."""
+    base = results[0]
+    base_losses = base["losses"]
+    for r in results:
+        r["speedup"] = r["tok_s"] / base["tok_s"]
+        r["efficiency"] = r["speedup"] / (r["ngpu"] / base["ngpu"])
+        r["tok_s_per_gpu"] = r["tok_s"] / r["ngpu"]
+        common = [s for s in r["losses"] if s in base_losses and int(s) <= compare_steps]
+        diffs = [abs(r["losses"][s] - base_losses[s]) for s in common]
+        r["loss_max_abs_diff"] = max(diffs) if diffs else None
+        r["loss_steps_compared"] = len(common)
+
+
+def write_markdown(path: Path, header: dict, results: list[dict]) -> None:
+    lines = ["# Scaling", ""] + [f"- {k}: {v}" for k, v in header.items()] + [
+        "",
+        "| layout | GPUs | micro-batch | tokens/step | step s (median) | tok/s | tok/s per GPU | speedup | "
+        "efficiency | peak GiB | max abs loss diff vs first (steps) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        diff = "-" if r["loss_max_abs_diff"] is None else f"{r['loss_max_abs_diff']:.2e} ({r['loss_steps_compared']})"
+        lines.append(f"| {r['layout']} | {r['ngpu']} | {r['local_batch']} | {r['tokens_per_step']:,} | "
+                     f"{r['step_s_median']:.4f} | {r['tok_s']:,.0f} | {r['tok_s_per_gpu']:,.0f} | "
+                     f"{r['speedup']:.2f}x | {r['efficiency']:.0%} | {mem} | {diff} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="the TOML every layout runs")
+    p.add_argument("--layouts", default="1,2", help="comma-separated: N (FSDP over N GPUs) or RxS (HSDP)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=5, help="first steps left out of the step time (compile, warm-up)")
+    p.add_argument("--compare-steps", type=int, default=10, help="steps whose losses are compared")
+    p.add_argument("--local-batch", type=int, default=None, help="micro-batch per rank for every layout")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a torchtitan key for every layout (repeatable)")
+    p.add_argument("--out", type=Path, required=True)
+    opts = p.parse_args(argv)
+    try:
+        if not opts.config.is_file():
+            raise ConfigError(f"--config {opts.config} does not exist")
+        if opts.steps <= opts.skip:
+            raise ConfigError(f"--steps {opts.steps} must be larger than --skip {opts.skip}")
+        layouts = [(text.strip(), *parse_layout(text.strip())) for text in opts.layouts.split(",") if text.strip()]
+        global_batch, config_local = read_batch(opts.config)
+        runs = []
+        for name, replicas, shards in layouts:
+            ngpu = replicas * shards
+            if global_batch % ngpu:
+                raise ConfigError(f"layout {name}: the global batch {global_batch} does not divide over {ngpu} ranks")
+            local = opts.local_batch or min(config_local, global_batch // ngpu)
+            args = layout_argv(opts.config, opts.out / name, replicas, shards, opts.steps, local, opts.set)
+            preflight(name, args, ngpu)  # every layout's config checked before the first one trains
+            runs.append((name, replicas, shards, ngpu, local, args))
+        results = []
+        for name, replicas, shards, ngpu, local, args in runs:
+            dump = opts.out / name
+            variant = Variant(name=name, what=f"{replicas} x {shards} (replicas x shards)")
+            print(f"[scaling] {name}: NGPU={ngpu}, micro-batch {local} -> {dump}/train.log", flush=True)
+            result, _ = run_variant(variant, dump, args, ngpu, "checkpoint",
+                                    lambda d: summarize(d, opts.skip),
+                                    extra={"layout": name, "ngpu": ngpu, "local_batch": local})
+            results.append(result)
+    except (ConfigError, FileNotFoundError, RunFailed, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    compare(results, opts.compare_steps)
+    header = {"command": "python tools/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "config": str(opts.config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "git commit": git_commit(), "device": device_name(),
+              "global batch": global_batch, "steps": opts.steps, "step time": f"median over steps > {opts.skip}"}
+    opts.out.mkdir(parents=True, exist_ok=True)
+    write_markdown(opts.out / "results.md", header, results)
+    (opts.out / "results.json").write_text(json.dumps({"header": header, "results": results}, indent=2, default=str))
+    print((opts.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
