@@ -103,6 +103,13 @@ class Data:
     shuffle_seed: int = 0
     """Seed of shuffle_documents' permutations."""
 
+    interleave_ranks: bool = False
+    """Pre-tokenized shards: every data-parallel rank walks the same packed stream of all documents
+    and keeps every W-th window (rank r: windows r, r + W, ...), so a step trains on the same
+    global batch of sequences whatever the number of ranks, and 1 and N GPUs take the same steps
+    (up to reduction order). Off: rank r reads the r-th contiguous block of documents (no rank
+    reads another's tokens). Training only; validation keeps the blocks."""
+
 
 @dataclass
 class Guard:

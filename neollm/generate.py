@@ -444,7 +444,7 @@ def _static_decoder(model: NeoLLM, batch: int, max_len: int, mode: str, requeste
         if isinstance(decoders, DecoderPool):
             return decoders.get(model, batch, max_len, mode, gdn_kernels)
         return StaticDecoder(model, batch, max_len, mode, gdn_kernels)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 (auto: any capture/compile failure falls back)
         if requested != "auto":
             raise
         warnings.warn(f"decode_mode 'auto': the {mode} decoder failed ({exc}); decoding with the dynamic "

@@ -223,3 +223,42 @@ def test_shuffled_shards_resume_exactly_with_a_new_order_each_pass(corpus, token
         TokenShardDataset(TokenShards(corpus["shards"]), 8).load_state_dict(ds.state_dict())
     with pytest.raises(ConfigError, match="shuffle_documents applies to pre-tokenized shards.*'local_text'"):
         check_data(make_job("local_text", corpus["local_text"], "--data.shuffle_documents"))
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["no_workers", "2_workers"])
+def test_interleaved_ranks_split_one_stream_the_same_way_for_any_rank_count(corpus, tokenizer, workers):
+    """[data] interleave_ranks: 1, 2 and 4 ranks get the same global batches (window i of the one
+    stream goes to rank i mod W), so every step's sequences do not depend on the rank count; with
+    dataloader workers the batches still come out in stream order; resume is exact; another rank
+    count or micro-batch is refused at resume."""
+    from neollm.data.loader import check_data
+    from neollm.errors import ConfigError
+
+    extra = ("--data.interleave_ranks", "--data.shuffle_documents", "--data.shuffle_seed", "3",
+             *(WORKERS if workers else ()))
+    job = make_job("shards", corpus["shards"], *extra)
+    one, _ = take(build(job, tokenizer, 0, world=1), 8)  # batches of 2 windows
+    stream = [row for batch in one for row in batch]  # 16 windows, global order
+    if workers:  # the workers' batches interleave back into the stream's order
+        alone, _ = take(build(make_job("shards", corpus["shards"], *extra[:4]), tokenizer, 0, world=1), 8)
+        assert all(torch.equal(a, b) for a, b in zip(stream, [row for batch in alone for row in batch]))
+    for world in (2, 4):
+        per_rank = [take(build(job, tokenizer, rank, world=world), 8 // world)[0] for rank in range(world)]
+        for rank in range(world):
+            rows = [row for batch in per_rank[rank] for row in batch]
+            assert all(torch.equal(row, stream[j * world + rank]) for j, row in enumerate(rows)), (world, rank)
+        # the first optimizer step (2 windows per rank) trains on the stream's first 2 x world windows
+        step_sets = {tuple(sorted(tuple(r.tolist()) for b in (p[0] for p in per_rank) for r in b))}
+        assert step_sets == {tuple(sorted(tuple(r.tolist()) for r in stream[: 2 * world]))}
+    check_resume(job, tokenizer, k=3, m=4)
+    loader = build(job, tokenizer, 0)
+    take(loader, 2)
+    state = loader.state_dict()
+    for other in (make_job("shards", corpus["shards"], *extra[1:]),  # blocks instead of interleaved
+                  make_job("shards", corpus["shards"], *extra, "--training.local_batch_size", "1")):
+        resumed = build(other, tokenizer, 0)
+        with pytest.raises(Exception, match="the checkpoint's data position is for"):
+            resumed.load_state_dict(state)
+            take(resumed, 1)
+    with pytest.raises(ConfigError, match="interleave_ranks applies to pre-tokenized shards.*'local_text'"):
+        check_data(make_job("local_text", corpus["local_text"], "--data.interleave_ranks"))

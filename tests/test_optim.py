@@ -157,6 +157,21 @@ def test_conda_batched_step_equals_per_tensor_step_with_lagging_tensors():
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
+def test_conda_batching_choice_stays_out_of_the_checkpointed_param_groups():
+    """Param groups are saved in checkpoints: a `foreach` key there would make checkpoints written
+    without it fail to load, and a resumed run take the saved choice over its config."""
+    p = nn.Parameter(torch.randn(4, 3, dtype=DT))
+    opt = Conda([p], lr=1e-2, foreach=False)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state_dict()
+    assert set(state["param_groups"][0]) == {"lr", "betas", "eps", "weight_decay", "correct_bias",
+                                             "update_proj_gap", "scale", "params"}
+    again = Conda([p], lr=1e-2, foreach=True)
+    again.load_state_dict(state)
+    assert again.foreach is True
+
+
 def test_conda_projection_preserves_shape_and_refreshes_basis():
     p = nn.Parameter(torch.randn(3, 6, dtype=DT))
     opt = Conda([p], lr=1e-2, update_proj_gap=2)

@@ -363,3 +363,4 @@ def test_trainer_on_shards_validates_and_resumes_exactly_with_two_ranks(wiki_sha
         assert resumed[step] == pytest.approx(first[step], rel=1e-6, abs=1e-6), step
     val2 = {int(s): float(v) for s, v in VALIDATE.findall(out)}
     assert val2[4] == pytest.approx(val[4], rel=1e-6, abs=1e-6)
+

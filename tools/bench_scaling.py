@@ -6,9 +6,13 @@ optimizer steps on the same tokens; only the split across ranks (and the micro-b
 Per layout: tokens per step, median step time over the steps after ``--skip`` (compilation and
 warm-up excluded), total and per-GPU tok/s, scaling against the first layout (ideally NGPU x) and
 peak memory; and how far its training losses are from the first layout's over the first
-``--compare-steps`` steps. Rank r of W reads the r-th contiguous block of documents (neollm/data),
-so the layouts train on different sequences at each step: their losses agree statistically (same
-model, same data distribution, same recipe), not bit for bit.
+``--compare-steps`` steps. By default rank r of W reads the r-th contiguous block of documents
+(neollm/data), so the layouts train on different sequences at each step and their losses agree
+only statistically. For a step-for-step comparison, train on token shards with
+``--set data.interleave_ranks=true`` (every step then trains on the same sequences for any rank
+count) and ``--seed-checkpoint`` (every layout starts from one initialisation, written once by
+torchtitan's ``create_seed_checkpoint``: a sharded init need not draw the numbers a whole one
+draws); the losses then differ only by the order of the gradient sums and bf16 rounding.
 
     python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,2 --steps 30 \\
         --out outputs/scaling --set compile.enable=true
@@ -17,13 +21,16 @@ model, same data distribution, same recipe), not bit for bit.
 The micro-batch per rank is the config's local batch, or the global batch / data-parallel degree
 when that is smaller (``--local-batch`` to fix it for every layout). Validation and checkpoints are
 off. A finished layout (``<out>/<layout>/result.json``) is skipped when the command is rerun, so a
-long comparison can be spread over several jobs. Writes ``results.md`` and ``results.json``.
+long comparison can be spread over several jobs (its numbers are recomputed from its metrics.jsonl
+with this run's ``--skip``; results.json keeps each layout's commit and device). Writes
+``results.md`` and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -66,12 +73,12 @@ def read_batch(config: Path) -> tuple[int, int]:
 
 
 def layout_argv(config: Path, dump: Path, replicas: int, shards: int, steps: int, local_batch: int,
-                sets: list[str]) -> list[str]:
+                sets: list[str], checkpoint: tuple[str, ...] = ("--checkpoint.no-enable",)) -> list[str]:
     argv = ["--job.config_file", str(config), "--job.dump_folder", str(dump), "--training.steps", str(steps),
             "--training.local_batch_size", str(local_batch), "--metrics.log_freq", "1",
             "--parallelism.data_parallel_replicate_degree", str(replicas),
             "--parallelism.data_parallel_shard_degree", str(shards),
-            "--validation.no-enable", "--checkpoint.no-enable"]
+            "--validation.no-enable", *checkpoint]
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -94,6 +101,20 @@ def preflight(name: str, argv: list[str], ngpu: int) -> None:
         check_run(parse_config(argv), ngpu)
     except (ConfigError, FileNotFoundError) as error:
         raise ConfigError(f"layout {name}: {error}") from None
+
+
+def make_seed_checkpoint(config: Path, dump: Path, sets: list[str]) -> Path:
+    """One process writes the initial weights (``--checkpoint.create_seed_checkpoint``); reused."""
+    seed = dump / "checkpoint" / "step-0"
+    if (seed / ".metadata").is_file():
+        return seed
+    argv = layout_argv(config, dump, 1, 1, 1, 1, sets, ("--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+                                                        "--checkpoint.folder", "checkpoint"))
+    run_variant(Variant(name="seed", what="seed checkpoint"), dump, argv, 1, "checkpoint",
+                lambda d: {}, extra={})
+    if not (seed / ".metadata").is_file():
+        raise RunFailed(f"no seed checkpoint in {seed}; see {dump}/train.log")
+    return seed
 
 
 def summarize(dump: Path, skip: int) -> dict:
@@ -152,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-batch", type=int, default=None, help="micro-batch per rank for every layout")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a torchtitan key for every layout (repeatable)")
+    p.add_argument("--seed-checkpoint", action="store_true",
+                   help="start every layout from one seed checkpoint (same initial weights)")
     p.add_argument("--out", type=Path, required=True)
     opts = p.parse_args(argv)
     try:
@@ -167,18 +190,27 @@ def main(argv: list[str] | None = None) -> int:
             if global_batch % ngpu:
                 raise ConfigError(f"layout {name}: the global batch {global_batch} does not divide over {ngpu} ranks")
             local = opts.local_batch or min(config_local, global_batch // ngpu)
-            args = layout_argv(opts.config, opts.out / name, replicas, shards, opts.steps, local, opts.set)
+            checkpoint = (("--checkpoint.enable", "--checkpoint.interval", str(opts.steps + 1),
+                           "--checkpoint.folder", "checkpoint") if opts.seed_checkpoint
+                          else ("--checkpoint.no-enable",))
+            args = layout_argv(opts.config, opts.out / name, replicas, shards, opts.steps, local, opts.set, checkpoint)
             preflight(name, args, ngpu)  # every layout's config checked before the first one trains
             runs.append((name, replicas, shards, ngpu, local, args))
+        seed = make_seed_checkpoint(opts.config, opts.out / "seed", opts.set) if opts.seed_checkpoint else None
         results = []
         for name, replicas, shards, ngpu, local, args in runs:
             dump = opts.out / name
+            if seed is not None and not (dump / "result.json").is_file():
+                shutil.rmtree(dump / "checkpoint", ignore_errors=True)  # an interrupted run starts over
+                shutil.copytree(seed, dump / "checkpoint" / "step-0")
             variant = Variant(name=name, what=f"{replicas} x {shards} (replicas x shards)")
             print(f"[scaling] {name}: NGPU={ngpu}, micro-batch {local} -> {dump}/train.log", flush=True)
             result, _ = run_variant(variant, dump, args, ngpu, "checkpoint",
                                     lambda d: summarize(d, opts.skip),
-                                    extra={"layout": name, "ngpu": ngpu, "local_batch": local})
-            results.append(result)
+                                    extra={"layout": name, "ngpu": ngpu, "local_batch": local,
+                                           "git_commit": git_commit(), "device": device_name()})
+            # a layout finished by an earlier invocation: its numbers again, with this --skip
+            results.append({**result, **summarize(dump, opts.skip)})
     except (ConfigError, FileNotFoundError, RunFailed, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

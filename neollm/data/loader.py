@@ -99,7 +99,9 @@ def build_dataset(name: str, path: str | None, tokenizer: Any, job_config: JobCo
         check_shards(data, job_config, getattr(tokenizer, "eos_id", None), f"{section} dataset_path")
         return TokenShardDataset(data, seq_len, dp_rank, dp_world_size, infinite=infinite,
                                  max_doc_tokens=limit, name=key, restart_each_pass=validation,
-                                 shuffle_seed=None if validation else shuffle_seed(job_config, key))
+                                 shuffle_seed=None if validation else shuffle_seed(job_config, key),
+                                 interleave=not validation and interleave_ranks(job_config, key),
+                                 local_batch_size=job_config.training.local_batch_size)
     data = apply_holdout(key, data, job_config, source.sample_processor, f"{section} dataset")
     return NeoLLMTextDataset(key, data, source.sample_processor, tokenizer, seq_len, dp_rank,
                              dp_world_size, infinite=infinite, max_doc_tokens=limit,
@@ -121,6 +123,17 @@ def shuffle_seed(job_config: JobConfig, key: str | None = None) -> int | None:
             f"{key!r}: tokenize it with tools/tokenize_data.py and train with dataset = \"shards\", "
             "or set shuffle_documents = false")
     return seed
+
+
+def interleave_ranks(job_config: JobConfig, key: str | None = None) -> bool:
+    """``[data] interleave_ranks`` for training source ``key``; refused for a text source."""
+    on = bool(getattr(getattr(job_config, "data", None), "interleave_ranks", False))
+    if on and key is not None and key not in SHARD_SOURCES:
+        raise ConfigError(
+            f"[data] interleave_ranks applies to pre-tokenized shards, not [training] dataset {key!r}: "
+            "tokenize it with tools/tokenize_data.py and train with dataset = \"shards\", or set "
+            "interleave_ranks = false")
+    return on
 
 
 def _dataloader(dataset, dp_rank: int, dp_world_size: int, batch_size: int, loader_config):
@@ -155,7 +168,9 @@ def check_data(job_config: JobConfig, dp_world_size: int = 1, eos_id: int | None
     """
     max_doc_tokens_factor(job_config)
     holdout_fraction(job_config)
-    shuffle_seed(job_config, _source(job_config.training.dataset, "[training] dataset")[0])
+    training_key = _source(job_config.training.dataset, "[training] dataset")[0]
+    shuffle_seed(job_config, training_key)
+    interleave_ranks(job_config, training_key)
     sources = [("[training]", job_config.training.dataset, job_config.training.dataset_path)]
     if job_config.validation.enable:
         sources.append(("[validation]", *validation_source(job_config)))

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -233,19 +233,33 @@ class TokenShardDataset(IterableDataset, Stateful):
     ``shuffle_seed`` (``[data] shuffle_documents``): each pass reads the range's documents in a
     permuted order, a function of (seed, epoch, range) alone, so ``doc`` is a position in that
     order and a resumed run recomputes the same permutation (exact resume); None keeps the order.
+
+    ``interleave`` (``[data] interleave_ranks``): the range is every document for every rank, so all
+    ranks pack the same stream (same order, same permutation), and rank ``r`` of ``W`` keeps
+    windows ``r, r + W, r + 2W, ...``: global window ``i`` of a step's ``W x B`` goes to one rank
+    whatever ``W`` is, so the set of sequences per optimizer step does not depend on the number
+    of ranks. With ``K`` dataloader workers, worker ``w`` keeps the rank's windows whose local
+    batch number (``j // local_batch_size``) is ``w`` mod ``K``: the loader takes whole batches
+    from its workers in turn, so the rank's batches come out in stream order. ``window`` (the
+    stream's windows packed so far, kept or not) joins the state.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
                  infinite: bool = True, max_doc_tokens: int = 0, name: str = "shards",
-                 restart_each_pass: bool = False, shuffle_seed: int | None = None):
+                 restart_each_pass: bool = False, shuffle_seed: int | None = None,
+                 interleave: bool = False, local_batch_size: int = 1):
         self.shards = shards
+        self.interleave = interleave
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.local_batch_size = max(1, local_batch_size)
         self.shuffle_seed = shuffle_seed
         self.restart_each_pass = restart_each_pass
         self.seq_len = seq_len
         self.infinite = infinite
         self.max_doc_tokens = max_doc_tokens
         self.dataset_name = name
-        self.rank_range = contiguous_range(shards.num_documents, dp_world_size, dp_rank)
+        self.rank_range = ((0, shards.num_documents) if interleave
+                           else contiguous_range(shards.num_documents, dp_world_size, dp_rank))
         if self.rank_range[0] == self.rank_range[1]:
             raise ConfigError(
                 f"token shards {str(shards.root)!r} ({shards.split}) have {shards.num_documents} "
@@ -254,11 +268,12 @@ class TokenShardDataset(IterableDataset, Stateful):
         self._epoch = 0
         self._doc = 0
         self._offset = 0
+        self._window = 0
 
     def _worker_range(self) -> tuple[int, int]:
         lo, hi = self.rank_range
         info = get_worker_info()
-        if info is None or info.num_workers == 1:
+        if info is None or info.num_workers == 1 or self.interleave:
             return lo, hi
         a, b = contiguous_range(hi - lo, info.num_workers, info.id)
         if a == b:
@@ -277,15 +292,26 @@ class TokenShardDataset(IterableDataset, Stateful):
         rng = np.random.default_rng([self.shuffle_seed, epoch, lo, hi])
         return lo + rng.permutation(hi - lo)
 
+    def _keeps(self) -> Callable[[int], bool]:
+        """Which windows of the packed stream this rank (and worker) yields."""
+        if not self.interleave:
+            return lambda i: True
+        rank, world, batch = self.dp_rank, self.dp_world_size, self.local_batch_size
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return lambda i: i % world == rank and (i // world // batch) % workers == worker
+
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         lo, hi = self._worker_range()
         n = hi - lo
         if self.restart_each_pass:
-            self._epoch, self._doc, self._offset = 0, 0, 0
+            self._epoch, self._doc, self._offset, self._window = 0, 0, 0, 0
+        keeps = self._keeps()
         window = self.seq_len + 1
         buf = np.empty(window, dtype=np.int64)
-        epoch, doc, offset = self._epoch, self._doc, self._offset
+        epoch, doc, offset, index = self._epoch, self._doc, self._offset, self._window
         order = self._order(epoch, lo, hi)
+        keep = keeps(index)
         fill = 0
         while True:
             if doc >= n:
@@ -295,20 +321,25 @@ class TokenShardDataset(IterableDataset, Stateful):
                 order = self._order(epoch, lo, hi)
             tokens = self._tokens(lo + doc if order is None else int(order[doc]))
             take = min(len(tokens) - offset, window - fill)
-            buf[fill:fill + take] = tokens[offset:offset + take]
+            if keep:  # other ranks' windows are only counted, not copied
+                buf[fill:fill + take] = tokens[offset:offset + take]
             fill += take
             offset += take
             if offset >= len(tokens):
                 doc, offset = doc + 1, 0
             if fill == window:
-                fill = 0
-                self._epoch, self._doc, self._offset = epoch, doc, offset
-                x = torch.from_numpy(buf.copy())
-                yield {"input": x[:-1]}, x[1:]
+                fill, index = 0, index + 1
+                if keep:
+                    self._epoch, self._doc, self._offset, self._window = epoch, doc, offset, index
+                    x = torch.from_numpy(buf.copy())
+                    yield {"input": x[:-1]}, x[1:]
+                keep = keeps(index)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self._epoch, "doc": self._doc, "offset": self._offset,
                  "documents": self.shards.num_documents, "rank_range": list(self.rank_range)}
+        if self.interleave:
+            state["interleave"] = [self._window, self.dp_rank, self.dp_world_size, self.local_batch_size]
         if self.shuffle_seed is not None:
             state["shuffle_seed"] = self.shuffle_seed
         return state
@@ -329,6 +360,18 @@ class TokenShardDataset(IterableDataset, Stateful):
                 f"{describe(state_dict.get('shuffle_seed'))}, but this run reads them "
                 f"{describe(self.shuffle_seed)}: resume with the same [data] shuffle_documents / "
                 "shuffle_seed")
+        saved_split = state_dict.get("interleave")
+        layout = [self.dp_rank, self.dp_world_size, self.local_batch_size]
+        if (saved_split is None) == self.interleave or (self.interleave and list(saved_split[1:]) != layout):
+            def split(value):
+                return ("rank blocks" if value is None else
+                        f"interleaved windows (rank {value[1]} of {value[2]}, micro-batch {value[3]})")
+            now = [0, *layout] if self.interleave else None
+            raise ConfigError(
+                f"the checkpoint's data position is for {split(saved_split)}, but this run reads "
+                f"{split(now)}: resume with the same [data] interleave_ranks, number of data-parallel "
+                "ranks and [training] local_batch_size")
         self._epoch = int(state_dict["epoch"])
         self._doc = int(state_dict["doc"])
         self._offset = int(state_dict["offset"])
+        self._window = int(saved_split[0]) if self.interleave else 0

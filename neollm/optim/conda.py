@@ -106,9 +106,11 @@ class Conda(Optimizer):
         if update_proj_gap < 1:
             raise ValueError(f"Conda: update_proj_gap must be >= 1, got {update_proj_gap}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, update_proj_gap=int(update_proj_gap), scale=scale,
-                        foreach=foreach)
+                        correct_bias=correct_bias, update_proj_gap=int(update_proj_gap), scale=scale)
         super().__init__(params, defaults)
+        # Not a param-group value: those are checkpointed, so a resumed run would take the saved
+        # choice over its config, and checkpoints written without the key would not load.
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -131,8 +133,7 @@ class Conda(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p.grad)
                     state["exp_avg_sq"] = torch.zeros_like(p.grad)
                 step = int(state["step"].item())  # before this step, as in the reference
-                foreach = group.get("foreach")
-                if foreach or (foreach is None and p.device.type == "cuda"):
+                if self.foreach or (self.foreach is None and p.device.type == "cuda"):
                     mesh = p.device_mesh if isinstance(p, DTensor) else None
                     buckets[(step, mesh, p.device, p.dtype)].append(p)
                 else:
