@@ -22,6 +22,9 @@ max_doc_tokens_factor = 4`` truncates every document to 4 x seq_len tokens (seed
 Ranks and workers: data-parallel rank r of W reads the r-th contiguous block of documents (for a
 streaming source: whole hub files, or every W-th document); within a rank, dataloader worker w
 of K (``[training.dataloader] num_workers``) reads the w-th block of the rank's documents.
+Token shards with ``[data] interleave_ranks = true`` instead: every rank walks the same packed
+stream of all documents and keeps windows r, r + W, ... (workers take whole batches in turn), so
+a step's global batch is the same sequences whatever W is (neollm/data/shards.py).
 
 Exact resume: the dataloader is torchtitan's ParallelAwareDataloader, saved in every checkpoint
 per rank; its dataset state is (epoch, document, offset) for shards, (documents consumed, token
