@@ -20,16 +20,9 @@ from test_model import build, tiny  # noqa: E402
 from neollm.decode_graph import DecoderPool, StaticDecoder  # noqa: E402
 from neollm.generate import forward_step, generate, new_cache  # noqa: E402
 from neollm.model.args import FLAVORS  # noqa: E402
+from gpu_checks import GPU_ONLY, rel_err  # noqa: E402
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+pytestmark = GPU_ONLY
 
 
 @pytest.mark.parametrize("kernels", ["fla", "torch"])

@@ -12,16 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from neollm.loss import IGNORE_INDEX, LossSettings, linear_cross_entropy_sum
+from gpu_checks import GPU_ONLY, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+pytestmark = GPU_ONLY
 
 
 @pytest.mark.parametrize("impl", ["cce", "fused", "logits"])

@@ -17,23 +17,15 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from gpu_checks import GPU_ONLY, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = GPU_ONLY
 
 TOL = {
     "fp32": {"value": 5e-3, "grad": 2e-2},
     "bf16": {"value": 2.5e-2, "grad": 5e-2},
     "autocast": {"value": 2.5e-2, "grad": 5e-2},
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def perturb(module: torch.nn.Module, scale: float, seed: int = 1) -> None:
