@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_gla_ref
-from neollm.model.deltanet import _ensure_fla_workaround, _f32, _GatedRMSNorm
-from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
+from neollm.model.deltanet import _ensure_fla_workaround, _f32
+from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
+from neollm.model.mixers.gated_heads import GatedHeadsMixer
 
 __all__ = ["GatedLinearAttention", "gla_flops_per_token"]
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(GatedHeadsMixer):
     """GLA token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton chunk_gla), "torch", or "auto"."""
 
     chunk_size: int = 16  # torch path only ([C, C, K] decay tensor per chunk); fla's kernel uses 64
@@ -34,24 +35,11 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, gate_low_rank_dim: int = 16,
                  norm_eps: float = 1e-5, backend: str = "auto", layer_idx: int | None = None) -> None:
-        super().__init__()
-        check_backend(backend)
-        self.hidden_size = dim
-        self.num_heads = num_heads
-        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
-        self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
-        self.norm_eps = norm_eps
-        self.backend = backend
-        self.layer_idx = layer_idx
-        # Registration order follows fla's layer so state_dict() lists keys in the same order.
-        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
-        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
-        self.g_norm_swish_gate = _GatedRMSNorm(head_v_dim, eps=norm_eps)
+        # the low-rank forget gate sits between g_proj and o_proj, as in fla's layer
+        gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False),
+                                nn.Linear(gate_low_rank_dim, num_heads * head_k_dim, bias=True))
+        super().__init__(dim, num_heads, head_k_dim, head_v_dim, norm_eps, backend, layer_idx,
+                         gates={"gk_proj": gk_proj})
         self.init_weights()
 
     @torch.no_grad()
@@ -59,11 +47,8 @@ class GatedLinearAttention(nn.Module):
         """Linear weights ~ N(0, init_std), o_proj ~ N(0, out_std or init_std), the gate bias 0 (fla's model
         init: every Linear normal, biases zero), norm weight 1. The gate then starts at logsigmoid(0)/16:
         a decay of exp(-0.043) = 0.958 per token on every channel."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_proj[0], self.gk_proj[1]):
-            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+        self._init_gated_heads(init_std, out_std, self.gk_proj[0], self.gk_proj[1])
         nn.init.zeros_(self.gk_proj[1].bias)
-        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
-        self.g_norm_swish_gate.reset_parameters()
 
     def _qkvg(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
@@ -86,10 +71,6 @@ class GatedLinearAttention(nn.Module):
             o, _ = chunk_gla_ref(q, k, v, gk, chunk_size=self.chunk_size)
             o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(B, T, H * V))
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
-                f"head_v_dim={self.head_v_dim}, backend={self.backend!r}")
 
 
 @torch.compiler.disable

@@ -18,12 +18,12 @@ paper's gamma formula, fla's and the authors' (torchscale) all agree: gammas dep
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_simple_gla_ref
-from neollm.model.deltanet import _ensure_fla_workaround, _GatedRMSNorm
-from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
+from neollm.model.deltanet import _ensure_fla_workaround
+from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
+from neollm.model.mixers.gated_heads import GatedHeadsMixer
 from neollm.model.rope import apply_rope, rope_cache
 
 __all__ = ["MultiScaleRetention", "retention_log_decays", "retnet_flops_per_token"]
@@ -37,39 +37,22 @@ def retention_log_decays(num_heads: int, device=None, dtype: torch.dtype = torch
     return torch.log1p(-torch.pow(2.0, -5.0 - h))
 
 
-class MultiScaleRetention(nn.Module):
+class MultiScaleRetention(GatedHeadsMixer):
     """RetNet retention mixer, [B, T, D] -> [B, T, D]; backend "fla" (chunk_retention), "torch", or "auto"."""
 
     chunk_size: int = 64  # torch path; fla's kernel uses 64 too
 
     def __init__(self, dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, norm_eps: float = 1e-5,
                  backend: str = "auto", layer_idx: int | None = None) -> None:
-        super().__init__()
-        check_backend(backend)
         if head_k_dim % 2:
             raise ValueError(f"MultiScaleRetention: head_k_dim must be even for RoPE, got {head_k_dim}")
-        self.hidden_size = dim
-        self.num_heads = num_heads
-        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
-        self.key_dim, self.value_dim = num_heads * head_k_dim, num_heads * head_v_dim
-        self.norm_eps = norm_eps
-        self.backend = backend
-        self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
-        self.g_norm_swish_gate = _GatedRMSNorm(head_v_dim, eps=norm_eps)
+        super().__init__(dim, num_heads, head_k_dim, head_v_dim, norm_eps, backend, layer_idx)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
         """Linear weights ~ N(0, init_std), o_proj ~ N(0, out_std or init_std), norm weight 1 (no other params)."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
-            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
-        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std if out_std is not None else init_std)
-        self.g_norm_swish_gate.reset_parameters()
+        self._init_gated_heads(init_std, out_std)
 
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(self.backend, x, "MultiScaleRetention")
@@ -87,10 +70,6 @@ class MultiScaleRetention(nn.Module):
             o, _ = chunk_simple_gla_ref(q, k, v, g, chunk_size=self.chunk_size)
             o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(B, T, H * V))
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_k_dim={self.head_k_dim}, "
-                f"head_v_dim={self.head_v_dim}, backend={self.backend!r}")
 
 
 @torch.compiler.disable
