@@ -33,7 +33,8 @@ def candidates(device: torch.device) -> dict:
         "AdamW (foreach)": lambda g: torch.optim.AdamW(g, lr=6e-4, foreach=True),
         "AdEMAMix (foreach)": lambda g: AdEMAMix(g, lr=6e-4, betas=(0.9, 0.999, 0.999), alpha=5.0,
                                                   t_alpha=5000, t_beta3=5000, foreach=True),
-        "Conda (no SVD this step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9),
+        # the two step paths named explicitly: the default batches on CUDA only
+        "Conda batched (foreach, no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=True),
         "Conda per tensor (for-loop, no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=False),
         "Conda (SVD refresh every step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1),
     }
