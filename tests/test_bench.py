@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from conftest import load_tool
 
@@ -67,3 +68,13 @@ def test_bench_scaling_refuses_bad_layouts_before_training(tmp_path, capsys):
     assert scaling.main([*base, "--layouts", "3"]) == 2  # global batch 8 over 3 ranks
     assert "does not divide over 3 ranks" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_scaling_batch_sizes_follow_set_overrides():
+    """A ``--set training.local_batch_size`` is the micro-batch the trainer uses (it comes last on
+    the command line), so the table must report it, not the TOML's value."""
+    scaling = load_tool("bench_scaling")
+    config = Path("train_configs/ablation_135m.toml")
+    assert scaling.read_batch(config) == (64, 8)
+    assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)
+    assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 8)

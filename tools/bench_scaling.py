@@ -62,11 +62,16 @@ def parse_layout(text: str) -> tuple[int, int]:
     raise ConfigError(f"layout {text!r}: write N (FSDP over N GPUs) or RxS (HSDP, R replicas x S shards)")
 
 
-def read_batch(config: Path) -> tuple[int, int]:
-    """(global, local) batch of a TOML's ``[training]`` (torchtitan's defaults when unset)."""
+def read_batch(config: Path, sets: list[str] = ()) -> tuple[int, int]:
+    """(global, local) batch of a TOML's ``[training]`` (torchtitan's defaults when unset), after
+    any ``--set training.*_batch_size=N`` (those come last on the command line, so they win)."""
     import tomllib
 
     training = tomllib.loads(config.read_text()).get("training", {})
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key in ("training.local_batch_size", "training.global_batch_size"):
+            training[key.split(".", 1)[1]] = value
     local = int(training.get("local_batch_size", 8))
     global_ = int(training.get("global_batch_size", -1))
     return (global_ if global_ > 0 else local), local
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.steps <= opts.skip:
             raise ConfigError(f"--steps {opts.steps} must be larger than --skip {opts.skip}")
         layouts = [(text.strip(), *parse_layout(text.strip())) for text in opts.layouts.split(",") if text.strip()]
-        global_batch, config_local = read_batch(opts.config)
+        global_batch, config_local = read_batch(opts.config, opts.set)
         runs = []
         for name, replicas, shards in layouts:
             ngpu = replicas * shards
