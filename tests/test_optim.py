@@ -361,6 +361,9 @@ STEPS, SAVE_AT = 4, 2
 OPT_CASES = {
     "AdEMAMix": _config("AdEMAMix", lr=2e-2, beta3=0.999, alpha=5.0, t_alpha=3, t_beta3=3),
     "Conda": _config("Conda", lr=2e-2, conda_update_proj_gap=2, conda_scale=0.25, conda_correct_bias=True),
+    # the per-tensor step: left projections of row shards as reduce-scatters instead of one all-gather
+    "Conda-loop": _config("Conda", lr=2e-2, conda_update_proj_gap=2, conda_scale=0.25, conda_correct_bias=True,
+                          implementation="for-loop"),
 }
 
 
@@ -423,7 +426,8 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
         xs, ys = _data()
         half = slice(rank * 4, rank * 4 + 4)
         # "gathered": Conda's fallback for other layouts (gather g, m, v), forced here
-        cases = [("AdEMAMix", "fsdp"), ("Conda", "fsdp"), ("Conda", "hsdp"), ("Conda", "gathered")]
+        cases = [("AdEMAMix", "fsdp"), ("Conda", "fsdp"), ("Conda", "hsdp"), ("Conda", "gathered"),
+                 ("Conda-loop", "fsdp"), ("Conda-loop", "hsdp")]
         for name, layout in cases:
             expected = _reference_params(name)
             original = conda_mod._row_sharded
