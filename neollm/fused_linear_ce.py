@@ -15,19 +15,35 @@ of logits and of their gradient, plus the gradients themselves (hidden-sized, an
 fp32). Per token: ``lse - logit[target] (+ z_loss * lse^2)``; d/dlogits =
 ``softmax * (1 + 2 z_loss lse) - onehot(target)``; rows whose target is ``ignore_index`` add
 nothing. Not twice differentiable.
+
+Vocabulary padding: when V is not a multiple of ``vocab_multiple`` (default 64), the weight is
+copied once per call into [Vp x D] with zero rows up to Vp = ceil(V / m) * m, so every [chunk x Vp]
+logits / gradient buffer has an aligned row stride (V = 64,402 in bf16 is 128,804 bytes a row, not
+16-byte aligned, which can push cuBLAS onto slower kernels; the compiled whole-logits CE gets padded
+strides from inductor). The padded columns are masked to -inf before the log-sum-exp, so their
+softmax and gradient are exactly 0 and the results equal the unpadded path. Cost: one copy of the
+weight per call and Vp - V extra columns in each matmul; ``vocab_multiple=1`` turns it off.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _compiled_chunk = None
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, z_loss: float,
-                         ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the chunk's losses in fp32, d sum / d logits in the logits' dtype)."""
+                         ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the chunk's losses in fp32, d sum / d logits in the logits' dtype).
+
+    Columns from ``vocab`` on (padding of the weight) are masked out: softmax and gradient 0 there."""
     lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    # Compare against a column index rather than one_hot / a mask tensor: it fuses into the same
+    # kernel instead of materialising a [chunk, vocab] tensor.
+    columns = torch.arange(lf.shape[-1], device=lf.device)
+    if vocab < lf.shape[-1]:
+        lf = torch.where(columns.unsqueeze(0) < vocab, lf, float("-inf"))
     valid = targets != ignore_index
     safe = targets.clamp_min(0)
     lse = torch.logsumexp(lf, dim=-1)
@@ -39,9 +55,6 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, z_loss: fl
         scale = scale + 2.0 * z_loss * lse
     loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
     grad = torch.exp(lf - lse.unsqueeze(-1)) * scale.unsqueeze(-1)
-    # Compare against a column index rather than one_hot: it fuses into the same kernel instead of
-    # materialising an int64 [chunk, vocab] tensor.
-    columns = torch.arange(lf.shape[-1], device=lf.device)
     grad = grad - (columns.unsqueeze(0) == safe.unsqueeze(-1)).to(grad.dtype)
     grad = grad * valid.unsqueeze(-1).to(grad.dtype)
     return loss, grad.to(logits.dtype)
@@ -56,24 +69,38 @@ def _chunk_fn(device: torch.device):
     return _compiled_chunk
 
 
+def _pad_vocab(weight: torch.Tensor, vocab_multiple: int) -> torch.Tensor:
+    """The weight [V, D] with zero rows appended up to a multiple of ``vocab_multiple`` (itself if
+    V already is one)."""
+    if vocab_multiple < 1:
+        raise ValueError(f"vocab_multiple must be >= 1, got {vocab_multiple}")
+    extra = -weight.shape[0] % vocab_multiple
+    return F.pad(weight, (0, 0, 0, extra)) if extra else weight
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                z_loss: float, chunk_size: int, ignore_index: int) -> torch.Tensor:
+                z_loss: float, chunk_size: int, ignore_index: int, vocab_multiple: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk = _chunk_fn(hidden.device)
+        vocab = weight.shape[0]
+        padded = _pad_vocab(weight, vocab_multiple)
         grad_h = torch.empty_like(hidden) if need_h else None
         accumulate = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_w else None
+        grad_w = torch.zeros(padded.shape, dtype=accumulate, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            loss, g = chunk(h @ weight.t(), targets[start:start + chunk_size], z_loss, ignore_index)
+            loss, g = chunk(h @ padded.t(), targets[start:start + chunk_size], z_loss, ignore_index, vocab)
             total = total + loss
             if need_h:
-                torch.mm(g, weight, out=grad_h[start:start + chunk_size])
+                # exact: the padded rows of the weight are zero, and so are g's padded columns
+                torch.mm(g, padded, out=grad_h[start:start + chunk_size])
             if need_w:
                 grad_w += (g.t() @ h).to(accumulate)
+        if need_w:
+            grad_w = grad_w[:vocab]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -83,21 +110,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         dw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    z_loss: float = 0.0, chunk_size: int = 8192,
-                                   ignore_index: int = -100) -> torch.Tensor:
+                                   ignore_index: int = -100, vocab_multiple: int = 64) -> torch.Tensor:
     """Sum over valid tokens of CE(hidden @ weight.T, targets) + z_loss * lse^2 (fp32 scalar).
 
-    hidden [N, D], weight [V, D], targets [N]. Without grad mode it is a plain chunked loss."""
+    hidden [N, D], weight [V, D], targets [N]. Without grad mode it is a plain chunked loss. The
+    logits are formed against the weight zero-padded to a multiple of ``vocab_multiple`` rows (1:
+    no padding); the padded columns are masked out, so the result does not depend on it."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         with torch.no_grad():
             chunk = _chunk_fn(hidden.device)
+            vocab = weight.shape[0]
+            padded = _pad_vocab(weight, vocab_multiple)
             for s in range(0, hidden.shape[0], chunk_size):
-                total = total + chunk(hidden[s:s + chunk_size] @ weight.t(), targets[s:s + chunk_size],
-                                      z_loss, ignore_index)[0]
+                total = total + chunk(hidden[s:s + chunk_size] @ padded.t(), targets[s:s + chunk_size],
+                                      z_loss, ignore_index, vocab)[0]
         return total
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, z_loss, chunk_size, ignore_index)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, z_loss, chunk_size, ignore_index,
+                                          vocab_multiple)

@@ -119,3 +119,68 @@ def test_auto_picks_the_measured_faster_loss_per_vocabulary():
     assert _resolve_impl("auto", cuda, 151_680) == "cce"
     assert _resolve_impl("auto", cpu, 64_402) == "chunked"
     assert _resolve_impl("fused", cpu, 151_680) == "fused"
+
+
+def _fused_grads(hidden, weight, targets, **kwargs):
+    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+
+    loss = fused_linear_cross_entropy_sum(hidden, weight, targets, ignore_index=IGNORE_INDEX, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+
+@pytest.mark.parametrize("vocab_multiple", [16, 64])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 4096])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_fused_vocab_padding_changes_nothing(vocab_multiple, chunk_size, z_loss):
+    """The fused loss pads the weight to a multiple of ``vocab_multiple`` rows (V=37 is not one);
+    the padded columns are masked, so loss and both gradients equal the unpadded path, the chunked
+    loss and the whole-logits reference; grad_w keeps the weight's shape. Rows 0 and 1 target the
+    last real column (V-1)."""
+    hidden, weight, targets = _problem(n=37, d=16, v=37, seed=1)
+    targets[1:3] = 36
+    padded = _fused_grads(hidden, weight, targets, z_loss=z_loss, chunk_size=chunk_size,
+                          vocab_multiple=vocab_multiple)
+    unpadded = _fused_grads(hidden, weight, targets, z_loss=z_loss, chunk_size=chunk_size, vocab_multiple=1)
+    chunked_loss = linear_cross_entropy_sum(hidden, weight, targets,
+                                            LossSettings(impl="chunked", z_loss=z_loss, chunk_size=chunk_size))
+    chunked = (chunked_loss, *torch.autograd.grad(chunked_loss, (hidden, weight)))
+    expected = _reference(hidden, weight, targets, z_loss)
+    reference = (expected, *torch.autograd.grad(expected, (hidden, weight)))
+    assert padded[2].shape == weight.shape and padded[2].dtype == weight.dtype
+    assert padded[1].shape == hidden.shape
+    for other in (unpadded, chunked, reference):
+        for got, want in zip(padded, other):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+
+    with torch.no_grad():
+        value = fused_linear_cross_entropy_sum(hidden, weight, targets, z_loss, chunk_size, IGNORE_INDEX,
+                                               vocab_multiple=vocab_multiple)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_vocab_padding_last_column_target_and_frozen_weight():
+    """Every target the last real column (V-1, next to the padding): value and gradients exact; a
+    frozen weight gets no gradient and the hidden one is still right; a bad multiple is refused."""
+    hidden, weight, targets = _problem(n=9, d=8, v=37, seed=2)
+    targets = torch.full_like(targets, 36)
+    loss, gh, gw = _fused_grads(hidden, weight, targets, z_loss=1e-2, chunk_size=4, vocab_multiple=64)
+    expected = _reference(hidden, weight, targets, 1e-2)
+    eh, ew = torch.autograd.grad(expected, (hidden, weight))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, eh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-10, atol=1e-12)
+    assert gw.shape == (37, 8)
+    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+
+    h = hidden.detach().requires_grad_()
+    fused_linear_cross_entropy_sum(h, weight.detach(), targets, 1e-2, 4, IGNORE_INDEX, vocab_multiple=64).backward()
+    torch.testing.assert_close(h.grad, eh, rtol=1e-10, atol=1e-12)
+    bf16 = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight)]
+    got = _fused_grads(*bf16, targets, chunk_size=4, vocab_multiple=64)
+    want = _fused_grads(*bf16, targets, chunk_size=4, vocab_multiple=1)
+    assert got[2].shape == (37, 8) and got[2].dtype == torch.bfloat16
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="vocab_multiple"):
+        fused_linear_cross_entropy_sum(hidden, weight, targets, vocab_multiple=0)
