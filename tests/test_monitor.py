@@ -33,6 +33,22 @@ def test_technique_scalars_read_gpas_polynorm_and_gates():
     assert len(gpas) == 2 and all(math.isfinite(v) for v in gpas)
     gates = [v for k, v in scalars.items() if "residual_gate" in k]
     assert all(v == pytest.approx(0.5) for v in gates)  # gates start at 0: sigmoid 0.5
+    # every value sits under its own key (they are read back from one tensor)
+    from neollm.model.norms import GPAS, PolyNorm
+
+    polys = [(n, m) for n, m in model.named_modules() if isinstance(m, PolyNorm)]
+    assert polys
+    for name, poly in polys:
+        with torch.no_grad():
+            poly.weight.copy_(torch.arange(1.0, poly.weight.numel() + 1) / 7)
+    scalars = technique_scalars(model)
+    for name, poly in polys:
+        for i, w in enumerate(poly.weight.tolist()):
+            assert scalars[f"techniques/polynorm_w{i + 1}/{name}"] == pytest.approx(w)
+    for name, gpas in model.named_modules():
+        if isinstance(gpas, GPAS):
+            expected = torch.nn.functional.silu(gpas.gate.detach().float()).mean().item()
+            assert scalars[f"techniques/gpas_silu_gate/{name}"] == pytest.approx(expected)
 
 
 def test_output_gate_probe_hooks_one_step_only():

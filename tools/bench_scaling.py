@@ -20,7 +20,9 @@ draws); the losses then differ only by the order of the gradient sums and bf16 r
 
 The micro-batch per rank is the config's local batch, or the global batch / data-parallel degree
 when that is smaller (``--local-batch`` to fix it for every layout). Validation and checkpoints are
-off. A finished layout (``<out>/<layout>/result.json``) is skipped when the command is rerun, so a
+off, and so are the per-technique scalars of ``[monitor]``: every step is a log step here (for its
+time and loss), and those scalars (one gather per parameter under FSDP) are a log-step cost that a
+run with ``log_freq = 10`` pays once in ten steps. A finished layout (``<out>/<layout>/result.json``) is skipped when the command is rerun, so a
 long comparison can be spread over several jobs (its numbers are recomputed from its metrics.jsonl
 with this run's ``--skip``; results.json keeps each layout's commit and device). Writes
 ``results.md`` and ``results.json``.
@@ -83,7 +85,7 @@ def layout_argv(config: Path, dump: Path, replicas: int, shards: int, steps: int
             "--training.local_batch_size", str(local_batch), "--metrics.log_freq", "1",
             "--parallelism.data_parallel_replicate_degree", str(replicas),
             "--parallelism.data_parallel_shard_degree", str(shards),
-            "--validation.no-enable", *checkpoint]
+            "--validation.no-enable", "--monitor.no-technique_scalars", *checkpoint]
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key:
