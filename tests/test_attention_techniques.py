@@ -284,6 +284,74 @@ def test_lucid_preconditioner_is_unit_lower_triangular_and_bounded():
                                rtol=0, atol=1e-5)
 
 
+def _lucid_reference(k, v, eps):
+    """X = P^-1 V through plain autograd, with an explicit inverse of the unit-lower P."""
+    d = k.shape[-1]
+    kr = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + eps)
+    p = torch.exp(kr @ kr.transpose(-1, -2) / math.sqrt(d) - math.sqrt(d)).tril(-1)
+    p = p + torch.eye(k.shape[-2], dtype=k.dtype)
+    return torch.linalg.inv(p) @ v
+
+
+def test_lucid_values_gradients_match_autograd_through_the_inverse():
+    """lucid_values' own backward (P rebuilt from the keys) against autograd through an explicit
+    inverse, fp64: the values and the gradients to the keys and to the values."""
+    from neollm.model.attention_ops import lucid_values
+
+    gen = torch.Generator().manual_seed(3)
+    k = (2.0 * torch.randn(B, HKV, T, D_HEAD, generator=gen, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(B, HKV, T, D_HEAD, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(B, HKV, T, D_HEAD, generator=gen, dtype=torch.float64)
+    got = lucid_values(k, v, 1e-6)
+    expected = _lucid_reference(k, v, 1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    got_k, got_v = torch.autograd.grad((got * upstream).sum(), (k, v))
+    exp_k, exp_v = torch.autograd.grad((expected * upstream).sum(), (k, v))
+    assert exp_k.abs().max() > 1e-3  # the keys' gradient is not trivially zero
+    torch.testing.assert_close(got_v, exp_v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_k, exp_k, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: lucid_values(a, b, 1e-6), (k[:1, :1, :5, :4].detach().requires_grad_(),
+                                                                       v[:1, :1, :5, :4].detach().requires_grad_()))
+
+
+def test_lucid_values_keeps_no_t_by_t_tensor_for_backward():
+    """The [T x T] preconditioner is rebuilt in backward, not kept: nothing saved for backward has
+    two trailing T dimensions (through plain autograd the solve and the exp would keep it)."""
+    from neollm.model.attention_ops import lucid_values
+
+    k = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
+    v = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lucid_values(k, v, 1e-6)
+    assert shapes and not any(s[-2:] == (T, T) for s in shapes), shapes
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _lucid_reference(k, v, 1e-6)
+    assert any(s[-2:] == (T, T) for s in shapes)  # the hook does see [T, T] tensors when they are kept
+    out.sum().backward()
+    assert k.grad is not None and v.grad is not None
+
+
+def test_lucid_values_compiles_whole_and_matches_eager():
+    from neollm.model.attention_ops import lucid_values
+
+    k = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
+    v = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
+    compiled = torch.compile(lambda a, b: lucid_values(a, b, 1e-6), fullgraph=True, backend="aot_eager")
+    out_c = compiled(k, v)
+    grads_c = torch.autograd.grad(out_c.square().sum(), (k, v))
+    out_e = lucid_values(k, v, 1e-6)
+    grads_e = torch.autograd.grad(out_e.square().sum(), (k, v))
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_only_in_training():
     att = make_attention(attention_dropout=0.1)
     plain = make_attention()  # same seed, same weights, no dropout

@@ -80,19 +80,61 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
     is 0 (up to eps) on the diagonal and, by Cauchy-Schwarz, <= 0 everywhere: every entry lies in
     ``(0, 1]``, nothing can overflow. The solve treats the diagonal as exactly 1.
     """
-    d = k.shape[-1]
-    kr = rms_normalize(k, eps)
+    return _preconditioner_from_normalized(rms_normalize(k, eps))
+
+
+def _preconditioner_from_normalized(kr: torch.Tensor) -> torch.Tensor:
+    d = kr.shape[-1]
     gram = kr @ kr.transpose(-1, -2)
     return torch.exp(gram / math.sqrt(d) - math.sqrt(d)).tril()
+
+
+class _LucidSolve(torch.autograd.Function):
+    """``X = P^{-1} V`` with ``P`` from the normalised keys ``kr``, keeping ``kr`` and ``X`` for
+    backward instead of the [T x T] ``P``.
+
+    Why: through plain autograd, the solve and the exp keep P (and exp's output) in fp32 for
+    backward: [B, Hkv, T, T] per layer, 268 MB per layer at 64 x 512 tokens with 4 KV heads, the
+    largest activation of NeoLLM-135M. Backward rebuilds P from ``kr`` (one [T x d] x [d x T] matmul
+    and an exp, under the forward's autocast state, so it is the same P) and applies the
+    gradients of a unit-lower-triangular solve: ``dV = P^-T dX``, ``dP = -tril_-1(dV X^T)`` (the
+    diagonal is taken as 1, so it gets none), ``dS = dP * P`` through the exp, and ``dkr = (dS + dS^T)
+    kr / sqrt(d)`` through the Gram matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, kr: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        device = kr.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        p = _preconditioner_from_normalized(kr)
+        x = torch.linalg.solve_triangular(p, v.to(p.dtype), upper=False, unitriangular=True)
+        ctx.save_for_backward(kr, x)
+        ctx.v_dtype = v.dtype
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        kr, x = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            p = _preconditioner_from_normalized(kr)
+        with torch.autocast(device, enabled=False):
+            grad_x = grad_x.to(p.dtype)
+            grad_v = torch.linalg.solve_triangular(p.mT, grad_x, upper=True, unitriangular=True)
+            grad_s = -(grad_v @ x.mT).tril(-1) * p
+            grad_s = (grad_s + grad_s.mT) / math.sqrt(kr.shape[-1])
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the Gram matmul's dtype
+            grad_kr = grad_s @ kr
+        return grad_kr.to(kr.dtype), grad_v.to(ctx.v_dtype)
 
 
 def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """LUCID (arXiv 2602.10410): ``X = P^{-1} V`` per KV head; ``k, v [B, Hkv, T, d]``.
 
     One unit-lower-triangular solve in the compute dtype (fp32 on bf16 runs); returns v's dtype.
+    Backward recomputes P instead of keeping it (``_LucidSolve``).
     """
-    p = lucid_preconditioner(k, eps)
-    x = torch.linalg.solve_triangular(p, v.to(p.dtype), upper=False, unitriangular=True)
+    x = _LucidSolve.apply(rms_normalize(k, eps), v)
     # The solver may return a column-major result; SDPA's fused kernels need a contiguous head dim.
     return x.to(v.dtype).contiguous()
 
