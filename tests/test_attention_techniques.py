@@ -294,7 +294,7 @@ def _lucid_reference(k, v, eps):
 
 
 def test_lucid_values_gradients_match_autograd_through_the_inverse():
-    """lucid_values' own backward (P rebuilt from the keys) against autograd through an explicit
+    """lucid_values (P rebuilt from the keys in backward) against autograd through an explicit
     inverse, fp64: the values and the gradients to the keys and to the values."""
     from neollm.model.attention_ops import lucid_values
 
@@ -310,8 +310,6 @@ def test_lucid_values_gradients_match_autograd_through_the_inverse():
     assert exp_k.abs().max() > 1e-3  # the keys' gradient is not trivially zero
     torch.testing.assert_close(got_v, exp_v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_k, exp_k, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b: lucid_values(a, b, 1e-6), (k[:1, :1, :5, :4].detach().requires_grad_(),
-                                                                       v[:1, :1, :5, :4].detach().requires_grad_()))
 
 
 def test_lucid_values_keeps_no_t_by_t_tensor_for_backward():
@@ -337,19 +335,31 @@ def test_lucid_values_keeps_no_t_by_t_tensor_for_backward():
     assert k.grad is not None and v.grad is not None
 
 
-def test_lucid_values_compiles_whole_and_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_lucid_values_compiled_keeps_no_t_by_t_tensor_and_matches_eager(backend):
+    """Under torch.compile too (whole graph): same values and gradients, and the compiled function
+    keeps nothing [T x T] for backward (the compiler follows the checkpoint policy)."""
     from neollm.model.attention_ops import lucid_values
 
+    torch._dynamo.reset()
     k = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
     v = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
-    compiled = torch.compile(lambda a, b: lucid_values(a, b, 1e-6), fullgraph=True, backend="aot_eager")
-    out_c = compiled(k, v)
+    compiled = torch.compile(lambda a, b: lucid_values(a, b, 1e-6), fullgraph=True, backend=backend)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out_c = compiled(k, v)
+    assert shapes and not any(s[-2:] == (T, T) for s in shapes), shapes
     grads_c = torch.autograd.grad(out_c.square().sum(), (k, v))
     out_e = lucid_values(k, v, 1e-6)
     grads_e = torch.autograd.grad(out_e.square().sum(), (k, v))
-    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_only_in_training():

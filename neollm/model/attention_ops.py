@@ -10,9 +10,11 @@ on tensor values, so they trace into one graph under ``torch.compile(fullgraph=T
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -80,63 +82,47 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
     is 0 (up to eps) on the diagonal and, by Cauchy-Schwarz, <= 0 everywhere: every entry lies in
     ``(0, 1]``, nothing can overflow. The solve treats the diagonal as exactly 1.
     """
-    return _preconditioner_from_normalized(rms_normalize(k, eps))
-
-
-def _preconditioner_from_normalized(kr: torch.Tensor) -> torch.Tensor:
-    d = kr.shape[-1]
+    d = k.shape[-1]
+    kr = rms_normalize(k, eps)
     gram = kr @ kr.transpose(-1, -2)
     return torch.exp(gram / math.sqrt(d) - math.sqrt(d)).tril()
 
 
-class _LucidSolve(torch.autograd.Function):
-    """``X = P^{-1} V`` with ``P`` from the normalised keys ``kr``, keeping ``kr`` and ``X`` for
-    backward instead of the [T x T] ``P``.
+def _lucid_solve(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``P^{-1} V``, solved as ``X^T = V^T P^{-T}`` (``left=False``): the solver writes its result
+    column-major, so X^T column-major is X row-major, the layout SDPA's fused kernels need. (The
+    left-sided solve's column-major X, copied by ``.contiguous()``, came out wrong under inductor
+    inside an activation checkpoint: tests/test_activation_checkpoint.py.)"""
+    p = lucid_preconditioner(k, eps)
+    x_t = torch.linalg.solve_triangular(p.mT, v.to(p.dtype).mT, upper=True, left=False, unitriangular=True)
+    return x_t.mT
 
-    Why: through plain autograd, the solve and the exp keep P (and exp's output) in fp32 for
-    backward: [B, Hkv, T, T] per layer, 268 MB per layer at 64 x 512 tokens with 4 KV heads, the
-    largest activation of NeoLLM-135M. Backward rebuilds P from ``kr`` (one [T x d] x [d x T] matmul
-    and an exp, under the forward's autocast state, so it is the same P) and applies the
-    gradients of a unit-lower-triangular solve: ``dV = P^-T dX``, ``dP = -tril_-1(dV X^T)`` (the
-    diagonal is taken as 1, so it gets none), ``dS = dP * P`` through the exp, and ``dkr = (dS + dS^T)
-    kr / sqrt(d)`` through the Gram matrix.
-    """
 
-    @staticmethod
-    def forward(ctx, kr: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        device = kr.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        p = _preconditioner_from_normalized(kr)
-        x = torch.linalg.solve_triangular(p, v.to(p.dtype), upper=False, unitriangular=True)
-        ctx.save_for_backward(kr, x)
-        ctx.v_dtype = v.dtype
-        return x
-
-    @staticmethod
-    def backward(ctx, grad_x: torch.Tensor):
-        kr, x = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            p = _preconditioner_from_normalized(kr)
-        with torch.autocast(device, enabled=False):
-            grad_x = grad_x.to(p.dtype)
-            grad_v = torch.linalg.solve_triangular(p.mT, grad_x, upper=True, unitriangular=True)
-            grad_s = -(grad_v @ x.mT).tril(-1) * p
-            grad_s = (grad_s + grad_s.mT) / math.sqrt(kr.shape[-1])
-        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the Gram matmul's dtype
-            grad_kr = grad_s @ kr
-        return grad_kr.to(kr.dtype), grad_v.to(ctx.v_dtype)
+def _keep_only_the_solution(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy for LUCID: keep the solve's output, rebuild the rest in backward."""
+    if op is torch.ops.aten.linalg_solve_triangular.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """LUCID (arXiv 2602.10410): ``X = P^{-1} V`` per KV head; ``k, v [B, Hkv, T, d]``.
 
     One unit-lower-triangular solve in the compute dtype (fp32 on bf16 runs); returns v's dtype.
-    Backward recomputes P instead of keeping it (``_LucidSolve``).
+
+    Memory: through plain autograd the solve and the exp keep the [B, Hkv, T, T] preconditioner
+    in fp32 for backward, 268 MB per layer at 64 x 512 tokens with 4 KV heads, the largest
+    activation of NeoLLM-135M. Here a selective activation checkpoint keeps only the solution X
+    and rebuilds P from the keys in backward (one [T x d] x [d x T] matmul and an exp per KV head,
+    under the forward's autocast state). torch.compile honours the policy; a custom backward that
+    rebuilt P would not help there, as the compiler merges the rebuilt P with the forward's and keeps it.
     """
-    x = _LucidSolve.apply(rms_normalize(k, eps), v)
-    # The solver may return a column-major result; SDPA's fused kernels need a contiguous head dim.
-    return x.to(v.dtype).contiguous()
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        x = checkpoint(_lucid_solve, k, v, eps, use_reentrant=False, preserve_rng_state=False,
+                       context_fn=partial(create_selective_checkpoint_contexts, _keep_only_the_solution))
+    else:
+        x = _lucid_solve(k, v, eps)
+    return x.to(v.dtype).contiguous()  # a no-op where the solver's layout is already row-major
 
 
 def causal_mean(v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Activation checkpointing (``[activation_checkpoint] mode``) on NeoLLM blocks, eager and compiled.
+
+torchtitan's ``apply_ac`` wraps each block; NeoLLM's LUCID already runs its solve under its own
+selective checkpoint (neollm/model/attention_ops.lucid_values), so these runs also check that the
+two nest. Every mode must give the loss and the gradients of the run without checkpointing. In
+fp64: in fp32 this stack of techniques amplifies rounding, so compiled and eager gradients already
+differ by ~0.5% of their largest entry (fp64: 5e-12).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torchtitan.config import ActivationCheckpoint
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
+
+from neollm.model.args import FLAVORS
+from neollm.model.model import NeoLLM
+from neollm.parallelize import compile_blocks
+
+ARGS = dataclasses.replace(FLAVORS["neollm_135m"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           head_dim=16, ffn_hidden_dim=96, vocab_size=128, max_seq_len=32,
+                           attention_dropout=0.0, dropout=0.0)
+MODES = {
+    "full": ActivationCheckpoint(mode="full"),
+    "selective layer": ActivationCheckpoint(mode="selective", selective_ac_option="1"),
+    "selective op": ActivationCheckpoint(mode="selective", selective_ac_option="op"),
+}
+
+
+def _loss_and_grads(ac: ActivationCheckpoint | None, compiled: bool):
+    torch.manual_seed(0)
+    model = NeoLLM(ARGS)
+    model.init_weights()
+    model.double()
+    if ac is not None:
+        apply_ac(model, ac, model_compile_enabled=compiled, op_sac_save_list=_op_sac_save_list)
+    if compiled:
+        compile_blocks(model, "inductor")
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens, tokens)
+    loss.backward()
+    clean = lambda n: n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")  # noqa: E731
+    return loss.detach(), {clean(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_activation_checkpoint_modes_match_no_checkpointing(mode, compiled):
+    assert ARGS.lucid and ARGS.mea and ARGS.simplegpt  # seed 001's techniques, LUCID's nested checkpoint
+    torch._dynamo.reset()
+    loss_ref, grads_ref = _loss_and_grads(None, compiled)
+    torch._dynamo.reset()
+    loss, grads = _loss_and_grads(MODES[mode], compiled)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-11, atol=0)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        scale = grads_ref[name].abs().max().item()
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-8, atol=1e-9 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
