@@ -78,3 +78,22 @@ def test_bench_scaling_batch_sizes_follow_set_overrides():
     assert scaling.read_batch(config) == (64, 8)
     assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)
     assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 8)
+
+
+def test_bench_memory_counts_activations_not_weights(capsys):
+    """tools/bench_memory.py: what autograd keeps grows with the batch (the weights, which a matmul
+    also saves, are left out: counted, they would dominate at this size), and the table has a row per
+    technique of the flavor."""
+    import dataclasses
+
+    from neollm.model.args import FLAVORS
+
+    memory = load_tool("bench_memory")
+    args = dataclasses.replace(FLAVORS["neollm_135m"], n_layers=1)
+    one, two = (memory.saved_bytes(args, batch, 16, compiled=False) for batch in (1, 2))
+    assert one > 0 and abs(two / one - 2.0) < 0.05
+    assert memory.main(["--flavor", "neollm_135m", "--layers", "1", "--batch", "1", "--seq", "16",
+                        "--no-compile", "--ablate"]) == 0
+    table = capsys.readouterr().out
+    assert "| neollm_135m |" in table and "| - lucid |" in table and "| - simplegpt |" in table
+    assert memory.main(["--flavor", "neollm_135m", "--layers", "13"]) == 2
