@@ -14,7 +14,8 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
   formed in the forward pass (no recomputation), the softmax part compiled on CUDA. Exact; memory
   one chunk of logits; on an H100 at 64 x 512 tokens it beat CCE at vocab 64,402 (BENCHMARKS.md).
   Its logits are padded to a multiple of 64 columns (aligned matmuls, padding masked out); the
-  timings quoted here are from before that padding, which is not timed on a GPU yet.
+  timings quoted here are from before that padding. The padding took the real trainer's `plain`
+  step on an H100 from 71 to 54 ms (two runs; BENCHMARKS.md); bench_loss has not timed it alone.
 * ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
   compiled on CUDA: what torchtitan's stock trainer does. That computation (F.cross_entropy on the
   compiled logits) was the fastest on an H100 at vocab 64,402 (17 ms vs 34 ms for ``fused`` at

@@ -78,6 +78,14 @@ def test_bench_scaling_batch_sizes_follow_set_overrides():
     assert scaling.read_batch(config) == (64, 8)
     assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)
     assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 8)
+    assert scaling.read_batch(config, ["training.local-batch-size=16"]) == (64, 16)  # torchtitan's other spelling
+
+
+def test_bench_scaling_refuses_two_micro_batches(tmp_path, capsys):
+    scaling = load_tool("bench_scaling")
+    assert scaling.main(["--config", "train_configs/debug.toml", "--layouts", "1", "--out", str(tmp_path),
+                         "--local-batch", "4", "--set", "training.local_batch_size=8"]) == 2
+    assert "--local-batch or --set training.local_batch_size" in capsys.readouterr().err
 
 
 def test_bench_memory_counts_activations_not_weights(capsys):

@@ -72,6 +72,7 @@ def read_batch(config: Path, sets: list[str] = ()) -> tuple[int, int]:
     training = tomllib.loads(config.read_text()).get("training", {})
     for item in sets:
         key, _, value = item.partition("=")
+        key = key.replace("-", "_")  # torchtitan accepts both spellings
         if key in ("training.local_batch_size", "training.global_batch_size"):
             training[key.split(".", 1)[1]] = value
     local = int(training.get("local_batch_size", 8))
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--config {opts.config} does not exist")
         if opts.steps <= opts.skip:
             raise ConfigError(f"--steps {opts.steps} must be larger than --skip {opts.skip}")
+        if opts.local_batch and any(item.partition("=")[0].replace("-", "_") == "training.local_batch_size"
+                                    for item in opts.set):
+            raise ConfigError("give the micro-batch once: --local-batch or --set training.local_batch_size")
         layouts = [(text.strip(), *parse_layout(text.strip())) for text in opts.layouts.split(",") if text.strip()]
         global_batch, config_local = read_batch(opts.config, opts.set)
         runs = []

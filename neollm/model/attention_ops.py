@@ -116,6 +116,8 @@ def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     and rebuilds P from the keys in backward (one [T x d] x [d x T] matmul and an exp per KV head,
     under the forward's autocast state). torch.compile honours the policy; a custom backward that
     rebuilt P would not help there, as the compiler merges the rebuilt P with the forward's and keeps it.
+    Like any selective checkpoint, the graph can be differentiated once (no double backward, no
+    second ``backward(retain_graph=True)``).
     """
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         x = checkpoint(_lucid_solve, k, v, eps, use_reentrant=False, preserve_rng_state=False,

@@ -31,7 +31,8 @@ HSDP replica dimension):
   and keeps its rows of v and of the update: 3x those matrices' size in all-gather traffic per
   step, one NCCL call. The per-tensor step instead forms P^T [g | m] as per-rank partial products
   over the local rows, reduce-scattered back to row shards, and the back-projection P n likewise:
-  two reduce-scatters per matrix, ~100 small collectives per step for NeoLLM-135M. On 2 H100s
+  two reduce-scatters per matrix, ~260 small collectives per step for NeoLLM-135M (132 such
+  matrices). On 2 H100s
   the batched step took a 2-GPU step of NeoLLM-135M from 0.50 s (per-tensor) to 0.27 s; one
   GPU takes 0.16 s (BENCHMARKS.md: the rest is host launch overhead, not Conda).
 * other placements (e.g. tensor-parallel ``Shard(1)``) fall back to gathering g, m and v and
