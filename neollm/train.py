@@ -228,7 +228,21 @@ class NeoLLMTrainer(Trainer):
     def train(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_stop_signal)
-        return super().train()
+        result = super().train()
+        self._wait_for_all_ranks()
+        return result
+
+    @staticmethod
+    def _wait_for_all_ranks() -> None:
+        """After a finished run, let every rank reach teardown together. torchtitan keeps rank 0
+        alive 2 s longer while the other ranks destroy their process groups and exit at once; on
+        gloo (CPU) a rank sometimes aborted in that teardown (SIGABRT after the last step), which
+        torchrun reports as a failed run. Only on the success path: after an error a barrier could
+        wait for a rank that is gone."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
 
     # ------------------------------------------------------------ monitoring
 
