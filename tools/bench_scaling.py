@@ -64,6 +64,11 @@ def parse_layout(text: str) -> tuple[int, int]:
     raise ConfigError(f"layout {text!r}: write N (FSDP over N GPUs) or RxS (HSDP, R replicas x S shards)")
 
 
+def set_key(item: str) -> str:
+    """The key of a ``--set section.key=value``, hyphens read as underscores (torchtitan accepts both)."""
+    return item.partition("=")[0].replace("-", "_")
+
+
 def read_batch(config: Path, sets: list[str] = ()) -> tuple[int, int]:
     """(global, local) batch of a TOML's ``[training]`` (torchtitan's defaults when unset), after
     any ``--set training.*_batch_size=N`` (those come last on the command line, so they win)."""
@@ -71,8 +76,7 @@ def read_batch(config: Path, sets: list[str] = ()) -> tuple[int, int]:
 
     training = tomllib.loads(config.read_text()).get("training", {})
     for item in sets:
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")  # torchtitan accepts both spellings
+        key, value = set_key(item), item.partition("=")[2]
         if key in ("training.local_batch_size", "training.global_batch_size"):
             training[key.split(".", 1)[1]] = value
     local = int(training.get("local_batch_size", 8))
@@ -190,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--config {opts.config} does not exist")
         if opts.steps <= opts.skip:
             raise ConfigError(f"--steps {opts.steps} must be larger than --skip {opts.skip}")
-        if opts.local_batch and any(item.partition("=")[0].replace("-", "_") == "training.local_batch_size"
-                                    for item in opts.set):
+        if opts.local_batch and any(set_key(item) == "training.local_batch_size" for item in opts.set):
             raise ConfigError("give the micro-batch once: --local-batch or --set training.local_batch_size")
         layouts = [(text.strip(), *parse_layout(text.strip())) for text in opts.layouts.split(",") if text.strip()]
         global_batch, config_local = read_batch(opts.config, opts.set)

@@ -363,8 +363,7 @@ class Conda(Optimizer):
             v.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
             back = (m_proj / v.sqrt().add_(group["eps"])) @ basis
         else:
-            local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-            rows = slice(offset[0], offset[0] + local_shape[0])
+            rows = _local_rows(grad)
             partial = [Partial() if pl.is_shard() else Replicate() for pl in placements]
             cols = shape[1]
             # P^T [g | m] = sum over ranks of P[rows]^T [g | m][rows]  -> reduce-scatter to rows
