@@ -500,3 +500,31 @@ def test_sdpa_inputs_keep_the_fused_kernel_layout(name, monkeypatch):
     (q, k, v), = seen
     assert q.dtype == k.dtype == v.dtype
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+
+
+def test_no_matmul_runs_over_the_head_or_direction_count():
+    """MEA's head mixing, directional routing and SeeDNorm's <x, beta> are multiply-adds over a few
+    heads / directions. Written as einsums / matvecs they became GEMMs with an inner or outer size of
+    Hkv or K (4 at NeoLLM's size), which cuBLAS runs on slow unaligned kernels: 9.5 ms of a 113 ms
+    step on an H100 (BENCHMARKS.md). No matmul of the attention's forward or backward may have a
+    matrix size below 4 (here Hkv = 2 and K = 3; every other size is >= 4)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+               torch.ops.aten.baddbmm.default, torch.ops.aten.mv.default, torch.ops.aten.dot.default}
+    narrow = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                if any(len(s) < 2 or min(s[-2:]) < 4 for s in shapes):
+                    narrow.append((str(func), shapes))
+            return func(*args, **(kwargs or {}))
+
+    att = make_attention(**ALL_ON).train()
+    x, cache = inputs()
+    x.requires_grad_(True)
+    with Watch():
+        att(x, cache).square().sum().backward()
+    assert narrow == []

@@ -103,18 +103,35 @@ def build_llama3(vocab: int, seq: int, device: torch.device, compile_model: bool
     return model, flops, step
 
 
-def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40) -> str:
-    """The kernels that take the time: torch.profiler over ``steps`` calls of ``step_fn``."""
+def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40,
+                  trace: Path | None = None) -> str:
+    """The kernels that take the time: torch.profiler over ``steps`` calls of ``step_fn``.
+
+    The first line compares the summed kernel time per step with the wall time per step: where
+    kernels fill much less than the wall time, the step is bound by the host's launches, not the GPU.
+    ``trace`` also writes the chrome trace (large: tens of MB) for a closer look.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step_fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+        head = (f"per step: {kernel_ms:.1f} ms of kernels (summed, overlap not removed) in "
+                f"{wall_ms:.1f} ms wall (profiler on)\n")
+    else:
+        head = f"per step: {wall_ms:.1f} ms wall (profiler on)\n"
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=row_limit, max_name_column_width=90)
+    return head + averages.table(sort_by=key, row_limit=row_limit, max_name_column_width=90)
 
 
 def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmup: int,
@@ -159,7 +176,8 @@ def run(name: str, build, *, batch: int, seq: int, vocab: int, steps: int, warmu
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-        (profile_dir / f"{safe}.txt").write_text(profile_table(train_step, 3, device))
+        (profile_dir / f"{safe}.txt").write_text(
+            profile_table(train_step, 3, device, trace=profile_dir / f"{safe}.trace.json"))
     del model, optimizer, step
     gc.collect()
     if device.type == "cuda":

@@ -3,7 +3,7 @@
 With every switch off this is the attention of a plain Llama/Qwen-style decoder. ``x [B, T, D]``
 is the (normalised) block input; q has H heads, k/v have Hkv heads (GQA group g = H / Hkv, query
 head h reads KV head h // g); ``d`` is the head dim. The kernel is always
-``F.scaled_dot_product_attention(is_causal=True)`` (flash / memory-efficient on GPU): the T x T
+``F.scaled_dot_product_attention(is_causal=True)`` (cuDNN / flash / memory-efficient on GPU): the T x T
 softmax matrix is never materialised. Only LUCID forms a T x T matrix (its preconditioner).
 
 Order of operations (each step only when its switch is on)
@@ -90,7 +90,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
@@ -204,7 +203,6 @@ class Attention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h, hkv = self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x)
         # 4. RoPE, 5. momentum
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -214,10 +212,8 @@ class Attention(nn.Module):
         # 6. kernel ([B, heads, T, d] layout)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt
-        y = F.scaled_dot_product_attention(
-            qt, kt, values, is_causal=True, enable_gqa=hkv != h,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        ).transpose(1, 2)  # [B, T, H, d]
+        y = ops.causal_attention(qt, kt, values, self.dropout_p if self.training else 0.0
+                                 ).transpose(1, 2)  # [B, T, H, d]
         if self.affine:
             y = self.mix_uniform(y, x, ops.causal_mean(values).transpose(1, 2).unsqueeze(3))
         return self.finish(y, v, x)

@@ -14,7 +14,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# SDPA backends in order of preference. PyTorch's default order puts FlashAttention-2 first; on
+# Hopper cuDNN's fused attention (wgmma) is faster, and torchtitan's own attention prefers it the same
+# way. Where a backend cannot take the inputs (a CPU tensor, a head dim, GQA), SDPA takes the next.
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,7 +48,9 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
     """
     dt = compute_dtype(x)
     xf = x.to(dt)
-    s = torch.tanh(xf @ beta.to(dt)).unsqueeze(-1)  # [..., 1]
+    # a multiply + sum, not ``xf @ beta``: autocast would run the matvec in bf16, and a matmul with
+    # one output column is a slow, unaligned GEMM on the GPU; this fuses into the norm's kernel.
+    s = torch.tanh((xf * beta.to(dt)).sum(-1, keepdim=True))  # [..., 1]
     scale = s * alpha.to(dt) + gamma.to(dt)
     return (scale * rms_normalize(xf, eps)).to(x.dtype)
 
@@ -49,10 +58,18 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
 def mix_heads(x: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
     """Head-level linear composition: ``out[..., j, :] = sum_i mixing[j, i] * x[..., i, :]``.
 
-    The einsum returns a head-dim stride of Hkv, which sent SDPA to its T x T math fallback on GPU:
-    the result is made contiguous. (A broadcast matmul instead gave results that differ in the last
-    bit between grad and no-grad mode, which breaks exact checks of exported models.)"""
-    return torch.einsum("btid,ji->btjd", x, mixing.to(x.dtype)).contiguous()
+    ``x [B, T, Hkv, d]``, ``mixing [Hkv, Hkv]``. Written as Hkv multiply-adds in the compute dtype, not
+    an einsum: the einsum became a GEMM with an inner size of Hkv (4), which cuBLAS runs on slow
+    unaligned kernels (its backward reduces over all B*T*d rows), and autocast ran it in bf16. The
+    multiply-adds fuse with the GroupNorm that follows; the result is contiguous (SDPA's fused
+    kernels need the head dim dense) and in x's dtype.
+    """
+    dt = compute_dtype(x)
+    xf, m = x.to(dt), mixing.to(dt)
+    out = xf[:, :, :1] * m[:, 0].view(1, 1, -1, 1)
+    for i in range(1, x.shape[2]):
+        out = out + xf[:, :, i:i + 1] * m[:, i].view(1, 1, -1, 1)
+    return out.to(x.dtype).contiguous()
 
 
 def head_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -127,6 +144,14 @@ def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     return x.to(v.dtype).contiguous()  # a no-op where the solver's layout is already row-major
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal SDPA over ``[B, heads, T, d]`` tensors (GQA when k/v have fewer heads), trying the
+    backends in ``SDPA_PRIORITY`` order."""
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
+
 def causal_mean(v: torch.Tensor) -> torch.Tensor:
     """``mean_{j <= i} v_j`` along dim 2 of ``v [B, Hkv, T, d]`` (a cumsum, no T x T matrix)."""
     dt = compute_dtype(v)
@@ -164,5 +189,7 @@ def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
     dt = compute_dtype(o)
     of = o.to(dt)
     u = F.normalize(directions.to(dt), dim=-1)                   # [H, K, d]
-    coef = torch.einsum("bthd,hkd->bthk", of, u) * route.to(dt)  # [B, T, H, K]
-    return (of - torch.einsum("bthk,hkd->bthd", coef, u)).to(o.dtype)
+    # Multiply + sum rather than einsums: those became GEMMs with a size of K (4), which cuBLAS runs
+    # on slow unaligned kernels (and autocast in bf16); these fuse into one kernel under compile.
+    coef = (of.unsqueeze(3) * u).sum(-1) * route.to(dt)                  # [B, T, H, K]
+    return (of - (coef.unsqueeze(-1) * u).sum(3)).to(o.dtype)

@@ -1,0 +1,143 @@
+"""Attention-kernel pieces on the GPU, side by side: SDPA backends and LUCID's preconditioner precision.
+
+1. SDPA: forward + backward of causal GQA attention at NeoLLM's shape through each backend alone
+   (cuDNN, FlashAttention-2, memory-efficient), and through ``causal_attention`` (NeoLLM's priority
+   order), with q, k, v laid out as the model makes them ([B, T, heads, d] transposed). A backend that
+   cannot take the inputs is reported as such.
+2. LUCID: ``X = P^-1 V`` with the key Gram matrix formed under bf16 autocast (what a matmul does inside
+   an autocast region) or in fp32, against an fp64 reference, for independent keys and for correlated
+   keys (a shared direction plus noise, so that P has entries near 1). Also the time of each.
+
+    python tools/bench_attention.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from neollm.model import attention_ops as ops  # noqa: E402
+
+
+def time_ms(fn, steps: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def sdpa_rows(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def leaf(h: int) -> torch.Tensor:  # [B, T, h, d] projection layout, seen as [B, h, T, d]
+        x = torch.randn(batch, seq, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        return x.requires_grad_(True)
+
+    q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
+    grad = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(backends, expand: bool = False):
+        kk, vv = k.transpose(1, 2), v.transpose(1, 2)
+        if expand:
+            kk = kk.repeat_interleave(heads // kv_heads, dim=1)
+            vv = vv.repeat_interleave(heads // kv_heads, dim=1)
+        with sdpa_kernel(backends, set_priority=True):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), kk, vv, is_causal=True, enable_gqa=not expand and kv_heads != heads)
+        out.backward(grad)
+        return out
+
+    reference = run([SDPBackend.FLASH_ATTENTION]).float()
+    cases = [("flash", [SDPBackend.FLASH_ATTENTION], False), ("cudnn", [SDPBackend.CUDNN_ATTENTION], False),
+             ("cudnn, k/v expanded to all heads", [SDPBackend.CUDNN_ATTENTION], True),
+             ("memory-efficient", [SDPBackend.EFFICIENT_ATTENTION], False)]
+    rows = []
+    for name, backends, expand in cases:
+        try:
+            out = run(backends, expand).float()
+            ms = time_ms(lambda: run(backends, expand))
+            rows.append(dict(case=name, ms=ms, max_diff_vs_flash=float((out - reference).abs().max())))
+        except RuntimeError as err:
+            rows.append(dict(case=name, ms=None, error=str(err).splitlines()[0][:120]))
+    q.grad = k.grad = v.grad = None
+
+    def neollm_order():
+        out = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out.backward(grad)
+
+    rows.append(dict(case="causal_attention (NeoLLM's priority order)", ms=time_ms(neollm_order)))
+    return rows
+
+
+def lucid_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for keys in ("independent", "correlated"):
+        k = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+        if keys == "correlated":
+            shared = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g)
+            k = shared + 0.3 * k
+        k = k.to(torch.bfloat16)
+        v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+        p64 = ops.lucid_preconditioner(k.double(), 1e-6)
+        x64 = torch.linalg.solve_triangular(p64, v.double(), upper=False, unitriangular=True)
+        for gram in ("bf16 autocast", "fp32"):
+            def solve(k=k, v=v, gram=gram):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gram == "bf16 autocast"):
+                    return ops._lucid_solve(k, v, 1e-6)
+            x = solve().double()
+            off = p64.tril(-1)
+            kr = k.requires_grad_(True)
+
+            def step(kr=kr, v=v, gram=gram):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gram == "bf16 autocast"):
+                    ops.lucid_values(kr, v, 1e-6).float().sum().backward()
+
+            rows.append(dict(keys=keys, gram=gram,
+                             rel_err_x=float((x - x64).norm() / x64.norm()),
+                             p_offdiag_max=float(off.max()), fwd_bwd_ms=time_ms(step, steps=10, warmup=3)))
+            k = k.detach()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--json", type=Path)
+    opts = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py times GPU kernels: no CUDA device is visible")
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  sdpa=sdpa_rows(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim),
+                  lucid=lucid_rows(opts.batch, opts.seq, opts.kv_heads, opts.head_dim))
+    print("| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|")
+    for r in result["sdpa"]:
+        ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
+        print(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
+    print("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |\n|---|---|---:|---:|---:|")
+    for r in result["lucid"]:
+        print(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {r['fwd_bwd_ms']:.2f} |")
+    if opts.json:
+        opts.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
