@@ -4,9 +4,10 @@
    (cuDNN, FlashAttention-2, memory-efficient), and through ``causal_attention`` (NeoLLM's priority
    order), with q, k, v laid out as the model makes them ([B, T, heads, d] transposed). A backend that
    cannot take the inputs is reported as such.
-2. LUCID: ``X = P^-1 V`` with the key Gram matrix formed under bf16 autocast (what a matmul does inside
-   an autocast region) or in fp32, against an fp64 reference, for independent keys and for correlated
-   keys (a shared direction plus noise, so that P has entries near 1). Also the time of each.
+2. LUCID: ``X = P^-1 V`` with the key Gram matrix formed as a bf16 GEMM (what a matmul does inside
+   an autocast region) or in fp32 (NeoLLM's preconditioner), against an fp64 reference, for independent keys and for correlated
+   keys (a shared direction plus noise, so that P has entries near 1), and the time of NeoLLM's
+   ``lucid_values`` forward + backward (eager, bf16 autocast, one layer).
 
     python tools/bench_attention.py --json out.json
 """
@@ -57,7 +58,7 @@ def sdpa_rows(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) ->
         with sdpa_kernel(backends, set_priority=True):
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), kk, vv, is_causal=True, enable_gqa=not expand and kv_heads != heads)
-        out.backward(grad)
+        torch.autograd.grad(out, (q, k, v), grad)
         return out
 
     reference = run([SDPBackend.FLASH_ATTENTION]).float()
@@ -72,11 +73,9 @@ def sdpa_rows(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) ->
             rows.append(dict(case=name, ms=ms, max_diff_vs_flash=float((out - reference).abs().max())))
         except RuntimeError as err:
             rows.append(dict(case=name, ms=None, error=str(err).splitlines()[0][:120]))
-    q.grad = k.grad = v.grad = None
-
     def neollm_order():
         out = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out.backward(grad)
+        torch.autograd.grad(out, (q, k, v), grad)
 
     rows.append(dict(case="causal_attention (NeoLLM's priority order)", ms=time_ms(neollm_order)))
     return rows
@@ -94,22 +93,20 @@ def lucid_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]
         v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
         p64 = ops.lucid_preconditioner(k.double(), 1e-6)
         x64 = torch.linalg.solve_triangular(p64, v.double(), upper=False, unitriangular=True)
-        for gram in ("bf16 autocast", "fp32"):
-            def solve(k=k, v=v, gram=gram):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gram == "bf16 autocast"):
-                    return ops._lucid_solve(k, v, 1e-6)
-            x = solve().double()
-            off = p64.tril(-1)
-            kr = k.requires_grad_(True)
+        kr = ops.rms_normalize(k, 1e-6).to(torch.bfloat16)  # what autocast hands a GEMM
+        gram_bf16 = (kr @ kr.mT).float()                    # bf16 output, as under autocast
+        p_bf16 = torch.exp(gram_bf16 / head_dim ** 0.5 - head_dim ** 0.5).tril()
+        for gram, p in (("bf16 GEMM (autocast)", p_bf16), ("fp32 (NeoLLM)", ops.lucid_preconditioner(k, 1e-6))):
+            x = torch.linalg.solve_triangular(p, v.float(), upper=False, unitriangular=True).double()
+            rows.append(dict(keys=keys, gram=gram, rel_err_x=float((x - x64).norm() / x64.norm()),
+                             p_offdiag_max=float(p64.tril(-1).max())))
+        leaf = k.clone().requires_grad_(True)
 
-            def step(kr=kr, v=v, gram=gram):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gram == "bf16 autocast"):
-                    ops.lucid_values(kr, v, 1e-6).float().sum().backward()
+        def step(leaf=leaf, v=v):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ops.lucid_values(leaf, v, 1e-6).float().sum().backward()
 
-            rows.append(dict(keys=keys, gram=gram,
-                             rel_err_x=float((x - x64).norm() / x64.norm()),
-                             p_offdiag_max=float(off.max()), fwd_bwd_ms=time_ms(step, steps=10, warmup=3)))
-            k = k.detach()
+        rows[-1]["fwd_bwd_ms"] = time_ms(step, steps=10, warmup=3)
     return rows
 
 
@@ -133,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
     print("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |\n|---|---|---:|---:|---:|")
     for r in result["lucid"]:
-        print(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {r['fwd_bwd_ms']:.2f} |")
+        ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
+        print(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -48,9 +48,10 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
     """
     dt = compute_dtype(x)
     xf = x.to(dt)
-    # a multiply + sum, not ``xf @ beta``: autocast would run the matvec in bf16, and a matmul with
-    # one output column is a slow, unaligned GEMM on the GPU; this fuses into the norm's kernel.
-    s = torch.tanh((xf * beta.to(dt)).sum(-1, keepdim=True))  # [..., 1]
+    # A matvec (under autocast a bf16 one, fp32 accumulate): its backward's <x, grad> reduction over
+    # all tokens is one cuBLAS GEMV. Written as multiply + sum, inductor's fused column reduction for
+    # beta's gradient took 10.7 ms of a step on an H100 (BENCHMARKS.md).
+    s = torch.tanh(xf @ beta.to(dt)).unsqueeze(-1)  # [..., 1]
     scale = s * alpha.to(dt) + gamma.to(dt)
     return (scale * rms_normalize(xf, eps)).to(x.dtype)
 
@@ -100,9 +101,14 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
     ``(0, 1]``, nothing can overflow. The solve treats the diagonal as exactly 1.
     """
     d = k.shape[-1]
-    kr = rms_normalize(k, eps)
-    gram = kr @ kr.transpose(-1, -2)
-    return torch.exp(gram / math.sqrt(d) - math.sqrt(d)).tril()
+    # The Gram matrix in fp32 even under autocast: there it would be a bf16 GEMM whose output,
+    # rounded near d (64), moves the exponent by up to ~0.03; with correlated keys (entries of P
+    # near 1) that put X = P^-1 V 10% off the fp64 solution, against 1e-5 in fp32
+    # (tools/bench_attention.py, BENCHMARKS.md).
+    with torch.autocast(k.device.type, enabled=False):
+        kr = rms_normalize(k, eps)
+        gram = kr @ kr.transpose(-1, -2)
+        return torch.exp(gram / math.sqrt(d) - math.sqrt(d)).tril()
 
 
 def _lucid_solve(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -187,9 +193,17 @@ def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
     ``o [B, T, H, d]``; ``directions U [H, K, d]``; ``route r [B, T, H, K]`` in (0, 1).
     """
     dt = compute_dtype(o)
-    of = o.to(dt)
-    u = F.normalize(directions.to(dt), dim=-1)                   # [H, K, d]
-    # Multiply + sum rather than einsums: those became GEMMs with a size of K (4), which cuBLAS runs
-    # on slow unaligned kernels (and autocast in bf16); these fuse into one kernel under compile.
-    coef = (of.unsqueeze(3) * u).sum(-1) * route.to(dt)                  # [B, T, H, K]
-    return (of - (coef.unsqueeze(-1) * u).sum(3)).to(o.dtype)
+    b, t, h, d = o.shape
+    k = directions.shape[1]
+    u = F.normalize(directions.to(dt), dim=-1)                              # [H, K, d]
+    # Both sums as one aligned GEMM each against the block-diagonal [H*d, H*K] matrix of the
+    # directions. Per head they would be GEMMs with a size of K (4), which cuBLAS runs on slow
+    # unaligned kernels; as fused multiply + sum, inductor's reduction for the directions' gradient
+    # over all tokens took 48 ms of a 175 ms step on an H100 (BENCHMARKS.md). H x the FLOPs of the
+    # per-head form, a negligible amount (2 * H * d * H * K per token).
+    eye = torch.eye(h, dtype=dt, device=o.device)
+    blocks = (eye[:, None, :, None] * u.transpose(1, 2)[:, :, None, :]).reshape(h * d, h * k)
+    flat = o.reshape(b * t, h * d)
+    coef = (flat @ blocks.to(flat.dtype)).view(b, t, h, k) * route.to(dt)  # [B, T, H, K]
+    correction = coef.reshape(b * t, h * k) @ blocks.t()
+    return (o.to(dt) - correction.view(b, t, h, d).to(dt)).to(o.dtype)
