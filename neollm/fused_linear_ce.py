@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 _compiled_chunk = None
+# ``addmm(..., out_dtype=float32)`` with half-precision operands: verified on CUDA with torch 2.11
+# (BENCHMARKS.md); earlier releases lack it or reject an fp32 ``self``, so they keep the cast + add.
+_ADDMM_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11)
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, z_loss: float,
@@ -85,9 +88,9 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
     adds its fp32 result into ``grad_w`` (``addmm`` with ``out_dtype``): no rounding of the chunk's
     product to bf16, and no separate cast and add over the [V x D] weight, which cost 0.27 ms per
     chunk at V = 151,680 on an H100 (1.36 -> 1.09 ms; BENCHMARKS.md). Elsewhere (CPU, fp32 or
-    fp64 chunks) the product is formed in g's dtype and added."""
+    fp64 chunks, torch before 2.11) the product is formed in g's dtype and added."""
     half = (torch.float16, torch.bfloat16)
-    if grad_w.is_cuda and g.dtype in half and grad_w.dtype == torch.float32:
+    if _ADDMM_OUT_DTYPE and grad_w.is_cuda and g.dtype in half and grad_w.dtype == torch.float32:
         return torch.addmm(grad_w, g.t(), h.to(g.dtype), out_dtype=torch.float32)
     grad_w += (g.t() @ h).to(grad_w.dtype)
     return grad_w

@@ -12,17 +12,17 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
   Runs anywhere; the CPU path and the reference CCE is tested against.
 * ``"fused"`` — neollm.fused_linear_ce: chunks of logits through plain matmuls with the gradient
   formed in the forward pass (no recomputation), the softmax part compiled on CUDA. Exact; memory
-  one chunk of logits; on an H100 at 64 x 512 tokens it beat CCE at vocab 64,402 (BENCHMARKS.md).
-  Its logits are padded to a multiple of 64 columns (aligned matmuls, padding masked out); the
-  timings quoted here are from before that padding. The padding took the real trainer's `plain`
-  step on an H100 from 71 to 54 ms (two runs; BENCHMARKS.md); bench_loss has not timed it alone.
+  one chunk of logits. Its logits are padded to a multiple of 64 columns (aligned matmuls, padding
+  masked out): on an H200 at 32,768 tokens and vocab 64,402 that halved its time, 33.3 -> 16.7 ms,
+  level with compiled logits + cross-entropy (17.1 ms) at 1.8 instead of 4.2 GiB (BENCHMARKS.md).
 * ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
-  compiled on CUDA: what torchtitan's stock trainer does. That computation (F.cross_entropy on the
-  compiled logits) was the fastest on an H100 at vocab 64,402 (17 ms vs 34 ms for ``fused`` at
-  64 x 512 tokens, BENCHMARKS.md) for ~4 GiB of bf16 logits, and slower than CCE at 152k; this
-  implementation of it (with z-loss) is not timed on a GPU yet. For when memory is not the limit.
-* ``"auto"`` — on CUDA ``fused`` up to a 100k vocabulary and ``cce`` above (the faster of the two
-  on an H100 at each of NeoLLM's vocabularies, FUSED_MAX_VOCAB), ``chunked`` elsewhere.
+  compiled on CUDA: what torchtitan's stock trainer does. In a whole `plain` step on an H100 it is
+  slower than ``fused`` (51.9 vs 47.8 ms) and holds 10 GiB more (19.3 vs 9.2 GiB). For comparisons.
+* ``"auto"`` — on CUDA ``fused`` up to a 100k vocabulary and ``cce`` above (FUSED_MAX_VOCAB: the
+  faster of the two on an H100 at each vocabulary when measured, at 64,402 and 151,665), ``chunked``
+  elsewhere. Under review: 151,665 rows are unaligned, which halves ``fused``'s speed; at the
+  aligned 151,680 a whole-step profile of the hybrid shows ~34 ms of ``fused`` loss and head kernels
+  per 32k tokens against CCE's 105 ms for loss and head (another run). Not yet timed side by side.
 
 z-loss (PaLM, arXiv 2204.02311 §5): ``z_loss * logsumexp(logits)^2`` per token. CCE returns only
 the per-token NLL, so the log-sum-exp is recovered exactly as ``nll + <h, w[target]>`` — one

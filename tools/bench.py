@@ -125,7 +125,12 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
         prof.export_chrome_trace(str(trace))
     averages = prof.key_averages()
     if device.type == "cuda":
-        kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+        from torch.autograd import DeviceType
+
+        # kernel events only, as the profiler's own "Self CUDA time total" (CPU ops also carry the
+        # device time of the kernels they launch: summing both counts every kernel twice)
+        kernel_ms = sum(e.self_device_time_total for e in averages
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / steps
         head = (f"per step: {kernel_ms:.1f} ms of kernels (summed, overlap not removed) in "
                 f"{wall_ms:.1f} ms wall (profiler on)\n")
     else:

@@ -1,8 +1,8 @@
 """Attention-kernel pieces on the GPU, side by side: SDPA backends and LUCID's preconditioner precision.
 
 1. SDPA: forward + backward of causal GQA attention at NeoLLM's shape through each backend alone
-   (cuDNN, FlashAttention-2, memory-efficient), and through ``causal_attention`` (NeoLLM's priority
-   order), with q, k, v laid out as the model makes them ([B, T, heads, d] transposed). A backend that
+   (cuDNN, FlashAttention-2, memory-efficient), and through ``causal_attention`` (NeoLLM's call:
+   PyTorch's own choice), with q, k, v laid out as the model makes them ([B, T, heads, d] transposed). A backend that
    cannot take the inputs is reported as such.
 2. LUCID: ``X = P^-1 V`` with the key Gram matrix formed as a bf16 GEMM (what a matmul does inside
    an autocast region) or in fp32 (NeoLLM's preconditioner), against an fp64 reference, for independent keys and for correlated
@@ -77,7 +77,7 @@ def sdpa_rows(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) ->
         out = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         torch.autograd.grad(out, (q, k, v), grad)
 
-    rows.append(dict(case="causal_attention (NeoLLM's priority order)", ms=time_ms(neollm_order)))
+    rows.append(dict(case="causal_attention (PyTorch's choice)", ms=time_ms(neollm_order)))
     return rows
 
 

@@ -3,7 +3,7 @@
 With every switch off this is the attention of a plain Llama/Qwen-style decoder. ``x [B, T, D]``
 is the (normalised) block input; q has H heads, k/v have Hkv heads (GQA group g = H / Hkv, query
 head h reads KV head h // g); ``d`` is the head dim. The kernel is always
-``F.scaled_dot_product_attention(is_causal=True)`` (cuDNN / flash / memory-efficient on GPU): the T x T
+``F.scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN / memory-efficient on GPU): the T x T
 softmax matrix is never materialised. Only LUCID forms a T x T matrix (its preconditioner).
 
 Order of operations (each step only when its switch is on)

@@ -14,14 +14,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-# SDPA backends in order of preference. PyTorch's default order puts FlashAttention-2 first; on
-# Hopper cuDNN's fused attention (wgmma) is faster, and torchtitan's own attention prefers it the same
-# way. Where a backend cannot take the inputs (a CPU tensor, a head dim, GQA), SDPA takes the next.
-SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -151,11 +145,15 @@ def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal SDPA over ``[B, heads, T, d]`` tensors (GQA when k/v have fewer heads), trying the
-    backends in ``SDPA_PRIORITY`` order."""
-    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+    """Causal SDPA over ``[B, heads, T, d]`` tensors (GQA when k/v have fewer heads).
+
+    PyTorch picks the backend (and honours ``torch.nn.attention.sdpa_kernel`` / ``torch.backends``
+    settings around the call). Putting cuDNN first, as torchtitan does, was measured: faster alone
+    on an H100 in one call (0.42 vs 0.61 ms fwd+bwd), not in another (0.66 vs 0.68), and no change
+    in a whole `plain` step (48.1 vs 47.9 ms; BENCHMARKS.md). Not worth overriding the user's
+    settings or PyTorch's per-architecture choice for."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def causal_mean(v: torch.Tensor) -> torch.Tensor:
@@ -200,10 +198,11 @@ def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
     # directions. Per head they would be GEMMs with a size of K (4), which cuBLAS runs on slow
     # unaligned kernels; as fused multiply + sum, inductor's reduction for the directions' gradient
     # over all tokens took 48 ms of a 175 ms step on an H100 (BENCHMARKS.md). H x the FLOPs of the
-    # per-head form, a negligible amount (2 * H * d * H * K per token).
+    # per-head form, a negligible amount (2 * H * d * H * K per token). Under autocast the two GEMMs
+    # run in bf16 with fp32 accumulation, like the projections; the subtraction stays in fp32.
     eye = torch.eye(h, dtype=dt, device=o.device)
     blocks = (eye[:, None, :, None] * u.transpose(1, 2)[:, :, None, :]).reshape(h * d, h * k)
-    flat = o.reshape(b * t, h * d)
-    coef = (flat @ blocks.to(flat.dtype)).view(b, t, h, k) * route.to(dt)  # [B, T, H, K]
+    flat = o.reshape(b * t, h * d).to(dt)
+    coef = (flat @ blocks).view(b, t, h, k) * route.to(dt)                  # [B, T, H, K]
     correction = coef.reshape(b * t, h * k) @ blocks.t()
-    return (o.to(dt) - correction.view(b, t, h, d).to(dt)).to(o.dtype)
+    return (flat - correction).view(b, t, h, d).to(o.dtype)
