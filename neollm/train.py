@@ -229,19 +229,21 @@ class NeoLLMTrainer(Trainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_stop_signal)
         result = super().train()
+        self._finished = True
         self._wait_for_all_ranks()
         return result
 
-    @staticmethod
-    def _wait_for_all_ranks() -> None:
-        """After a finished run, let every rank reach teardown together. torchtitan keeps rank 0
-        alive 2 s longer while the other ranks destroy their process groups and exit at once; on
-        gloo (CPU) a rank sometimes aborted in that teardown (SIGABRT after the last step), which
-        torchrun reports as a failed run. Only on the success path: after an error a barrier could
-        wait for a rank that is gone."""
+    def _wait_for_all_ranks(self) -> None:
+        """After a finished run, let every rank reach the next stage of teardown together.
+        torchtitan keeps rank 0 alive 2 s longer after the last step, and each rank then closes its
+        checkpointer and loggers at its own pace before destroying the process group; on gloo (CPU)
+        a rank sometimes aborted in that teardown (SIGABRT after the last step), which torchrun
+        reports as a failed run. Called after training and again at the end of ``close()``, so no
+        rank destroys its process group while another still works. Only on the success path: after
+        an error a barrier could wait for a rank that is gone."""
         import torch.distributed as dist
 
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if getattr(self, "_finished", False) and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
     # ------------------------------------------------------------ monitoring
@@ -278,6 +280,7 @@ class NeoLLMTrainer(Trainer):
             if hint:
                 print(f"wandb ran offline: upload with `{hint}`", file=sys.stderr, flush=True)
         super().close()
+        self._wait_for_all_ranks()
 
     def post_dataloading_process(self, input_dict, labels):
         """Hand the labels to the model: NeoLLM computes its loss from the hidden states."""

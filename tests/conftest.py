@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,36 @@ def require_prepared_assets() -> None:
 
 def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/debug.toml",
                 timeout: float = 600) -> subprocess.CompletedProcess:
-    """Launch ./run_train.sh like a user does; return the finished process (stdout+stderr merged)."""
+    """Launch ./run_train.sh like a user does; return the finished process (stdout+stderr merged).
+
+    One known fault is retried once, with a warning: on gloo (CPU, several ranks) a rank now and
+    then aborts (SIGABRT) while tearing down after a run that finished ("Process group destroyed"
+    already logged), and torchrun then reports the run as failed. Seen in CI in about one full run
+    in four, never in ~30 local runs of the same command; the cause is not known. A failure of
+    any other kind, or a second one, is returned as it is."""
     env = dict(os.environ, NGPU=str(ngpu), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("OMP_NUM_THREADS", None)
-    return subprocess.run(
-        ["./run_train.sh", "--job.config_file", config, *overrides],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=timeout,
-    )
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["./run_train.sh", "--job.config_file", config, *overrides],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
+        )
+
+    result = launch()
+    if ngpu > 1 and _aborted_in_teardown(result):
+        warnings.warn("a rank aborted in gloo teardown after a finished run; retrying once", stacklevel=2)
+        result = launch()
+    return result
+
+
+def _aborted_in_teardown(result: subprocess.CompletedProcess) -> bool:
+    """The run finished (rank 0 logged "Process group destroyed") and then a rank died of SIGABRT."""
+    out = result.stdout
+    return (result.returncode != 0 and "Process group destroyed" in out
+            and "Signal 6 (SIGABRT)" in out and "Traceback (most recent call last)" not in
+            out.split("Process group destroyed")[0])
 
 
 def load_tool(name: str):
