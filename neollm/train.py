@@ -229,18 +229,17 @@ class NeoLLMTrainer(Trainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_stop_signal)
         result = super().train()
-        self._finished = True
-        self._wait_for_all_ranks()
+        self._finished = True  # close() then waits for every rank before the process group goes
         return result
 
     def _wait_for_all_ranks(self) -> None:
-        """After a finished run, let every rank reach the next stage of teardown together.
+        """After a finished run, let every rank reach the process group's destruction together.
         torchtitan keeps rank 0 alive 2 s longer after the last step, and each rank then closes its
         checkpointer and loggers at its own pace before destroying the process group; on gloo (CPU)
         a rank sometimes aborted in that teardown (SIGABRT after the last step), which torchrun
-        reports as a failed run. Called after training and again at the end of ``close()``, so no
-        rank destroys its process group while another still works. Only on the success path: after
-        an error a barrier could wait for a rank that is gone."""
+        reports as a failed run. Called at the end of ``close()``, so no rank destroys its process
+        group while another still works. Only on the success path: after an error a barrier could
+        wait for a rank that is gone."""
         import torch.distributed as dist
 
         if getattr(self, "_finished", False) and dist.is_initialized() and dist.get_world_size() > 1:

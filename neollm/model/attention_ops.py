@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs (the tests)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -200,8 +199,7 @@ def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
     # over all tokens took 48 ms of a 175 ms step on an H100 (BENCHMARKS.md). H x the FLOPs of the
     # per-head form, a negligible amount (2 * H * d * H * K per token). Under autocast the two GEMMs
     # run in bf16 with fp32 accumulation, like the projections; the subtraction stays in fp32.
-    eye = torch.eye(h, dtype=dt, device=o.device)
-    blocks = (eye[:, None, :, None] * u.transpose(1, 2)[:, :, None, :]).reshape(h * d, h * k)
+    blocks = torch.block_diag(*u.transpose(1, 2))                           # [H*d, H*K]
     flat = o.reshape(b * t, h * d).to(dt)
     coef = (flat @ blocks).view(b, t, h, k) * route.to(dt)                  # [B, T, H, K]
     correction = coef.reshape(b * t, h * k) @ blocks.t()
