@@ -27,7 +27,7 @@ class Model:
 @dataclass
 class Loss:
     impl: str = "auto"
-    """"auto" (on CUDA "fused" up to a 100k vocabulary, Cut Cross-Entropy above; "chunked" on CPU), "cce", "fused" (chunked
+    """"auto" ("fused" on CUDA, "chunked" elsewhere), "cce" (Cut Cross-Entropy: least memory, slower), "fused" (chunked
     matmuls with the gradient formed in the forward pass; neollm/fused_linear_ce.py), "chunked" or "logits" (the whole
     logits materialised, compiled on CUDA, as torchtitan's stock loss: more memory, ~4 GiB at 64 x 512 x 64k)."""
 

@@ -5,7 +5,8 @@ Cross-Entropy's exact backward took 45 ms at vocab 64,402 where the same math th
 compiled matmul + cross-entropy took 17 ms (BENCHMARKS.md) — but that materialises all
 [tokens x vocab] logits. This path keeps the speed of plain matmuls and bounds the memory: for
 each chunk of ``chunk_size`` tokens it forms the logits (in the input dtype, fp32 accumulate),
-computes the loss and d loss / d logits in fp32 (one fused kernel under torch.compile on CUDA),
+computes the loss and d loss / d logits in fp32 (one Triton kernel on CUDA, writing the gradient
+over the logits: neollm/kernels/cross_entropy.py; torch elsewhere),
 and immediately turns them into the chunk's gradient for the hidden states and its contribution
 to the weight's gradient. Backward only scales the stored gradients by the incoming grad. The same
 idea as Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989); exact, no filtering.
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from neollm.kernels import cross_entropy
 
 _compiled_chunk = None
 # ``addmm(..., out_dtype=float32)`` with half-precision operands: verified on CUDA with torch 2.11
@@ -64,12 +67,24 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, z_loss: fl
 
 
 def _chunk_fn(device: torch.device):
+    """The chunk step for this device: the compiled torch function on CUDA, plain torch elsewhere.
+    (Half-precision and fp32 logits on CUDA take the Triton kernel instead: ``_chunk_step``.)"""
     global _compiled_chunk
     if device.type != "cuda":
         return _chunk_loss_and_grad
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
     return _compiled_chunk
+
+
+def _chunk_step(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, ignore_index: int,
+                vocab: int, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk's loss sum, d sum / d logits): the two-pass Triton kernel where it serves these logits
+    (neollm/kernels/cross_entropy.py; the gradient overwrites the logits, which nothing else holds),
+    else ``_chunk_loss_and_grad`` (compiled on CUDA)."""
+    if cross_entropy.available(logits):
+        return cross_entropy.loss_and_grad_(logits, targets, z_loss, ignore_index, vocab, write_grad=need_grad)
+    return _chunk_fn(logits.device)(logits, targets, z_loss, ignore_index, vocab)
 
 
 def _pad_vocab(weight: torch.Tensor, vocab_multiple: int) -> torch.Tensor:
@@ -101,7 +116,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 z_loss: float, chunk_size: int, ignore_index: int, vocab_multiple: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        chunk = _chunk_fn(hidden.device)
         vocab = weight.shape[0]
         padded = _pad_vocab(weight, vocab_multiple)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -110,7 +124,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            loss, g = chunk(h @ padded.t(), targets[start:start + chunk_size], z_loss, ignore_index, vocab)
+            loss, g = _chunk_step(h @ padded.t(), targets[start:start + chunk_size], z_loss, ignore_index, vocab)
             total = total + loss
             if need_h:
                 # exact: the padded rows of the weight are zero, and so are g's padded columns
@@ -142,12 +156,11 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, t
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         with torch.no_grad():
-            chunk = _chunk_fn(hidden.device)
             vocab = weight.shape[0]
             padded = _pad_vocab(weight, vocab_multiple)
             for s in range(0, hidden.shape[0], chunk_size):
-                total = total + chunk(hidden[s:s + chunk_size] @ padded.t(), targets[s:s + chunk_size],
-                                      z_loss, ignore_index, vocab)[0]
+                total = total + _chunk_step(hidden[s:s + chunk_size] @ padded.t(), targets[s:s + chunk_size],
+                                            z_loss, ignore_index, vocab, need_grad=False)[0]
         return total
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, z_loss, chunk_size, ignore_index,
                                           vocab_multiple)

@@ -11,18 +11,17 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
   recomputed in backward (activation checkpointing), so peak memory is one chunk of logits.
   Runs anywhere; the CPU path and the reference CCE is tested against.
 * ``"fused"`` — neollm.fused_linear_ce: chunks of logits through plain matmuls with the gradient
-  formed in the forward pass (no recomputation), the softmax part compiled on CUDA. Exact; memory
-  one chunk of logits. Its logits are padded to a multiple of 64 columns (aligned matmuls, padding
-  masked out): on an H200 at 32,768 tokens and vocab 64,402 that halved its time, 33.3 -> 16.7 ms,
-  level with compiled logits + cross-entropy (17.1 ms) at 1.8 instead of 4.2 GiB (BENCHMARKS.md).
+  formed in the forward pass (no recomputation), the softmax part one Triton kernel on CUDA
+  (neollm/kernels/cross_entropy.py). Exact; memory one chunk of logits. Its logits are padded to a
+  multiple of 64 columns (aligned matmuls, padding masked out). On an H100 at 32,768 tokens, d 512
+  (BENCHMARKS.md, sixth session): vocab 64,402 15.7 ms against CCE's 45.1 and compiled logits + CE's
+  17.3, at 1.3 GiB against 4.2; vocab 151,680 35.3 ms against 105.0 and 44.3.
 * ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
   compiled on CUDA: what torchtitan's stock trainer does. In a whole `plain` step on an H100 it is
   slower than ``fused`` (51.9 vs 47.8 ms) and holds 10 GiB more (19.3 vs 9.2 GiB). For comparisons.
-* ``"auto"`` — on CUDA ``fused`` up to a 100k vocabulary and ``cce`` above (FUSED_MAX_VOCAB: the
-  faster of the two on an H100 at each vocabulary when measured, at 64,402 and 151,665), ``chunked``
-  elsewhere. Under review: 151,665 rows are unaligned, which halves ``fused``'s speed; at the
-  aligned 151,680 a whole-step profile of the hybrid shows ~34 ms of ``fused`` loss and head kernels
-  per 32k tokens against CCE's 105 ms for loss and head (another run). Not yet timed side by side.
+* ``"auto"`` — ``fused`` on CUDA, ``chunked`` elsewhere. In a whole ``neollm_135m`` step at the
+  Qwen3 vocabulary (151,680) on an H100, ``fused`` took 138.9 ms against CCE's 210.6 ms; CCE holds
+  less memory (14.5 against 16.0 GiB peak at 64 x 512), so ``cce`` stays the choice when memory binds.
 
 z-loss (PaLM, arXiv 2204.02311 §5): ``z_loss * logsumexp(logits)^2`` per token. CCE returns only
 the per-token NLL, so the log-sum-exp is recovered exactly as ``nll + <h, w[target]>`` — one
@@ -122,17 +121,14 @@ def cce_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return nll.float()
 
 
-FUSED_MAX_VOCAB = 100_000
-"""``auto`` on CUDA: ``fused`` up to this vocabulary, ``cce`` above. Measured on an H100 at 64 x 512
-tokens, d 512 (BENCHMARKS.md): vocab 64,402 fused 34 ms vs CCE 45 ms; vocab 151,665 CCE 105 ms
-vs fused 146 ms (fwd + bwd of the loss and head)."""
-
-
 def _resolve_impl(impl: str, device: torch.device, vocab_size: int = 0) -> str:
+    """The implementation ``impl`` names here. ``auto``: ``fused`` on CUDA at every vocabulary (the
+    fastest measured: see the module docstring), ``chunked`` elsewhere. ``vocab_size`` is kept for
+    callers; no choice depends on it any more."""
     if impl == "auto":
         if device.type != "cuda":
             return "chunked"
-        return "fused" if vocab_size <= FUSED_MAX_VOCAB else "cce"
+        return "fused"
     if impl == "cce" and device.type != "cuda":
         raise ConfigError("[loss] impl = 'cce' needs CUDA (Triton kernels); use 'chunked' or 'auto'")
     return impl

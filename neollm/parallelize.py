@@ -34,14 +34,7 @@ def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config
             )
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=compile_model,
-            op_sac_save_list=_op_sac_save_list,
-            base_folder=job_config.job.dump_folder,
-        )
+    checkpoint_blocks(model, job_config.activation_checkpoint, compile_model, job_config.job.dump_folder)
     if compile_model:
         compile_blocks(model, job_config.compile.backend)
 
@@ -52,6 +45,14 @@ def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config
     elif parallel_dims.dp_replicate_enabled:
         apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
     return model
+
+
+def checkpoint_blocks(model: nn.Module, ac_config, compile_model: bool, base_folder: str = "") -> None:
+    """torchtitan's activation checkpointing per block (``[activation_checkpoint]``: none, selective
+    or full), with NeoLLM's list of ops whose outputs selective-op AC keeps. Before compile."""
+    if ac_config.mode != "none":
+        apply_ac(model, ac_config, model_compile_enabled=compile_model, op_sac_save_list=_op_sac_save_list,
+                 base_folder=base_folder)
 
 
 def compile_blocks(model: nn.Module, backend: str) -> None:

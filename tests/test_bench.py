@@ -105,3 +105,35 @@ def test_bench_memory_counts_activations_not_weights(capsys):
     table = capsys.readouterr().out
     assert "| neollm_135m |" in table and "| - lucid |" in table and "| - simplegpt |" in table
     assert memory.main(["--flavor", "neollm_135m", "--layers", "13"]) == 2
+
+
+def test_bench_activation_checkpointing_keeps_the_losses(tmp_path, monkeypatch):
+    """--ac wraps the blocks as the trainer's [activation_checkpoint] would; the same seed trains
+    to the same losses with and without it, and a bad value is refused."""
+    import pytest
+
+    bench = _bench_module()
+    wrapped = []
+
+    def checkpoint_and_record(model, ac_config, compile_model, base_folder=""):
+        real_checkpoint_blocks(model, ac_config, compile_model, base_folder)
+        wrapped.append((ac_config.mode, ac_config.selective_ac_option,
+                        all(hasattr(b, "_checkpoint_wrapped_module") for b in model.layers.children())))
+
+    real_checkpoint_blocks = bench.checkpoint_blocks
+    monkeypatch.setattr(bench, "checkpoint_blocks", checkpoint_and_record)
+    losses = {}
+    for ac in ("none", "op", "full"):
+        out = tmp_path / f"{ac}.json"
+        assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2",
+                           "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile", "--ac", ac,
+                           "--json", str(out)]) == 0
+        (row,) = json.loads(out.read_text())
+        assert row["name"] == "debug V=256" + ("" if ac == "none" else f" ac={ac}")
+        losses[ac] = row["loss"]
+    assert [(mode, option if mode == "selective" else None, ok) for mode, option, ok in wrapped] == [
+        ("selective", "op", True), ("full", None, True)]
+    assert losses["op"] == pytest.approx(losses["none"], abs=1e-4)
+    assert losses["full"] == pytest.approx(losses["none"], abs=1e-4)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--configs", "debug", "--ac", "sometimes"])

@@ -33,7 +33,7 @@ from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
 from neollm.model.params import technique_switches
-from neollm.parallelize import compile_blocks
+from neollm.parallelize import checkpoint_blocks, compile_blocks
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def float8_filter(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: bool,
-                 loss_impl: str = "auto", float8: str = ""):
+                 loss_impl: str = "auto", float8: str = "", ac_mode: str = "none"):
     with torch.device("meta"):
         model = NeoLLM(args)
     model.to_empty(device=device)
@@ -68,6 +68,12 @@ def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_model: boo
 
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(float8),
                                    module_filter_fn=float8_filter)
+    if ac_mode != "none":
+        from torchtitan.config.job_config import ActivationCheckpoint
+
+        ac = (ActivationCheckpoint(mode="full") if ac_mode == "full"
+              else ActivationCheckpoint(mode="selective", selective_ac_option=ac_mode))
+        checkpoint_blocks(model, ac, compile_model)
     if compile_model:
         compile_blocks(model, "inductor")
     flops = training_flops_per_token(model, args, args.max_seq_len)
@@ -216,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", choices=LOSS_IMPLS, default="auto", help="NeoLLM's [loss] impl")
     p.add_argument("--float8", choices=("", "tensorwise", "rowwise"), default="",
                    help="torchao float8 training on NeoLLM's linears (sizes divisible by 16)")
+    p.add_argument("--ac", default="none",
+                   help="activation checkpointing of NeoLLM's blocks, as [activation_checkpoint]: none, full, "
+                        "op (mode selective, selective_ac_option op) or N (selective, every Nth block)")
     p.add_argument("--profile", type=Path, help="also write a torch.profiler kernel table per config here")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     opts = p.parse_args(argv)
+    if opts.ac not in ("none", "full", "op") and not opts.ac.isdigit():
+        p.error(f"--ac must be none, full, op or a positive integer, got {opts.ac!r}")
 
     device = torch.device(opts.device)
     compile_model = not opts.no_compile
@@ -249,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                          for field, off in technique_switches(args).items()]
         for label, variant in variants:
             suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
+            suffix += f" ac={opts.ac}" if opts.ac != "none" else ""
             record(run(f"{label} V={variant.vocab_size}{suffix}",
-                       lambda a=variant: build_neollm(a, device, compile_model, opts.loss, opts.float8),
+                       lambda a=variant: build_neollm(a, device, compile_model, opts.loss, opts.float8, opts.ac),
                        vocab=variant.vocab_size, **common))
 
     print()

@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--methods", default="",
+                   help="comma list of substrings: only the methods whose name contains one (default all)")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
+    wanted = [m for m in opts.methods.split(",") if m]
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (Cut Cross-Entropy is Triton)")
     # fused's compiled chunk function is specialised per (chunk shape, vocab): 4 variants a vocabulary
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         weight = (torch.randn(vocab, opts.dim, device="cuda") * 0.02).bfloat16().requires_grad_()
         targets = torch.randint(0, vocab, (n,), device="cuda")
         for name, fn in methods().items():
+            if wanted and not any(m in name for m in wanted):
+                continue
             try:
                 ms, peak, loss = measure(fn, hidden, weight, targets, opts.steps, opts.warmup)
             except torch.OutOfMemoryError:
