@@ -2,19 +2,23 @@
 
 The model file knows nothing of parallelism; this function is the TrainSpec's ``parallelize_fn``
 and follows torchtitan's llama3 order (AC -> compile -> data parallel). It differs from llama3's
-in two ways: the tied embedding/head weight lives in the root FSDP unit (one parameter, one
-unit), and on the CPU (gloo) FSDP2 reduces with plain sums (see neollm.titan_cpu).
+in three ways: the tied embedding/head weight lives in the root FSDP unit (one parameter, one
+unit); on the CPU (gloo) FSDP2 reduces with plain sums (see neollm.titan_cpu); and DDP sums the
+replicas' gradients instead of averaging them (the loss is already divided by the global token
+count), as FSDP2 does here.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_ddp
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
+from torchtitan.models.llama3.infra.parallelize import apply_ddp as titan_apply_ddp
 from torchtitan.tools.logging import logger
 
 from neollm.titan_cpu import cpu_wanted, force_sum_reduction
@@ -68,6 +72,24 @@ def compile_blocks(model: nn.Module, backend: str) -> None:
         fullgraph = getattr(inner, "mixer_code", "A") == "A" and not getattr(inner, "moe", False)
         model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
     logger.info("Compiled each NeoLLM block with torch.compile (backend %s)", backend)
+
+
+def _allreduce_sum_hook(process_group, bucket):
+    """DDP communication hook: all-reduce a gradient bucket with SUM (DDP's default divides by the
+    number of replicas)."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_ddp(model: nn.Module, dp_mesh, enable_compile: bool) -> None:
+    """torchtitan's DDP (composable ``replicate``), with gradients summed across replicas.
+
+    The trainer divides the loss by the global token count itself, so each replica's gradient is
+    its share of the global one and the right reduction is a sum, as FSDP2 gets with
+    ``set_gradient_divide_factor(1.0)`` (apply_fsdp). DDP's default averages: on 4 H100s the
+    gradient norm was a quarter of FSDP2's and clipping changed the updates (BENCHMARKS.md)."""
+    titan_apply_ddp(model, dp_mesh, enable_compile=enable_compile)
+    model.register_comm_hook(dp_mesh.get_group(), _allreduce_sum_hook)
 
 
 def apply_fsdp(model: nn.Module, mesh, job_config: JobConfig) -> None:
