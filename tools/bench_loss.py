@@ -5,6 +5,11 @@ head weight [vocab, dim] (bf16, gradients to both), and the peak memory it adds 
 for each vocabulary. One process, one device, every method side by side.
 
     python tools/bench_loss.py --vocabs 64402,151665 --batch 64 --seq 512 --dim 512
+    python tools/bench_loss.py --vocabs 64402,151680 --chunk-kernel   # the softmax step alone
+
+``--chunk-kernel`` times only the fused loss's per-chunk softmax / gradient step on [4,096 x
+vocab padded to 64] bf16 logits: the compiled torch function against the Triton kernel
+(neollm/kernels/cross_entropy.py) at several launch shapes, with their largest differences.
 """
 
 from __future__ import annotations
@@ -68,6 +73,51 @@ def measure(fn, hidden, weight, targets, steps: int, warmup: int) -> tuple[float
     return ms, peak, float(loss.detach()) / targets.numel()
 
 
+def cuda_ms(fn, steps: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds per call of ``fn`` between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def chunk_kernel_rows(vocab: int, rows: int = 4096, z_loss: float = 1e-4) -> list[dict]:
+    """The chunk step alone: compiled torch vs the Triton kernel at several (block, warps)."""
+    from neollm.fused_linear_ce import _chunk_loss_and_grad
+    from neollm.kernels import cross_entropy
+
+    cols = -(-vocab // 64) * 64
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(rows, cols, device="cuda")).bfloat16()
+    logits[:, vocab:] = 0
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    targets[::9] = IGNORE_INDEX
+    compiled = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    want_loss, want_grad = compiled(logits, targets, z_loss, IGNORE_INDEX, vocab)
+    gbytes = rows * cols * logits.element_size() * 2 / 1e9  # one read + one write
+    ms = cuda_ms(lambda: compiled(logits, targets, z_loss, IGNORE_INDEX, vocab))
+    out = [dict(vocab=vocab, method="compiled torch", ms=ms, tb_s=gbytes / ms, max_grad_diff=0.0)]
+    work = logits.clone()
+    shapes = [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32), cross_entropy.launch_shape(cols)]
+    for block, warps in dict.fromkeys(shapes):
+        work.copy_(logits)
+        loss, grad = cross_entropy.loss_and_grad_(work, targets, z_loss, IGNORE_INDEX, vocab, block=block,
+                                                  num_warps=warps)
+        diff = (grad.float() - want_grad.float()).abs().max().item()
+        loss_diff = abs(loss.item() - want_loss.item()) / abs(want_loss.item())
+        ms = cuda_ms(lambda: cross_entropy.loss_and_grad_(work, targets, z_loss, IGNORE_INDEX, vocab,
+                                                          block=block, num_warps=warps))
+        out.append(dict(vocab=vocab, method=f"triton block {block} warps {warps}", ms=ms, tb_s=gbytes / ms,
+                        max_grad_diff=diff, rel_loss_diff=loss_diff))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocabs", default="64402,151665")
@@ -78,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", default="",
                    help="comma list of substrings: only the methods whose name contains one (default all)")
+    p.add_argument("--chunk-kernel", action="store_true",
+                   help="time only the per-chunk softmax step: compiled torch vs the Triton kernel")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     wanted = [m for m in opts.methods.split(",") if m]
@@ -86,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     # fused's compiled chunk function is specialised per (chunk shape, vocab): 4 variants a vocabulary
     # here (2 chunk sizes, padded or not), which past dynamo's default 8 would fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if opts.chunk_kernel:
+        rows = []
+        print("| vocab | chunk step | ms | TB/s (1 read + 1 write) | max grad diff |\n|---|---|---|---|---|")
+        for vocab in (int(v) for v in opts.vocabs.split(",")):
+            for row in chunk_kernel_rows(vocab):
+                rows.append(row)
+                print(f"| {vocab:,} | {row['method']} | {row['ms']:.3f} | {row['tb_s']:.2f} | "
+                      f"{row['max_grad_diff']:.1e} |", flush=True)
+        if opts.json:
+            opts.json.write_text(json.dumps(rows, indent=2))
+        return 0
     rows = []
     print("| vocab | method | fwd+bwd ms | peak GiB above inputs | loss/token |\n|---|---|---|---|---|", flush=True)
     for vocab in (int(v) for v in opts.vocabs.split(",")):

@@ -1,6 +1,6 @@
 """GPU checks of the loss implementations (neollm/loss.py) in bf16 against an fp64 reference.
 
-cce (Cut Cross-Entropy's Triton kernels), fused (compiled softmax) and logits (compiled whole-logits
+cce (Cut Cross-Entropy's Triton kernels), fused (Triton softmax kernel) and logits (compiled whole-logits
 CE) on CUDA, with z-loss and ignored tokens: loss and both gradients within bf16 rounding of the
 fp64 logits + cross-entropy on the same bf16 inputs (relative RMS error over the whole tensor).
 """
