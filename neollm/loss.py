@@ -14,7 +14,8 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
   formed in the forward pass (no recomputation), the softmax part one Triton kernel on CUDA
   (neollm/kernels/cross_entropy.py). Exact; memory one chunk of logits. Its logits are padded to a
   multiple of 64 columns (aligned matmuls, padding masked out). On an H100 at 32,768 tokens, d 512
-  (BENCHMARKS.md, sixth session): vocab 64,402 15.7 ms against CCE's 45.1 and compiled logits + CE's
+  (BENCHMARKS.md, sixth session; the kernel at 4,096 columns / 16 warps, a little slower than the
+  launch shape it now takes): vocab 64,402 15.7 ms against CCE's 45.1 and compiled logits + CE's
   17.3, at 1.3 GiB against 4.2; vocab 151,680 35.3 ms against 105.0 and 44.3.
 * ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
   compiled on CUDA: what torchtitan's stock trainer does. In a whole `plain` step on an H100 it is

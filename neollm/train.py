@@ -136,11 +136,27 @@ class NeoLLMTrainer(Trainer):
             self.optimizers.step = guarded_step
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        self._sync_ddp_gradients_only_on_last_microbatch()
         loss = super().forward_backward_step(
             input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
         )
         self._step_losses.append(loss.detach())
         return loss
+
+    def _sync_ddp_gradients_only_on_last_microbatch(self) -> None:
+        """Under DDP, all-reduce gradients in the last micro-batch's backward only.
+
+        DDP here sums the replicas' gradients (neollm.parallelize.apply_ddp). A sync after every
+        micro-batch would sum the already-reduced gradients of the earlier ones again (by the
+        number of replicas); syncing once, after the whole accumulation, sums each exactly once
+        and sends a step's gradients once. FSDP2 reduce-scatters each micro-batch into its
+        sharded gradient, which is correct, and is left alone."""
+        from torch.distributed._composable.replicate import DDP
+
+        last = len(self._step_losses) == self.gradient_accumulation_steps - 1
+        for part in self.model_parts:
+            if isinstance(part, DDP):
+                part.set_requires_gradient_sync(last)
 
     def _global_step_loss(self) -> float:
         """This step's loss over all ranks (sum of local loss sums / global valid tokens)."""

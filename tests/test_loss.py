@@ -197,6 +197,9 @@ def test_triton_cross_entropy_kernel_matches_torch_under_the_interpreter():
     from pathlib import Path
 
     script = Path(__file__).with_name("ce_kernel_interpreted.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    repo = script.parent.parent  # this tree's neollm, not an installed copy
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

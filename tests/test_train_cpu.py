@@ -94,3 +94,26 @@ def test_fused_loss_trains_like_the_chunked_one_under_fsdp(tmp_path):
     assert sorted(losses["fused"]) == [1, 2, 3, 4]
     for step, value in losses["chunked"].items():
         assert abs(losses["fused"][step] - value) < 1e-4 * max(1.0, abs(value)), (step, losses)
+
+
+def test_ddp_with_gradient_accumulation_takes_the_same_steps(tmp_path):
+    """DDP (replicate 2, shard 1) sums the replicas' gradients; with two micro-batches per rank the
+    gradients are reduced once, after both, so the run equals the one with one micro-batch of two
+    (same initial weights and sequences per rank): same gradient norm at step 1, same losses."""
+    grad_norm = __import__("re").compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*(\S+)")
+    ddp = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
+    runs = {}
+    for local in ("1", "2"):
+        result = run_trainer("--training.steps", "3", "--job.dump_folder", str(tmp_path / local),
+                             "--checkpoint.no-enable", "--training.global_batch_size", "4",
+                             "--training.local_batch_size", local, *ddp, ngpu=2)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "dp_replicate=2, dp_shard=1" in result.stdout
+        assert f"gradient accumulation steps {2 // int(local)}" in result.stdout
+        norms = {int(s): float(g) for s, g in grad_norm.findall(result.stdout)}
+        runs[local] = (losses_by_step(result.stdout), norms)
+    (acc_losses, acc_norms), (one_losses, one_norms) = runs["1"], runs["2"]
+    assert sorted(acc_losses) == [1, 2, 3] and sorted(acc_norms) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert acc_norms[step] == pytest.approx(one_norms[step], rel=1e-4), (step, runs)
+        assert acc_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5), (step, runs)

@@ -2,8 +2,8 @@
 
 Each configuration is built, compiled (per block) and trained for ``--steps`` timed steps after
 ``--warmup`` untimed ones in this one process on the current device: real AdamW step, bf16
-autocast, random tokens. NeoLLM computes its loss from the hidden states (Cut Cross-Entropy on
-CUDA); the baseline is torchtitan's own llama3 with logits + cross-entropy (compiled), as its
+autocast, random tokens. NeoLLM computes its loss from the hidden states (``--loss``, default
+``auto``: the fused chunked loss on CUDA); the baseline is torchtitan's own llama3 with logits + cross-entropy (compiled), as its
 trainer runs it. Prints one markdown table; ``--json`` / ``--markdown`` also write it.
 
     python tools/bench.py --configs llama3,plain,neollm_135m,neollm_110m_hybrid --vocab 64402
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     opts = p.parse_args(argv)
-    if opts.ac not in ("none", "full", "op") and not opts.ac.isdigit():
+    if opts.ac not in ("none", "full", "op") and not (opts.ac.isdigit() and int(opts.ac) > 0):
         p.error(f"--ac must be none, full, op or a positive integer, got {opts.ac!r}")
 
     device = torch.device(opts.device)

@@ -55,13 +55,18 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _loss_and_grad_rows(logits_ptr, row_stride, targets_ptr, losses_ptr, n_cols, vocab, z_loss,
-                            ignore_index, WRITE_GRAD: tl.constexpr, HAS_Z: tl.constexpr,
+    def _loss_and_grad_rows(logits_ptr, row_stride, targets_ptr, target_stride, losses_ptr, n_cols, vocab,
+                            z_loss, ignore_index, WRITE_GRAD: tl.constexpr, HAS_Z: tl.constexpr,
                             BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * row_stride
-        target = tl.load(targets_ptr + row)
+        target = tl.load(targets_ptr + row * target_stride)
         valid = target != ignore_index
+        # Read before pass 2 overwrites the row; pass 1's block reductions (barriers across the
+        # program's warps) order this load before any warp's pass-2 store. Clamped into the
+        # vocabulary so that no target, even an out-of-range one, reads outside the row.
+        safe_target = tl.minimum(tl.maximum(tl.where(valid, target, 0), 0), vocab - 1)
+        target_logit = tl.load(base + safe_target).to(tl.float32)
         # pass 1: running max and sum of exponentials rescaled to it
         running_max = tl.full((), float("-inf"), tl.float32)
         running_sum = tl.zeros((), tl.float32)
@@ -72,8 +77,6 @@ if triton is not None:
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
-        safe_target = tl.where(valid, target, 0)
-        target_logit = tl.load(base + safe_target).to(tl.float32)  # before pass 2 overwrites it
         loss = lse - target_logit
         scale = 1.0
         if HAS_Z:
@@ -83,6 +86,7 @@ if triton is not None:
         if WRITE_GRAD:
             # pass 2: gradient over the logits (padding columns: exp(-inf) = 0)
             keep = tl.where(valid, 1.0, 0.0)
+            tl.debug_barrier()  # every warp has read the target logit (also when pass 1 had one block)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < n_cols
@@ -97,7 +101,8 @@ def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, i
     """(sum of the rows' losses in fp32, ``logits`` overwritten with d sum / d logits).
 
     logits [rows, cols] with unit column stride, columns from ``vocab`` on are padding; targets
-    [rows] integer, ``ignore_index`` for rows that count for nothing. With ``write_grad=False`` the
+    [rows] integer in [0, vocab) or ``ignore_index`` for rows that count for nothing (the model's
+    labels: the trainer's preflight checks the vocabulary covers the tokenizer). With ``write_grad=False`` the
     logits are left as they are (evaluation). ``block`` / ``num_warps``: default ``launch_shape``."""
     if triton is None:
         raise RuntimeError("neollm.kernels.cross_entropy needs Triton (pip install triton)")
@@ -112,7 +117,7 @@ def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, i
         block, num_warps = launch_shape(cols)
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _loss_and_grad_rows[(rows,)](logits, logits.stride(0), targets, losses, cols, vocab, float(z_loss),
-                                     int(ignore_index), WRITE_GRAD=write_grad, HAS_Z=bool(z_loss),
+        _loss_and_grad_rows[(rows,)](logits, logits.stride(0), targets, targets.stride(0), losses, cols, vocab,
+                                     float(z_loss), int(ignore_index), WRITE_GRAD=write_grad, HAS_Z=bool(z_loss),
                                      BLOCK=block, num_warps=num_warps)
     return losses.sum(), logits
