@@ -59,6 +59,21 @@ def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
     assert scaling.main(argv) == 0  # finished layouts are not run again
     assert (out / "2" / "result.json").read_text() == first
 
+    # weak scaling: 2 sequences per GPU, so the 2-rank layout trains twice the tokens per step
+    weak = tmp_path / "weak"
+    weak_argv = ["--config", "train_configs/debug.toml", "--layouts", "1,2", "--steps", "3", "--skip", "1",
+                 "--batch-per-gpu", "2", "--out", str(weak), "--set", "training.dataset=shards",
+                 "--set", f"training.dataset_path={shards}", "--set", "training.seq_len=64"]
+    assert scaling.main(weak_argv) == 0
+    rows = json.loads((weak / "results.json").read_text())["results"]
+    assert [(r["layout"], r["global_batch"], r["local_batch"], r["tokens_per_step"]) for r in rows] == [
+        ("1", 2, 2, 2 * 64), ("2", 4, 2, 4 * 64)]
+    assert rows[1]["loss_max_abs_diff"] is None  # different batches: no loss comparison
+    assert rows[1]["efficiency"] == rows[1]["speedup"] / 2
+    capsys.readouterr()
+    assert scaling.main([*weak_argv, "--set", "training.global_batch_size=8"]) == 2
+    assert "--batch-per-gpu sets each layout's global batch" in capsys.readouterr().err
+
 
 def test_bench_scaling_refuses_bad_layouts_before_training(tmp_path, capsys):
     scaling = load_tool("bench_scaling")

@@ -17,6 +17,12 @@ draws); the losses then differ only by the order of the gradient sums and bf16 r
     python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,2 --steps 30 \\
         --out outputs/scaling --set compile.enable=true
     python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,8,2x4 --steps 200 ...
+    python tools/bench_scaling.py --config train_configs/neollm_135m.toml --layouts 1,8 --batch-per-gpu 64 ...
+
+``--batch-per-gpu B`` measures weak scaling instead: each layout trains a global batch of B
+sequences per GPU (more tokens per step with more GPUs, the way to use several GPUs at this
+model size: docs/running.md), so speedup is tok/s against the first layout's and efficiency
+divides it by the GPU ratio; the losses are not compared (the layouts train different batches).
 
 The micro-batch per rank is the config's local batch, or the global batch / data-parallel degree
 when that is smaller (``--local-batch`` to fix it for every layout). Validation and checkpoints are
@@ -154,7 +160,8 @@ def compare(results: list[dict], compare_steps: int) -> None:
         r["speedup"] = r["tok_s"] / base["tok_s"]
         r["efficiency"] = r["speedup"] / (r["ngpu"] / base["ngpu"])
         r["tok_s_per_gpu"] = r["tok_s"] / r["ngpu"]
-        common = [s for s in r["losses"] if s in base_losses and int(s) <= compare_steps]
+        same_batch = r["tokens_per_step"] == base["tokens_per_step"]
+        common = [s for s in r["losses"] if same_batch and s in base_losses and int(s) <= compare_steps]
         diffs = [abs(r["losses"][s] - base_losses[s]) for s in common]
         r["loss_max_abs_diff"] = max(diffs) if diffs else None
         r["loss_steps_compared"] = len(common)
@@ -183,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the step time (compile, warm-up)")
     p.add_argument("--compare-steps", type=int, default=10, help="steps whose losses are compared")
     p.add_argument("--local-batch", type=int, default=None, help="micro-batch per rank for every layout")
+    p.add_argument("--batch-per-gpu", type=int, default=None,
+                   help="weak scaling: each layout's global batch is this many sequences per GPU")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a torchtitan key for every layout (repeatable)")
     p.add_argument("--seed-checkpoint", action="store_true",
@@ -196,23 +205,32 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--steps {opts.steps} must be larger than --skip {opts.skip}")
         if opts.local_batch and any(set_key(item) == "training.local_batch_size" for item in opts.set):
             raise ConfigError("give the micro-batch once: --local-batch or --set training.local_batch_size")
+        if opts.batch_per_gpu is not None:
+            if opts.batch_per_gpu <= 0:
+                raise ConfigError(f"--batch-per-gpu must be positive, got {opts.batch_per_gpu}")
+            if any(set_key(item) == "training.global_batch_size" for item in opts.set):
+                raise ConfigError("--batch-per-gpu sets each layout's global batch: drop --set training.global_batch_size")
         layouts = [(text.strip(), *parse_layout(text.strip())) for text in opts.layouts.split(",") if text.strip()]
         global_batch, config_local = read_batch(opts.config, opts.set)
         runs = []
         for name, replicas, shards in layouts:
             ngpu = replicas * shards
+            sets = opts.set
+            if opts.batch_per_gpu is not None:
+                global_batch = opts.batch_per_gpu * ngpu
+                sets = [*opts.set, f"training.global_batch_size={global_batch}"]
             if global_batch % ngpu:
                 raise ConfigError(f"layout {name}: the global batch {global_batch} does not divide over {ngpu} ranks")
             local = opts.local_batch or min(config_local, global_batch // ngpu)
             checkpoint = (("--checkpoint.enable", "--checkpoint.interval", str(opts.steps + 1),
                            "--checkpoint.folder", "checkpoint") if opts.seed_checkpoint
                           else ("--checkpoint.no-enable",))
-            args = layout_argv(opts.config, opts.out / name, replicas, shards, opts.steps, local, opts.set, checkpoint)
+            args = layout_argv(opts.config, opts.out / name, replicas, shards, opts.steps, local, sets, checkpoint)
             preflight(name, args, ngpu)  # every layout's config checked before the first one trains
-            runs.append((name, replicas, shards, ngpu, local, args))
+            runs.append((name, replicas, shards, ngpu, local, global_batch, args))
         seed = make_seed_checkpoint(opts.config, opts.out / "seed", opts.set) if opts.seed_checkpoint else None
         results = []
-        for name, replicas, shards, ngpu, local, args in runs:
+        for name, replicas, shards, ngpu, local, layout_global, args in runs:
             dump = opts.out / name
             if seed is not None and not (dump / "result.json").is_file():
                 shutil.rmtree(dump / "checkpoint", ignore_errors=True)  # an interrupted run starts over
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             result, _ = run_variant(variant, dump, args, ngpu, "checkpoint",
                                     lambda d: summarize(d, opts.skip),
                                     extra={"layout": name, "ngpu": ngpu, "local_batch": local,
+                                           "global_batch": layout_global,
                                            "git_commit": git_commit(), "device": device_name()})
             # a layout finished by an earlier invocation: its numbers again, with this --skip
             results.append({**result, **summarize(dump, opts.skip)})
@@ -232,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": "python tools/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "config": str(opts.config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "git commit": git_commit(), "device": device_name(),
-              "global batch": global_batch, "steps": opts.steps, "step time": f"median over steps > {opts.skip}"}
+              "global batch": (global_batch if opts.batch_per_gpu is None
+                               else f"{opts.batch_per_gpu} sequences per GPU (weak scaling)"),
+              "steps": opts.steps, "step time": f"median over steps > {opts.skip}"}
     opts.out.mkdir(parents=True, exist_ok=True)
     write_markdown(opts.out / "results.md", header, results)
     (opts.out / "results.json").write_text(json.dumps({"header": header, "results": results}, indent=2, default=str))
