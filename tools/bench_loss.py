@@ -73,22 +73,10 @@ def measure(fn, hidden, weight, targets, steps: int, warmup: int) -> tuple[float
     return ms, peak, float(loss.detach()) / targets.numel()
 
 
-def cuda_ms(fn, steps: int = 20, warmup: int = 3) -> float:
-    """Mean milliseconds per call of ``fn`` between CUDA events."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
-
-
 def chunk_kernel_rows(vocab: int, rows: int = 4096, z_loss: float = 1e-4) -> list[dict]:
     """The chunk step alone: compiled torch vs the Triton kernel at several (block, warps)."""
+    from bench_attention import time_ms  # tools/ is on sys.path when this runs as a script
+
     from neollm.fused_linear_ce import _chunk_loss_and_grad
     from neollm.kernels import cross_entropy
 
@@ -101,7 +89,7 @@ def chunk_kernel_rows(vocab: int, rows: int = 4096, z_loss: float = 1e-4) -> lis
     compiled = torch.compile(_chunk_loss_and_grad, dynamic=False)
     want_loss, want_grad = compiled(logits, targets, z_loss, IGNORE_INDEX, vocab)
     gbytes = rows * cols * logits.element_size() * 2 / 1e9  # one read + one write
-    ms = cuda_ms(lambda: compiled(logits, targets, z_loss, IGNORE_INDEX, vocab))
+    ms = time_ms(lambda: compiled(logits, targets, z_loss, IGNORE_INDEX, vocab))
     out = [dict(vocab=vocab, method="compiled torch", ms=ms, tb_s=gbytes / ms, max_grad_diff=0.0)]
     work = logits.clone()
     shapes = [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32), (16384, 32), cross_entropy.launch_shape(cols)]
@@ -111,7 +99,7 @@ def chunk_kernel_rows(vocab: int, rows: int = 4096, z_loss: float = 1e-4) -> lis
                                                   num_warps=warps)
         diff = (grad.float() - want_grad.float()).abs().max().item()
         loss_diff = abs(loss.item() - want_loss.item()) / abs(want_loss.item())
-        ms = cuda_ms(lambda: cross_entropy.loss_and_grad_(work, targets, z_loss, IGNORE_INDEX, vocab,
+        ms = time_ms(lambda: cross_entropy.loss_and_grad_(work, targets, z_loss, IGNORE_INDEX, vocab,
                                                           block=block, num_warps=warps))
         out.append(dict(vocab=vocab, method=f"triton block {block} warps {warps}", ms=ms, tb_s=gbytes / ms,
                         max_grad_diff=diff, rel_loss_diff=loss_diff))
