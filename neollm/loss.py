@@ -122,10 +122,9 @@ def cce_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return nll.float()
 
 
-def _resolve_impl(impl: str, device: torch.device, vocab_size: int = 0) -> str:
+def _resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation ``impl`` names here. ``auto``: ``fused`` on CUDA at every vocabulary (the
-    fastest measured: see the module docstring), ``chunked`` elsewhere. ``vocab_size`` is kept for
-    callers; no choice depends on it any more."""
+    fastest measured: see the module docstring), ``chunked`` elsewhere."""
     if impl == "auto":
         if device.type != "cuda":
             return "chunked"
@@ -145,7 +144,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    impl = _resolve_impl(settings.impl, hidden.device, weight.shape[0])
+    impl = _resolve_impl(settings.impl, hidden.device)
     if impl == "fused":
         from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
 
