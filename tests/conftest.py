@@ -44,18 +44,17 @@ def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/deb
         )
 
     result = launch()
-    if ngpu > 1 and _aborted_in_teardown(result):
+    if ngpu > 1 and result.returncode != 0 and aborted_in_teardown(result.stdout):
         warnings.warn("a rank aborted in gloo teardown after a finished run; retrying once", stacklevel=2)
         result = launch()
     return result
 
 
-def _aborted_in_teardown(result: subprocess.CompletedProcess) -> bool:
-    """The run finished (rank 0 logged "Process group destroyed") and then a rank died of SIGABRT."""
-    out = result.stdout
-    return (result.returncode != 0 and "Process group destroyed" in out
-            and "Signal 6 (SIGABRT)" in out and "Traceback (most recent call last)" not in
-            out.split("Process group destroyed")[0])
+def aborted_in_teardown(out: str) -> bool:
+    """A failed launch's output shows the gloo teardown fault: the run finished (rank 0 logged
+    "Process group destroyed") and then a rank died of SIGABRT, with no traceback before."""
+    return ("Process group destroyed" in out and "Signal 6 (SIGABRT)" in out
+            and "Traceback (most recent call last)" not in out.split("Process group destroyed")[0])
 
 
 def load_tool(name: str):

@@ -28,6 +28,20 @@ def test_bench_measures_a_flavor_on_cpu(tmp_path, capsys):
     assert "| config | params | tok/s |" in capsys.readouterr().out
 
 
+def _scaling_main(scaling, argv: list[str], out: Path) -> int:
+    """``bench_scaling.main``, rerun once (with a warning) when a layout failed only by the gloo
+    teardown fault that ``conftest.run_trainer`` also retries; finished layouts are not rerun."""
+    import warnings
+
+    from conftest import aborted_in_teardown
+
+    code = scaling.main(argv)
+    if code != 0 and any(aborted_in_teardown(log.read_text()) for log in out.glob("*/train.log")):
+        warnings.warn("a rank aborted in gloo teardown after a finished layout; retrying once", stacklevel=2)
+        code = scaling.main(argv)
+    return code
+
+
 def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
     """tools/bench_scaling.py: the real trainer on 1 and 2 CPU ranks (gloo), same global batch. With
     token shards read in interleaved rank order and one seed checkpoint, both layouts train on the
@@ -45,7 +59,7 @@ def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
             "--compare-steps", "4", "--out", str(out), "--seed-checkpoint",
             "--set", "training.dataset=shards", "--set", f"training.dataset_path={shards}",
             "--set", "training.seq_len=64", "--set", "data.interleave_ranks=true"]
-    assert scaling.main(argv) == 0
+    assert _scaling_main(scaling, argv, out) == 0
     assert (out / "seed" / "checkpoint" / "step-0" / ".metadata").is_file()
     rows = json.loads((out / "results.json").read_text())["results"]
     assert [(r["layout"], r["ngpu"], r["local_batch"]) for r in rows] == [("1", 1, 4), ("2", 2, 4)]
@@ -64,7 +78,7 @@ def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
     weak_argv = ["--config", "train_configs/debug.toml", "--layouts", "1,2", "--steps", "3", "--skip", "1",
                  "--batch-per-gpu", "2", "--out", str(weak), "--set", "training.dataset=shards",
                  "--set", f"training.dataset_path={shards}", "--set", "training.seq_len=64"]
-    assert scaling.main(weak_argv) == 0
+    assert _scaling_main(scaling, weak_argv, weak) == 0
     rows = json.loads((weak / "results.json").read_text())["results"]
     assert [(r["layout"], r["global_batch"], r["local_batch"], r["tokens_per_step"]) for r in rows] == [
         ("1", 2, 2, 2 * 64), ("2", 4, 2, 4 * 64)]
