@@ -21,7 +21,12 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.infra.parallelize import apply_ddp as titan_apply_ddp
 from torchtitan.tools.logging import logger
 
+from neollm.kernels.gdn_ops import GDN_OPS
 from neollm.titan_cpu import cpu_wanted, force_sum_reduction
+
+# Selective-op AC keeps these outputs: torchtitan's list (matmuls, attention) and Gated DeltaNet's two
+# custom ops, whose recompute would rerun the delta rule's whole forward in the backward.
+SAC_SAVE_OPS = _op_sac_save_list | set(GDN_OPS)
 
 
 def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
@@ -55,21 +60,26 @@ def checkpoint_blocks(model: nn.Module, ac_config, compile_model: bool, base_fol
     """torchtitan's activation checkpointing per block (``[activation_checkpoint]``: none, selective
     or full), with NeoLLM's list of ops whose outputs selective-op AC keeps. Before compile."""
     if ac_config.mode != "none":
-        apply_ac(model, ac_config, model_compile_enabled=compile_model, op_sac_save_list=_op_sac_save_list,
+        apply_ac(model, ac_config, model_compile_enabled=compile_model, op_sac_save_list=SAC_SAVE_OPS,
                  base_folder=base_folder)
+
+
+# Mixers whose blocks trace whole: attention, and Gated DeltaNet (its fla kernels are the custom ops of
+# neollm/kernels/gdn_ops.py). The other fla mixers still call fla under torch.compiler.disable.
+FULLGRAPH_MIXERS = frozenset("AD")
 
 
 def compile_blocks(model: nn.Module, backend: str) -> None:
     """torch.compile each block: identical blocks share one compiled graph.
 
-    Attention blocks compile whole (fullgraph). Gated DeltaNet blocks call fla's Triton
-    autograd functions, which dynamo cannot always trace, and MoE blocks route a data-dependent
-    number of tokens to each expert (the CPU expert loop reads the counts on the host), so both
-    allow graph breaks.
+    Attention and Gated DeltaNet blocks compile whole (fullgraph: a graph break is an error). The other
+    fla mixers call fla's Triton autograd functions under torch.compiler.disable, and MoE blocks route a
+    data-dependent number of tokens to each expert (the CPU expert loop reads the counts on the host),
+    so those allow graph breaks.
     """
     for layer_id, block in model.layers.named_children():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
-        fullgraph = getattr(inner, "mixer_code", "A") == "A" and not getattr(inner, "moe", False)
+        fullgraph = getattr(inner, "mixer_code", "A") in FULLGRAPH_MIXERS and not getattr(inner, "moe", False)
         model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
     logger.info("Compiled each NeoLLM block with torch.compile (backend %s)", backend)
 

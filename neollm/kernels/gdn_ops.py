@@ -23,6 +23,8 @@ stay the mathematical result, equal on every device, and the recompute is one of
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,15 +48,32 @@ def _check_conv(x: Tensor, weight: Tensor) -> None:
         )
 
 
-def _reference_grads(fn, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
-    """Gradients of fn(*inputs) against grad_out through the reference (the CPU backward).
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")  # c10's autograd_dispatch_keyset
 
-    torch.func.vjp, not torch.autograd.grad: a custom op's kernel runs below the Autograd dispatch key
-    (custom_op's autograd wrapper sets AutoDispatchBelowAutograd), where plain autograd records nothing;
-    functorch's transform stack does not depend on that key.
+
+@contextlib.contextmanager
+def _autograd_inside_kernel():
+    """Let autograd record inside a custom op's kernel.
+
+    The kernel runs below the Autograd dispatch key (custom_op's autograd wrapper calls it under
+    AutoDispatchBelowAutograd, which adds the autograd keys to the thread's exclude set), where ops record
+    no graph. This removes exactly those keys for the duration; everything else in the thread's
+    dispatch state (modes, autocast exclusion) stays as it is.
     """
-    _, vjp = torch.func.vjp(fn, *(t.detach() for t in inputs))
-    return tuple(g.contiguous() for g in vjp(grad_out))
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def _reference_grads(fn, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of fn(*inputs) against grad_out by autograd through the reference (the CPU backward)."""
+    with _autograd_inside_kernel():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        grads = torch.autograd.grad(fn(*leaves), leaves, grad_out)
+    return tuple(g.contiguous() for g in grads)
 
 
 # --------------------------------------------------------------------------------------------- short conv

@@ -17,14 +17,15 @@ Math (fla/layers/gated_deltanet.py:247-354 on the training path, no cache / mask
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.kernels import gdn_ops
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
+from neollm.kernels.gdn_ops import causal_conv1d_silu_ref
 from neollm.model.mixers.common import check_backend, resolve_backend
 
 __all__ = ["GatedDeltaNet", "gdn_flops_per_token"]
@@ -64,13 +65,6 @@ class _GatedRMSNorm(nn.Module):
 def _f32(x: Tensor) -> Tensor:
     """Upcast to at least fp32 (fp64 stays fp64, so the module can be checked in double precision)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _short_conv(x: Tensor, weight: Tensor) -> Tensor:
-    """Causal depthwise conv1d + SiLU on [B, T, C]: y_t = silu(sum_j w[:, j] x_{t-(W-1)+j}), as fla's causal_conv1d."""
-    T, W = x.shape[1], weight.shape[-1]
-    y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), padding=W - 1, groups=x.shape[-1])[..., :T]
-    return F.silu(y.transpose(1, 2))
 
 
 def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -161,36 +155,29 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias._no_weight_decay = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if resolve_backend(self.backend, x, "GatedDeltaNet") == "fla":
-            return self._forward_fla(x)
-        return self._forward_torch(x)
+        """"fla"/"auto" (and "torch" on CPU) run the custom ops of neollm.kernels.gdn_ops, which are fla's
+        Triton kernels on CUDA and the pure-PyTorch references on CPU, so a compiled block is one graph;
+        "torch" on CUDA calls the references directly (the GPU tests' ground truth)."""
+        backend = resolve_backend(self.backend, x, "GatedDeltaNet")
+        if backend == "torch" and x.is_cuda:
+            return self._mix(x, causal_conv1d_silu_ref, _rule_reference)
+        return self._mix(x, gdn_ops.causal_conv1d_silu, gdn_ops.chunk_gated_delta_rule)
 
-    def _forward_torch(self, x: Tensor) -> Tensor:
+    def _mix(self, x: Tensor, conv, rule) -> Tensor:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = _short_conv(self.q_proj(x), self.q_conv1d.weight).reshape(B, T, H, K)
-        k = _short_conv(self.k_proj(x), self.k_conv1d.weight).reshape(B, T, H, K)
-        v = _short_conv(self.v_proj(x), self.v_conv1d.weight).reshape(B, T, H, V)
-        q, k = _l2norm(q), _l2norm(k)
-        beta = torch.sigmoid(_f32(self.b_proj(x)))
+        # One conv over the concatenated q/k/v channels (fla's fused qkv conv path, taken without cache or varlen).
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        weight = torch.cat([c.weight.squeeze(1) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)], dim=0)
+        q, k, v = conv(qkv, weight.to(qkv.dtype)).split([H * K, H * K, H * V], dim=-1)
+        q = _l2norm(q.reshape(B, T, H, K)).to(v.dtype)
+        k = _l2norm(k.reshape(B, T, H, K)).to(v.dtype)
+        beta = torch.sigmoid(_f32(self.b_proj(x))).to(v.dtype)
         g = -_f32(self.A_log).exp() * F.softplus(_f32(self.a_proj(x)) + _f32(self.dt_bias))
-        o, _ = chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=self.chunk_size)
+        o = rule(q, k, v.reshape(B, T, H, V), g, beta, K ** -0.5, self.chunk_size)
         gate = self.g_proj(x).reshape(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
         return self.o_proj(o)
-
-    def _forward_fla(self, x: Tensor) -> Tensor:
-        _ensure_fla_workaround()
-        B, T, _ = x.shape
-        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        # fla's fused q/k/v conv path (taken when there is no cache / varlen): one kernel over the concatenation.
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        weight = torch.cat([c.weight.squeeze(1) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)], dim=0)
-        o = _fla_mix(
-            qkv, weight, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
-            self.g_proj(x), self.o_norm.weight, (H, K, V), self.norm_eps,
-        )
-        return self.o_proj(o.reshape(B, T, H * V))
 
     def extra_repr(self) -> str:
         return (
@@ -199,47 +186,8 @@ class GatedDeltaNet(nn.Module):
         )
 
 
-@torch.compiler.disable
-def _fla_mix(
-    qkv: Tensor, conv_weight: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
-    gate: Tensor, norm_weight: Tensor, heads: tuple[int, int, int], eps: float,
-) -> Tensor:
-    """fla's Triton kernels: short conv + SiLU, the chunked gated delta rule, the gated RMSNorm.
-
-    Kept out of torch.compile's graph (a graph break on each side): these are autograd
-    Functions around autotuned Triton launches that dynamo does not trace reliably; the
-    projections around them still compile.
-    """
-    from fla.modules.convolution import causal_conv1d
-    from fla.modules.norm.fused_norm_gate import rms_norm_gated
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-    H, K, V = heads
-    B, T, _ = qkv.shape
-    qkv, _ = causal_conv1d(
-        x=qkv, weight=conv_weight, bias=None, activation="silu",
-        backend=os.environ.get("FLA_CONV_BACKEND", "triton"),  # ShortConvolution's default
-    )
-    q, k, v = torch.split(qkv, [H * K, H * K, H * V], dim=-1)
-    o, _ = chunk_gated_delta_rule(
-        q=q.reshape(B, T, H, K),
-        k=k.reshape(B, T, H, K),
-        v=v.reshape(B, T, H, V),
-        g=a,
-        beta=b,
-        initial_state=None,
-        output_final_state=False,
-        use_qk_l2norm_in_kernel=True,
-        use_beta_sigmoid_in_kernel=True,
-        allow_neg_eigval=False,
-        state_v_first=True,
-        use_gate_in_kernel=True,
-        A_log=A_log,
-        dt_bias=dt_bias,
-    )
-    return rms_norm_gated(
-        x=o, g=gate.reshape(B, T, H, V), weight=norm_weight, bias=None, activation="swish", eps=eps
-    )
+def _rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, chunk_size: int) -> Tensor:
+    return chunk_gated_delta_rule_ref(q, k, v, g, beta, scale=scale, chunk_size=chunk_size)[0]
 
 
 def gdn_flops_per_token(
