@@ -8,7 +8,9 @@
 # Environment: NGPU (processes on this node, default 1), CONFIG_FILE (used when no
 # --job.config_file is given; default train_configs/debug.toml), LOG_RANK (ranks whose output is
 # shown, default 0), TRAIN_MODULE (default neollm.train), PYTHON (default python3),
-# NEOLLM_SKIP_PREFLIGHT=1 (skip the configuration check that runs before torchrun).
+# NEOLLM_SKIP_PREFLIGHT=1 (skip the configuration check that runs before torchrun), NEOLLM_COMPILE_CACHE
+# (compile and autotune caches, default .cache/compile in this folder; "off" for torch's defaults;
+# neollm/compile_cache.py).
 # Several nodes (see docs/running.md, scripts/slurm_train.sh): NNODES (default 1), MASTER_ADDR and
 # MASTER_PORT (the c10d rendezvous endpoint, default port 29500), RDZV_ID (job id shared by all
 # nodes, default neollm), NODE_RANK (optional: c10d assigns ranks itself). Run the same command on
@@ -35,6 +37,7 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
 fi
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+export NEOLLM_COMPILE_CACHE=${NEOLLM_COMPILE_CACHE-$PWD/.cache/compile}
 
 if [[ "${NEOLLM_SKIP_PREFLIGHT:-0}" != 1 ]]; then
   "${PYTHON:-python3}" -m neollm.preflight --world-size "$(( NGPU * NNODES ))" "${config_args[@]}" "$@" || exit $?

@@ -21,13 +21,19 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Compile / autotune caches in the repository's .cache/compile unless NEOLLM_COMPILE_CACHE says otherwise
+# (neollm/compile_cache.py, applied when neollm is imported): a second run's first step skips most compiling.
+os.environ.setdefault("NEOLLM_COMPILE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "compile"))
+
+import torch  # noqa: E402
 
 import neollm  # noqa: F401  (the project is installed: pip install -e .)
+from neollm.compile_cache import describe_compile_cache
 from neollm.loss import LOSS_IMPLS, LossSettings
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(opts.device)
     compile_model = not opts.no_compile
+    print(f"compile cache: {describe_compile_cache()}", flush=True)
     common = dict(batch=opts.batch, seq=opts.seq, steps=opts.steps, warmup=opts.warmup,
                   device=device, peak_tflops=opts.peak_tflops, profile_dir=opts.profile)
     results: list[Result] = []

@@ -161,12 +161,19 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     return _rule_ref(q, k, v, g, beta, scale, chunk_size).contiguous()
 
 
+_fla_checked = False
+
+
 def _fla_gdn():
+    """fla's GDN module, with fla_compat's Hopper fix applied (checked once per process)."""
+    global _fla_checked
     from fla.ops.gated_delta_rule import chunk as fla_chunk
 
-    from neollm.kernels.fla_compat import install_fla_hopper_workaround
+    if not _fla_checked:
+        from neollm.kernels.fla_compat import install_fla_hopper_workaround
 
-    install_fla_hopper_workaround()  # patches fla_chunk.chunk_bwd_dqkwg on Hopper + Triton [3.4, 3.7.1); idempotent
+        install_fla_hopper_workaround()  # patches fla_chunk.chunk_bwd_dqkwg on Hopper + Triton [3.4, 3.7.1)
+        _fla_checked = True
     return fla_chunk
 
 
