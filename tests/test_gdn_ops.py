@@ -247,3 +247,23 @@ def test_compiled_hybrid_matches_eager():
 
 def test_selective_ac_saves_the_gdn_ops():
     assert set(gdn_ops.GDN_OPS) <= SAC_SAVE_OPS
+
+
+def test_selective_op_ac_through_the_ops_matches_plain():
+    """checkpoint_blocks with selective-op AC (the ops' outputs saved, the rest recomputed): same gradients."""
+    from torchtitan.config import ActivationCheckpoint
+
+    from neollm.parallelize import checkpoint_blocks
+
+    results = []
+    for ac in (None, ActivationCheckpoint(mode="selective", selective_ac_option="op")):
+        model = _model()
+        if ac is not None:
+            checkpoint_blocks(model, ac, compile_model=False)
+        tokens = _tokens()
+        model(tokens, tokens).backward()
+        clean = lambda n: n.replace("_checkpoint_wrapped_module.", "")  # noqa: E731
+        results.append({clean(n): p.grad for n, p in model.named_parameters()})
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-12, rtol=1e-10)
