@@ -200,16 +200,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_unavailable_reason(kr: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot serve these inputs (None when they can)."""
+def kernel_unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int) -> str | None:
+    """Why the Triton kernels cannot serve tensors on ``device`` of these dtypes (None when they can)."""
     if triton is None:
         return "Triton is not installed (pip install triton)"
-    if not (kr.is_cuda or _interpreting()):
-        return f"the keys are on {kr.device}, not CUDA (or run under TRITON_INTERPRET=1)"
-    if kr.dtype not in KERNEL_DTYPES or v.dtype not in KERNEL_DTYPES:
-        return f"dtypes {kr.dtype}/{v.dtype}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
-    if kr.shape[-1] > 256:
-        return f"head dim {kr.shape[-1]} > 256"
+    if not (device.type == "cuda" or _interpreting()):
+        return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
+    if any(dt not in KERNEL_DTYPES for dt in dtypes):
+        return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
+    if head_dim > 256:
+        return f"head dim {head_dim} > 256"
     return None
 
 
@@ -272,7 +272,7 @@ def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, *
 
 # ---- the op -----------------------------------------------------------------------------------
 def _require_kernel(kr: torch.Tensor, v: torch.Tensor) -> None:
-    reason = kernel_unavailable_reason(kr, v)
+    reason = kernel_unavailable_reason(kr.device, (kr.dtype, v.dtype), kr.shape[-1])
     if reason is not None:
         raise RuntimeError(f"LUCID's Triton kernel cannot run here: {reason}; use lucid_impl 'torch' or 'auto'")
 
