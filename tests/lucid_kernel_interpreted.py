@@ -26,6 +26,7 @@ from neollm.model.attention_ops import lucid_values, rms_normalize  # noqa: E402
 
 SLACK, FLOOR = 3.0, 2e-7
 EPS = 1e-6
+VERBOSE = os.environ.get("LUCID_CHECK_VERBOSE") == "1"  # print every error beside the reference's
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,7 +46,7 @@ def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed:
     return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2), dx
 
 
-def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys) -> None:
+def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1) -> None:
     """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
     k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
     kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
@@ -53,15 +54,17 @@ def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys) -> N
     dk64, dv64 = lucid.solve_backward_reference(kr64, x64, dx.double())
     x32 = lucid.solve_reference(kr32, v)
     dk32, dv32 = lucid.solve_backward_reference(kr32, x32, dx)
-    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4)
+    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split)
     x = kernels.solve_kernel(kr32, v, **launch)
     dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
     assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
-    what = f"T {t} d {d} rows {block_rows} cols {block_cols} {dtype} {keys}"
+    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {dtype} {keys}"
     for name, got, ref, exact in (("X", x, x32, x64), ("dv", dv, dv32, dv64), ("dkr", dk, dk32, dk64)):
         if dtype != torch.float32 and name == "X":  # as lucid_values returns it
             got, ref = got.to(dtype), ref.to(dtype)
         err, ref_err = rel_err(got, exact), rel_err(ref, exact)
+        if VERBOSE:
+            print(f"{what}: {name} error {err:.2e}, reference {ref_err:.2e}")
         assert err <= SLACK * ref_err + FLOOR, f"{what}: {name} error {err:.2e}, reference {ref_err:.2e}"
 
 
@@ -114,6 +117,7 @@ INJECTED = {
     "key gradient's upper mask one block off": [("(cols[None, :] > rows[:, None]) & c_ok",
                                                  "(cols[None, :] > rows[:, None] + BR) & c_ok")],
     "back substitution in forward order": [("c = BR - 1 - i", "c = i")],
+    "value column blocks overlap": [("vv = tl.program_id(1) * BV + tl.arange(0, BV)", "vv = tl.arange(0, BV)")],
 }
 
 
@@ -121,22 +125,22 @@ def check_injected_errors_fail() -> None:
     for name, replacements in INJECTED.items():
         module = mutant(replacements)
         try:
-            check_kernels(module, 1, 2, 128, 16, 32, 32, torch.float32, "correlated")
+            check_kernels(module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2)
         except AssertionError:
             continue
         raise AssertionError(f"the checks pass with an injected error: {name}")
 
 
 if __name__ == "__main__":
-    check_kernels(lucid, 1, 2, 128, 16, 32, 32, torch.float32, "correlated")  # the mutants' case, unmutated
-    for b, h, t, d, rows, cols, dtype, keys in [
-        (2, 2, 128, 32, 32, 64, torch.float32, "independent"),
-        (1, 3, 256, 64, 64, 64, torch.float32, "correlated"),
-        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated"),   # ragged T, d not a power of two
-        (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent"),
-        (1, 1, 100, 16, 16, 64, torch.float16, "correlated"),
+    check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2)  # the mutants' case, unmutated
+    for b, h, t, d, rows, cols, dtype, keys, split in [
+        (2, 2, 128, 32, 32, 64, torch.float32, "independent", 1),
+        (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 2),
+        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4),  # ragged T, d not a power of two
+        (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent", 1),
+        (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1),
     ]:
-        check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys)
+        check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split)
     for dtype in (torch.float32, torch.bfloat16):
         check_lucid_values(dtype)
     check_opcheck()

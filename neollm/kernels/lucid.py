@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
 BLOCK_ROWS = 64
 BLOCK_COLS = 64
 NUM_WARPS = 4
+VALUE_SPLIT = 1  # programs per (batch, head) in the substitutions, each solving d / VALUE_SPLIT columns
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -92,11 +93,14 @@ if triton is not None:
     @triton.jit
     def _substitute_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, n_heads, seq_len,
                            head_dim, scale, shift, TRANSPOSED: tl.constexpr, SOLVE_TF32: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
-        """One (batch, head): ``out = P^-1 b`` (forward substitution), or with TRANSPOSED
-        ``out = P^-T b`` (back substitution from the last block). ``out`` is a contiguous fp32
-        ``[B*H, T, d]`` buffer that later row blocks read back."""
+                           BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+        """One (batch, head) and BV of the d value columns (the columns of X are independent
+        solves; the programs of one head share only the keys): ``out = P^-1 b`` (forward
+        substitution), or with TRANSPOSED ``out = P^-T b`` (back substitution from the last
+        block). ``out`` is a contiguous fp32 ``[B*H, T, d]`` buffer that later row blocks read back."""
         pid = tl.program_id(0)
+        vv = tl.program_id(1) * BV + tl.arange(0, BV)
+        v_ok = vv < head_dim
         batch, head = pid // n_heads, pid % n_heads
         k_base = k_ptr + batch.to(tl.int64) * k_sb + head.to(tl.int64) * k_sh
         b_base = b_ptr + batch.to(tl.int64) * b_sb + head.to(tl.int64) * b_sh
@@ -114,8 +118,9 @@ if triton is not None:
             rows = r0 + rr
             r_ok = rows < seq_len
             rd_ok = r_ok[:, None] & d_ok[None, :]
+            rv_ok = r_ok[:, None] & v_ok[None, :]
             k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
-            acc = tl.load(b_base + rows[:, None] * b_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
+            acc = tl.load(b_base + rows[:, None] * b_st + vv[None, :], mask=rv_ok, other=0.0).to(tl.float32)
             # off-diagonal blocks: the solved rows before (after, transposed) this block
             if TRANSPOSED:
                 c_start = r0 + BR
@@ -129,8 +134,8 @@ if triton is not None:
                 cd_ok = c_ok[:, None] & d_ok[None, :]
                 k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
                 e = tl.where(c_ok[None, :], _exp_gram(k_r, k_c, scale, shift), 0.0)
-                x_c = tl.load(out_base + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0,
-                              cache_modifier=".cg")
+                x_c = tl.load(out_base + cols[:, None] * head_dim + vv[None, :],
+                              mask=c_ok[:, None] & v_ok[None, :], other=0.0, cache_modifier=".cg")
                 if SOLVE_TF32:
                     acc -= tl.dot(e, x_c, input_precision="tf32")
                 else:
@@ -150,7 +155,7 @@ if triton is not None:
                 x_row = tl.sum(tl.where(rr[:, None] == c, acc, 0.0), axis=0)    # solved row c
                 n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
                 acc -= n_col[:, None] * x_row[None, :]
-            tl.store(out_base + rows[:, None] * head_dim + dd[None, :], acc, mask=rd_ok)
+            tl.store(out_base + rows[:, None] * head_dim + vv[None, :], acc, mask=rv_ok)
             tl.debug_barrier()  # the next row block reads these rows back
 
     @triton.jit
@@ -228,25 +233,36 @@ def _launch_config(block_rows: int | None, block_cols: int | None, num_warps: in
     return br, bc, max(16, triton.next_power_of_2(d)), num_warps or NUM_WARPS
 
 
+def _value_block(value_split: int | None, bd: int) -> int:
+    split = value_split or VALUE_SPLIT
+    if split < 1 or split & (split - 1) or bd // split < 16:
+        raise ValueError(f"value_split must be a power of two leaving >= 16 columns per program, got {split}")
+    return bd // split
+
+
 def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, solve_tf32: bool = False,
                block_rows: int | None = None, block_cols: int | None = None,
-               num_warps: int | None = None) -> torch.Tensor:
-    """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32."""
+               num_warps: int | None = None, value_split: int | None = None) -> torch.Tensor:
+    """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
+    ``value_split``: programs per head, each solving d / value_split columns."""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
+    bv = _value_block(value_split, bd)
     kr, ks = _head_strides(kr)
     rhs, rs = _head_strides(rhs)
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if out.numel():
-        _substitute_kernel[(b * h,)](kr, *ks, rhs, *rs, out, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
-                                     TRANSPOSED=transposed, SOLVE_TF32=solve_tf32, BR=br, BC=bc, BD=bd,
-                                     num_warps=warps)
+        _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
+                                              TRANSPOSED=transposed, SOLVE_TF32=solve_tf32, BR=br, BC=bc, BD=bd,
+                                              BV=bv, num_warps=warps)
     return out
 
 
 def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, block_rows: int | None = None,
-             block_cols: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32."""
+             block_cols: int | None = None, num_warps: int | None = None,
+             value_split: int | None = None) -> torch.Tensor:
+    """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
+    (``value_split`` is the substitutions'; these programs are per row block and take all of d.)"""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     kr, ks = _head_strides(kr)
