@@ -86,6 +86,45 @@ def check_lucid_values(dtype) -> None:
         assert err <= SLACK * ref_err + FLOOR, f"lucid_values {dtype}: {name} error {err:.2e}, reference {ref_err:.2e}"
 
 
+def check_attention() -> None:
+    """neollm_135m's attention layer (every attention technique on, LUCID among them) forward and
+    backward with the kernels and with the reference, fp32, against the reference in fp64: the
+    output and all parameter gradients (one relative error over them all)."""
+    import dataclasses
+
+    from neollm.model import attention_ops
+    from neollm.model.args import FLAVORS
+    from neollm.model.attention import Attention
+    from neollm.model.rope import rope_cache
+
+    args = dataclasses.replace(FLAVORS["neollm_135m"], dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                               ffn_hidden_dim=96, vocab_size=61, max_seq_len=80, attention_dropout=0.0)
+    assert args.lucid
+    torch.manual_seed(0)
+    att = Attention(args).double()
+    x = torch.randn(2, 80, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cache = rope_cache(16, 80, 10_000.0).double()
+
+    def run(dtype, impl):
+        attention_ops.LUCID_IMPL = impl
+        module = att.to(dtype)
+        module.zero_grad()
+        out = module(x.to(dtype), cache.to(dtype))
+        out.square().mean().backward()
+        return torch.cat([out.detach().flatten().double()] + [p.grad.flatten().double() for p in module.parameters()])
+
+    try:
+        want = run(torch.float64, "torch")
+        ref = run(torch.float32, "torch")
+        got = run(torch.float32, "triton")
+    finally:
+        attention_ops.LUCID_IMPL = "auto"
+    err, ref_err = rel_err(got, want), rel_err(ref, want)
+    if VERBOSE:
+        print(f"attention: error {err:.2e}, reference {ref_err:.2e}")
+    assert err <= SLACK * ref_err + FLOOR, f"attention: error {err:.2e}, reference {ref_err:.2e}"
+
+
 def check_opcheck() -> None:
     """torch.library's checks of the op with the kernels (schema, fake tensor, autograd registration)."""
     k, v, _ = problem(1, 2, 40, 16, torch.float32, "independent", seed=9)
@@ -143,6 +182,7 @@ if __name__ == "__main__":
         check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split)
     for dtype in (torch.float32, torch.bfloat16):
         check_lucid_values(dtype)
+    check_attention()
     check_opcheck()
     check_injected_errors_fail()
     print("ok")

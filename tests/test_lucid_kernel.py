@@ -115,8 +115,8 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
 
 def test_triton_kernels_under_the_interpreter():
     """The kernels on the CPU (TRITON_INTERPRET=1): values and gradients vs fp64 within the
-    reference's own error, fp32 / bf16 / fp16, ragged shapes; opcheck with the kernels; injected
-    errors fail the same checks."""
+    reference's own error, fp32 / bf16 / fp16, ragged shapes; neollm_135m's attention layer with
+    the kernels; opcheck with the kernels; injected errors fail the same checks."""
     pytest.importorskip("triton")
     script = Path(__file__).with_name("lucid_kernel_interpreted.py")
     repo = script.parent.parent  # this tree's neollm, not an installed copy
