@@ -46,11 +46,15 @@ try:
 except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
     triton = None
 
-# Row block (the diagonal solve's size) and column chunk of the kernels; BENCH: tools/bench_attention.py --lucid-configs.
-BLOCK_ROWS = 64
+# Launch configuration: rows per block (the diagonal solve's size: a sequential step per row, on
+# [BLOCK_ROWS x d / VALUE_SPLIT] tiles), the column chunk of the off-diagonal products, warps, and
+# programs per (batch, head) in the substitutions, each solving d / VALUE_SPLIT columns (256
+# programs at 64 x 4 heads would fill an H100's 132 SMs only twice). Not yet measured: chosen as
+# the middle of tools/bench_attention.py --lucid-op-only's sweep, which reports each one's time.
+BLOCK_ROWS = 32
 BLOCK_COLS = 64
 NUM_WARPS = 4
-VALUE_SPLIT = 1  # programs per (batch, head) in the substitutions, each solving d / VALUE_SPLIT columns
+VALUE_SPLIT = 2
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -234,7 +238,7 @@ def _launch_config(block_rows: int | None, block_cols: int | None, num_warps: in
 
 
 def _value_block(value_split: int | None, bd: int) -> int:
-    split = value_split or VALUE_SPLIT
+    split = value_split or max(1, min(VALUE_SPLIT, bd // 16))  # the default: at most what d allows
     if split < 1 or split & (split - 1) or bd // split < 16:
         raise ValueError(f"value_split must be a power of two leaving >= 16 columns per program, got {split}")
     return bd // split
