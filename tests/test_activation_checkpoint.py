@@ -1,8 +1,8 @@
 """Activation checkpointing (``[activation_checkpoint] mode``) on NeoLLM blocks, eager and compiled.
 
-torchtitan's ``apply_ac`` wraps each block; NeoLLM's LUCID already runs its solve under its own
-selective checkpoint (neollm/model/attention_ops.lucid_values), so these runs also check that the
-two nest. Every mode must give the loss and the gradients of the run without checkpointing. In
+torchtitan's ``apply_ac`` wraps each block; NeoLLM's LUCID runs its solve as a custom op with its
+own backward (neollm/kernels/lucid.py; here its PyTorch reference, fp64 on the CPU), which the
+checkpoints save or recompute like any other op. Every mode must give the loss and the gradients of the run without checkpointing. In
 fp64: in fp32 this stack of techniques amplifies rounding, so compiled and eager gradients already
 differ by ~0.5% of their largest entry (fp64: 5e-12).
 """
@@ -59,7 +59,7 @@ def eager_reference():
 def test_activation_checkpoint_modes_match_eager_without_checkpointing(mode, compiled, eager_reference):
     """Every mode, eager or compiled, against the eager run without checkpointing (so a compile
     problem that checkpointing shares is caught too)."""
-    assert ARGS.lucid and ARGS.mea and ARGS.simplegpt  # seed 001's techniques, LUCID's nested checkpoint
+    assert ARGS.lucid and ARGS.mea and ARGS.simplegpt  # seed 001's techniques, LUCID's custom op
     if mode == "none" and not compiled:
         pytest.skip("that is the reference")
     loss_ref, grads_ref = eager_reference

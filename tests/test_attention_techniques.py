@@ -311,8 +311,8 @@ def _lucid_reference(k, v, eps):
 
 
 def test_lucid_values_gradients_match_autograd_through_the_inverse():
-    """lucid_values (P rebuilt from the keys in backward) against autograd through an explicit
-    inverse, fp64: the values and the gradients to the keys and to the values."""
+    """lucid_values (the op's reference: P rebuilt from the keys in backward) against autograd
+    through an explicit inverse, fp64: the values and the gradients to the keys and to the values."""
     from neollm.model.attention_ops import lucid_values
 
     gen = torch.Generator().manual_seed(3)
@@ -330,26 +330,27 @@ def test_lucid_values_gradients_match_autograd_through_the_inverse():
 
 
 def test_lucid_values_frees_the_preconditioner_after_forward_and_rebuilds_it(monkeypatch):
-    """Eager: the [T x T] preconditioner built in forward is freed once forward returns (nothing
-    keeps it for backward, inside or outside the checkpoint), and backward builds it again."""
+    """Eager, the reference op: the [T x T] preconditioner built in forward is freed once forward
+    returns (the op keeps only X and the keys for backward), and backward builds it again."""
     import gc
 
     from torch.multiprocessing.reductions import StorageWeakRef
 
+    import neollm.kernels.lucid as lucid_kernels
     import neollm.model.attention_ops as ops
 
     built = []
-    original = ops.lucid_preconditioner
+    original = lucid_kernels.preconditioner
 
-    def recording(k, eps):
-        p = original(k, eps)
+    def recording(kr):
+        p = original(kr)
         built.append(StorageWeakRef(p.untyped_storage()))  # the memory, whatever aliases it
         return p
 
-    monkeypatch.setattr(ops, "lucid_preconditioner", recording)
+    monkeypatch.setattr(lucid_kernels, "preconditioner", recording)
     k = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
     v = torch.randn(B, HKV, T, D_HEAD, requires_grad=True)
-    out = ops.lucid_values(k, v, 1e-6)
+    out = ops.lucid_values(k, v, 1e-6, impl="torch")
     gc.collect()
     assert len(built) == 1 and built[0].expired()  # kept by nobody after forward
     out.sum().backward()
@@ -357,7 +358,7 @@ def test_lucid_values_frees_the_preconditioner_after_forward_and_rebuilds_it(mon
     assert k.grad is not None and v.grad is not None
     # the same probe sees a kept P: plain autograd through the solve holds on to it
     built.clear()
-    p = recording(k, 1e-6)
+    p = recording(ops.rms_normalize(k, 1e-6))
     x = torch.linalg.solve_triangular(p, v, upper=False, unitriangular=True)
     del p
     gc.collect()
@@ -368,7 +369,7 @@ def test_lucid_values_frees_the_preconditioner_after_forward_and_rebuilds_it(mon
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_lucid_values_compiled_keeps_no_t_by_t_tensor_and_matches_eager(backend):
     """Under torch.compile too (whole graph): same values and gradients, and the compiled function
-    keeps nothing [T x T] for backward (the compiler follows the checkpoint policy)."""
+    keeps nothing [T x T] for backward (the op saves only X and the normalised keys)."""
     from neollm.model.attention_ops import lucid_values
 
     torch._dynamo.reset()

@@ -8,8 +8,14 @@
    an autocast region) or in fp32 (NeoLLM's preconditioner), against an fp64 reference, for independent keys and for correlated
    keys (a shared direction plus noise, so that P has entries near 1), and the time of NeoLLM's
    ``lucid_values`` forward + backward (eager, bf16 autocast, one layer).
+3. LUCID's op (``--lucid-op``): ``lucid_values`` forward and forward + backward with the Triton
+   kernels (neollm/kernels/lucid.py) and with the PyTorch reference (P formed in HBM, cuBLAS
+   triangular solves: the path before the kernels), each with its error against fp64 (bf16 inputs,
+   bf16 autocast, correlated keys) and peak memory; then the kernels' launch configurations
+   (rows per block, column chunk, warps, programs per head; IEEE or TF32 dots in the solve) side by side.
 
     python tools/bench_attention.py --json out.json
+    python tools/bench_attention.py --lucid-op-only --json lucid.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from neollm.kernels import lucid as lucid_kernels  # noqa: E402
 from neollm.model import attention_ops as ops  # noqa: E402
 
 
@@ -110,6 +117,74 @@ def lucid_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]
     return rows
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def lucid_op_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    """lucid_values with impl "triton" and "torch": time, peak memory and error vs fp64."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    shape = (batch, seq, kv_heads, head_dim)  # the projection layout, seen as [B, Hkv, T, d]
+    k = torch.randn(batch, 1, kv_heads, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
+        *shape, device="cuda", generator=g)
+    k = k.to(torch.bfloat16).transpose(1, 2)
+    v = torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    dx = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+
+    def run(impl, kk, vv, backward=True):
+        kk, vv = kk.detach().requires_grad_(backward), vv.detach().requires_grad_(backward)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kk.dtype != torch.float64):
+            x = ops.lucid_values(kk, vv, 1e-6, impl=impl)
+        return (x, *torch.autograd.grad(x, (kk, vv), dx.to(x.dtype))) if backward else (x,)
+
+    want = run("torch", k.double(), v.double())
+    rows = []
+    for impl in ("torch", "triton"):
+        got = run(impl, k, v)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(impl, k, v)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(dict(impl=impl, fwd_ms=time_ms(lambda: run(impl, k, v, backward=False)),
+                         fwd_bwd_ms=time_ms(lambda: run(impl, k, v)), peak_mib=peak,
+                         **{f"rel_err_{n}": _rel(a, b) for n, a, b in zip(("x", "dk", "dv"), got, want)}))
+    return rows
+
+
+# (rows per block, column chunk, warps, programs per head in the substitutions)
+LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4), (32, 64, 4, 1), (32, 64, 4, 2),
+                 (32, 32, 4, 4), (16, 64, 4, 1), (16, 64, 2, 4), (16, 32, 2, 2), (128, 64, 8, 2)]
+
+
+def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    """The kernels alone on fp32 normalised keys at each launch configuration, IEEE and TF32 solve."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
+        batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+    kr = ops.rms_normalize(k, 1e-6)
+    v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+    dx = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+    x64 = lucid_kernels.solve_reference(kr.double(), v.double())
+    dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
+    rows = []
+    for rows_, cols, warps, split in LUCID_CONFIGS:
+        for tf32 in (False, True):
+            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split)
+            try:
+                x = lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)
+                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)
+                rows.append(dict(
+                    **launch, solve_tf32=tf32,
+                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)),
+                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)),
+                    rel_err_x=_rel(x, x64), rel_err_dk=_rel(dk, dk64), rel_err_dv=_rel(dv, dv64)))
+            except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result
+                rows.append(dict(**launch, solve_tf32=tf32, error=str(err).splitlines()[0][:120]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
@@ -117,21 +192,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--lucid-op-only", action="store_true", help="only part 3 (LUCID's op and kernel configurations)")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times GPU kernels: no CUDA device is visible")
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  sdpa=sdpa_rows(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim),
-                  lucid=lucid_rows(opts.batch, opts.seq, opts.kv_heads, opts.head_dim))
-    print("| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|")
-    for r in result["sdpa"]:
-        ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
-        print(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
-    print("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |\n|---|---|---:|---:|---:|")
-    for r in result["lucid"]:
-        ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
-        print(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    if not opts.lucid_op_only:
+        result["sdpa"] = sdpa_rows(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim)
+        result["lucid"] = lucid_rows(opts.batch, opts.seq, opts.kv_heads, opts.head_dim)
+        print("| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|")
+        for r in result["sdpa"]:
+            ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
+            print(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
+        print("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |\n|---|---|---:|---:|---:|")
+        for r in result["lucid"]:
+            ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
+            print(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
+    result["lucid_op"] = lucid_op_rows(opts.batch, opts.seq, opts.kv_heads, opts.head_dim)
+    result["lucid_configs"] = lucid_config_rows(opts.batch, opts.seq, opts.kv_heads, opts.head_dim)
+    print("\n| lucid_values impl | fwd ms | fwd+bwd ms | peak MiB | rel. err X | dk | dv |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in result["lucid_op"]:
+        print(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
+              f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
+    print("\n| rows | cols | warps | split | solve dots | fwd ms | bwd ms | rel. err X | dk | dv |\n"
+          "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in result["lucid_configs"]:
+        head = (f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['value_split']} | "
+                f"{'tf32' if r['solve_tf32'] else 'ieee'} |")
+        if "error" in r:
+            print(f"{head} n/a: {r['error']} | | | | |")
+        else:
+            print(f"{head} {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['rel_err_x']:.2e} | "
+                  f"{r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -9,12 +9,11 @@ on tensor values, so they trace into one graph under ``torch.compile(fullgraph=T
 
 from __future__ import annotations
 
-import math
-from functools import partial
-
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from neollm.errors import ConfigError
+from neollm.kernels import lucid as lucid_kernels
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,60 +86,52 @@ def momentum_shift(x: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
     """LUCID's ``P = tril(exp(K_rn K_rn^T / sqrt(d) - sqrt(d)))``, ``k [B, Hkv, T, d]`` ->
-    ``[B, Hkv, T, T]`` in the compute dtype.
+    ``[B, Hkv, T, T]`` in the compute dtype (what the reference solve forms; the kernels never do).
 
     Keys are RMS-normalised (no gain), so ``||k_rn||^2 = d * ms / (ms + eps) <= d``: the exponent
     is 0 (up to eps) on the diagonal and, by Cauchy-Schwarz, <= 0 everywhere: every entry lies in
     ``(0, 1]``, nothing can overflow. The solve treats the diagonal as exactly 1.
     """
-    d = k.shape[-1]
     # The Gram matrix in fp32 even under autocast: there it would be a bf16 GEMM whose output,
     # rounded near d (64), moves the exponent by up to ~0.03; with correlated keys (entries of P
     # near 1) that put X = P^-1 V 10% off the fp64 solution, against 1e-5 in fp32
     # (tools/bench_attention.py, BENCHMARKS.md).
     with torch.autocast(k.device.type, enabled=False):
-        kr = rms_normalize(k, eps)
-        gram = kr @ kr.transpose(-1, -2)
-        return torch.exp(gram / math.sqrt(d) - math.sqrt(d)).tril()
+        return lucid_kernels.preconditioner(rms_normalize(k, eps))
 
 
-def _lucid_solve(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``P^{-1} V``, solved as ``X^T = V^T P^{-T}`` (``left=False``): the solver writes its result
-    column-major, so X^T column-major is X row-major, the layout SDPA's fused kernels need. (The
-    left-sided solve's column-major X, copied by ``.contiguous()``, came out wrong under inductor
-    inside an activation checkpoint: tests/test_activation_checkpoint.py.)"""
-    p = lucid_preconditioner(k, eps)
-    x_t = torch.linalg.solve_triangular(p.mT, v.to(p.dtype).mT, upper=True, left=False, unitriangular=True)
-    return x_t.mT
+LUCID_IMPLS = ("auto", "triton", "torch")
+LUCID_IMPL = "auto"
+"""Which implementation ``lucid_values`` runs when not told: "triton" (the fused kernels of
+neollm/kernels/lucid.py: CUDA, fp32/bf16/fp16), "torch" (the same op with the PyTorch reference:
+P formed in HBM, cuBLAS triangular solves) or "auto" (triton where it can run, else torch)."""
 
 
-def _keep_only_the_solution(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpoint policy for LUCID: keep the solve's output, rebuild the rest in backward."""
-    if op is torch.ops.aten.linalg_solve_triangular.default:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.MUST_RECOMPUTE
+def lucid_uses_kernel(impl: str, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Resolve ``impl`` (one of LUCID_IMPLS) for these keys / values: True for the Triton kernels."""
+    if impl not in LUCID_IMPLS:
+        raise ConfigError(f"lucid_impl must be one of {LUCID_IMPLS}, got {impl!r}")
+    reason = lucid_kernels.kernel_unavailable_reason(k.device, (compute_dtype(k), v.dtype), k.shape[-1])
+    if impl == "triton" and reason is not None:
+        raise ConfigError(f"lucid_impl 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
+    return impl == "triton" or (impl == "auto" and reason is None and k.is_cuda)
 
 
-def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """LUCID (arXiv 2602.10410): ``X = P^{-1} V`` per KV head; ``k, v [B, Hkv, T, d]``.
+def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float, impl: str | None = None) -> torch.Tensor:
+    """LUCID (arXiv 2602.10410): ``X = P^{-1} V`` per KV head; ``k, v [B, Hkv, T, d]``; returns
+    X contiguous in v's dtype.
 
-    One unit-lower-triangular solve in the compute dtype (fp32 on bf16 runs); returns v's dtype.
-
-    Memory: through plain autograd the solve and the exp keep the [B, Hkv, T, T] preconditioner
-    in fp32 for backward, 268 MB per layer at 64 x 512 tokens with 4 KV heads, the largest
-    activation of NeoLLM-135M. Here a selective activation checkpoint keeps only the solution X
-    and rebuilds P from the keys in backward (one [T x d] x [d x T] matmul and an exp per KV head,
-    under the forward's autocast state). torch.compile honours the policy; a custom backward that
-    rebuilt P would not help there, as the compiler merges the rebuilt P with the forward's and keeps it.
-    Like any selective checkpoint, the graph can be differentiated once (no double backward, no
-    second ``backward(retain_graph=True)``).
+    The keys' RMS normalisation runs here (autograd); the solve is the custom op
+    ``neollm::lucid_solve`` (one node under torch.compile), computed in the compute dtype (fp32
+    on bf16 runs). For backward the op keeps only X and the normalised keys and rebuilds P's
+    tiles from the keys (the kernels) or P itself (the reference): no [B, Hkv, T, T] tensor
+    outlives forward (it would be 268 MB per layer at 64 x 512 tokens with 4 KV heads, fp32).
+    ``impl``: one of LUCID_IMPLS, default the module's ``LUCID_IMPL``.
     """
-    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-        x = checkpoint(_lucid_solve, k, v, eps, use_reentrant=False, preserve_rng_state=False,
-                       context_fn=partial(create_selective_checkpoint_contexts, _keep_only_the_solution))
-    else:
-        x = _lucid_solve(k, v, eps)
-    return x.to(v.dtype).contiguous()  # a no-op where the solver's layout is already row-major
+    use_kernel = lucid_uses_kernel(LUCID_IMPL if impl is None else impl, k, v)
+    with torch.autocast(k.device.type, enabled=False):
+        x = lucid_kernels.lucid_solve(rms_normalize(k, eps), v, use_kernel)
+    return x.to(v.dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

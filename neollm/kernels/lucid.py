@@ -1,0 +1,347 @@
+"""LUCID's solve ``X = P^-1 V`` as one custom op: blocked Triton kernels forward and backward, and
+the plain PyTorch reference they must match.
+
+Per (batch, KV head), with RMS-normalised keys ``kr [T, d]`` (the normalisation stays in PyTorch
+around the op) and ``S = kr kr^T / sqrt(d) - sqrt(d)``: ``P = I + strict_tril(exp(S))``. The
+diagonal of ``exp(S)`` is 1 up to the RMS eps; the reference's solve (``unitriangular=True``)
+takes it as exactly 1, and so do the kernels, so it gets no gradient.
+
+Why a kernel: the reference forms P ([T x T] fp32) in HBM and calls cuBLAS's trsm, forward and
+again in backward: ~22 ms of a `neollm_135m` step at 64 x 512 tokens on an H100. The kernels
+never write P: each tile of ``exp(S)`` is formed from two key tiles where it is used.
+
+* forward (``_substitute_kernel``): block forward substitution over row blocks of ``BR`` rows,
+  ``X_i = D_i^-1 (V_i - sum_{j<i} P_ij X_j)``, one program per (batch, head).
+* backward, ``dV = P^-T dX``: the same kernel transposed: block back substitution from the last
+  block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed).
+* backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
+  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics).
+
+The diagonal block ``D_i = I + N`` (``N`` strictly lower) is solved in registers by column-wise
+substitution (``BR`` rank-1 updates). The repeated-squaring product form
+``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated keys (entries of N near 1) the
+powers of N grow like binomial coefficients and cancel, and in fp32 it came out ~10x the solution's
+size off, where substitution is within 1e-6 of fp64 (BR = 64, keys = a shared direction + 0.1-0.3
+noise; the solution itself stays the size of V).
+
+Precision: every ``tl.dot`` in fp32 with ``input_precision="ieee"``. The reference with bf16
+inputs is fp32 math on those inputs (~1e-6 relative to fp64 on the same inputs), and a bf16
+result is that rounded once (2^-9). A TF32 Gram rounds the keys to 11 bits: the exponent moves by
+~sqrt(d) * 2^-11 (4e-3 at d 64), 1000x the reference's own error, and with correlated keys the
+solve amplifies it (as the bf16 Gram's 10%, tests/test_attention_techniques.py). The solve's dots
+(``P_ij X_j``) may run in TF32 (``solve_tf32=True``, tools/bench_attention.py measures its error);
+the default is IEEE everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
+    triton = None
+
+# Launch configuration: rows per block (the diagonal solve's size: a sequential step per row, on
+# [BLOCK_ROWS x d / VALUE_SPLIT] tiles), the column chunk of the off-diagonal products, warps, and
+# programs per (batch, head) in the substitutions, each solving d / VALUE_SPLIT columns (256
+# programs at 64 x 4 heads would fill an H100's 132 SMs only twice). Not yet measured: chosen as
+# the middle of tools/bench_attention.py --lucid-op-only's sweep, which reports each one's time.
+BLOCK_ROWS = 32
+BLOCK_COLS = 64
+NUM_WARPS = 4
+VALUE_SPLIT = 2
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- the reference --------------------------------------------------------------------------
+def preconditioner(kr: torch.Tensor) -> torch.Tensor:
+    """``tril(exp(kr kr^T / sqrt(d) - sqrt(d)))`` of RMS-normalised keys ``kr [..., T, d]``."""
+    d = kr.shape[-1]
+    return torch.exp(kr @ kr.mT / math.sqrt(d) - math.sqrt(d)).tril()
+
+
+def solve_reference(kr: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``X = P^-1 V`` in kr's dtype (the compute dtype). Solved as ``X^T = V^T P^-T`` so that the
+    solver's column-major result is X row-major (the layout SDPA's fused kernels need)."""
+    p = preconditioner(kr)
+    return torch.linalg.solve_triangular(p.mT, v.to(p.dtype).mT, upper=True, left=False,
+                                         unitriangular=True).mT
+
+
+def solve_backward_reference(kr: torch.Tensor, x: torch.Tensor,
+                             dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dkr, dv)`` of ``X = P^-1 V`` given ``X`` and ``dX``, P rebuilt from the keys:
+    ``dV = P^-T dX``, ``dS = -(dV X^T) * P`` strictly below the diagonal (the unit diagonal is a
+    constant), ``dkr = (dS + dS^T) kr / sqrt(d)``."""
+    p = preconditioner(kr)
+    dv = torch.linalg.solve_triangular(p.mT, dx.to(p.dtype), upper=True, unitriangular=True)
+    ds = (-(dv @ x.to(p.dtype).mT) * p).tril(-1)
+    dkr = (ds + ds.mT) @ kr / math.sqrt(kr.shape[-1])
+    return dkr, dv
+
+
+# ---- the kernels ------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _exp_gram(k_rows, k_cols, scale, shift):
+        """``exp(k_rows k_cols^T * scale - shift)``, fp32."""
+        s = tl.dot(k_rows, tl.trans(k_cols), input_precision="ieee")
+        return tl.exp(s * scale - shift)
+
+    @triton.jit
+    def _substitute_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, n_heads, seq_len,
+                           head_dim, scale, shift, TRANSPOSED: tl.constexpr, SOLVE_TF32: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+        """One (batch, head) and BV of the d value columns (the columns of X are independent
+        solves; the programs of one head share only the keys): ``out = P^-1 b`` (forward
+        substitution), or with TRANSPOSED ``out = P^-T b`` (back substitution from the last
+        block). ``out`` is a contiguous fp32 ``[B*H, T, d]`` buffer that later row blocks read back."""
+        pid = tl.program_id(0)
+        vv = tl.program_id(1) * BV + tl.arange(0, BV)
+        v_ok = vv < head_dim
+        batch, head = pid // n_heads, pid % n_heads
+        k_base = k_ptr + batch.to(tl.int64) * k_sb + head.to(tl.int64) * k_sh
+        b_base = b_ptr + batch.to(tl.int64) * b_sb + head.to(tl.int64) * b_sh
+        out_base = out_ptr + pid.to(tl.int64) * seq_len * head_dim
+        rr = tl.arange(0, BR)
+        cc = tl.arange(0, BC)
+        dd = tl.arange(0, BD)
+        d_ok = dd < head_dim
+        n_blocks = tl.cdiv(seq_len, BR)
+        for step in range(0, n_blocks):
+            if TRANSPOSED:
+                r0 = (n_blocks - 1 - step) * BR
+            else:
+                r0 = step * BR
+            rows = r0 + rr
+            r_ok = rows < seq_len
+            rd_ok = r_ok[:, None] & d_ok[None, :]
+            rv_ok = r_ok[:, None] & v_ok[None, :]
+            k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
+            acc = tl.load(b_base + rows[:, None] * b_st + vv[None, :], mask=rv_ok, other=0.0).to(tl.float32)
+            # off-diagonal blocks: the solved rows before (after, transposed) this block
+            if TRANSPOSED:
+                c_start = r0 + BR
+                c_end = seq_len
+            else:
+                c_start = 0
+                c_end = r0
+            for c0 in range(c_start, c_end, BC):
+                cols = c0 + cc
+                c_ok = cols < c_end
+                cd_ok = c_ok[:, None] & d_ok[None, :]
+                k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
+                e = tl.where(c_ok[None, :], _exp_gram(k_r, k_c, scale, shift), 0.0)
+                x_c = tl.load(out_base + cols[:, None] * head_dim + vv[None, :],
+                              mask=c_ok[:, None] & v_ok[None, :], other=0.0, cache_modifier=".cg")
+                if SOLVE_TF32:
+                    acc -= tl.dot(e, x_c, input_precision="tf32")
+                else:
+                    acc -= tl.dot(e, x_c, input_precision="ieee")
+            # diagonal block I + N, N strictly lower (upper, transposed): column-wise substitution
+            e = _exp_gram(k_r, k_r, scale, shift)
+            if TRANSPOSED:
+                inside = rr[:, None] < rr[None, :]
+            else:
+                inside = rr[:, None] > rr[None, :]
+            n = tl.where(inside & r_ok[:, None] & r_ok[None, :], e, 0.0)
+            for i in range(0, BR):
+                if TRANSPOSED:
+                    c = BR - 1 - i
+                else:
+                    c = i
+                x_row = tl.sum(tl.where(rr[:, None] == c, acc, 0.0), axis=0)    # solved row c
+                n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
+                acc -= n_col[:, None] * x_row[None, :]
+            tl.store(out_base + rows[:, None] * head_dim + vv[None, :], acc, mask=rv_ok)
+            tl.debug_barrier()  # the next row block reads these rows back
+
+    @triton.jit
+    def _key_grad_kernel(k_ptr, k_sb, k_sh, k_st, x_ptr, dv_ptr, dk_ptr, n_heads, seq_len, head_dim,
+                         scale, shift, BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+        """One (batch, head, row block i): ``dkr_i = scale * sum_j (dS_ij + dS_ji) kr_j`` with
+        ``dS_ij = -(dV_i . X_j) exp(S_ij)`` for j < i. x, dv, dk: contiguous fp32 [B*H, T, d]."""
+        pid = tl.program_id(0)
+        r0 = tl.program_id(1) * BR
+        batch, head = pid // n_heads, pid % n_heads
+        k_base = k_ptr + batch.to(tl.int64) * k_sb + head.to(tl.int64) * k_sh
+        off = pid.to(tl.int64) * seq_len * head_dim
+        rows = r0 + tl.arange(0, BR)
+        cc = tl.arange(0, BC)
+        dd = tl.arange(0, BD)
+        d_ok = dd < head_dim
+        r_ok = rows < seq_len
+        rd_ok = r_ok[:, None] & d_ok[None, :]
+        k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
+        x_r = tl.load(x_ptr + off + rows[:, None] * head_dim + dd[None, :], mask=rd_ok, other=0.0)
+        dv_r = tl.load(dv_ptr + off + rows[:, None] * head_dim + dd[None, :], mask=rd_ok, other=0.0)
+        acc = tl.zeros((BR, BD), dtype=tl.float32)
+        # dS_ij, j < i: the keys before each row
+        for c0 in range(0, r0 + BR, BC):
+            cols = c0 + cc
+            c_ok = cols < seq_len
+            cd_ok = c_ok[:, None] & d_ok[None, :]
+            k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
+            x_c = tl.load(x_ptr + off + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0)
+            ds = -tl.dot(dv_r, tl.trans(x_c), input_precision="ieee") * _exp_gram(k_r, k_c, scale, shift)
+            ds = tl.where((cols[None, :] < rows[:, None]) & c_ok[None, :], ds, 0.0)
+            acc += tl.dot(ds, k_c, input_precision="ieee")
+        # dS_ji, j > i: the keys after each row
+        for c0 in range((r0 // BC) * BC, seq_len, BC):
+            cols = c0 + cc
+            c_ok = cols < seq_len
+            cd_ok = c_ok[:, None] & d_ok[None, :]
+            k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
+            dv_c = tl.load(dv_ptr + off + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0)
+            ds_t = -tl.dot(x_r, tl.trans(dv_c), input_precision="ieee") * _exp_gram(k_r, k_c, scale, shift)
+            ds_t = tl.where((cols[None, :] > rows[:, None]) & c_ok[None, :], ds_t, 0.0)
+            acc += tl.dot(ds_t, k_c, input_precision="ieee")
+        tl.store(dk_ptr + off + rows[:, None] * head_dim + dd[None, :], acc * scale, mask=rd_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int) -> str | None:
+    """Why the Triton kernels cannot serve tensors on ``device`` of these dtypes (None when they can)."""
+    if triton is None:
+        return "Triton is not installed (pip install triton)"
+    if not (device.type == "cuda" or _interpreting()):
+        return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
+    if any(dt not in KERNEL_DTYPES for dt in dtypes):
+        return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
+    if head_dim > 256:
+        return f"head dim {head_dim} > 256"
+    return None
+
+
+def _head_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t [B, H, T, d]`` with unit stride over d (copied otherwise) and its (b, h, t) strides."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _launch_config(block_rows: int | None, block_cols: int | None, num_warps: int | None, d: int):
+    br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
+    for name, b in (("block_rows", br), ("block_cols", bc)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {b}")
+    return br, bc, max(16, triton.next_power_of_2(d)), num_warps or NUM_WARPS
+
+
+def _value_block(value_split: int | None, bd: int) -> int:
+    split = value_split or max(1, min(VALUE_SPLIT, bd // 16))  # the default: at most what d allows
+    if split < 1 or split & (split - 1) or bd // split < 16:
+        raise ValueError(f"value_split must be a power of two leaving >= 16 columns per program, got {split}")
+    return bd // split
+
+
+def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, solve_tf32: bool = False,
+               block_rows: int | None = None, block_cols: int | None = None,
+               num_warps: int | None = None, value_split: int | None = None) -> torch.Tensor:
+    """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
+    ``value_split``: programs per head, each solving d / value_split columns."""
+    b, h, t, d = kr.shape
+    br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
+    bv = _value_block(value_split, bd)
+    kr, ks = _head_strides(kr)
+    rhs, rs = _head_strides(rhs)
+    out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
+    if out.numel():
+        _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
+                                              TRANSPOSED=transposed, SOLVE_TF32=solve_tf32, BR=br, BC=bc, BD=bd,
+                                              BV=bv, num_warps=warps)
+    return out
+
+
+def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, block_rows: int | None = None,
+             block_cols: int | None = None, num_warps: int | None = None,
+             value_split: int | None = None) -> torch.Tensor:
+    """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
+    (``value_split`` is the substitutions'; these programs are per row block and take all of d.)"""
+    b, h, t, d = kr.shape
+    br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
+    kr, ks = _head_strides(kr)
+    x, dv = x.contiguous().float(), dv.contiguous().float()
+    dk = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
+    if dk.numel():
+        _key_grad_kernel[(b * h, triton.cdiv(t, br))](kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d),
+                                                      math.sqrt(d), BR=br, BC=bc, BD=bd, num_warps=warps)
+    return dk
+
+
+def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
+    """``X = P^-1 V`` by the forward kernel: fp32 ``[B, H, T, d]``."""
+    return substitute(kr, v, transposed=False, **launch)
+
+
+def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, *, solve_tf32: bool = False,
+                          **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dkr, dv)`` by the kernels (fp32), as ``solve_backward_reference``."""
+    dv = substitute(kr, dx, transposed=True, solve_tf32=solve_tf32, **launch)
+    return key_grad(kr, x, dv, **launch), dv
+
+
+# ---- the op -----------------------------------------------------------------------------------
+def _require_kernel(kr: torch.Tensor, v: torch.Tensor) -> None:
+    reason = kernel_unavailable_reason(kr.device, (kr.dtype, v.dtype), kr.shape[-1])
+    if reason is not None:
+        raise RuntimeError(f"LUCID's Triton kernel cannot run here: {reason}; use lucid_impl 'torch' or 'auto'")
+
+
+@torch.library.custom_op("neollm::lucid_solve", mutates_args=())
+def lucid_solve(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """``X = P^-1 V`` per (batch, head) for RMS-normalised keys ``kr`` and values ``v``, both
+    ``[B, H, T, d]``; X contiguous in kr's dtype (the compute dtype: fp32, or fp64 in tests).
+    ``use_kernel``: the Triton kernels (CUDA, or the CPU interpreter), else the reference."""
+    with torch.autocast(kr.device.type, enabled=False):
+        if use_kernel:
+            _require_kernel(kr, v)
+            return solve_kernel(kr, v).to(kr.dtype)
+        return solve_reference(kr, v).contiguous()
+
+
+@lucid_solve.register_fake
+def _(kr, v, use_kernel):
+    return kr.new_empty(v.shape)
+
+
+@torch.library.custom_op("neollm::lucid_solve_backward", mutates_args=())
+def lucid_solve_backward(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+                         use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dkr, dv)`` in kr's dtype, contiguous: see ``solve_backward_reference``."""
+    with torch.autocast(kr.device.type, enabled=False):
+        if use_kernel:
+            _require_kernel(kr, dx)
+            dkr, dv = solve_backward_kernel(kr, x, dx)
+            return dkr.to(kr.dtype), dv.to(kr.dtype)
+        dkr, dv = solve_backward_reference(kr, x, dx)
+        return dkr.contiguous(), dv.contiguous()
+
+
+@lucid_solve_backward.register_fake
+def _(kr, x, dx, use_kernel):
+    return kr.new_empty(kr.shape), kr.new_empty(kr.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    kr, v, use_kernel = inputs
+    ctx.save_for_backward(kr, output)  # X and the keys: P is rebuilt in backward, never kept
+    ctx.use_kernel, ctx.v_dtype = use_kernel, v.dtype
+
+
+def _backward(ctx, dx):
+    kr, x = ctx.saved_tensors
+    dkr, dv = lucid_solve_backward(kr, x, dx.contiguous(), ctx.use_kernel)
+    return dkr, dv.to(ctx.v_dtype), None
+
+
+lucid_solve.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,189 @@
+"""Checks of neollm/kernels/lucid.py's Triton kernels under Triton's CPU interpreter.
+
+Run by tests/test_lucid_kernel.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
+before Triton is imported). Exits non-zero on the first mismatch; prints "ok" at the end.
+
+Tolerance: the kernels must be as close to the fp64 solution of the same inputs as the PyTorch
+reference run in the same precision (fp32 math; a bf16 result is that rounded once): the relative
+error over the whole tensor at most ``SLACK`` times the reference's own, plus ``FLOOR``. The
+injected errors (a mutated copy of the kernels) must fail these checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from neollm.kernels import lucid  # noqa: E402
+from neollm.model.attention_ops import lucid_values, rms_normalize  # noqa: E402
+
+SLACK, FLOOR = 3.0, 2e-7
+EPS = 1e-6
+VERBOSE = os.environ.get("LUCID_CHECK_VERBOSE") == "1"  # print every error beside the reference's
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed: int):
+    """keys [B, H, T, d] (independent, or a shared direction + noise so that P has entries near 1),
+    values and an upstream gradient, in ``dtype``; the keys in the model's layout ([B, T, H, d]
+    seen as [B, H, T, d]: strided)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, t, h, d, generator=g)
+    if keys == "correlated":
+        k = torch.randn(b, 1, h, d, generator=g) + 0.2 * k
+    v = torch.randn(b, t, h, d, generator=g)
+    dx = torch.randn(b, h, t, d, generator=g)
+    return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2), dx
+
+
+def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1) -> None:
+    """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
+    k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
+    kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
+    x64 = lucid.solve_reference(kr64, v.double())
+    dk64, dv64 = lucid.solve_backward_reference(kr64, x64, dx.double())
+    x32 = lucid.solve_reference(kr32, v)
+    dk32, dv32 = lucid.solve_backward_reference(kr32, x32, dx)
+    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split)
+    x = kernels.solve_kernel(kr32, v, **launch)
+    dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
+    assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
+    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {dtype} {keys}"
+    for name, got, ref, exact in (("X", x, x32, x64), ("dv", dv, dv32, dv64), ("dkr", dk, dk32, dk64)):
+        if dtype != torch.float32 and name == "X":  # as lucid_values returns it
+            got, ref = got.to(dtype), ref.to(dtype)
+        err, ref_err = rel_err(got, exact), rel_err(ref, exact)
+        if VERBOSE:
+            print(f"{what}: {name} error {err:.2e}, reference {ref_err:.2e}")
+        assert err <= SLACK * ref_err + FLOOR, f"{what}: {name} error {err:.2e}, reference {ref_err:.2e}"
+
+
+def check_lucid_values(dtype) -> None:
+    """lucid_values through the op with the kernels (autograd, RMS norm in PyTorch around the op)
+    against fp64 through the reference: values and the gradients to k and v."""
+    k, v, dx = problem(2, 2, 96, 32, dtype, "correlated", seed=5)
+    k64, v64 = k.double().requires_grad_(), v.double().requires_grad_()
+    x64 = lucid_values(k64, v64, EPS, impl="torch")
+    want = (x64, *torch.autograd.grad(x64, (k64, v64), dx.double()))
+    got, ref = [], []
+    for impl, out in (("triton", got), ("torch", ref)):
+        kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+        x = lucid_values(kk, vv, EPS, impl=impl)
+        out += [x, *torch.autograd.grad(x, (kk, vv), dx.to(dtype))]
+        assert all(t.dtype == dtype for t in out)
+    for name, g, r, w in zip(("X", "dk", "dv"), got, ref, want):
+        err, ref_err = rel_err(g, w), rel_err(r, w)
+        assert err <= SLACK * ref_err + FLOOR, f"lucid_values {dtype}: {name} error {err:.2e}, reference {ref_err:.2e}"
+
+
+def check_attention() -> None:
+    """neollm_135m's attention layer (every attention technique on, LUCID among them) forward and
+    backward with the kernels and with the reference, fp32, against the reference in fp64: the
+    output and all parameter gradients (one relative error over them all)."""
+    import dataclasses
+
+    from neollm.model import attention_ops
+    from neollm.model.args import FLAVORS
+    from neollm.model.attention import Attention
+    from neollm.model.rope import rope_cache
+
+    args = dataclasses.replace(FLAVORS["neollm_135m"], dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                               ffn_hidden_dim=96, vocab_size=61, max_seq_len=80, attention_dropout=0.0)
+    assert args.lucid
+    torch.manual_seed(0)
+    att = Attention(args).double()
+    x = torch.randn(2, 80, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    cache = rope_cache(16, 80, 10_000.0).double()
+
+    def run(dtype, impl):
+        attention_ops.LUCID_IMPL = impl
+        module = att.to(dtype)
+        module.zero_grad()
+        out = module(x.to(dtype), cache.to(dtype))
+        out.square().mean().backward()
+        return torch.cat([out.detach().flatten().double()] + [p.grad.flatten().double() for p in module.parameters()])
+
+    try:
+        want = run(torch.float64, "torch")
+        ref = run(torch.float32, "torch")
+        got = run(torch.float32, "triton")
+    finally:
+        attention_ops.LUCID_IMPL = "auto"
+    err, ref_err = rel_err(got, want), rel_err(ref, want)
+    if VERBOSE:
+        print(f"attention: error {err:.2e}, reference {ref_err:.2e}")
+    assert err <= SLACK * ref_err + FLOOR, f"attention: error {err:.2e}, reference {ref_err:.2e}"
+
+
+def check_opcheck() -> None:
+    """torch.library's checks of the op with the kernels (schema, fake tensor, autograd registration)."""
+    k, v, _ = problem(1, 2, 40, 16, torch.float32, "independent", seed=9)
+    kr = rms_normalize(k, EPS).requires_grad_()
+    torch.library.opcheck(lucid.lucid_solve, (kr, v.requires_grad_(), True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def mutant(replacements: list[tuple[str, str]]):
+    """A copy of the kernels module with each ``old`` replaced by ``new`` (each must occur once),
+    without the op registration (whose name the real module holds)."""
+    source = Path(lucid.__file__).read_text()
+    source = source[: source.index("# ---- the op")]
+    for old, new in replacements:
+        assert source.count(old) == 1, f"the mutation's anchor {old!r} is not in the kernels once"
+        source = source.replace(old, new)
+    path = Path(tempfile.mkdtemp()) / "lucid_mutant.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("lucid_mutant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+INJECTED = {
+    "forward skips the last off-diagonal column block": [("c_end = r0\n", "c_end = r0 - BC\n")],
+    "diagonal block's mask includes the diagonal": [("inside = rr[:, None] > rr[None, :]",
+                                                     "inside = rr[:, None] >= rr[None, :]")],
+    "key gradient's upper mask one block off": [("(cols[None, :] > rows[:, None]) & c_ok",
+                                                 "(cols[None, :] > rows[:, None] + BR) & c_ok")],
+    "back substitution in forward order": [("c = BR - 1 - i", "c = i")],
+    "value column blocks overlap": [("vv = tl.program_id(1) * BV + tl.arange(0, BV)", "vv = tl.arange(0, BV)")],
+}
+
+
+def check_injected_errors_fail() -> None:
+    for name, replacements in INJECTED.items():
+        module = mutant(replacements)
+        try:
+            check_kernels(module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2)
+        except AssertionError:
+            continue
+        raise AssertionError(f"the checks pass with an injected error: {name}")
+
+
+if __name__ == "__main__":
+    check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2)  # the mutants' case, unmutated
+    for b, h, t, d, rows, cols, dtype, keys, split in [
+        (2, 2, 128, 32, 32, 64, torch.float32, "independent", 1),
+        (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 2),
+        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4),  # ragged T, d not a power of two
+        (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent", 1),
+        (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1),
+    ]:
+        check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_lucid_values(dtype)
+    check_attention()
+    check_opcheck()
+    check_injected_errors_fail()
+    print("ok")
+    sys.exit(0)

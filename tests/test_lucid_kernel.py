@@ -1,0 +1,127 @@
+"""LUCID's solve op (neollm/kernels/lucid.py): the reference's hand-written backward, the op's
+registration, its place in a compiled attention graph, the implementation switch, and the Triton
+kernels under the CPU interpreter (tests/lucid_kernel_interpreted.py, in a subprocess)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neollm.errors import ConfigError
+from neollm.kernels import lucid
+from neollm.model import attention_ops as ops
+from neollm.model.args import FLAVORS
+from neollm.model.attention import Attention
+from neollm.model.rope import rope_cache
+
+
+def _keys_values(b=2, h=3, t=37, d=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, 1, d, generator=g, dtype=dtype) + 0.3 * torch.randn(b, h, t, d, generator=g, dtype=dtype)
+    v = torch.randn(b, h, t, d, generator=g, dtype=dtype)
+    return ops.rms_normalize(k, 1e-6), v
+
+
+def test_reference_backward_matches_autograd_through_the_inverse():
+    """The backward the kernels implement (dV = P^-T dX, dS = -(dV X^T) * P strictly lower,
+    dkr = (dS + dS^T) kr / sqrt(d)), in its PyTorch form, against autograd through an explicit
+    inverse of the unit-lower P, fp64."""
+    kr, v = _keys_values()
+    kr, v = kr.detach().requires_grad_(), v.requires_grad_()
+    t = kr.shape[-2]
+    p = torch.exp(kr @ kr.mT / math.sqrt(kr.shape[-1]) - math.sqrt(kr.shape[-1])).tril(-1) + torch.eye(t, dtype=kr.dtype)
+    x = torch.linalg.inv(p) @ v
+    dx = torch.randn_like(x)
+    want_k, want_v = torch.autograd.grad(x, (kr, v), dx)
+    torch.testing.assert_close(lucid.solve_reference(kr.detach(), v.detach()), x.detach(), rtol=1e-10, atol=1e-12)
+    dk, dv = lucid.solve_backward_reference(kr.detach(), x.detach(), dx)
+    assert want_k.abs().max() > 1e-3
+    torch.testing.assert_close(dv, want_v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dk, want_k, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_passes_opcheck(dtype):
+    """torch.library.opcheck on the op (reference implementation): schema, fake tensors, autograd
+    registration and AOT dispatch."""
+    kr, v = _keys_values(dtype=dtype)
+    torch.library.opcheck(lucid.lucid_solve, (kr.requires_grad_(), v.requires_grad_(), False))
+
+
+def test_op_saves_only_the_solution_and_the_keys():
+    kr, v = _keys_values()
+    kr, v = kr.detach().requires_grad_(), v.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        lucid.lucid_solve(kr, v, False)
+    assert saved == [tuple(kr.shape), tuple(v.shape)]
+
+
+def _lucid_attention() -> Attention:
+    args = dataclasses.replace(FLAVORS["neollm_135m"], dim=32, n_heads=4, n_kv_heads=2, head_dim=16,
+                               ffn_hidden_dim=48, vocab_size=61, max_seq_len=32, attention_dropout=0.0)
+    assert args.lucid
+    torch.manual_seed(0)
+    return Attention(args)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_attention_with_lucid_compiles_to_one_graph_holding_the_op(backend):
+    """neollm_135m's attention (LUCID and the other techniques on) under fullgraph compile: one
+    graph, with the op in it, and the eager values and gradients."""
+    torch._dynamo.reset()
+    att = _lucid_attention()
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(1))
+    cache = rope_cache(16, 32, 10_000.0)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    out = torch.compile(att, backend=recording, fullgraph=True)(x, cache)
+    grads = torch.autograd.grad(out.square().sum(), list(att.parameters()))
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch.ops.neollm.lucid_solve.default in targets
+    out_e = att(x, cache)
+    grads_e = torch.autograd.grad(out_e.square().sum(), list(att.parameters()))
+    torch.testing.assert_close(out, out_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypatch):
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ConfigError, match="lucid_impl must be one of"):
+        ops.lucid_values(k, v, 1e-6, impl="cuda")
+    monkeypatch.setattr(ops, "LUCID_IMPL", "fast")
+    with pytest.raises(ConfigError, match="lucid_impl must be one of"):
+        ops.lucid_values(k, v, 1e-6)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="lucid_impl 'triton' cannot run: .*not CUDA"):
+        ops.lucid_values(k, v, 1e-6, impl="triton")
+    assert not ops.lucid_uses_kernel("auto", k, v)
+    with pytest.raises(RuntimeError, match="Triton kernel cannot run here"):  # the op itself refuses too
+        lucid.lucid_solve(k, v, True)
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The kernels on the CPU (TRITON_INTERPRET=1): values and gradients vs fp64 within the
+    reference's own error, fp32 / bf16 / fp16, ragged shapes; neollm_135m's attention layer with
+    the kernels; opcheck with the kernels; injected errors fail the same checks."""
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("lucid_kernel_interpreted.py")
+    repo = script.parent.parent  # this tree's neollm, not an installed copy
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
