@@ -244,3 +244,19 @@ def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
         bench.main(argv)
+
+
+def test_run_gpu_tests_reads_junit_counts_and_refuses_without_cuda(tmp_path, capsys):
+    """tools/run_gpu_tests.py: the counts come from pytest's junit XML; without CUDA it refuses."""
+    import torch
+
+    tool = load_tool("run_gpu_tests")
+    junit = tmp_path / "run.xml"
+    junit.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="2">'
+                     "</testsuite></testsuites>")
+    assert tool.counts(junit) == {"tests": 5, "failures": 1, "errors": 0, "skipped": 2}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            tool.main(["--out", str(tmp_path / "out")])
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
