@@ -99,3 +99,32 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("skips not on tests/conftest.py's ALLOWED_SKIPS (the run fails)", red=True)
         for nodeid in _UNEXPECTED_SKIPS:
             terminalreporter.line(nodeid)
+
+
+def rope_reference(x, theta: float):
+    """Rotary embedding written from its definition, sharing nothing with neollm/model/rope.py:
+    pair (i, i + d/2) of the vector at position t turns by the angle t * theta^(-2i/d) (rotate-half
+    convention, as Llama/Qwen checkpoints). x: [B, T, H, D]; computed in float64 with math.cos/sin."""
+    import math
+
+    import torch
+
+    seq_len, dim = x.shape[1], x.shape[-1]
+    half = dim // 2
+    angles = [[t * theta ** (-2.0 * i / dim) for i in range(half)] for t in range(seq_len)]
+    cos = torch.tensor([[math.cos(a) for a in row] for row in angles], dtype=torch.float64)[None, :, None, :]
+    sin = torch.tensor([[math.sin(a) for a in row] for row in angles], dtype=torch.float64)[None, :, None, :]
+    xd = x.double()
+    x1, x2 = xd[..., :half], xd[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_table_reference(head_dim: int, max_seq_len: int, theta: float):
+    """The [T, D] table in rope.py's layout (cos | sin) from the definition in float64, for modules
+    under test: their output then differs from ``rope_reference`` by rounding only (rope.py's own
+    table is fp32, checked against the definition in tests/test_model.py)."""
+    import torch
+
+    i = torch.arange(head_dim // 2, dtype=torch.float64)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * theta ** (-2.0 * i / head_dim)[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
