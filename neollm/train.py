@@ -260,6 +260,8 @@ class NeoLLMTrainer(Trainer):
 
         if getattr(self, "_finished", False) and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+            global _LEAVE_WITHOUT_FINALIZING
+            _LEAVE_WITHOUT_FINALIZING = "gloo" in str(dist.get_backend())
 
     # ------------------------------------------------------------ monitoring
 
@@ -325,9 +327,35 @@ def guard_from_config(job_config: JobConfig) -> LossGuard:
                      section.warmup_steps, section.max_consecutive_skips)
 
 
+_LEAVE_WITHOUT_FINALIZING = False
+"""Set by a finished multi-rank gloo run (see ``leave_without_finalizing``)."""
+
+
+def leave_without_finalizing() -> None:
+    """End a finished multi-rank gloo run without interpreter finalization.
+
+    ``destroy_process_group()`` (torchtitan's ``main``, after ``close()``) unregisters the groups
+    but does not stop gloo's C++ worker and transport threads nor close its TCP pairs while any
+    Python object still references a group (checked: the threads live until the last reference is
+    dropped, and the trainer's device meshes and FSDP states keep them past ``main``). They are then
+    torn down during interpreter finalization and C++ static destruction, in an order nobody
+    controls, while the peer rank exits and closes its sockets: a rank now and then died there of
+    SIGABRT (std::terminate) after "Process group destroyed". Everything the run writes is closed by
+    then (checkpointer, loggers, process group), so flushing the streams and ``os._exit(0)`` skips
+    only that teardown; errors and single-rank runs exit normally."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run() -> None:
     try:
         main(NeoLLMTrainer)
+        if _LEAVE_WITHOUT_FINALIZING:
+            leave_without_finalizing()
     except (ConfigError, FileNotFoundError) as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)

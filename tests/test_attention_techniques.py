@@ -20,7 +20,8 @@ from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.attention import Attention
 from neollm.model.attention_ops import lucid_preconditioner, lucid_values
 from neollm.model.model import NeoLLM
-from neollm.model.rope import apply_rope, rope_cache
+
+from conftest import rope_reference, rope_table_reference
 
 H, HKV, D_HEAD, DIM, K_DIRS = 4, 2, 8, 32, 3
 B, T = 2, 12
@@ -70,7 +71,7 @@ def make_attention(seed: int = 0, perturb: bool = True, **changes) -> Attention:
 def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, DIM, dtype=torch.float64, generator=g)
-    return x, rope_cache(D_HEAD, 32, 10_000.0).double()
+    return x, rope_table_reference(D_HEAD, 32, 10_000.0)
 
 
 def reference(att: Attention, x: torch.Tensor, cache: torch.Tensor, *, qk_plain_rms: bool = False,
@@ -115,7 +116,7 @@ def reference(att: Attention, x: torch.Tensor, cache: torch.Tensor, *, qk_plain_
     if att.qkv_norm:
         v = F.rms_norm(v, (D_HEAD,), att.v_norm_weight, eps)
 
-    q, k = apply_rope(q, cache), apply_rope(k, cache)
+    q, k = rope_reference(q, 10_000.0), rope_reference(k, 10_000.0)  # not the module's rope.py
     gamma = att.momentum_gamma
     if gamma:
         def momentum(t):

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from conftest import load_tool
 
 
@@ -149,14 +151,16 @@ def test_bench_activation_checkpointing_keeps_the_losses(tmp_path, monkeypatch):
         wrapped.append((ac_config.mode, ac_config.selective_ac_option,
                         all(hasattr(b, "_checkpoint_wrapped_module") for b in model.layers.children())))
 
-    real_checkpoint_blocks = bench.checkpoint_blocks
-    monkeypatch.setattr(bench, "checkpoint_blocks", checkpoint_and_record)
+    from neollm.bench import throughput
+
+    real_checkpoint_blocks = throughput.checkpoint_blocks
+    monkeypatch.setattr(throughput, "checkpoint_blocks", checkpoint_and_record)
     losses = {}
     for ac in ("none", "op", "full"):
         out = tmp_path / f"{ac}.json"
         assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2",
                            "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile", "--ac", ac,
-                           "--json", str(out)]) == 0
+                           "--peak-tflops", "1", "--json", str(out)]) == 0
         (row,) = json.loads(out.read_text())
         assert row["name"] == "debug V=256" + ("" if ac == "none" else f" ac={ac}")
         losses[ac] = row["loss"]
@@ -166,3 +170,93 @@ def test_bench_activation_checkpointing_keeps_the_losses(tmp_path, monkeypatch):
     assert losses["full"] == pytest.approx(losses["none"], abs=1e-4)
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--configs", "debug", "--ac", "sometimes"])
+
+
+def test_bench_llama3_rows_padded_and_unpadded_on_the_same_tokens(tmp_path, monkeypatch):
+    """``llama3`` gives two rows, the vocabulary as given and rounded up to 64; speedups are against
+    the padded one; every row trains on one token batch; the MFU's peak is measured in the run."""
+    import torch
+
+    from neollm.bench import throughput
+
+    bench = _bench_module()
+    seen = []
+    real_run = throughput.run
+
+    def run_and_record(name, build, *, tokens, **kwargs):
+        seen.append((name, tokens.clone()))
+        return real_run(name, build, tokens=tokens, **kwargs)
+
+    monkeypatch.setattr(bench, "run", run_and_record)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--configs", "llama3,plain", "--vocab", "200", "--layers", "1",
+                       "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "1", "--no-compile",
+                       "--peak-tflops", "measure", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["name"], r["vocab"]) for r in rows] == [
+        ("llama3 (torchtitan) V=200", 200), ("llama3 (torchtitan) V=256 padded", 256), ("plain V=200", 200)]
+    padded = rows[1]
+    assert padded["speedup"] == 1.0
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["tok_per_s"] / padded["tok_per_s"])
+        assert r["peak_source"].startswith("measured (bf16 GEMM") and r["peak_tflops"] > 0
+        assert math.isfinite(r["loss"]) and r["tok_per_s"] > 0
+    assert rows[0]["params"] < rows[1]["params"]  # the padded head really is larger: 56 x 512 more
+    assert rows[1]["params"] - rows[0]["params"] == 56 * 512 * 2  # untied embedding and output
+    assert len(seen) == 3 and all(torch.equal(seen[0][1], t) for _, t in seen)
+    # the batch does not depend on what the global generator drew before (model construction)
+    torch.manual_seed(1)
+    first = throughput.synthetic_batch(200, 2, 16, torch.device("cpu"))
+    torch.rand(1000)
+    assert torch.equal(first, throughput.synthetic_batch(200, 2, 16, torch.device("cpu")))
+    assert torch.equal(first, seen[0][1])
+
+
+def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
+    """Variants of one block class share its code object: without a dynamo reset between configs
+    their compiles pile up until dynamo's recompile limit (8: the ninth variant of ``--ablate``
+    failed with FailOnRecompileLimitHit, the blocks being compiled fullgraph). Here the limit is
+    lowered to 1 so that three variants suffice; the control run without the reset must fail."""
+    import torch
+    import torch._dynamo
+
+    bench = _bench_module()
+    real_switches = bench.technique_switches
+    monkeypatch.setattr(bench, "technique_switches", lambda args: dict(list(real_switches(args).items())[:2]))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    argv = ["--device", "cpu", "--configs", "neollm_135m", "--ablate", "--vocab", "256", "--layers", "1",
+            "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--compile-backend", "eager",
+            "--peak-tflops", "1"]
+    compiled = []
+    real_compile = torch.compile
+
+    def counting_compile(*args, **kwargs):
+        compiled.append(kwargs.get("backend"))
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    out = tmp_path / "ablate.json"
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[1]["name"].startswith("neollm_135m -") and compiled == ["eager"] * 3
+
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        bench.main(argv)
+
+
+def test_run_gpu_tests_reads_junit_counts_and_refuses_without_cuda(tmp_path, capsys):
+    """tools/run_gpu_tests.py: the counts come from pytest's junit XML; without CUDA it refuses."""
+    import torch
+
+    tool = load_tool("run_gpu_tests")
+    junit = tmp_path / "run.xml"
+    junit.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="2">'
+                     "</testsuite></testsuites>")
+    assert tool.counts(junit) == {"tests": 5, "failures": 1, "errors": 0, "skipped": 2}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            tool.main(["--out", str(tmp_path / "out")])
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

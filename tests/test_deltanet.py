@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import math
 
 import pytest
@@ -79,7 +81,7 @@ def test_chunk_strong_decay_is_finite():
 
 @pytest.mark.parametrize("use_h0", [False, True])
 def test_references_match_fla_naive(use_h0):
-    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    naive = importlib.import_module("fla.ops.gated_delta_rule.naive")
     B, T, H, K, V = 2, 90, 2, 16, 8
     q, k, v, g, beta, h0 = _inputs(B, T, H, K, V, dtype=torch.float32, seed=3)
     init = h0 if use_h0 else None
@@ -198,7 +200,7 @@ def test_meta_construction_then_init():
 
 
 def test_state_dict_matches_fla_layer():
-    fla_layers = pytest.importorskip("fla.layers")
+    fla_layers = importlib.import_module("fla.layers")
     dim, H, K, ev, W = 96, 3, 16, 2.0, 4
     ours = GatedDeltaNet(dim, num_heads=H, head_dim=K, expand_v=ev, conv_size=W)
     theirs = fla_layers.GatedDeltaNet(
@@ -266,8 +268,8 @@ def test_fla_workaround_noop_without_hopper():
 
 def test_fla_workaround_mechanism_simulated_hopper(monkeypatch):
     """On CPU, pretend to be an H100 with Triton 3.6: the stock call raises (#640), the patched one uses BK=32."""
-    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
-    gdr_chunk = pytest.importorskip("fla.ops.gated_delta_rule.chunk")
+    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    gdr_chunk = importlib.import_module("fla.ops.gated_delta_rule.chunk")
 
     seen = {}
 
@@ -284,7 +286,7 @@ def test_fla_workaround_mechanism_simulated_hopper(monkeypatch):
     fake_h100 = lambda arch="none", tensor_idx=0: arch in ("none", "hopper", "ampere", "ada")  # noqa: E731
     monkeypatch.setattr(chunk_o, "check_shared_mem", fake_h100)
     monkeypatch.setattr(gdr_chunk, "chunk_bwd_dqkwg", gdr_chunk.chunk_bwd_dqkwg)  # restored after the test
-    sgla_chunk = pytest.importorskip("fla.ops.simple_gla.chunk")
+    sgla_chunk = importlib.import_module("fla.ops.simple_gla.chunk")
     monkeypatch.setattr(sgla_chunk, "chunk_bwd_dqkwg", sgla_chunk.chunk_bwd_dqkwg)
     monkeypatch.setattr(fla_compat, "_installed", False)
     monkeypatch.setattr(fla_compat, "_hopper_present", lambda: True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import dataclasses
 import os
 
@@ -150,7 +152,7 @@ def test_rwkv6_gradients_reach_every_parameter():
 
 
 def test_rwkv6_state_dict_matches_fla_layer():
-    fla_layers = pytest.importorskip("fla.layers")
+    fla_layers = importlib.import_module("fla.layers")
     import warnings
 
     with warnings.catch_warnings():

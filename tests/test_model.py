@@ -18,6 +18,8 @@ from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
 from neollm.model.rope import apply_rope, rope_cache
 
+from conftest import rope_reference, rope_table_reference
+
 
 def tiny(args: NeoLLMModelArgs, **changes) -> NeoLLMModelArgs:
     """Shrink a flavor while keeping its mixer pattern and head grouping."""
@@ -141,6 +143,20 @@ def test_causal_for_every_mixer(pattern):
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-4
 
 
+def test_rope_table_and_rotation_match_the_definition():
+    """rope.py against cos/sin(t * theta^(-2i/d)) written out here, for two thetas and head sizes:
+    a wrong frequency exponent or pairing fails (the attention references use rope_reference too)."""
+    for dim, theta in ((16, 10_000.0), (64, 500_000.0)):
+        cache = rope_cache(dim, 40, theta).double()
+        for t in (0, 1, 7, 39):
+            for i in range(dim // 2):
+                angle = t * theta ** (-2.0 * i / dim)
+                assert cache[t, i].item() == pytest.approx(math.cos(angle), abs=2e-6)
+                assert cache[t, dim // 2 + i].item() == pytest.approx(math.sin(angle), abs=2e-6)
+        x = torch.randn(2, 40, 3, dim, dtype=torch.float64)
+        torch.testing.assert_close(apply_rope(x, cache), rope_reference(x, theta), rtol=0, atol=1e-5)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     cache = rope_cache(16, 64, 10_000.0)
     q = torch.randn(1, 1, 1, 16, dtype=torch.float64)
@@ -161,12 +177,12 @@ def test_attention_matches_explicit_softmax_matrices():
     attention = Attention(args).double()
     for p in attention.parameters():
         nn.init.normal_(p, std=0.2)
-    cache = rope_cache(args.head_dim, 32, args.rope_theta).double()
+    cache = rope_table_reference(args.head_dim, 32, args.rope_theta)
     x = torch.randn(2, 12, args.dim, dtype=torch.float64)
     out = attention(x, cache)
 
-    q = apply_rope(attention.wq(x).view(2, 12, 4, 16), cache)
-    k = apply_rope(attention.wk(x).view(2, 12, 2, 16), cache)
+    q = rope_reference(attention.wq(x).view(2, 12, 4, 16), args.rope_theta)  # not the module's rope.py
+    k = rope_reference(attention.wk(x).view(2, 12, 2, 16), args.rope_theta)
     v = attention.wv(x).view(2, 12, 2, 16)
     heads = []
     for h in range(4):

@@ -1,0 +1,1 @@
+"""Throughput benchmarks of whole training steps (tools/bench.py is their command line)."""
