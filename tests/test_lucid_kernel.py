@@ -100,10 +100,10 @@ def test_attention_with_lucid_compiles_to_one_graph_holding_the_op(backend):
 
 def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypatch):
     k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    with pytest.raises(ConfigError, match="lucid_impl must be one of"):
+    with pytest.raises(ConfigError, match="lucid_impl .* must be one of"):
         ops.lucid_values(k, v, 1e-6, impl="cuda")
     monkeypatch.setattr(ops, "LUCID_IMPL", "fast")
-    with pytest.raises(ConfigError, match="lucid_impl must be one of"):
+    with pytest.raises(ConfigError, match="NEOLLM_LUCID_IMPL\) must be one of"):
         ops.lucid_values(k, v, 1e-6)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="lucid_impl 'triton' cannot run: .*not CUDA"):
@@ -111,6 +111,16 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
     assert not ops.lucid_uses_kernel("auto", k, v)
     with pytest.raises(RuntimeError, match="Triton kernel cannot run here"):  # the op itself refuses too
         lucid.lucid_solve(k, v, True)
+
+
+def test_impl_default_comes_from_the_environment():
+    """NEOLLM_LUCID_IMPL sets the default for a whole run (read at import, in a fresh process)."""
+    code = "from neollm.model import attention_ops as o; print(o.LUCID_IMPL)"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NEOLLM_LUCID_IMPL": "torch",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "torch", done.stdout + done.stderr
 
 
 def test_triton_kernels_under_the_interpreter():

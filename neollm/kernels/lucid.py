@@ -7,11 +7,12 @@ diagonal of ``exp(S)`` is 1 up to the RMS eps; the reference's solve (``unitrian
 takes it as exactly 1, and so do the kernels, so it gets no gradient.
 
 Why a kernel: the reference forms P ([T x T] fp32) in HBM and calls cuBLAS's trsm, forward and
-again in backward: ~22 ms of a `neollm_135m` step at 64 x 512 tokens on an H100. The kernels
+again in backward: the largest technique cost of a `neollm_135m` step (BENCHMARKS.md). The kernels
 never write P: each tile of ``exp(S)`` is formed from two key tiles where it is used.
 
 * forward (``_substitute_kernel``): block forward substitution over row blocks of ``BR`` rows,
-  ``X_i = D_i^-1 (V_i - sum_{j<i} P_ij X_j)``, one program per (batch, head).
+  ``X_i = D_i^-1 (V_i - sum_{j<i} P_ij X_j)``, one program per (batch, head, block of value
+  columns): the columns of X are independent solves.
 * backward, ``dV = P^-T dX``: the same kernel transposed: block back substitution from the last
   block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed).
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
@@ -20,17 +21,19 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is solved in registers by column-wise
 substitution (``BR`` rank-1 updates). The repeated-squaring product form
 ``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated keys (entries of N near 1) the
-powers of N grow like binomial coefficients and cancel, and in fp32 it came out ~10x the solution's
-size off, where substitution is within 1e-6 of fp64 (BR = 64, keys = a shared direction + 0.1-0.3
-noise; the solution itself stays the size of V).
+powers of N grow like binomial coefficients and cancel: in fp32 its relative error against fp64 was
+10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7 (BR = 64, d = 64, keys = a
+shared direction + noise; the solution itself stays the size of V).
 
 Precision: every ``tl.dot`` in fp32 with ``input_precision="ieee"``. The reference with bf16
-inputs is fp32 math on those inputs (~1e-6 relative to fp64 on the same inputs), and a bf16
-result is that rounded once (2^-9). A TF32 Gram rounds the keys to 11 bits: the exponent moves by
-~sqrt(d) * 2^-11 (4e-3 at d 64), 1000x the reference's own error, and with correlated keys the
-solve amplifies it (as the bf16 Gram's 10%, tests/test_attention_techniques.py). The solve's dots
-(``P_ij X_j``) may run in TF32 (``solve_tf32=True``, tools/bench_attention.py measures its error);
-the default is IEEE everywhere.
+inputs is fp32 math on those inputs, and a bf16 result is that rounded once. TF32 (inputs rounded
+to 11 bits) was weighed in a CPU emulation of the blocked solve (T 512, d 64, 32-row blocks, bf16
+values; relative error of X against fp64, worst of 3 draws): with correlated keys (a shared
+direction + 0.05-0.2 noise) IEEE 2e-5, TF32 in the Gram 8e-4, TF32 in the solve's products
+``P_ij X_j`` 3e-3, against 1.7e-3 for rounding X to bf16; with independent keys 4e-8 / 5e-6 / 4e-6.
+So TF32 in the solve would double a bf16 run's error and the TF32 Gram add half of it, and both are
+40-150x the fp32 reference's error on fp32 runs: neither is taken. ``solve_tf32=True`` is kept for
+tools/bench_attention.py to measure on the GPU.
 """
 
 from __future__ import annotations

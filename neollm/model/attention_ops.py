@@ -9,6 +9,8 @@ on tensor values, so they trace into one graph under ``torch.compile(fullgraph=T
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -101,16 +103,19 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 LUCID_IMPLS = ("auto", "triton", "torch")
-LUCID_IMPL = "auto"
+LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "auto")
 """Which implementation ``lucid_values`` runs when not told: "triton" (the fused kernels of
 neollm/kernels/lucid.py: CUDA, fp32/bf16/fp16), "torch" (the same op with the PyTorch reference:
-P formed in HBM, cuBLAS triangular solves) or "auto" (triton where it can run, else torch)."""
+P formed in HBM, cuBLAS triangular solves) or "auto" (triton where it can run, else torch).
+Set here, or for a whole run (trainer, tools/bench.py) by the environment variable
+NEOLLM_LUCID_IMPL; an unknown name is an error at the first LUCID call."""
 
 
 def lucid_uses_kernel(impl: str, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Resolve ``impl`` (one of LUCID_IMPLS) for these keys / values: True for the Triton kernels."""
     if impl not in LUCID_IMPLS:
-        raise ConfigError(f"lucid_impl must be one of {LUCID_IMPLS}, got {impl!r}")
+        raise ConfigError(f"lucid_impl (attention_ops.LUCID_IMPL, env NEOLLM_LUCID_IMPL) must be one of "
+                          f"{LUCID_IMPLS}, got {impl!r}")
     reason = lucid_kernels.kernel_unavailable_reason(k.device, (compute_dtype(k), v.dtype), k.shape[-1])
     if impl == "triton" and reason is not None:
         raise ConfigError(f"lucid_impl 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")

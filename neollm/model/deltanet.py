@@ -172,7 +172,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = conv(qkv, weight.to(qkv.dtype)).split([H * K, H * K, H * V], dim=-1)
         q = _l2norm(q.reshape(B, T, H, K)).to(v.dtype)
         k = _l2norm(k.reshape(B, T, H, K)).to(v.dtype)
-        beta = torch.sigmoid(_f32(self.b_proj(x))).to(v.dtype)
+        beta = torch.sigmoid(_f32(self.b_proj(x)))  # fp32, as fla's in-kernel sigmoid (fused_beta_sigmoid) keeps it
         g = -_f32(self.A_log).exp() * F.softplus(_f32(self.a_proj(x)) + _f32(self.dt_bias))
         o = rule(q, k, v.reshape(B, T, H, V), g, beta, K ** -0.5, self.chunk_size)
         gate = self.g_proj(x).reshape(B, T, H, V)
