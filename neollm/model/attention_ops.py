@@ -103,10 +103,12 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 LUCID_IMPLS = ("auto", "triton", "torch")
-LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "auto")
+LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "torch")
 """Which implementation ``lucid_values`` runs when not told: "triton" (the fused kernels of
 neollm/kernels/lucid.py: CUDA, fp32/bf16/fp16), "torch" (the same op with the PyTorch reference:
 P formed in HBM, cuBLAS triangular solves) or "auto" (triton where it can run, else torch).
+The default is "torch": the one whole-step measurement of the kernels so far was slower than the
+reference's earlier steps (BENCHMARKS.md, 2026-12-04); the kernels are opt-in until tuned.
 Set here, or for a whole run (trainer, tools/bench.py) by the environment variable
 NEOLLM_LUCID_IMPL; an unknown name is an error at the first LUCID call."""
 
