@@ -38,10 +38,13 @@ def run_trainer(*overrides: str, ngpu: int = 1, config: str = "train_configs/deb
     """Launch ./run_train.sh like a user does; return the finished process (stdout+stderr merged).
 
     One known fault is retried once, with a warning: on gloo (CPU, several ranks) a rank now and
-    then aborts (SIGABRT) while tearing down after a run that finished ("Process group destroyed"
-    already logged), and torchrun then reports the run as failed. Seen in CI in about one full run
-    in four, never in ~30 local runs of the same command; the cause is not known. A failure of
-    any other kind, or a second one, is returned as it is."""
+    then aborted (SIGABRT) while tearing down after a run that finished ("Process group destroyed"
+    already logged), and torchrun then reports the run as failed (about one CI run in four). The
+    cause: gloo's threads and TCP pairs outlive destroy_process_group and were torn down in
+    interpreter finalization; neollm.train now leaves a finished gloo run with os._exit(0) before
+    that (``leave_without_finalizing``), so the retry should no longer fire: its warning in a CI
+    log means the fix missed a case. A failure of any other kind, or a second one, is returned
+    as it is."""
     env = dict(os.environ, NGPU=str(ngpu), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("OMP_NUM_THREADS", None)
 

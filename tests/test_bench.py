@@ -214,16 +214,17 @@ def test_bench_llama3_rows_padded_and_unpadded_on_the_same_tokens(tmp_path, monk
 
 def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
     """Variants of one block class share its code object: without a dynamo reset between configs
-    their compiles pile up until dynamo's recompile limit (8: the ninth variant of ``--ablate``
-    failed with FailOnRecompileLimitHit, the blocks being compiled fullgraph). Here the limit is
-    lowered to 1 so that three variants suffice; the control run without the reset must fail."""
+    their compiles pile up until dynamo's recompile limit (8), and the blocks being compiled
+    fullgraph, the ninth config of ``--ablate`` (its eighth variant) failed with
+    FailOnRecompileLimitHit. Nine configs here, at the default limit (checked: they fail without
+    the reset); the control run without the reset, at a limit lowered to 1 to keep it short, must
+    fail."""
     import torch
     import torch._dynamo
 
     bench = _bench_module()
     real_switches = bench.technique_switches
-    monkeypatch.setattr(bench, "technique_switches", lambda args: dict(list(real_switches(args).items())[:2]))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(bench, "technique_switches", lambda args: dict(list(real_switches(args).items())[:8]))
     argv = ["--device", "cpu", "--configs", "neollm_135m", "--ablate", "--vocab", "256", "--layers", "1",
             "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--compile-backend", "eager",
             "--peak-tflops", "1"]
@@ -235,12 +236,14 @@ def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
         return real_compile(*args, **kwargs)
 
     monkeypatch.setattr(torch, "compile", counting_compile)
+    assert torch._dynamo.config.recompile_limit == 8
     out = tmp_path / "ablate.json"
     assert bench.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
-    assert rows[1]["name"].startswith("neollm_135m -") and compiled == ["eager"] * 3
+    assert len(rows) == 9 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[8]["name"].startswith("neollm_135m -") and compiled == ["eager"] * 9
 
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
         bench.main(argv)

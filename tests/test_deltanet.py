@@ -32,29 +32,58 @@ def _inputs(B, T, H, K, V, dtype=torch.float64, seed=0, requires_grad=False):
 
 
 # --------------------------------------------------------------------------------------------- references
+def _paper_recurrence(q, k, v, g, beta, h0=None, scale=None):
+    """Gated DeltaNet as the paper writes it (Yang et al. 2024, eq. 10, state as [K, V]), one
+    (batch, head, token) at a time with explicit matrices, sharing nothing with neollm.kernels:
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (q_t / sqrt(K))."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    eye = torch.eye(K, dtype=q.dtype)
+    outs, finals = [], []
+    for b in range(B):
+        per_head_out, per_head_state = [], []
+        for h in range(H):
+            S = h0[b, h] if h0 is not None else torch.zeros(K, V, dtype=q.dtype)
+            rows = []
+            for t in range(T):
+                kt, bt = k[b, t, h], beta[b, t, h]
+                S = torch.exp(g[b, t, h]) * (eye - bt * torch.outer(kt, kt)) @ S + bt * torch.outer(kt, v[b, t, h])
+                rows.append(S.T @ (q[b, t, h] * scale))
+            per_head_out.append(torch.stack(rows))  # [T, V]
+            per_head_state.append(S)
+        outs.append(torch.stack(per_head_out, dim=1))  # [T, H, V]
+        finals.append(torch.stack(per_head_state))  # [H, K, V]
+    return torch.stack(outs), torch.stack(finals)
+
+
 @pytest.mark.parametrize("use_h0", [False, True])
 @pytest.mark.parametrize("T,chunk", [(77, 32), (100, 64), (5, 16)])
-def test_chunk_matches_recurrent_fp64(use_h0, T, chunk):
+def test_chunk_and_recurrent_match_the_paper_fp64(use_h0, T, chunk):
+    """Both torch references (token loop and chunked) against the paper's recurrence written here:
+    outputs, final state and every input's gradient, in float64."""
     B, H, K, V = 2, 2, 8, 6
     q, k, v, g, beta, h0 = _inputs(B, T, H, K, V, requires_grad=True)
     init = h0 if use_h0 else None
     gen = torch.Generator().manual_seed(1)
     w_o = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     w_s = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    leaves = [q, k, v, g, beta] + ([h0] if use_h0 else [])
 
-    results = []
-    for fn, kw in ((recurrent_gated_delta_rule, {}), (chunk_gated_delta_rule_ref, {"chunk_size": chunk})):
-        o, s = fn(q, k, v, g, beta, initial_state=init, output_final_state=True, **kw)
+    def outputs_and_grads(fn, **kw):
+        o, s = fn(**kw)
         loss = (o * w_o).sum() + (s * w_s).sum()
-        leaves = [q, k, v, g, beta] + ([h0] if use_h0 else [])
-        grads = torch.autograd.grad(loss, leaves)
-        results.append((o, s, grads))
-    (o1, s1, g1), (o2, s2, g2) = results
-    assert o1.dtype == torch.float64 and s1.shape == (B, H, K, V)
-    torch.testing.assert_close(o2, o1, atol=1e-8, rtol=0)
-    torch.testing.assert_close(s2, s1, atol=1e-8, rtol=0)
-    for name, a, b in zip("q k v g beta h0".split(), g2, g1):
-        torch.testing.assert_close(a, b, atol=1e-8, rtol=0, msg=lambda m, n=name: f"grad {n}: {m}")
+        return o, s, torch.autograd.grad(loss, leaves)
+
+    o_ref, s_ref, g_ref = outputs_and_grads(lambda: _paper_recurrence(q, k, v, g, beta, init))
+    for fn, kw in ((recurrent_gated_delta_rule, {}), (chunk_gated_delta_rule_ref, {"chunk_size": chunk})):
+        o, s, grads = outputs_and_grads(
+            lambda: fn(q, k, v, g, beta, initial_state=init, output_final_state=True, **kw))
+        assert o.dtype == torch.float64 and s.shape == (B, H, K, V)
+        torch.testing.assert_close(o, o_ref, atol=1e-8, rtol=0)
+        torch.testing.assert_close(s, s_ref, atol=1e-8, rtol=0)
+        for name, a, b in zip("q k v g beta h0".split(), grads, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-8, rtol=0, msg=lambda m, n=name: f"{fn.__name__} grad {n}: {m}")
 
 
 def test_reference_defaults_and_dtypes():

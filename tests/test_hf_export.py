@@ -310,3 +310,45 @@ def test_trainer_starts_from_converted_checkpoint(tmp_path):
         return sum(float((sd[k] - v).abs().mean()) for k, v in ref.items()) / len(ref)
 
     assert distance(after) < 0.1 * distance(fresh)
+
+
+def test_plain_export_loads_into_transformers_llama(tmp_path):
+    """An independent reference for the export: `plain` (GQA, tied head) written by export_hf and
+    read back from its safetensors file into transformers' own LlamaForCausalLM (rotate-half RoPE,
+    repeat_kv GQA, RMSNorm, SwiGLU), none of NeoLLM's code involved, gives NeoLLM's logits in
+    float64 (to the float32 rounding of the RoPE angles both compute). The name map is the whole correspondence between the two architectures."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    args = tiny(FLAVORS["plain"], vocab_size=VOCAB)
+    model = perturbed(args).double()
+    folder = export_hf(model, tmp_path / "plain", TOKENIZER_DIR)
+    (weights_file,) = folder.glob("*.safetensors")
+    exported = load_file(str(weights_file))
+    prefix = "model."  # NeoLLMForCausalLM keeps the NeoLLM module as .model
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    for i in range(args.n_layers):
+        for ours, theirs in (("mixer_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"),
+                             ("mixer.wq", "self_attn.q_proj"), ("mixer.wk", "self_attn.k_proj"),
+                             ("mixer.wv", "self_attn.v_proj"), ("mixer.wo", "self_attn.o_proj"),
+                             ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj")):
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    assert {k[len(prefix):] for k in exported if k != "lm_head.weight"} == set(names)
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, rms_norm_eps=args.norm_eps,
+                         rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
+                         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu")
+    llama = LlamaForCausalLM(config).double().eval()
+    missing, unexpected = llama.load_state_dict(
+        {names[k[len(prefix):]]: v.double() for k, v in exported.items() if k != "lm_head.weight"}, strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    assert llama.lm_head.weight.data_ptr() == llama.model.embed_tokens.weight.data_ptr()  # tied
+    ids = tokens()
+    with torch.no_grad():
+        theirs = llama(ids).logits
+        ours = model(ids)  # NeoLLM without labels returns the logits
+    # both build their RoPE angles in float32 (rounded differently: ~3e-7 here); a wrong rotation,
+    # head grouping or norm moves logits by orders of magnitude more than this tolerance
+    assert ours.std() > 0.05
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
