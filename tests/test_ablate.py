@@ -147,21 +147,75 @@ def test_seed_does_not_change_the_data_order(ablate):
     assert all(torch.equal(a, b) for a, b in zip(*batches))
 
 
-def test_significance_against_the_reference_seed_spread():
+def test_significance_against_the_reference_seed_noise():
+    """The noise rule of neollm/ablation/stats.py, with thresholds worked out by hand."""
     from neollm.ablation.report import significance
 
-    def run(name, loss, reference=False):
-        return {"final_val_loss": loss, "variant": {"name": name, "reference": reference}}
+    def run(name, loss, reference=False, group=None):
+        return {"final_val_loss": loss, "variant": {"name": name, "reference": reference, "group": group or name}}
 
-    sig = significance([run("base", 3.00, True), run("base@seed1", 3.02, True), run("base@seed2", 3.04, True),
-                        run("a", 3.10), run("b", 3.03), run("c", 2.97)])
-    assert sig["reference_mean"] == pytest.approx(3.02) and sig["spread"] == pytest.approx(0.04)
-    verdicts = {k: v["significant"] for k, v in sig["rows"].items()}
-    assert verdicts == {"base": "reference", "base@seed1": "reference", "base@seed2": "reference",
-                        "a": "yes", "b": "no", "c": "yes"}
-    assert sig["rows"]["a"]["delta"] == pytest.approx(0.08)
+    ref = [run("base", 3.00, True), run("base@seed1", 3.02, True, "base"), run("base@seed2", 3.04, True, "base")]
+    sig = significance([*ref, run("a", 3.15), run("b", 3.03), run("c", 2.90),
+                        run("d", 3.10), run("d@seed1", 3.12, group="d")])
+    assert sig["reference_mean"] == pytest.approx(3.02) and sig["sd"] == pytest.approx(0.02)
+    assert sig["spread"] == pytest.approx(0.04)
+    # one seed vs 3: t(0.975, 2) = 4.303, se = 0.02 * sqrt(1 + 1/3)
+    assert sig["verdicts"]["a"]["threshold"] == pytest.approx(4.303 * 0.02 * math.sqrt(4 / 3))
+    # two seeds vs 3: pooled variance (2 * 0.02^2 + 1 * 0.0002) / 3, t(0.975, 3) = 3.182
+    assert sig["verdicts"]["d"]["threshold"] == pytest.approx(
+        3.182 * math.sqrt((2 * 0.0004 + 0.0002) / 3) * math.sqrt(1 / 3 + 1 / 2))
+    assert sig["verdicts"]["d"]["delta"] == pytest.approx(0.09) and sig["verdicts"]["d"]["runs"] == 2
+    verdicts = {k: v["quality"] for k, v in sig["verdicts"].items()}
+    assert verdicts == {"a": "hurts", "b": "within noise", "c": "helps", "d": "hurts"}
+    assert sig["rows"]["base@seed1"]["significant"] == "reference" and sig["rows"]["d@seed1"]["significant"] == "hurts"
+    # 3.10 alone would be inside the one-seed threshold (0.0994): the second seed is what tells
+    assert significance([*ref, run("d", 3.10)])["verdicts"]["d"]["quality"] == "within noise"
     one = significance([run("base", 3.0, True), run("a", 3.5)])
-    assert one["spread"] is None and one["rows"]["a"]["significant"] == "spread unknown"
+    assert one["sd"] is None and one["verdicts"]["a"]["quality"] == "noise unknown"
+    same = significance([run("base", 3.0, True), run("base@1", 3.0, True, "base"), run("a", 3.5)])
+    assert same["verdicts"]["a"]["quality"] == "noise unknown"  # identical seeds: no noise estimate
+
+
+def test_t_quantiles_and_seed_counts():
+    from neollm.ablation import stats
+
+    assert stats.t975(1) == 12.706 and stats.t975(2) == 4.303 and stats.t975(9) == 2.262
+    assert stats.t975(22) == stats.t975(20) and stats.t975(1000) == 1.960  # untabulated: errs wide
+    with pytest.raises(ValueError):
+        stats.t975(0)
+    # two seeds each: t(2) * sd * sqrt(2/2) = 4.303 sd; three: t(4) * sd * sqrt(2/3) = 2.267 sd
+    assert stats.required_seeds(4.4, 1.0) == 2 and stats.required_seeds(4.2, 1.0) == 3
+    assert stats.required_seeds(2.2, 1.0) == 4 and stats.required_seeds(0.001, 1.0) is None
+
+
+def test_equal_time_verdict_and_the_technique_reading():
+    """A slower variant that is better per token can still lose at equal time; a leave-one-out
+    row's verdicts are said of the technique it removes."""
+    from neollm.ablation import stats
+    from neollm.ablation.report import significance
+
+    assert stats.interpolate([(1, 5.0), (3, 4.0)], 2) == pytest.approx(4.5)
+    with pytest.raises(ValueError):
+        stats.interpolate([(1, 5.0), (3, 4.0)], 4)
+
+    def run(name, losses, tps, reference=False, group=None):
+        curve = [[step, step * 1000, loss] for step, loss in zip((1, 2, 3), losses)]
+        return {"final_val_loss": losses[-1], "val_curve": curve, "tps_median": tps,
+                "variant": {"name": name, "reference": reference, "group": group or name}}
+
+    ref = [run("base", [5.0, 4.0, 3.0], 1000, True), run("base@seed1", [5.0, 4.0, 3.02], 1000, True, "base")]
+    # "-x" removes a technique: 2x faster per token and 0.3 worse at equal tokens
+    sig = significance([*ref, run("-x", [5.2, 4.2, 3.31], 2000), run("+y", [4.5, 3.5, 2.7], 500)])
+    fast, slow = sig["verdicts"]["-x"], sig["verdicts"]["+y"]
+    assert fast["time_per_token_vs_ref"] == pytest.approx(0.5) and slow["time_per_token_vs_ref"] == pytest.approx(2.0)
+    # -x ends at 1.5 s (4.2 -> 3.31 between 1 and 1.5 s); the reference at 1.5 s: 4.5 (mean of seeds)
+    assert fast["equal_time_s"] == pytest.approx(1.5) and fast["delta_equal_time"] == pytest.approx(3.31 - 4.5)
+    assert fast["quality"] == "hurts" and fast["time"] == "worth its time"
+    assert fast["reading"] == "x: helps; not worth its time (judged by its removal)"
+    # +y: better at equal tokens (2.7 vs 3.01, noise threshold 0.22); at the reference's 3 s it is at 4.0 (between 2 and 4 s)
+    assert slow["delta_equal_time"] == pytest.approx(4.0 - 3.01)
+    assert (slow["quality"], slow["time"]) == ("helps", "not worth its time")
+    assert slow["reading"] == "y: helps; not worth its time"
 
 
 def test_bad_requests_are_one_clear_error(ablate, tmp_path, capsys):
@@ -197,7 +251,8 @@ def test_dry_run_prints_one_command_per_variant(ablate, tmp_path, capsys):
 def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
     require_prepared_assets()
     out = tmp_path / "grid"
-    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", *TINY]
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--no-compile",
+            "--parallel", "1", "--keep-checkpoints", *TINY]
 
     # interrupted after two variants
     assert ablate.main([*argv, "--max-runs", "2"]) == 0
@@ -227,11 +282,13 @@ def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
         assert math.isfinite(r["tps_median"]) and r["peak_memory_gib"] > 0
         assert r["delta"] == pytest.approx(r["final_val_loss"] - runs["base"]["final_val_loss"])
     assert runs["layer_pattern=A"]["params"] < runs["base"]["params"] < runs["layer_pattern=D"]["params"]
-    assert results["reference"]["spread"] is None and runs["layer_pattern=D"]["significant"] == "spread unknown"
+    assert results["reference"]["sd"] is None and runs["layer_pattern=D"]["significant"] == "noise unknown"
+    assert results["verdicts"]["layer_pattern=D"]["time_per_token_vs_ref"] > 0
     md = (out / "results.md").read_text()
     assert "python tools/ablate.py --config train_configs/debug.toml" in md and "git commit" in md
-    assert md.count("\n| layer_pattern=") == 2 and "unknown (one seed" in md
-    for png in ("val_loss.png", "delta.png"):
+    assert md.count("\n| layer_pattern=") == 4 and "unknown (one seed" in md  # runs and verdicts
+    assert "2 steps x 64 tokens = 128 tokens per run" in md and "eager" in md
+    for png in ("val_loss.png", "val_loss_time.png", "delta.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 10_000
     from neollm.hf.convert import model_args_from_json  # what convert_to_hf --flavor X.json reads
 
@@ -256,7 +313,7 @@ def test_same_network_flags_a_switch_without_effect_and_nothing_else():
     def run(name, reference, loss, **extra):
         return {"variant": {"name": name, "reference": reference}, "final_val_loss": loss, **extra}
 
-    sig = significance([run("base", True, 5.0), run("base@1", True, 5.1),
+    sig = significance([run("base", True, 5.0), run("base@1", True, 5.01),
                         run("-lm", False, 4.5, same_network_as_reference=True), run("-x", False, 4.5)])
     assert sig["rows"]["-lm"]["significant"].startswith("no-op")
-    assert sig["rows"]["-x"]["significant"] == "yes"
+    assert sig["rows"]["-x"]["significant"] == "helps"
