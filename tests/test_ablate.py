@@ -197,6 +197,8 @@ def test_equal_time_verdict_and_the_technique_reading():
     assert stats.interpolate([(1, 5.0), (3, 4.0)], 2) == pytest.approx(4.5)
     with pytest.raises(ValueError):
         stats.interpolate([(1, 5.0), (3, 4.0)], 4)
+    # a run ending before the other's first validation: that one is at its initial loss until then
+    assert stats.equal_time_delta([(1, 9.0), (2, 7.0)], [(5, 9.5), (10, 6.0)]) == {"seconds": 2, "delta": 7.0 - 9.5}
 
     def run(name, losses, tps, reference=False, group=None):
         curve = [[step, step * 1000, loss] for step, loss in zip((1, 2, 3), losses)]
@@ -317,3 +319,112 @@ def test_same_network_flags_a_switch_without_effect_and_nothing_else():
                         run("-lm", False, 4.5, same_network_as_reference=True), run("-x", False, 4.5)])
     assert sig["rows"]["-lm"]["significant"].startswith("no-op")
     assert sig["rows"]["-x"]["significant"] == "helps"
+
+
+def test_budget_warmup_and_runs_per_gpu(tmp_path):
+    """One epoch of the shards in whole validation intervals; the warm-up keeps its fraction;
+    runs per GPU from a measured peak."""
+    import types
+
+    from neollm.ablation import schedule
+    from neollm.errors import ConfigError
+
+    from neollm.data.shards import FORMAT, FORMAT_VERSION
+
+    (tmp_path / "index.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+                                                     "splits": {"train": {"tokens": 18_910_310}}}))
+    job = types.SimpleNamespace(training=types.SimpleNamespace(
+        dataset="shards", dataset_path=str(tmp_path), global_batch_size=64, seq_len=512))
+    assert schedule.epoch_steps(job, 80) == 640  # 577.1 steps -> 578 -> 8 intervals of 80
+    assert schedule.epoch_steps(job, 1) == 578
+    job.training.dataset_path = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match="tokenize_data.py, or give --steps N"):
+        schedule.epoch_steps(job, 80)
+    job.training.dataset = "text"
+    assert schedule.epoch_steps(job, 80) is None
+    assert schedule.scaled_warmup(8, 80, 640) == 64 and schedule.scaled_warmup(5, 40, 2) == 1
+    assert schedule.scaled_warmup(0, 80, 640) == 0
+    # 10 GiB peak: 10 * 1.2 + 1.5 = 13.5 GiB a run; 139 GiB free holds 10, capped by cores and cap
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=64, cap=16) == 10
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=8, cap=16) == 4
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=64) == 8
+    assert schedule.runs_per_gpu(10, 10, cpu_cores=64) == 1
+    env = schedule.compile_cache_env(tmp_path / "cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TRITON_CACHE_DIR"].endswith("triton")
+
+
+def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0):
+    """tools/ablate.py's scheduler with the trainer replaced: each run sleeps a little, writes its
+    result as a real one would, and records how many runs were in flight with it."""
+    import threading
+    import time as clock
+
+    from neollm.ablation import runner, schedule
+
+    state = {"active": 0, "max": 0, "order": [], "env": {}}
+    lock = threading.Lock()
+
+    def fake_run(variant, dump, argv, ngpu, folder, summarize, extra=None, env=None, keep_checkpoints=True):
+        done = runner.finished(dump, argv)
+        if done is not None:
+            return done, False
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+            state["order"].append(variant.name)
+            state["env"][variant.name] = env.get("CUDA_VISIBLE_DEVICES")
+        clock.sleep(0.3)
+        with lock:
+            state["active"] -= 1
+        loss = 4.0 + 0.01 * len(state["order"])
+        result = {"final_step": 2, "tokens": 128, "final_val_loss": loss, "best_val_loss": loss,
+                  "final_train_loss": loss, "tps_median": 1000.0, "peak_memory_gib": peak,
+                  "val_curve": [[1, 64, 5.0], [2, 128, loss]], **(extra or {}), "argv": argv,
+                  "variant": dataclasses.asdict(variant), "processes": ngpu, "wall_s": wall_s, "resumed": False}
+        dump.mkdir(parents=True, exist_ok=True)
+        runner.write_atomic(dump / runner.MARKER, json.dumps(result))
+        return result, True
+
+    monkeypatch.setattr(runner, "run_variant", fake_run)
+    monkeypatch.setattr(ablate, "check_variant", lambda v, argv, ngpu: {
+        "params": 1000, "params_non_embedding": 500, "model_args": {"name": v.name}, "checkpoint_folder": "checkpoint"})
+    monkeypatch.setattr(ablate, "mark_same_networks", lambda runs, checked: None)
+    monkeypatch.setattr(schedule, "gpu_memory_gib", lambda: [(140.0, 139.0)])
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 16)
+    return state
+
+
+def test_parallel_auto_measures_the_first_run_then_fills_the_gpu(ablate, monkeypatch, tmp_path, capsys):
+    state = fake_grid(ablate, monkeypatch, tmp_path)
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D,AD", "--seeds", "0,1,2", *TINY]
+    assert ablate.main(argv) == 0
+    assert state["order"][0] == "base" and len(state["order"]) == 6
+    # the first run went alone (nothing measured yet), then 8 at once fit (10 GiB peak, 139 GiB free)
+    assert state["max"] > 1 and set(state["env"].values()) == {"0"}
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]["name"]: r for r in results["runs"]}
+    assert runs["base"].get("runs_sharing_gpu", 1) == 1 and max(r.get("runs_sharing_gpu", 1) for r in runs.values()) > 1
+    assert results["reference"]["sd"] is not None and set(results["verdicts"]) == {
+        "layer_pattern=A", "layer_pattern=D", "layer_pattern=AD"}
+    md = (out / "results.md").read_text()
+    assert "runs at once: auto: 8 (8 per GPU from a measured peak of 10.0 GiB and 139 GiB free)" in md
+    assert "shared one GPU" in md and "One line per technique" in md
+
+
+def test_time_budget_stops_starting_runs_and_a_rerun_continues(ablate, monkeypatch, tmp_path, capsys):
+    state = fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0)
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--parallel", "1", *TINY]
+    # the first run has no estimate and starts; then a 100 s run no longer fits in 50 s
+    assert ablate.main([*argv, "--time-budget", "50"]) == 0
+    err = capsys.readouterr()
+    assert state["order"] == ["base"] and "would end after --time-budget 50 s (about 100 s" in err.out
+    assert "not finished: layer_pattern=A, layer_pattern=D" in err.err
+    assert (out / "base" / "result.json").is_file() and (out / "results.md").is_file()
+    assert ablate.main([*argv, "--time-budget", "500"]) == 0  # 0 + 100 <= 500: both start
+    assert state["order"] == ["base", "layer_pattern=A", "layer_pattern=D"]
+    assert "base: finished earlier, skipped" in capsys.readouterr().out
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["variant"]["name"] for r in runs] == ["base", "layer_pattern=A", "layer_pattern=D"]

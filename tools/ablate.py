@@ -231,9 +231,8 @@ def check_variant(variant: grid.Variant, argv: list[str], ngpu: int) -> dict:
             "model_args": dataclasses.asdict(args), "checkpoint_folder": job.checkpoint.folder}
 
 
-def header(opts, argv: list[str], runs, parallel_text: str) -> dict:
+def header(opts, argv: list[str], job, parallel_text: str) -> dict:
     commit, device = git_commit(), device_name()
-    job = _parse(runs[0][1])
     per_step = job.training.global_batch_size * job.training.seq_len
     return {"command": "python tools/ablate.py " + shlex.join(argv), "config": str(opts.config),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -346,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     env = schedule.compile_cache_env(opts.cache_dir or opts.out / "compile_cache")
+    report_header = header(opts, argv, _parse(runs[0][1]), devices.describe())  # the budget every run shares
     known = list(done.values())  # finished runs: estimates of time and memory
     devices.peaks += [r["peak_memory_gib"] for r in known if r.get("peak_memory_gib")]
     results: dict[str, dict] = dict(done)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = [results[v.name] for v, _ in runs if v.name in results]
         if any(r["variant"]["reference"] for r in finished):
             pending = [v.name for v, _ in runs if v.name not in results]
-            written = report.write_report(opts.out, header(opts, argv, runs, devices.describe()), finished, pending)
+            written = report.write_report(opts.out, {**report_header, "runs at once": devices.describe()}, finished, pending)
             print("    report: " + ", ".join(str(p) for p in written), flush=True)
 
     for v, _ in runs:

@@ -79,7 +79,9 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
 
 def equal_time_delta(variant: list[tuple[float, float]], reference: list[tuple[float, float]]) -> dict:
     """Loss of the variant minus the reference's at the same training seconds: at t* = the end of
-    the shorter of the two (seconds, loss) curves."""
+    the shorter of the two (seconds, loss) curves. Before its first validation (step 1, the
+    initial loss) a run counts as at that loss from second 0."""
+    variant, reference = ([(0.0, c[0][1]), *c] if c[0][0] > 0 else c for c in (variant, reference))
     t_star = min(variant[-1][0], reference[-1][0])
     return {"seconds": t_star, "delta": interpolate(variant, t_star) - interpolate(reference, t_star)}
 
