@@ -411,6 +411,7 @@ def test_parallel_auto_measures_the_first_run_then_fills_the_gpu(ablate, monkeyp
     md = (out / "results.md").read_text()
     assert "runs at once: auto: 8 (8 per GPU from a measured peak of 10.0 GiB and 139 GiB free)" in md
     assert "shared one GPU" in md and "One line per technique" in md
+    assert results["verdicts"]["layer_pattern=AD"]["time"] == "time not judged (runs shared a GPU)"
 
 
 def test_time_budget_stops_starting_runs_and_a_rerun_continues(ablate, monkeypatch, tmp_path, capsys):

@@ -123,9 +123,11 @@ def significance(results: list[dict]) -> dict:
                    "time": "speed unknown"}
         if curve and ref_curve and ref_tps_mean:
             equal = stats.equal_time_delta(curve, ref_curve)
+            shared = _sharing(runs + ref_runs) > 1  # a speed measured beside other runs is not its own
             verdict.update(time_per_token_vs_ref=ref_tps_mean / verdict["tok_s"],
                            delta_equal_time=equal["delta"], equal_time_s=equal["seconds"],
-                           time=stats.time_verdict(equal["delta"], threshold))
+                           time="time not judged (runs shared a GPU)" if shared
+                           else stats.time_verdict(equal["delta"], threshold))
         verdict["reading"] = stats.technique_reading(name, quality, verdict["time"])
         verdicts[name] = verdict
         for r in runs:
@@ -270,3 +272,28 @@ def write_report(out: Path, header: dict, results: list[dict], missing: list[str
     write_markdown(tmp, header, results, sig, missing)
     tmp.replace(out / "results.md")
     return [out / "results.json", out / "results.md", *plot(out, results, sig)]
+
+
+def rejudge(folder: Path) -> list[Path]:
+    """Rewrite a grid's results.md/json and plots from its results.json alone (e.g. after a
+    change of the rules; the run folders need not exist). Runs written before the report
+    recorded GPU sharing take it from the header's "runs at once"."""
+    folder = Path(folder)
+    data = json.loads((folder / "results.json").read_text())
+    shared = str(data["header"].get("runs at once", "1")).split()[0]
+    runs = []
+    for run in data["runs"]:
+        run = {k: v for k, v in run.items() if k not in ("delta", "significant")}
+        if "runs_sharing_gpu" not in run and shared.isdigit():
+            run["runs_sharing_gpu"] = int(shared)
+        runs.append(run)
+    return write_report(folder, data["header"], runs, data.get("missing", []))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m neollm.ablation.report FOLDER [FOLDER...]  (rewrites each results.md/json)")
+    for name in sys.argv[1:]:
+        print("\n".join(str(p) for p in rejudge(Path(name))))
