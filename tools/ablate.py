@@ -362,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
             print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
             extra = sharing[v.name]
+            threads = {} if "OMP_NUM_THREADS" in os.environ else {  # the CPU cores split between the runs
+                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, devices.limit() * opts.ngpu)))}
             return runner.run_variant(v, dump, run_argv, opts.ngpu, info["checkpoint_folder"], report.summarize,
-                                      extra, env={**env, **run_env}, keep_checkpoints=opts.keep_checkpoints)[0]
+                                      extra, env={**env, **threads, **run_env},
+                                      keep_checkpoints=opts.keep_checkpoints)[0]
         finally:
             with lock:
                 devices.release(group, v.name)
