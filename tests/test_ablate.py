@@ -429,3 +429,24 @@ def test_time_budget_stops_starting_runs_and_a_rerun_continues(ablate, monkeypat
     assert "base: finished earlier, skipped" in capsys.readouterr().out
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["variant"]["name"] for r in runs] == ["base", "layer_pattern=A", "layer_pattern=D"]
+
+
+def test_run_time_estimate_scales_training_with_the_runs_on_the_gpu():
+    from neollm.ablation.schedule import estimate_seconds
+
+    def run(group, wall_s, tokens=1_000_000, tps=10_000, sharing=1, resumed=False):
+        return {"variant": {"name": group, "group": group}, "wall_s": wall_s, "tokens": tokens,
+                "tps_median": tps, "runs_sharing_gpu": sharing, "resumed": resumed}
+
+    assert estimate_seconds("a", []) is None
+    alone = [run("a", 150.0)]  # 100 s of training (1M tokens at 10k tok/s) + 50 s of the rest
+    assert estimate_seconds("a", alone) == pytest.approx(150.0)
+    assert estimate_seconds("a", alone, runs_on_gpu=3) == pytest.approx(50 + 300)
+    # measured beside 4 others at 2.5k tok/s: 400 s of training = 80 s of the GPU alone
+    shared = [run("b", 450.0, tps=2_500, sharing=5)]
+    assert estimate_seconds("b", shared, runs_on_gpu=5) == pytest.approx(450.0)
+    assert estimate_seconds("b", shared, runs_on_gpu=1) == pytest.approx(50 + 80)
+    # its own group first; another group's runs only when it has none; resumed runs never
+    both = alone + [run("c", 900.0), run("a", 999.0, resumed=True)]
+    assert estimate_seconds("a", both) == pytest.approx(150.0)
+    assert estimate_seconds("d", both) == pytest.approx(900.0)

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of --ngpu; runs sharing a GPU do not measure their own speed (see the report)")
     p.add_argument("--max-parallel", type=int, default=8, help="upper bound of --parallel auto per GPU")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="start no run that would end after SECONDS from now (estimated from the longest "
-                        "finished run of its group, else of the grid); rerun to continue")
+                   help="start no run that would end after SECONDS from now (estimated from the finished "
+                        "runs of its group, else of the grid, and the runs that would share its GPU); "
+                        "rerun to continue")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's checkpoints (default: removed once its result is written)")
     p.add_argument("--max-runs", type=int, help="stop after starting this many runs (rerun to continue)")
@@ -300,6 +301,10 @@ class Devices:
         return (f"auto: {self.limit()} ({self.limit() // self.groups} per GPU from a measured peak of "
                 f"{max(self.peaks):.1f} GiB and {min(f for _, f in self.gpus):.0f} GiB free)")
 
+    def next_load(self) -> int:
+        """Runs on the GPU the next run would get, itself included."""
+        return 1 + min(len(names) for names in self.active.values())
+
     def take(self, name: str) -> tuple[int, dict[str, str]]:
         """(group, environment) for a run starting now."""
         group = min(self.active, key=lambda g: len(self.active[g]))
@@ -312,10 +317,11 @@ class Devices:
         self.active[group].discard(name)
 
 
-def _fits(v: grid.Variant, known: list[dict], started: float, budget: float | None) -> tuple[bool, float | None]:
+def _fits(v: grid.Variant, known: list[dict], started: float, budget: float | None,
+          runs_on_gpu: int) -> tuple[bool, float | None]:
     if budget is None:
         return True, None
-    estimate = schedule.estimate_seconds(v.group, known)
+    estimate = schedule.estimate_seconds(v.group, known, runs_on_gpu)
     return estimate is None or time.monotonic() - started + estimate <= budget, estimate
 
 
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         while queue or in_flight:
             while queue and not failure and len(in_flight) < devices.limit():
                 v, run_argv = queue.pop(0)
-                fits, estimate = _fits(v, known, started, opts.time_budget)
+                fits, estimate = _fits(v, known, started, opts.time_budget, devices.next_load())
                 if not fits:
                     print(f"    {v.name}: not started, it would end after --time-budget {opts.time_budget:.0f} s "
                           f"(about {estimate:.0f} s; {time.monotonic() - started:.0f} s spent)", flush=True)

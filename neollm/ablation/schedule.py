@@ -4,8 +4,8 @@
   whole number of validation intervals, so every curve ends on a validation point;
 * ``--parallel auto``: as many runs per GPU as its free memory holds, from the largest peak
   memory a finished run of the grid measured (the first run goes alone when none has);
-* ``--time-budget``: a run is started only when the longest finished run of its group (else of
-  the grid) would still end inside the budget;
+* ``--time-budget``: a run is started only when it should still end inside the budget, estimated
+  from the finished runs of its group (else of the grid) and the runs that would share its GPU;
 * compiled runs share one inductor/Triton cache folder, so autotuning and kernels compiled by
   one variant serve the next.
 """
@@ -76,14 +76,21 @@ def runs_per_gpu(free_gib: float, peak_gib: float, cpu_cores: int, cap: int = 8)
     return max(1, min(int(free_gib // per_run), max(1, cpu_cores // 2), cap))
 
 
-def estimate_seconds(group: str, finished: list[dict]) -> float | None:
-    """Wall seconds a run of ``group`` should take: the longest finished run of that group, else
-    of the grid (runs resumed from a checkpoint do not count); None when nothing has finished."""
+def estimate_seconds(group: str, finished: list[dict], runs_on_gpu: int = 1) -> float | None:
+    """Wall seconds a run of ``group`` should take with ``runs_on_gpu`` runs (itself included) on
+    its GPU; None when nothing has finished. From each finished run (of the group, else of the
+    grid; runs resumed from a checkpoint do not count): its training seconds (tokens / tok/s)
+    scale with the runs sharing the GPU, as if the GPU were shared evenly (an upper bound when
+    small runs overlap), the rest (start-up, compilation, validation) does not; the largest."""
     whole = [r for r in finished if not r.get("resumed") and r.get("wall_s")]
-    same = [r["wall_s"] for r in whole if (r["variant"].get("group") or r["variant"]["name"]) == group]
-    if same:
-        return max(same)
-    return max((r["wall_s"] for r in whole), default=None)
+    same = [r for r in whole if (r["variant"].get("group") or r["variant"]["name"]) == group]
+
+    def estimate(r: dict) -> float:
+        tps = (r.get("tps_median") or 0) * r.get("processes", 1)
+        train = min(r["wall_s"], r["tokens"] / tps) if tps and r.get("tokens") else 0.0
+        return r["wall_s"] - train + train * runs_on_gpu / (r.get("runs_sharing_gpu") or 1)
+
+    return max((estimate(r) for r in same or whole), default=None)
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
