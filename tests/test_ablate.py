@@ -214,7 +214,8 @@ def test_equal_time_verdict_and_the_technique_reading():
     assert fast["equal_time_s"] == pytest.approx(1.5) and fast["delta_equal_time"] == pytest.approx(3.31 - 4.5)
     assert fast["quality"] == "hurts" and fast["time"] == "worth its time"
     assert fast["reading"] == "x: helps; not worth its time (judged by its removal)"
-    # +y: better at equal tokens (2.7 vs 3.01, noise threshold 0.22); at the reference's 3 s it is at 4.0 (between 2 and 4 s)
+    # +y: better at equal tokens (2.7 vs 3.01, noise threshold 0.22); at the reference's 3 s it is
+    # at 4.0 (between 2 and 4 s)
     assert slow["delta_equal_time"] == pytest.approx(4.0 - 3.01)
     assert (slow["quality"], slow["time"]) == ("helps", "not worth its time")
     assert slow["reading"] == "y: helps; not worth its time"

@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         finished = [results[v.name] for v, _ in runs if v.name in results]
         if any(r["variant"]["reference"] for r in finished):
             pending = [v.name for v, _ in runs if v.name not in results]
-            written = report.write_report(opts.out, {**report_header, "runs at once": devices.describe()}, finished, pending)
+            written = report.write_report(opts.out, {**report_header, "runs at once": devices.describe()},
+                                          finished, pending)
             print("    report: " + ", ".join(str(p) for p in written), flush=True)
 
     for v, _ in runs:
