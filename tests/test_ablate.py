@@ -147,21 +147,78 @@ def test_seed_does_not_change_the_data_order(ablate):
     assert all(torch.equal(a, b) for a, b in zip(*batches))
 
 
-def test_significance_against_the_reference_seed_spread():
+def test_significance_against_the_reference_seed_noise():
+    """The noise rule of neollm/ablation/stats.py, with thresholds worked out by hand."""
     from neollm.ablation.report import significance
 
-    def run(name, loss, reference=False):
-        return {"final_val_loss": loss, "variant": {"name": name, "reference": reference}}
+    def run(name, loss, reference=False, group=None):
+        return {"final_val_loss": loss, "variant": {"name": name, "reference": reference, "group": group or name}}
 
-    sig = significance([run("base", 3.00, True), run("base@seed1", 3.02, True), run("base@seed2", 3.04, True),
-                        run("a", 3.10), run("b", 3.03), run("c", 2.97)])
-    assert sig["reference_mean"] == pytest.approx(3.02) and sig["spread"] == pytest.approx(0.04)
-    verdicts = {k: v["significant"] for k, v in sig["rows"].items()}
-    assert verdicts == {"base": "reference", "base@seed1": "reference", "base@seed2": "reference",
-                        "a": "yes", "b": "no", "c": "yes"}
-    assert sig["rows"]["a"]["delta"] == pytest.approx(0.08)
+    ref = [run("base", 3.00, True), run("base@seed1", 3.02, True, "base"), run("base@seed2", 3.04, True, "base")]
+    sig = significance([*ref, run("a", 3.15), run("b", 3.03), run("c", 2.90),
+                        run("d", 3.10), run("d@seed1", 3.12, group="d")])
+    assert sig["reference_mean"] == pytest.approx(3.02) and sig["sd"] == pytest.approx(0.02)
+    assert sig["spread"] == pytest.approx(0.04)
+    # one seed vs 3: t(0.975, 2) = 4.303, se = 0.02 * sqrt(1 + 1/3)
+    assert sig["verdicts"]["a"]["threshold"] == pytest.approx(4.303 * 0.02 * math.sqrt(4 / 3))
+    # two seeds vs 3: pooled variance (2 * 0.02^2 + 1 * 0.0002) / 3, t(0.975, 3) = 3.182
+    assert sig["verdicts"]["d"]["threshold"] == pytest.approx(
+        3.182 * math.sqrt((2 * 0.0004 + 0.0002) / 3) * math.sqrt(1 / 3 + 1 / 2))
+    assert sig["verdicts"]["d"]["delta"] == pytest.approx(0.09) and sig["verdicts"]["d"]["runs"] == 2
+    verdicts = {k: v["quality"] for k, v in sig["verdicts"].items()}
+    assert verdicts == {"a": "hurts", "b": "within noise", "c": "helps", "d": "hurts"}
+    assert sig["rows"]["base@seed1"]["significant"] == "reference" and sig["rows"]["d@seed1"]["significant"] == "hurts"
+    # 3.10 alone would be inside the one-seed threshold (0.0994): the second seed is what tells
+    assert significance([*ref, run("d", 3.10)])["verdicts"]["d"]["quality"] == "within noise"
     one = significance([run("base", 3.0, True), run("a", 3.5)])
-    assert one["spread"] is None and one["rows"]["a"]["significant"] == "spread unknown"
+    assert one["sd"] is None and one["verdicts"]["a"]["quality"] == "noise unknown"
+    same = significance([run("base", 3.0, True), run("base@1", 3.0, True, "base"), run("a", 3.5)])
+    assert same["verdicts"]["a"]["quality"] == "noise unknown"  # identical seeds: no noise estimate
+
+
+def test_t_quantiles_and_seed_counts():
+    from neollm.ablation import stats
+
+    assert stats.t975(1) == 12.706 and stats.t975(2) == 4.303 and stats.t975(9) == 2.262
+    assert stats.t975(22) == stats.t975(20) and stats.t975(1000) == 1.960  # untabulated: errs wide
+    with pytest.raises(ValueError):
+        stats.t975(0)
+    # two seeds each: t(2) * sd * sqrt(2/2) = 4.303 sd; three: t(4) * sd * sqrt(2/3) = 2.267 sd
+    assert stats.required_seeds(4.4, 1.0) == 2 and stats.required_seeds(4.2, 1.0) == 3
+    assert stats.required_seeds(2.2, 1.0) == 4 and stats.required_seeds(0.001, 1.0) is None
+
+
+def test_equal_time_verdict_and_the_technique_reading():
+    """A slower variant that is better per token can still lose at equal time; a leave-one-out
+    row's verdicts are said of the technique it removes."""
+    from neollm.ablation import stats
+    from neollm.ablation.report import significance
+
+    assert stats.interpolate([(1, 5.0), (3, 4.0)], 2) == pytest.approx(4.5)
+    with pytest.raises(ValueError):
+        stats.interpolate([(1, 5.0), (3, 4.0)], 4)
+    # a run ending before the other's first validation: that one is at its initial loss until then
+    assert stats.equal_time_delta([(1, 9.0), (2, 7.0)], [(5, 9.5), (10, 6.0)]) == {"seconds": 2, "delta": 7.0 - 9.5}
+
+    def run(name, losses, tps, reference=False, group=None):
+        curve = [[step, step * 1000, loss] for step, loss in zip((1, 2, 3), losses)]
+        return {"final_val_loss": losses[-1], "val_curve": curve, "tps_median": tps,
+                "variant": {"name": name, "reference": reference, "group": group or name}}
+
+    ref = [run("base", [5.0, 4.0, 3.0], 1000, True), run("base@seed1", [5.0, 4.0, 3.02], 1000, True, "base")]
+    # "-x" removes a technique: 2x faster per token and 0.3 worse at equal tokens
+    sig = significance([*ref, run("-x", [5.2, 4.2, 3.31], 2000), run("+y", [4.5, 3.5, 2.7], 500)])
+    fast, slow = sig["verdicts"]["-x"], sig["verdicts"]["+y"]
+    assert fast["time_per_token_vs_ref"] == pytest.approx(0.5) and slow["time_per_token_vs_ref"] == pytest.approx(2.0)
+    # -x ends at 1.5 s (4.2 -> 3.31 between 1 and 1.5 s); the reference at 1.5 s: 4.5 (mean of seeds)
+    assert fast["equal_time_s"] == pytest.approx(1.5) and fast["delta_equal_time"] == pytest.approx(3.31 - 4.5)
+    assert fast["quality"] == "hurts" and fast["time"] == "worth its time"
+    assert fast["reading"] == "x: helps; not worth its time (judged by its removal)"
+    # +y: better at equal tokens (2.7 vs 3.01, noise threshold 0.22); at the reference's 3 s it is
+    # at 4.0 (between 2 and 4 s)
+    assert slow["delta_equal_time"] == pytest.approx(4.0 - 3.01)
+    assert (slow["quality"], slow["time"]) == ("helps", "not worth its time")
+    assert slow["reading"] == "y: helps; not worth its time"
 
 
 def test_bad_requests_are_one_clear_error(ablate, tmp_path, capsys):
@@ -197,7 +254,8 @@ def test_dry_run_prints_one_command_per_variant(ablate, tmp_path, capsys):
 def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
     require_prepared_assets()
     out = tmp_path / "grid"
-    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", *TINY]
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--no-compile",
+            "--parallel", "1", "--keep-checkpoints", *TINY]
 
     # interrupted after two variants
     assert ablate.main([*argv, "--max-runs", "2"]) == 0
@@ -227,11 +285,13 @@ def test_grid_runs_reports_and_resumes(ablate, tmp_path, capsys):
         assert math.isfinite(r["tps_median"]) and r["peak_memory_gib"] > 0
         assert r["delta"] == pytest.approx(r["final_val_loss"] - runs["base"]["final_val_loss"])
     assert runs["layer_pattern=A"]["params"] < runs["base"]["params"] < runs["layer_pattern=D"]["params"]
-    assert results["reference"]["spread"] is None and runs["layer_pattern=D"]["significant"] == "spread unknown"
+    assert results["reference"]["sd"] is None and runs["layer_pattern=D"]["significant"] == "noise unknown"
+    assert results["verdicts"]["layer_pattern=D"]["time_per_token_vs_ref"] > 0
     md = (out / "results.md").read_text()
     assert "python tools/ablate.py --config train_configs/debug.toml" in md and "git commit" in md
-    assert md.count("\n| layer_pattern=") == 2 and "unknown (one seed" in md
-    for png in ("val_loss.png", "delta.png"):
+    assert md.count("\n| layer_pattern=") == 4 and "unknown (one seed" in md  # runs and verdicts
+    assert "2 steps x 64 tokens = 128 tokens per run" in md and "eager" in md
+    for png in ("val_loss.png", "val_loss_time.png", "delta.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 10_000
     from neollm.hf.convert import model_args_from_json  # what convert_to_hf --flavor X.json reads
 
@@ -256,7 +316,138 @@ def test_same_network_flags_a_switch_without_effect_and_nothing_else():
     def run(name, reference, loss, **extra):
         return {"variant": {"name": name, "reference": reference}, "final_val_loss": loss, **extra}
 
-    sig = significance([run("base", True, 5.0), run("base@1", True, 5.1),
+    sig = significance([run("base", True, 5.0), run("base@1", True, 5.01),
                         run("-lm", False, 4.5, same_network_as_reference=True), run("-x", False, 4.5)])
     assert sig["rows"]["-lm"]["significant"].startswith("no-op")
-    assert sig["rows"]["-x"]["significant"] == "yes"
+    assert sig["rows"]["-x"]["significant"] == "helps"
+
+
+def test_budget_warmup_and_runs_per_gpu(tmp_path):
+    """One epoch of the shards in whole validation intervals; the warm-up keeps its fraction;
+    runs per GPU from a measured peak."""
+    import types
+
+    from neollm.ablation import schedule
+    from neollm.errors import ConfigError
+
+    from neollm.data.shards import FORMAT, FORMAT_VERSION
+
+    (tmp_path / "index.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+                                                     "splits": {"train": {"tokens": 18_910_310}}}))
+    job = types.SimpleNamespace(training=types.SimpleNamespace(
+        dataset="shards", dataset_path=str(tmp_path), global_batch_size=64, seq_len=512))
+    assert schedule.epoch_steps(job, 80) == 640  # 577.1 steps -> 578 -> 8 intervals of 80
+    assert schedule.epoch_steps(job, 1) == 578
+    job.training.dataset_path = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match="tokenize_data.py, or give --steps N"):
+        schedule.epoch_steps(job, 80)
+    job.training.dataset = "text"
+    assert schedule.epoch_steps(job, 80) is None
+    assert schedule.scaled_warmup(8, 80, 640) == 64 and schedule.scaled_warmup(5, 40, 2) == 1
+    assert schedule.scaled_warmup(0, 80, 640) == 0
+    # 10 GiB peak: 10 * 1.2 + 1.5 = 13.5 GiB a run; 139 GiB free holds 10, capped by cores and cap
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=64, cap=16) == 10
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=8, cap=16) == 4
+    assert schedule.runs_per_gpu(139, 10, cpu_cores=64) == 8
+    assert schedule.runs_per_gpu(10, 10, cpu_cores=64) == 1
+    env = schedule.compile_cache_env(tmp_path / "cache")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TRITON_CACHE_DIR"].endswith("triton")
+
+
+def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0):
+    """tools/ablate.py's scheduler with the trainer replaced: each run sleeps a little, writes its
+    result as a real one would, and records how many runs were in flight with it."""
+    import threading
+    import time as clock
+
+    from neollm.ablation import runner, schedule
+
+    state = {"active": 0, "max": 0, "order": [], "env": {}}
+    lock = threading.Lock()
+
+    def fake_run(variant, dump, argv, ngpu, folder, summarize, extra=None, env=None, keep_checkpoints=True):
+        done = runner.finished(dump, argv)
+        if done is not None:
+            return done, False
+        with lock:
+            state["active"] += 1
+            state["max"] = max(state["max"], state["active"])
+            state["order"].append(variant.name)
+            state["env"][variant.name] = env.get("CUDA_VISIBLE_DEVICES")
+        clock.sleep(0.3)
+        with lock:
+            state["active"] -= 1
+        loss = 4.0 + 0.01 * len(state["order"])
+        result = {"final_step": 2, "tokens": 128, "final_val_loss": loss, "best_val_loss": loss,
+                  "final_train_loss": loss, "tps_median": 1000.0, "peak_memory_gib": peak,
+                  "val_curve": [[1, 64, 5.0], [2, 128, loss]], **(extra or {}), "argv": argv,
+                  "variant": dataclasses.asdict(variant), "processes": ngpu, "wall_s": wall_s, "resumed": False}
+        dump.mkdir(parents=True, exist_ok=True)
+        runner.write_atomic(dump / runner.MARKER, json.dumps(result))
+        return result, True
+
+    monkeypatch.setattr(runner, "run_variant", fake_run)
+    monkeypatch.setattr(ablate, "check_variant", lambda v, argv, ngpu: {
+        "params": 1000, "params_non_embedding": 500, "model_args": {"name": v.name}, "checkpoint_folder": "checkpoint"})
+    monkeypatch.setattr(ablate, "mark_same_networks", lambda runs, checked: None)
+    monkeypatch.setattr(schedule, "gpu_memory_gib", lambda: [(140.0, 139.0)])
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 16)
+    return state
+
+
+def test_parallel_auto_measures_the_first_run_then_fills_the_gpu(ablate, monkeypatch, tmp_path, capsys):
+    state = fake_grid(ablate, monkeypatch, tmp_path)
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D,AD", "--seeds", "0,1,2", *TINY]
+    assert ablate.main(argv) == 0
+    assert state["order"][0] == "base" and len(state["order"]) == 6
+    # the first run went alone (nothing measured yet), then 8 at once fit (10 GiB peak, 139 GiB free)
+    assert state["max"] > 1 and set(state["env"].values()) == {"0"}
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]["name"]: r for r in results["runs"]}
+    assert runs["base"].get("runs_sharing_gpu", 1) == 1 and max(r.get("runs_sharing_gpu", 1) for r in runs.values()) > 1
+    assert results["reference"]["sd"] is not None and set(results["verdicts"]) == {
+        "layer_pattern=A", "layer_pattern=D", "layer_pattern=AD"}
+    md = (out / "results.md").read_text()
+    assert "runs at once: auto: 8 (8 per GPU from a measured peak of 10.0 GiB and 139 GiB free)" in md
+    assert "shared one GPU" in md and "One line per technique" in md
+    assert results["verdicts"]["layer_pattern=AD"]["time"] == "time not judged (runs shared a GPU)"
+
+
+def test_time_budget_stops_starting_runs_and_a_rerun_continues(ablate, monkeypatch, tmp_path, capsys):
+    state = fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0)
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--parallel", "1", *TINY]
+    # the first run has no estimate and starts; then a 100 s run no longer fits in 50 s
+    assert ablate.main([*argv, "--time-budget", "50"]) == 0
+    err = capsys.readouterr()
+    assert state["order"] == ["base"] and "would end after --time-budget 50 s (about 100 s" in err.out
+    assert "not finished: layer_pattern=A, layer_pattern=D" in err.err
+    assert (out / "base" / "result.json").is_file() and (out / "results.md").is_file()
+    assert ablate.main([*argv, "--time-budget", "500"]) == 0  # 0 + 100 <= 500: both start
+    assert state["order"] == ["base", "layer_pattern=A", "layer_pattern=D"]
+    assert "base: finished earlier, skipped" in capsys.readouterr().out
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["variant"]["name"] for r in runs] == ["base", "layer_pattern=A", "layer_pattern=D"]
+
+
+def test_run_time_estimate_scales_training_with_the_runs_on_the_gpu():
+    from neollm.ablation.schedule import estimate_seconds
+
+    def run(group, wall_s, tokens=1_000_000, tps=10_000, sharing=1, resumed=False):
+        return {"variant": {"name": group, "group": group}, "wall_s": wall_s, "tokens": tokens,
+                "tps_median": tps, "runs_sharing_gpu": sharing, "resumed": resumed}
+
+    assert estimate_seconds("a", []) is None
+    alone = [run("a", 150.0)]  # 100 s of training (1M tokens at 10k tok/s) + 50 s of the rest
+    assert estimate_seconds("a", alone) == pytest.approx(150.0)
+    assert estimate_seconds("a", alone, runs_on_gpu=3) == pytest.approx(50 + 300)
+    # measured beside 4 others at 2.5k tok/s: 400 s of training = 80 s of the GPU alone
+    shared = [run("b", 450.0, tps=2_500, sharing=5)]
+    assert estimate_seconds("b", shared, runs_on_gpu=5) == pytest.approx(450.0)
+    assert estimate_seconds("b", shared, runs_on_gpu=1) == pytest.approx(50 + 80)
+    # its own group first; another group's runs only when it has none; resumed runs never
+    both = alone + [run("c", 900.0), run("a", 999.0, resumed=True)]
+    assert estimate_seconds("a", both) == pytest.approx(150.0)
+    assert estimate_seconds("d", both) == pytest.approx(900.0)

@@ -8,9 +8,13 @@
 
 Every variant is ./run_train.sh on the same config file with only its own ``[model] overrides``
 entries / torchtitan keys changed (neollm/ablation/grid.py); validation runs at a fixed interval
-on fixed batches so validation loss can be compared against tokens. Rerunning the same command
-skips finished variants and resumes a partly run one from its last checkpoint. Writes
-results.md, results.json, val_loss.png and delta.png into --out. See docs/ablations.md.
+on fixed batches so validation loss can be compared against tokens and training seconds. By
+default every run is compiled (one shared compile cache under --out), trains one epoch of the
+config's token shards, and as many runs share each GPU as its memory holds (--parallel auto).
+Each finished run's result is written as it ends; rerunning the same command skips finished
+variants and resumes or restarts the others, so a grid continues over several GPU jobs
+(--time-budget keeps a job from starting runs it cannot finish). Writes results.md,
+results.json, val_loss.png, val_loss_time.png and delta.png into --out. See docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ import dataclasses
 import datetime
 import json
 import os
-import queue
 import shlex
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from neollm.ablation import grid, report, runner  # noqa: E402
+from neollm.ablation import grid, report, runner, schedule  # noqa: E402
 from neollm.errors import ConfigError  # noqa: E402
 from neollm.provenance import device_name, git_commit  # noqa: E402
 
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each technique switch of the base model off in turn (-<switch>)")
     mode.add_argument("--add-one", action="store_true",
                       help="every switch off (plain, the reference), then each switch on alone (+<switch>)")
-    p.add_argument("--steps", type=int, help="training steps of every variant (= --set training.steps=N)")
+    p.add_argument("--steps", help="training steps of every variant: N, 'epoch' (one epoch of the config's "
+                                   "token shards, rounded up to whole validation intervals) or 'config' "
+                                   "(the config's own); default: epoch for a shards config, else config. "
+                                   "The config's warm-up keeps its fraction of the steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every variant (model field or dotted torchtitan key)")
     p.add_argument("--seeds", help="comma-separated [debug] seeds: the reference runs at each (to measure "
@@ -55,10 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-all", action="store_true", help="run every variant at every seed")
     p.add_argument("--val-freq", type=int, help="validate every N steps (default: config's, else steps/10)")
     p.add_argument("--val-steps", type=int, help="validation batches per evaluation (default: config's, else 10)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile every run (default on; --no-compile for eager)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="inductor/Triton cache shared by the runs (default <out>/compile_cache)")
     p.add_argument("--ngpu", type=int, default=int(os.environ.get("NGPU", "1")), help="processes per run")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="variants trained at once (default 1). With at least parallel x ngpu GPUs each run "
-                        "gets its own; otherwise they share the GPUs (then tok/s is not each run's own)")
+    p.add_argument("--parallel", default="auto",
+                   help="runs at once: N, or auto (default): as many per GPU as its free memory holds, "
+                        "from the largest peak memory a finished run measured; the first run goes alone "
+                        "when none has. 1 without a GPU. Runs are spread over the visible GPUs in groups "
+                        "of --ngpu; runs sharing a GPU do not measure their own speed (see the report)")
+    p.add_argument("--max-parallel", type=int, default=8, help="upper bound of --parallel auto per GPU")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no run that would end after SECONDS from now (estimated from the finished "
+                        "runs of its group, else of the grid, and the runs that would share its GPU); "
+                        "rerun to continue")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's checkpoints (default: removed once its result is written)")
     p.add_argument("--max-runs", type=int, help="stop after starting this many runs (rerun to continue)")
     p.add_argument("--report-only", action="store_true",
                    help="write results.md/json and plots from the finished variants; train nothing")
@@ -82,11 +103,18 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
         raise ConfigError("choose one mode: --vary/--variants, --leave-one-out or --add-one")
     common_model: dict[str, object] = {}
     common_cli: dict[str, str] = {}
-    grid.apply_assignments(opts.set + ([f"training.steps={opts.steps}"] if opts.steps else []),
-                           common_model, common_cli)
+    grid.apply_assignments(opts.set, common_model, common_cli)
+    common_cli.setdefault("compile.enable", "true" if opts.compile else "false")
     base_overrides = grid.merged_overrides(grid.config_overrides(opts.config),
                                            grid.Variant("common", model=common_model))
     head = ["--job.config_file", str(opts.config)]
+    config_job = _parse([*head, *grid.cli_args(common_cli), *_overrides_arg(base_overrides)])
+    steps = _steps(opts, config_job, common_cli)
+    if steps is not None:
+        common_cli["training.steps"] = str(steps)
+        if "lr_scheduler.warmup_steps" not in common_cli:
+            common_cli["lr_scheduler.warmup_steps"] = str(schedule.scaled_warmup(
+                config_job.lr_scheduler.warmup_steps, config_job.training.steps, steps))
     base_job = _parse([*head, *grid.cli_args(common_cli), *_overrides_arg(base_overrides)])
     base_args = grid.model_args_for(base_job)
 
@@ -129,6 +157,27 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
                 *_overrides_arg(overrides)]
         runs.append((v, argv))
     return runs
+
+
+def _steps(opts, job, common_cli: dict[str, str]) -> int | None:
+    """The steps every variant trains (None: the config's own)."""
+    if "training.steps" in common_cli:
+        if opts.steps is not None:
+            raise ConfigError("give the steps once: --steps or --set training.steps, not both")
+        return None
+    choice = opts.steps if opts.steps is not None else ("epoch" if job.training.dataset == "shards" else "config")
+    if choice == "config":
+        return None
+    if choice == "epoch":
+        freq = opts.val_freq or (job.validation.freq if job.validation.enable else 1)
+        steps = schedule.epoch_steps(job, freq)
+        if steps is None:
+            raise ConfigError(f"--steps epoch needs a config reading token shards ([training] dataset = "
+                              f"'shards'; this one reads {job.training.dataset!r}): give --steps N")
+        return steps
+    if not choice.isdigit() or int(choice) <= 0:
+        raise ConfigError(f"--steps {choice!r}: give a positive number of steps, 'epoch' or 'config'")
+    return int(choice)
 
 
 def _overrides_arg(overrides: list[str]) -> list[str]:
@@ -183,14 +232,17 @@ def check_variant(variant: grid.Variant, argv: list[str], ngpu: int) -> dict:
             "model_args": dataclasses.asdict(args), "checkpoint_folder": job.checkpoint.folder}
 
 
-def header(opts, argv: list[str]) -> dict:
+def header(opts, argv: list[str], job, parallel_text: str) -> dict:
     commit, device = git_commit(), device_name()
+    per_step = job.training.global_batch_size * job.training.seq_len
     return {"command": "python tools/ablate.py " + shlex.join(argv), "config": str(opts.config),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "git commit": commit, "device": f"{device} x {opts.ngpu} process(es)",
-            "runs at once": str(opts.parallel) + (" sharing the GPU(s): tok/s is not each variant's own speed"
-                                                  if opts.parallel > 1 and not gpu_env(0, opts.parallel, opts.ngpu)
-                                                  else "")}
+            "git commit": commit, "device": f"{device} x {opts.ngpu} process(es) per run",
+            "budget": f"{job.training.steps} steps x {per_step:,} tokens = {job.training.steps * per_step:,} "
+                      f"tokens per run, warm-up {job.lr_scheduler.warmup_steps} steps, validation every "
+                      f"{job.validation.freq} steps on {job.validation.steps} batches, "
+                      + ("compiled" if job.compile.enable else "eager"),
+            "runs at once": parallel_text}
 
 
 def mark_same_networks(runs, checked: dict) -> None:
@@ -211,21 +263,72 @@ def mark_same_networks(runs, checked: dict) -> None:
                   flush=True)
 
 
-def gpu_env(slot: int, parallel: int, ngpu: int) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES for a run slot when the GPUs can be split between parallel runs."""
-    if parallel <= 1:
-        return {}
-    import torch
+class Devices:
+    """Which GPUs the next run gets, and how many runs may be in flight.
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count < parallel * ngpu:
-        return {}  # shared: every run sees every GPU
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(slot * ngpu + i) for i in range(ngpu))}
+    The visible GPUs form groups of ``ngpu``; a new run goes to the group with the fewest runs.
+    ``parallel`` is a number, or "auto": runs_per_gpu() of the largest peak memory measured so
+    far (one run in all until a run has finished)."""
+
+    def __init__(self, parallel: str, ngpu: int, max_per_gpu: int, gpus: list[tuple[float, float]] | None = None):
+        self.gpus = schedule.gpu_memory_gib() if gpus is None else gpus
+        self.ngpu = ngpu
+        self.groups = max(1, len(self.gpus) // ngpu) if self.gpus else 0
+        self.auto = parallel == "auto"
+        if not self.auto and (not parallel.isdigit() or int(parallel) < 1):
+            raise ConfigError(f"--parallel {parallel!r}: give a positive number or auto")
+        self.fixed = None if self.auto else int(parallel)
+        self.max_per_gpu = max_per_gpu
+        self.active: dict[int, set[str]] = {g: set() for g in range(max(1, self.groups))}
+        self.peaks: list[float] = []
+
+    def limit(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.gpus or not self.peaks:
+            return 1
+        free = min(f for _, f in self.gpus)
+        cores = (os.cpu_count() or 2) // max(1, self.groups)
+        return schedule.runs_per_gpu(free, max(self.peaks), cores, self.max_per_gpu) * self.groups
+
+    def describe(self) -> str:
+        if self.fixed is not None:
+            return str(self.fixed)
+        if not self.gpus:
+            return "auto: 1 (no GPU visible)"
+        if not self.peaks:
+            return "auto: 1 (no finished run measured its peak memory yet)"
+        return (f"auto: {self.limit()} ({self.limit() // self.groups} per GPU from a measured peak of "
+                f"{max(self.peaks):.1f} GiB and {min(f for _, f in self.gpus):.0f} GiB free)")
+
+    def next_load(self) -> int:
+        """Runs on the GPU the next run would get, itself included."""
+        return 1 + min(len(names) for names in self.active.values())
+
+    def take(self, name: str) -> tuple[int, dict[str, str]]:
+        """(group, environment) for a run starting now."""
+        group = min(self.active, key=lambda g: len(self.active[g]))
+        self.active[group].add(name)
+        if not self.groups:
+            return group, {}
+        return group, {"CUDA_VISIBLE_DEVICES": ",".join(str(group * self.ngpu + i) for i in range(self.ngpu))}
+
+    def release(self, group: int, name: str) -> None:
+        self.active[group].discard(name)
+
+
+def _fits(v: grid.Variant, known: list[dict], started: float, budget: float | None,
+          runs_on_gpu: int) -> tuple[bool, float | None]:
+    if budget is None:
+        return True, None
+    estimate = schedule.estimate_seconds(v.group, known, runs_on_gpu)
+    return estimate is None or time.monotonic() - started + estimate <= budget, estimate
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = build_parser().parse_args(argv)
+    started = time.monotonic()
     try:
         runs = plan(opts)
         if opts.dry_run:
@@ -233,69 +336,112 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {v.name}: {v.what} (seed {v.seed})")
                 print("./run_train.sh " + shlex.join(run_argv))
             return 0
+        devices = Devices(opts.parallel, opts.ngpu, opts.max_parallel)
         opts.out.mkdir(parents=True, exist_ok=True)
-        checked = {}
+        checked, done = {}, {}
         for v, run_argv in runs:  # every variant is checked before the first one trains
-            if runner.finished(opts.out / v.dirname, run_argv) is None and not opts.report_only:
+            stored = runner.finished(opts.out / v.dirname, run_argv)
+            if stored is not None:
+                done[v.name] = stored
+            elif not opts.report_only:
                 checked[v.name] = check_variant(v, run_argv, opts.ngpu)
         mark_same_networks(runs, checked)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    results, missing = [], []
+    env = schedule.compile_cache_env(opts.cache_dir or opts.out / "compile_cache")
+    report_header = header(opts, argv, _parse(runs[0][1]), devices.describe())  # the budget every run shares
+    known = list(done.values())  # finished runs: estimates of time and memory
+    devices.peaks += [r["peak_memory_gib"] for r in known if r.get("peak_memory_gib")]
+    results: dict[str, dict] = dict(done)
+    missing: list[str] = []
     failure: list[Exception] = []
-    todo = []
-    to_start = 0
-    for v, run_argv in runs:
-        unfinished = runner.finished(opts.out / v.dirname, run_argv) is None
-        if unfinished and (opts.report_only or (opts.max_runs is not None and to_start >= opts.max_runs)):
-            missing.append(v.name)
-            continue
-        to_start += unfinished
-        todo.append((v, run_argv))
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(max(1, opts.parallel)):
-        slots.put(slot)
+    lock = threading.Lock()
+    sharing: dict[str, dict] = {}  # run name -> its extra (runs_sharing_gpu updated while in flight)
 
-    def one(v: grid.Variant, run_argv: list[str]):
+    def one(v: grid.Variant, run_argv: list[str], group: int, run_env: dict[str, str]):
         dump = opts.out / v.dirname
-        info = checked.get(v.name, {})
-        if info and failure:
-            missing.append(v.name)
-            return None
-        slot = slots.get()
+        info = checked[v.name]
         try:
-            if info:
-                dump.mkdir(parents=True, exist_ok=True)
-                (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
-                print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
-            extra = {k: info[k] for k in ("params", "params_non_embedding", "same_network_as_reference")
-                     if k in info} if info else None
-            env = gpu_env(slot, opts.parallel, opts.ngpu)
-            result, ran = runner.run_variant(v, dump, run_argv, opts.ngpu, info.get("checkpoint_folder", "checkpoint"),
-                                             report.summarize, extra, env=env)
-        except runner.RunFailed as error:
-            print(f"error: {error}", file=sys.stderr)
-            failure.append(error)
-            missing.append(v.name)
-            return None
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
+            print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
+            extra = sharing[v.name]
+            threads = {} if "OMP_NUM_THREADS" in os.environ else {  # the CPU cores split between the runs
+                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, devices.limit() * opts.ngpu)))}
+            return runner.run_variant(v, dump, run_argv, opts.ngpu, info["checkpoint_folder"], report.summarize,
+                                      extra, env={**env, **threads, **run_env},
+                                      keep_checkpoints=opts.keep_checkpoints)[0]
         finally:
-            slots.put(slot)
-        print(f"    {v.name}: {'done' if ran else 'finished earlier, skipped'}", flush=True)
-        return result
+            with lock:
+                devices.release(group, v.name)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
-        for result in pool.map(lambda job: one(*job), todo):  # map keeps the grid's order
-            if result is not None:
-                results.append(result)
-    if not any(r["variant"]["reference"] for r in results):
+    def write_report() -> None:
+        finished = [results[v.name] for v, _ in runs if v.name in results]
+        if any(r["variant"]["reference"] for r in finished):
+            pending = [v.name for v, _ in runs if v.name not in results]
+            written = report.write_report(opts.out, {**report_header, "runs at once": devices.describe()},
+                                          finished, pending)
+            print("    report: " + ", ".join(str(p) for p in written), flush=True)
+
+    for v, _ in runs:
+        if v.name in done:
+            print(f"    {v.name}: finished earlier, skipped", flush=True)
+    queue = [(v, a) for v, a in runs if v.name not in done]
+    if opts.report_only:
+        missing += [v.name for v, _ in queue]
+        queue = []
+    if opts.max_runs is not None:
+        missing += [v.name for v, _ in queue[opts.max_runs:]]
+        queue = queue[:opts.max_runs]
+    in_flight: dict[concurrent.futures.Future, grid.Variant] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
+        while queue or in_flight:
+            while queue and not failure and len(in_flight) < devices.limit():
+                v, run_argv = queue.pop(0)
+                fits, estimate = _fits(v, known, started, opts.time_budget, devices.next_load())
+                if not fits:
+                    print(f"    {v.name}: not started, it would end after --time-budget {opts.time_budget:.0f} s "
+                          f"(about {estimate:.0f} s; {time.monotonic() - started:.0f} s spent)", flush=True)
+                    missing.append(v.name)
+                    continue
+                with lock:
+                    group, run_env = devices.take(v.name)
+                    on_gpu = devices.active[group]
+                    sharing[v.name] = {k: checked[v.name][k] for k in
+                                       ("params", "params_non_embedding", "same_network_as_reference")
+                                       if k in checked[v.name]}
+                    for name in on_gpu:  # every run on this GPU now shares it with len(on_gpu) runs
+                        sharing[name]["runs_sharing_gpu"] = max(sharing[name].get("runs_sharing_gpu", 1),
+                                                                len(on_gpu))
+                in_flight[pool.submit(one, v, run_argv, group, run_env)] = v
+            if not in_flight:
+                break
+            finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                v = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except runner.RunFailed as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    failure.append(error)
+                    missing.append(v.name)
+                    continue
+                print(f"    {v.name}: done in {result['wall_s']:.0f} s", flush=True)
+                results[v.name] = result
+                known.append(result)
+                if result.get("peak_memory_gib"):
+                    devices.peaks.append(result["peak_memory_gib"])
+                write_report()
+        missing += [v.name for v, _ in queue]  # left after a failure
+    if not any(r["variant"]["reference"] for r in results.values()):
         print("no finished reference run yet: rerun the same command to continue", file=sys.stderr)
         return 1 if failure else 0
-    written = report.write_report(opts.out, header(opts, argv), results, missing)
-    print("\n".join(str(p) for p in written))
+    write_report()
     if missing:
-        print(f"not finished: {', '.join(missing)} (rerun the same command to continue)", file=sys.stderr)
+        print(f"not finished: {', '.join(n for v, _ in runs for n in [v.name] if n in missing)} "
+              "(rerun the same command to continue)", file=sys.stderr)
     return 1 if failure else 0
 
 

@@ -11,7 +11,17 @@ Sources (fetched at set-up time from the Debian archive; nothing is committed):
   one document per file;
 * ``gcide``  — the GNU Collaborative International Dictionary of English (Debian
   ``dict-gcide``, dictd format), one document per entry. Dictionary markup and 19th-century
-  style: bulk filler, so it can be left out with ``--sources``.
+  style: bulk filler, so it can be left out with ``--sources``;
+* ``postgres`` — the PostgreSQL 15 manual (Debian ``postgresql-doc-15``, PostgreSQL licence),
+  its HTML pages as text (neollm/data/html_text.py), one document per page;
+* ``perl``   — the Perl 5.36 documentation's POD sources (Debian ``perl-doc``, GPL-1+ or
+  Artistic), one document per file.
+
+Licences: wiki CC BY-SA 4.0; python3.11-doc PSF-2.0; linux-doc GPL-2.0; dict-gcide GPL-2+;
+postgresql-doc-15 PostgreSQL; perl-doc GPL-1+ or Artistic (each package's
+usr/share/doc/<package>/copyright; recorded in manifest.json). The corpus is built at set-up and
+never committed. ``--sources wiki,python,kernel,gcide`` rebuilds the 18.9M-token corpus of the
+2026-12 ablations.
 
 Writes ``<out>/train.jsonl`` and ``<out>/validation.jsonl`` (``{"id", "source", "text"}``; the
 wiki split is kept as prepared, other documents go to validation when a hash of their id falls
@@ -38,8 +48,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"python": "python3.11-doc", "kernel": "linux-doc-6.1", "gcide": "dict-gcide"}
-SOURCES = ("wiki", "python", "kernel", "gcide")
+sys.path.insert(0, str(REPO))
+PACKAGES = {"python": "python3.11-doc", "kernel": "linux-doc-6.1", "gcide": "dict-gcide",
+            "postgres": "postgresql-doc-15", "perl": "perl-doc"}
+LICENCES = {"wiki": "CC-BY-SA-4.0", "python": "PSF-2.0", "kernel": "GPL-2.0", "gcide": "GPL-2+",
+            "postgres": "PostgreSQL", "perl": "GPL-1+ or Artistic"}
+SOURCES = ("wiki", "python", "kernel", "gcide", "postgres", "perl")
 DICTD_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -102,6 +116,26 @@ def rst_documents(root: Path, pattern: str, source: str) -> Iterator[dict]:
         yield {"id": f"{source}:{path.relative_to(root)}", "source": source, "text": text}
 
 
+def html_documents(root: Path, pattern: str, source: str) -> Iterator[dict]:
+    from neollm.data.html_text import html_to_text
+
+    for path in sorted(root.glob(pattern)):
+        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+        yield {"id": f"{source}:{path.relative_to(root)}", "source": source, "text": text}
+
+
+def package_documents(source: str, root: Path) -> Iterator[dict]:
+    """The documents of one unpacked Debian package."""
+    if source == "gcide":
+        return gcide_documents(root)
+    if source == "postgres":
+        return html_documents(root, "usr/share/doc/postgresql-doc-15/html/*.html", source)
+    pattern = {"python": "usr/share/doc/python3.11/html/_sources/**/*.rst.txt",
+               "kernel": "usr/share/doc/linux-doc-*/html/_sources/**/*.rst.txt",
+               "perl": "usr/share/perl/*/pod/*.pod"}[source]
+    return rst_documents(root, pattern, source)
+
+
 def gcide_documents(root: Path) -> Iterator[dict]:
     dict_dir = root / "usr/share/dictd"
     data = gzip.decompress((dict_dir / "gcide.dict.dz").read_bytes())  # dictzip is gzip
@@ -150,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 (opts.out / "train.jsonl.tmp").open("w", encoding="utf-8") as train, \
                 (opts.out / "validation.jsonl.tmp").open("w", encoding="utf-8") as validation:
             for source in sources:
-                stats = {"docs": 0, "chars": 0, "validation_docs": 0}
+                stats = {"docs": 0, "chars": 0, "validation_docs": 0, "licence": LICENCES[source]}
                 if source == "wiki":
                     streams = [(doc, split == "validation") for split in ("train", "validation")
                                for doc in wiki_documents(split)]
@@ -158,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     deb = debs[PACKAGES[source]]
                     stats["package"] = deb.name
                     root = unpack(deb, Path(tmp) / source)
-                    docs = (gcide_documents(root) if source == "gcide" else rst_documents(
-                        root, "usr/share/doc/python3.11/html/_sources/**/*.rst.txt" if source == "python"
-                        else "usr/share/doc/linux-doc-*/html/_sources/**/*.rst.txt", source))
+                    docs = package_documents(source, root)
                     streams = ((doc, in_validation(doc["id"], opts.validation_percent)) for doc in docs)
                 for doc, held_out in streams:
                     if len(doc["text"]) < opts.min_chars:

@@ -7,7 +7,9 @@ Layout under ``--out``::
     <variant>/metrics.jsonl  written by the trainer (neollm/monitor.py)
     <variant>/checkpoint/    torchtitan checkpoints (a partly run variant resumes from the last)
     <variant>/model_args.json  the variant's NeoLLMModelArgs (for convert_to_hf/evaluate --flavor)
-    <variant>/result.json    the marker of a finished variant, with its parsed results
+    <variant>/result.json    the marker of a finished variant, with its parsed results (written
+                             atomically when the run ends: a job killed mid-grid loses only the
+                             runs in flight)
 
 Resume rules: a variant with result.json is skipped (if it was run with other arguments, that is
 an error, not a silent reuse); without it, the same command is run again, and torchtitan resumes
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,9 +62,18 @@ def _error_lines(log: Path, limit: int = 5) -> str:
     return "\n".join((errors or lines)[-limit:])
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def run_variant(variant: Variant, dump: Path, argv: list[str], ngpu: int, checkpoint_folder: str,
-                summarize, extra: dict | None = None, env: dict | None = None) -> tuple[dict, bool]:
-    """Run (or skip, or resume) one variant; returns (result, ran_now)."""
+                summarize, extra: dict | None = None, env: dict | None = None,
+                keep_checkpoints: bool = True) -> tuple[dict, bool]:
+    """Run (or skip, or resume) one variant; returns (result, ran_now). ``extra`` is read when the
+    run ends (the scheduler may update it while the run is in flight)."""
     done = finished(dump, argv)
     if done is not None:
         return done, False
@@ -84,8 +96,10 @@ def run_variant(variant: Variant, dump: Path, argv: list[str], ngpu: int, checkp
     if rc != 0:
         raise RunFailed(f"variant {variant.name} failed (exit {rc}); see {log}:\n{_error_lines(log)}")
     result = {**summarize(dump), **(extra or {}), "argv": argv, "variant": asdict(variant),
-              "wall_s": time.time() - start, "resumed": resuming,
+              "processes": ngpu, "wall_s": time.time() - start, "resumed": resuming,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (dump / MARKER).write_text(json.dumps(result, indent=2, default=str))
+    write_atomic(dump / MARKER, json.dumps(result, indent=2, default=str))
+    if not keep_checkpoints:  # the result is the curve; checkpoints would fill the disk over a grid
+        shutil.rmtree(dump / checkpoint_folder, ignore_errors=True)
     return result, True
 
