@@ -68,6 +68,10 @@ class Optimizer:
     conda_correct_bias: bool = True
     """Conda: Adam bias correction lr * sqrt(1 - beta2^t) / (1 - beta1^t)."""
 
+    conda_version: str = "2025-10-26"
+    """Conda: the author's Conda_optimizer.py by commit date: "2025-10-26" (first, 'std') or "2026-04-16"
+    (latest: m/v bias correction, U for square matrices, cautious weight decay before the step)."""
+
 
 @dataclass
 class LRScheduler:

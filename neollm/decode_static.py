@@ -11,8 +11,8 @@ does not advance ``pos``; the caller does (``decode_graph.StaticDecoder`` inside
 
 Per attention layer, with L = cache.max_len:
 * RoPE: the row ``rope.index_select(0, pos)``;
-* momentum: the previous pre-momentum q/k rows from the cache (the token's own at pos = 0, a
-  ``torch.where`` on the position), then overwritten with this token's rows;
+* momentum: the previous pre-momentum q/k rows from the cache (at pos = 0 the token's own, or zeros
+  with ``momentum_first = "zero"``: a ``torch.where`` on the position), then overwritten with this token's rows;
 * keys / values written at ``pos``; attention over the whole [L] buffer with the boolean mask
   ``arange(L) <= pos``. The query heads of one KV group are laid along the query axis
   (``[B, Hkv, g, d]``, T = 1), so GQA needs neither ``enable_gqa`` nor a repeat of the keys;
@@ -54,7 +54,8 @@ def _attention_static(attn: Attention, x: Tensor, rope: Tensor, c: AttentionCach
     if attn.momentum_gamma != 0.0:
         g = attn.momentum_gamma
         first = (pos == 0).view(())
-        prev_q, prev_k = torch.where(first, q, c.prev_q), torch.where(first, k, c.prev_k)
+        q0, k0 = (torch.zeros_like(q), torch.zeros_like(k)) if attn.momentum_first == "zero" else (q, k)
+        prev_q, prev_k = torch.where(first, q0, c.prev_q), torch.where(first, k0, c.prev_k)
         c.prev_q.copy_(q)
         c.prev_k.copy_(k)
         q = q + g * (q - prev_q)

@@ -16,7 +16,7 @@ Attention (``AttentionCache``, buffers preallocated to ``max_len`` positions):
 * keys: the kernel's keys (after MEA, QK norm, RoPE at their absolute positions and momentum);
 * values: V' the kernel reads (v, or LUCID's X = P^-1 v);
 * momentum (``momentum_gamma``): the previous token's post-RoPE, pre-momentum q and k rows
-  (q_t + gamma (q_t - q_{t-1}), with q_{-1} := q_0 at position 0 as in training);
+  (q_t + gamma (q_t - q_{t-1}), with q_{-1} := q_0 or 0 (``momentum_first``) at position 0 as in training);
 * LUCID: the RMS-normalised kernel keys and X in the compute dtype (fp32/fp64). New rows of
   X solve ``x_t = v_t - sum_{j<t} P_tj x_j``: the part over cached positions is one matmul,
   the part inside the chunk a unit-lower-triangular solve (exact for the prefill too);
@@ -184,8 +184,12 @@ def _attention_step(attn: Attention, x: Tensor, rope: Tensor, c: AttentionCache,
     # 5. momentum against the previous (cached) pre-momentum row
     if attn.momentum_gamma != 0.0:
         g = attn.momentum_gamma
-        prev_q = q[:, :1] if pos == 0 else c.prev_q
-        prev_k = k[:, :1] if pos == 0 else c.prev_k
+        if pos == 0:  # x_{-1}: x_0 ("repeat") or zeros ("zero"), as ops.momentum_shift
+            zero = attn.momentum_first == "zero"
+            prev_q = torch.zeros_like(q[:, :1]) if zero else q[:, :1]
+            prev_k = torch.zeros_like(k[:, :1]) if zero else k[:, :1]
+        else:
+            prev_q, prev_k = c.prev_q, c.prev_k
         q_prev = torch.cat([prev_q, q[:, :-1]], dim=1)
         k_prev = torch.cat([prev_k, k[:, :-1]], dim=1)
         c.prev_q.copy_(q[:, -1:])

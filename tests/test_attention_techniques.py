@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from neollm.errors import ConfigError
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
+from neollm.model import attention_ops as ops
 from neollm.model.attention import Attention
 from neollm.model.attention_ops import lucid_preconditioner, lucid_values
 from neollm.model.model import NeoLLM
@@ -36,6 +37,7 @@ CONFIGS = {
     "seednorm_qk+qkv_norm": dict(seednorm_qk=True, qkv_norm=True),
     "mea": dict(mea=True),
     "momentum": dict(momentum_gamma=0.1),
+    "momentum_zero": dict(momentum_gamma=0.1, momentum_first="zero"),
     "affine": dict(affine_scaled_attention=True),
     "lucid": dict(lucid=True),
     "xsa": dict(xsa=True),
@@ -120,7 +122,8 @@ def reference(att: Attention, x: torch.Tensor, cache: torch.Tensor, *, qk_plain_
     gamma = att.momentum_gamma
     if gamma:
         def momentum(t):
-            rows = [t[:, 0]]  # first velocity is zero
+            # x_{-1} = x_0 (first velocity zero) or 0 (the author's zero padding)
+            rows = [(1 + gamma) * t[:, 0] if att.momentum_first == "zero" else t[:, 0]]
             for i in range(1, seq_len):
                 rows.append(t[:, i] + gamma * (t[:, i] - t[:, i - 1]))
             return torch.stack(rows, dim=1)
@@ -415,6 +418,17 @@ def test_momentum_uses_only_the_previous_token():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_momentum_first_position_is_zero_padded_or_repeated():
+    # the author's kernel test: previous = F.pad(x[..., :-1, :], (0, 0, 1, 0)) along the sequence
+    x = torch.randn(2, 7, 3, 4, dtype=torch.float64)
+    padded = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    torch.testing.assert_close(ops.momentum_shift(x, 0.1, "zero"), x + 0.1 * (x - padded), rtol=0, atol=0)
+    repeated = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+    torch.testing.assert_close(ops.momentum_shift(x, 0.1, "repeat"), x + 0.1 * (x - repeated), rtol=0, atol=0)
+    assert not torch.equal(ops.momentum_shift(x, 0.1, "zero")[:, 0], ops.momentum_shift(x, 0.1, "repeat")[:, 0])
+    torch.testing.assert_close(ops.momentum_shift(x, 0.1, "zero")[:, 1:], ops.momentum_shift(x, 0.1, "repeat")[:, 1:])
+
+
 # ---- module-level properties ---------------------------------------------------------------
 def test_parameter_counts_at_neollm_135m_sizes():
     base_args = FLAVORS["plain"]
@@ -425,7 +439,7 @@ def test_parameter_counts_at_neollm_135m_sizes():
                  for name, c in CONFIGS.items()}
     assert extra == {
         "plain": 0, "seednorm_qk": 384, "qkv_norm": 192, "seednorm_qk+qkv_norm": 448,
-        "mea": 1_056, "momentum": 0, "affine": 4_104, "lucid": 0, "xsa": 0,
+        "mea": 1_056, "momentum": 0, "momentum_zero": 0, "affine": 4_104, "lucid": 0, "xsa": 0,
         "routing": 8 * 4 * 64 + 512 * 32 + 32, "gate_elementwise": 262_144,
         "gate_headwise": 4_096, "dropout": 0,
         "all": 448 + 1_056 + 4_104 + 18_464 + 262_144,

@@ -274,8 +274,10 @@ def test_init_fills_and_flags_our_parameters(technique):
 def test_polynorm_matches_its_formula_and_init(exclusive):
     act = PolyNorm(exclusive=exclusive)
     assert act.weight.tolist() == [torch.tensor(1 / 3).item()] * 3 and act.bias.tolist() == [0.0]
-    if exclusive:
-        assert act.exclusive_logits.tolist() == [0.0, 0.0]  # alpha = 0.5
+    if exclusive:  # the author's init: alpha = sigmoid(logit) = 1e-4 (starts as plain PolyNorm)
+        torch.testing.assert_close(torch.sigmoid(act.exclusive_logits.double()),
+                                   torch.full((2,), 1e-4, dtype=D64), rtol=1e-6, atol=0)
+        assert PolyNorm(exclusive=True, exclusive_init=0.5).exclusive_logits.tolist() == [0.0, 0.0]
     act = act.double()
     perturb(act, scale=0.5)
     x = 2.0 * torch.randn(3, 5, 40, dtype=D64)

@@ -303,3 +303,55 @@ def test_bad_ffn_args_raise_clear_errors(changes, fragment):
 
 def test_glu_default_is_unchanged():
     assert type(build_mlp(tiny())) is MLP and type(build_mlp(tiny(mlp_type="polynorm"))) is MLP
+
+
+# ---- the NeoLLM author's MLP graph (FAN inside the FFN) ------------------------------------
+def test_ffn_fan_sizes_follow_the_authors_profile():
+    from neollm.model.fan import ffn_fan_dims
+
+    assert ffn_fan_dims(512, 0.0625) == (544, 34)  # FAN 512 -> 510, [cos 34 | sin 34 | 476]
+    mlp = MLP(dataclasses.replace(FLAVORS["plain"], mlp_type="polynorm", ffn_fan_ratio=0.0625))
+    assert tuple(mlp.fan.proj.weight.shape) == (510, 512) and tuple(mlp.fan.proj.bias.shape) == (510,)
+    assert tuple(mlp.w1.weight.shape) == (1536, 544) and tuple(mlp.w3.weight.shape) == (1536, 544)
+
+
+def test_mlp_with_ffn_fan_and_multipliers_is_the_authors_graph():
+    """simplegpt off: X -> FAN (bias) -> [cos|sin|pass] -> gate * r_gate -> exclusive PolyNorm, * up,
+    * c_down -> down * r_down, written out here from ml-cross-entropy's mlp/reference.py reading."""
+    from test_block_techniques import ref_polynorm
+
+    args = tiny(mlp_type="polynorm", polynorm_exclusive=True, learnable_multipliers=True, ffn_fan_ratio=0.0625)
+    mlp = built(MLP(args))
+    assert mlp.act.exclusive_logits.detach().sigmoid().allclose(torch.full((2,), 1e-4, dtype=D64))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=D64))
+    x = torch.randn(2, 5, args.dim, generator=gen, dtype=D64)
+    width, periodic = mlp.fan.out_dim, mlp.fan.p_dim
+    assert (width, periodic) == (args.dim + int(args.dim * 0.0625), int(width * 0.0625))
+    proj = x @ mlp.fan.proj.weight.T + mlp.fan.proj.bias
+    fan = torch.cat([proj[..., :periodic].cos(), proj[..., :periodic].sin(), proj[..., periodic:]], -1)
+    gate = (fan @ mlp.w1.core.weight.T) * mlp.w1.row
+    up = fan @ mlp.w3.weight.T
+    act = ref_polynorm(gate, mlp.act.weight, mlp.act.bias, mlp.act.exclusive_logits)
+    expected = ((act * up * mlp.w2.col) @ mlp.w2.core.weight.T) * mlp.w2.row
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-10, atol=1e-10)
+    assert mlp.w3.__class__.__name__ == "Linear"  # no multiplier on up (the author's graph has none)
+
+
+@pytest.mark.parametrize("scope,ffn_fan", [("all", 0.0), ("all", 0.0625), ("mlp", 0.0), ("mlp", 0.0625)])
+def test_simplegpt_scope_places_simplenorm_multipliers_and_pre_norms(scope, ffn_fan):
+    args = tiny(layer_pattern="A", simplegpt=True, simplegpt_scope=scope, learnable_multipliers=True,
+                ffn_fan_ratio=ffn_fan, mlp_type="polynorm")
+    block = Block(0, "A", args)
+    simple = lambda m: getattr(m, "norm", None) is not None  # noqa: E731
+    assert all(simple(m) for m in (block.mlp.w1, block.mlp.w3, block.mlp.w2))  # the FFN's, in both scopes
+    assert all(getattr(m, "row", None) is None for m in (block.mlp.w1, block.mlp.w2))  # gamma is the row scale
+    attention = (block.mixer.wq, block.mixer.wk, block.mixer.wv, block.mixer.wo)
+    assert all(simple(m) for m in attention) == (scope == "all")
+    assert (block.mixer.wo.row is not None) == (scope == "mlp")  # multipliers act where no SimpleNorm is
+    assert isinstance(block.mixer_norm, torch.nn.RMSNorm) == (scope == "mlp")
+    assert isinstance(block.mlp_norm, torch.nn.RMSNorm) == (ffn_fan > 0)  # kept in front of the FFN FAN
+    if ffn_fan:
+        assert type(block.mlp.fan.proj).__name__ == "Linear"  # no SimpleNorm, no multipliers (author's)

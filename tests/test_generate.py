@@ -23,7 +23,8 @@ ALL_ATTENTION = dict(
 )
 EVERYTHING = dict(
     ALL_ATTENTION, attention_output_gate="headwise", mlp_type="polynorm", polynorm_exclusive=True,
-    learnable_multipliers=True, simplegpt=True, cola_rank_ratio=0.25, fan_ratio=0.125,
+    learnable_multipliers=True, simplegpt=True, cola_rank_ratio=0.25, fan_ratio=0.125, ffn_fan_ratio=0.0625,
+    momentum_first="zero",
     fan_on_gdn=True, layernorm_scaling=True, gpas=True, hybrid_norm=True, gated_residual=True,
     dropout=0.1, attention_dropout=0.1,
 )

@@ -74,12 +74,14 @@ def test_flavor_parameter_counts():
     from neollm.model.params import count_parameters, technique_breakdown
 
     # (total, embedding): docs/techniques.md explains each against the seed cards.
-    assert count_parameters(FLAVORS["neollm_135m"]) == (76_978_204, 32_973_824)
+    assert count_parameters(FLAVORS["neollm_135m"]) == (81_306_244, 32_973_824)
     assert count_parameters(FLAVORS["neollm_110m_hybrid"]) == (108_714_884, 77_660_160)
     assert count_parameters(FLAVORS["fanformer_92m"]) == (85_599_132, 37_748_736)
     added = technique_breakdown(FLAVORS["neollm_135m"])
     assert added["attention_output_gate"] == 12 * 512 * 512  # elementwise gate: D x H*d per layer
     assert added["fan_ratio"] == 12 * (512 * 64 + 512 * 384 + 384)  # W_p, W_pbar, bias
+    # FFN FAN: one 512 -> 510 projection with bias; gate and up read 544 = 510 + 34 channels
+    assert added["ffn_fan_ratio"] == 12 * (512 * 510 + 510 + 2 * 32 * 1536)
     assert added["gpas"] == 12 and added["mlp_type"] == 12 * 4
 
 

@@ -80,10 +80,36 @@ def ref_conda(p, grads, lrs, betas, eps, wd, gap, scale):
     return p
 
 
+def ref_conda_latest(p, grads, lrs, betas, eps, wd, gap, scale):
+    """The author's latest Conda_optimizer.py (939adb0, default switches; dd20c2e's step) for one tensor:
+    m and v bias-corrected themselves, U for rows <= cols, cautious weight decay before the step."""
+    b1, b2 = betas
+    p = p.clone()
+    m, v, basis = torch.zeros_like(p), torch.zeros_like(p), None
+    right = p.ndim == 2 and p.shape[0] > p.shape[1]
+    for k, (g, lr) in enumerate(zip(grads, lrs)):
+        m = b1 * m + (1 - b1) * g
+        if p.ndim == 2:
+            if basis is None or k % gap == 0:
+                U, _, Vh = torch.linalg.svd(m.float(), full_matrices=False)
+                basis = (Vh if right else U).to(p.dtype)
+            g_p, m_p = (g @ basis.T, m @ basis.T) if right else (basis.T @ g, basis.T @ m)
+        else:
+            g_p, m_p = g, m
+        v = b2 * v + (1 - b2) * g_p * g_p
+        t = k + 1
+        n = (m_p / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        if p.ndim == 2:
+            n = (n @ basis if right else basis @ n) * scale
+        p = p - lr * wd * p * ((n * p) >= 0)
+        p = p - lr * n
+    return p
+
+
 # ----------------------------------------------------------------------------- helpers
 
 # shapes: right-type matrix, left-type matrix, 1-D, 3-D
-SHAPES = [(7, 4), (3, 6), (5,), (2, 3, 2), (7, 4), (3, 6)]  # repeated shapes: batched projections
+SHAPES = [(7, 4), (3, 6), (5,), (2, 3, 2), (7, 4), (3, 6), (4, 4)]  # repeated shapes: batched projections
 
 
 def _run_single(opt_factory, steps=10):
@@ -132,6 +158,30 @@ def test_conda_matches_reference(foreach):
     for i, p in enumerate(params):
         ref = ref_conda(init[i], [g[i] for g in grads], lrs, **hp)
         torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])  # a large eps shows where the bias correction acts
+def test_conda_latest_version_matches_reference(foreach, eps):
+    hp = dict(betas=(0.9, 0.999), eps=eps, wd=0.1, gap=3, scale=0.25)
+    init, grads, lrs, params = _run_single(lambda ps: Conda(
+        ps, lr=1.0, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"], update_proj_gap=hp["gap"],
+        scale=hp["scale"], foreach=foreach, version="2026-04-16"))
+    for i, p in enumerate(params):
+        ref = ref_conda_latest(init[i], [g[i] for g in grads], lrs, **hp)
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-13)
+        # and not the first version's step (the two differ on every shape here)
+        first = ref_conda(init[i], [g[i] for g in grads], lrs, **hp)
+        assert (p.detach() - first).abs().max() > 1e-6, SHAPES[i]
+
+
+def test_conda_rejects_an_unknown_version():
+    from neollm.errors import ConfigError
+
+    with pytest.raises(ValueError, match="2026-04-16"):
+        Conda([nn.Parameter(torch.zeros(2, 2))], version="latest")
+    with pytest.raises(ConfigError, match="conda_version"):
+        build_neollm_optimizers([Small()], _config("Conda", conda_version="2027"), parallel_dims=None)
 
 
 def test_conda_batched_step_equals_per_tensor_step_with_lagging_tensors():
@@ -256,10 +306,12 @@ def _train_steps(model, opts, scheds, batches):
         scheds.step()
 
 
-@pytest.mark.parametrize("name", ["AdEMAMix", "Conda", "AdamW"])
+@pytest.mark.parametrize("name", ["AdEMAMix", "Conda", "Conda-2026-04-16", "AdamW"])
 def test_state_round_trips_through_dcp_checkpoint(tmp_path, name):
     torch.manual_seed(0)
     extra = dict(beta3=0.999, alpha=5.0, t_alpha=3, t_beta3=3, conda_update_proj_gap=2)
+    if name.startswith("Conda-"):
+        name, extra["conda_version"] = "Conda", name[len("Conda-"):]
     sched_cfg = SimpleNamespace(warmup_steps=2, total_steps=None, decay_ratio=None, decay_type="cosine",
                                 min_lr_factor=0.1, start_lr_factor=0.5)
     batches = [torch.randint(0, 11, (3, 5)) for _ in range(6)]
@@ -364,6 +416,12 @@ OPT_CASES = {
     # the per-tensor step: left projections of row shards as reduce-scatters instead of one all-gather
     "Conda-loop": _config("Conda", lr=2e-2, conda_update_proj_gap=2, conda_scale=0.25, conda_correct_bias=True,
                           implementation="for-loop"),
+    # the author's latest version (square "mix" takes the left projection; cautious decay on "down")
+    "Conda-latest": _config("Conda", lr=2e-2, conda_update_proj_gap=2, conda_scale=0.25, conda_correct_bias=True,
+                            conda_version="2026-04-16", eps=1e-3),
+    "Conda-latest-loop": _config("Conda", lr=2e-2, conda_update_proj_gap=2, conda_scale=0.25,
+                                 conda_correct_bias=True, conda_version="2026-04-16", eps=1e-3,
+                                 implementation="for-loop"),
 }
 
 
@@ -427,7 +485,8 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
         half = slice(rank * 4, rank * 4 + 4)
         # "gathered": Conda's fallback for other layouts (gather g, m, v), forced here
         cases = [("AdEMAMix", "fsdp"), ("Conda", "fsdp"), ("Conda", "hsdp"), ("Conda", "gathered"),
-                 ("Conda-loop", "fsdp"), ("Conda-loop", "hsdp")]
+                 ("Conda-loop", "fsdp"), ("Conda-loop", "hsdp"), ("Conda-latest", "fsdp"),
+                 ("Conda-latest", "gathered"), ("Conda-latest-loop", "fsdp")]
         for name, layout in cases:
             expected = _reference_params(name)
             original = conda_mod._row_sharded

@@ -35,6 +35,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "fan_on_gdn": ("fan_ratio",),
     "polynorm_exclusive": ("mlp_type",),
     "routing_directions": ("directional_routing",),
+    "simplegpt_scope": ("simplegpt",),
+    "momentum_first": ("momentum_gamma",),
+    "polynorm_exclusive_init": ("polynorm_exclusive",),
 }
 
 

@@ -89,6 +89,9 @@ class NeoLLMModelArgs(BaseModelArgs):
     """MEA (arXiv 2601.19611): mix K and V across KV heads (init identity), then per-head GroupNorm."""
     momentum_gamma: float = 0.0
     """Momentum Attention (arXiv 2602.04902): q,k += gamma*(x_t - x_{t-1}) after RoPE; 0 = off."""
+    momentum_first: str = "repeat"
+    """Momentum's x_{-1} at t = 0: "zero" (the NeoLLM author's kernel: zero-padded, so x_0 -> (1+gamma) x_0)
+    or "repeat" (x_{-1} := x_0, first velocity 0)."""
     affine_scaled_attention: bool = False
     """Affine-Scaled Attention (arXiv 2602.23057): O = alpha*SDPA + (1-alpha)*mean_{j<=i} v_j."""
     lucid: bool = False
@@ -110,6 +113,9 @@ class NeoLLMModelArgs(BaseModelArgs):
     "moe" (sparse top-k mixture of SwiGLU experts with a load-balancing loss; neollm/model/moe.py)."""
     polynorm_exclusive: bool = False
     """PolyNorm: strip the x^2 and x^3 branches of their part along the x branch (sigmoid-gated), renormalise."""
+    polynorm_exclusive_init: float = 1e-4
+    """polynorm_exclusive: the removed fraction sigmoid(logit) at init, in (0, 1); the NeoLLM author's 1e-4
+    (logits logit(1e-4)); 0.5 gives logits 0 (our earlier reading)."""
     moe_num_experts: int = 8
     """mlp_type "moe": experts per MoE layer."""
     moe_top_k: int = 2
@@ -121,11 +127,17 @@ class NeoLLMModelArgs(BaseModelArgs):
     learnable_multipliers: bool = False
     """Learnable multipliers y = r*(W(c*x)): r on o/down/gate/fan projections, c on o/down (arXiv 2601.04890)."""
     simplegpt: bool = False
-    """SimpleNorm: every make_linear projection -> gamma*RMSNorm(Wx); attention/MLP pre-norms dropped (2602.01212)."""
+    """SimpleNorm: make_linear projections -> gamma*RMSNorm(Wx), and the pre-norm they replace dropped (2602.01212)."""
+    simplegpt_scope: str = "all"
+    """simplegpt's reach: "all" (every make_linear projection; attention and MLP pre-norms dropped) or "mlp"
+    (only the FFN's gate/up/down, seed 001's "applied inside MLP projections"; attention keeps its pre-norm)."""
     cola_rank_ratio: float = 0.0
     """CoLA: every make_linear projection W -> B GELU(A x), rank int(in*ratio); 0 = off (arXiv 2502.10940)."""
     fan_ratio: float = 0.0
     """FANformer ATF: mixer input X -> [cos(XWp) | sin(XWp) | XWpbar+b], Dp = int(ratio*dim); 0 = off (2502.21309)."""
+    ffn_fan_ratio: float = 0.0
+    """FAN inside the FFN (the NeoLLM author's MLP): m -> [cos(P) | sin(P) | G] with [P | G] = W m + b, read by
+    gate/up. Width F' = D + int(ratio*D), P = int(ratio*F'), W: D -> F' - P; 0.0625 at D=512: 512 -> 510, 544 wide."""
     fan_on_gdn: bool = False
     """Also feed the FAN features to the non-attention mixer layers (D, G, T, M; default: attention only)."""
     layernorm_scaling: bool = False
@@ -201,6 +213,17 @@ class NeoLLMModelArgs(BaseModelArgs):
             fail(f"fan_ratio must be in [0, 0.5) (0 = off), got {self.fan_ratio}")
         if self.fan_ratio and int(self.fan_ratio * self.dim) < 1:
             fail(f"fan_ratio {self.fan_ratio} gives no periodic channel at dim {self.dim}; raise it or set 0")
+        if not 0.0 <= self.ffn_fan_ratio < 0.5:
+            fail(f"ffn_fan_ratio must be in [0, 0.5) (0 = off), got {self.ffn_fan_ratio}")
+        if self.ffn_fan_ratio and self.mlp_type not in ("swiglu", "polynorm"):
+            fail(f"ffn_fan_ratio needs a GLU FFN (mlp_type 'swiglu' or 'polynorm'), got {self.mlp_type!r}; "
+                 "set ffn_fan_ratio = 0 or change mlp_type")
+        if self.ffn_fan_ratio and int(self.ffn_fan_ratio * (self.dim + int(self.ffn_fan_ratio * self.dim))) < 1:
+            fail(f"ffn_fan_ratio {self.ffn_fan_ratio} gives no periodic channel at dim {self.dim}; raise it or set 0")
+        if self.simplegpt_scope not in ("all", "mlp"):
+            fail(f"simplegpt_scope must be 'all' or 'mlp', got {self.simplegpt_scope!r}")
+        if not 0.0 < self.polynorm_exclusive_init < 1.0:
+            fail(f"polynorm_exclusive_init must be in (0, 1) (a sigmoid's value), got {self.polynorm_exclusive_init}")
         if self.fan_on_gdn and not self.fan_ratio:
             fail("fan_on_gdn needs fan_ratio > 0")
         if not 0.0 <= self.dropout < 1.0:
@@ -208,6 +231,8 @@ class NeoLLMModelArgs(BaseModelArgs):
         # attention techniques
         if not 0.0 <= self.momentum_gamma < float("inf"):
             fail(f"momentum_gamma must be a finite number >= 0 (0 = off), got {self.momentum_gamma}")
+        if self.momentum_first not in ("zero", "repeat"):
+            fail(f"momentum_first must be 'zero' or 'repeat', got {self.momentum_first!r}")
         if not 1 <= self.routing_directions <= self.head_dim:
             fail(f"routing_directions must be in [1, head_dim={self.head_dim}], "
                  f"got {self.routing_directions}")
@@ -291,12 +316,18 @@ class NeoLLMModelArgs(BaseModelArgs):
 
 
 # Seed 001's techniques (NeoLLM-135M card), as switches. The card names FAN without a ratio:
-# seed 000's 0.125 is used. Its PolyNorm-exclusivity fix is announced for a later run, so off.
+# seed 000's 0.125 is used on the attention input. Its PolyNorm-exclusivity fix is announced for a
+# later run, so off. From the author's code and config (sources: docs/techniques.md, "Seed 001 against
+# the author's code"): SimpleGPT only inside the MLP projections (the card's scope), a FAN map inside
+# the FFN (fan_ratio_ffn 0.0625, the author's MLP graph at ml-cross-entropy ec32cad) and momentum
+# zero-padded before t = 0 (the author's kernel). The flavor before these three readings:
+# overrides simplegpt_scope=all ffn_fan_ratio=0 momentum_first=repeat.
 SEED_001_TECHNIQUES: dict[str, object] = dict(
     seednorm_qk=True, mlp_type="polynorm", gpas=True, layernorm_scaling=True, fan_ratio=0.125,
     mea=True, lucid=True, affine_scaled_attention=True, xsa=True, directional_routing=True,
     routing_directions=4, attention_output_gate="elementwise", momentum_gamma=0.1,
-    learnable_multipliers=True, simplegpt=True,
+    learnable_multipliers=True, simplegpt=True, simplegpt_scope="mlp", ffn_fan_ratio=0.0625,
+    momentum_first="zero",
 )
 # Seed 000 (NeoLLM-110M hybrid card): FAN 0.125, PolyNorm MLP, LNS, GPAS on a 3:1 GDN pattern.
 SEED_000_TECHNIQUES: dict[str, object] = dict(

@@ -41,7 +41,10 @@ Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8
   (no extra "virtual" heads). At init the mixing is the identity, so MEA = per-head GroupNorm of
   k and v. Params 2*16 + 2*2*4*64 = 1,056; cost: a 4x4 einsum per token.
 * Momentum Attention — arXiv 2602.04902. ``q_t <- q_t + gamma (q_t - q_{t-1})``, same for k, with
-  q_{-1} := q_0 (first velocity 0); AFTER QK norm and RoPE (the paper's orthogonality argument
+  q_{-1} := 0 (``momentum_first = "zero"``, the NeoLLM author's fused kernel: masked loads with 0 before
+  t = 0 in Kitsunp/ml-cross-entropy cut_cross_entropy/repo_grape/triton.py @ 277de8d, and its test's
+  reference ``F.pad(x[..., :-1, :], (0, 0, 1, 0))`` in tests/test_repo_grape.py) or q_{-1} := q_0
+  (``"repeat"``, first velocity 0, our earlier reading and the field's default); AFTER QK norm and RoPE (the paper's orthogonality argument
   needs it after the rotation; NeoLLM's fused op does the same). gamma is a fixed float (seed
   0.1), no params. With packed documents the velocity is not reset at document starts (the
   attention is not document-masked either). Cost: one shifted subtraction.
@@ -117,6 +120,7 @@ class Attention(nn.Module):
         self.qkv_norm = args.qkv_norm
         self.mea = args.mea
         self.momentum_gamma = float(args.momentum_gamma)
+        self.momentum_first = args.momentum_first
         self.affine = args.affine_scaled_attention
         self.lucid = args.lucid
         self.xsa = args.xsa
@@ -207,8 +211,8 @@ class Attention(nn.Module):
         # 4. RoPE, 5. momentum
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.momentum_gamma != 0.0:
-            q = ops.momentum_shift(q, self.momentum_gamma)
-            k = ops.momentum_shift(k, self.momentum_gamma)
+            q = ops.momentum_shift(q, self.momentum_gamma, self.momentum_first)
+            k = ops.momentum_shift(k, self.momentum_gamma, self.momentum_first)
         # 6. kernel ([B, heads, T, d] layout)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt

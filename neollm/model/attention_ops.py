@@ -79,10 +79,13 @@ def head_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return (y * weight.to(dt) + bias.to(dt)).to(x.dtype)
 
 
-def momentum_shift(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Momentum (arXiv 2602.04902): ``x_t + gamma * (x_t - x_{t-1})`` along dim 1, with
-    ``x_{-1} := x_0`` so the first velocity is 0. Causal (uses only t-1)."""
-    previous = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+def momentum_shift(x: torch.Tensor, gamma: float, first: str = "repeat") -> torch.Tensor:
+    """Momentum (arXiv 2602.04902): ``x_t + gamma * (x_t - x_{t-1})`` along dim 1. Causal (uses only t-1).
+
+    ``first`` sets ``x_{-1}``: "repeat" ``x_0`` (first velocity 0) or "zero" (the NeoLLM author's kernel,
+    ``F.pad`` with a zero row: ``x_0 -> (1 + gamma) x_0``)."""
+    head = torch.zeros_like(x[:, :1]) if first == "zero" else x[:, :1]
+    previous = torch.cat([head, x[:, :-1]], dim=1)
     return x + gamma * (x - previous)
 
 

@@ -15,8 +15,9 @@ The switches of the "projection, MLP and residual" section add, for layer l = la
 
 Techniques (paper, what and why; per-layer parameters at D = 512):
 * LNS, arXiv 2502.05795 (``layernorm_scaling``): the constant s_l = 1/sqrt(l) on both pre-norm outputs, all
-  layer types (norms.lns_scale). No params. Under simplegpt (no attention/MLP pre-norm) it scales the sublayer
-  input, which the projections' SimpleNorm largely cancels (exactly up to eps, except through CoLA's GELU).
+  layer types (norms.lns_scale). No params. Where SimpleNorm'd projections read the sublayer input it scales
+  that input, which their SimpleNorm cancels (exactly up to eps, except through CoLA's GELU); it acts through
+  everything else: the attention under ``simplegpt_scope = "mlp"`` and the FFN's FAN (``ffn_fan_ratio``).
 * GPAS, arXiv 2506.22049 (``gpas``): norms.GPAS. 1 param.
 * HybridNorm FFN post-norm, arXiv 2503.04598 (``hybrid_norm``): as the FANformer author's block (spec §14) the
   FFN keeps its pre-norm and the block output gets RMSNorm_post (gain init 1). The QKV-norm half is attention's
@@ -26,7 +27,8 @@ Techniques (paper, what and why; per-layer parameters at D = 512):
   hidden (mlp.py). A constant rate; the author's progressive rate p(1 + 0.04 log_3.9(l + 1)) is not implemented
   (a <1% change for 12 layers). No params.
 * SimpleGPT, arXiv 2602.01212 (``simplegpt``): the norms live in the projections (linear.py), so the block drops
-  the pre-norm of the MLP and of attention mixers. Gated DeltaNet keeps its pre-norm: its projections are
+  the pre-norm of the MLP and, with ``simplegpt_scope = "all"``, of attention mixers ("mlp": attention keeps
+  it). The MLP keeps its pre-norm when ``ffn_fan_ratio`` puts a FAN map (not SimpleNormed) in front of gate/up. Gated DeltaNet keeps its pre-norm: its projections are
   fla-named ``nn.Linear`` outside make_linear (no SimpleNorm), and its beta/decay gates need a bounded input.
 * FAN/ATF, arXiv 2502.21309 (``fan_ratio``, ``fan_on_gdn``): fan.FAN between the pre-norm and the mixer.
 * PolyNorm MLP, plain GELU MLP, CoLA, learnable multipliers: mlp.py / linear.py; MoE FFN: moe.py.
@@ -66,13 +68,14 @@ class Block(nn.Module):
         self.layer_id = layer_id
         self.mixer_code = mixer_code
         attention = mixer_code == "A"
-        self.mixer_norm = _rmsnorm(args, enabled=not (args.simplegpt and attention))
+        self.mixer_norm = _rmsnorm(args, enabled=not (args.simplegpt and attention and args.simplegpt_scope == "all"))
         self.fan = FAN(args.dim, args) if args.fan_ratio > 0 and (attention or args.fan_on_gdn) else None
         if attention:
             self.mixer: nn.Module = Attention(args)
         else:
             self.mixer = build_mixer(mixer_code, args, layer_id)
-        self.mlp_norm = _rmsnorm(args, enabled=not args.simplegpt)
+        # The FFN's FAN map is not SimpleNormed and its cos/sin need a bounded input: it keeps the pre-norm.
+        self.mlp_norm = _rmsnorm(args, enabled=not (args.simplegpt and not args.ffn_fan_ratio))
         self.mlp = build_mlp(args)
         self.moe = args.mlp_type == "moe"  # its mlp returns (out, aux_loss)
         self.post_norm = _rmsnorm(args) if args.hybrid_norm else None

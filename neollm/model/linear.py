@@ -29,6 +29,12 @@ Techniques (switches in NeoLLMModelArgs):
   starts as plain attention, and RMSNorm of a zero vector has gradient γ/sqrt(eps) (it would jump to unit-RMS
   logits after one step); its logits pass through tanh, so reading the un-normalised stream stays bounded.
   The other attention logit projections (attn_gate, attn_router) are SimpleNormed like every projection.
+  ``ffn_fan`` (the FAN map inside the FFN) is exempt too: the author's FAN linear has no norm (Kitsunp/
+  ml-cross-entropy docs/neollm-mlp-cute.md @ ec32cad), and its cos/sin are not scale-invariant, so the block
+  keeps the MLP pre-norm in front of it (block.py).
+  ``simplegpt_scope`` = "all" (above) or "mlp": only the FFN's ``gate``/``up``/``down``/``up_act`` get SimpleNorm
+  (seed 001's card: SimpleGPT "applied inside MLP projections"); attention projections stay plain and keep
+  their pre-norm, so learnable multipliers and LNS act there.
   Cost: one RMS reduction per projection output (+γ [out] params).
 * ``learnable_multipliers`` — Learnable Multipliers (arXiv 2601.04890): y = r ⊙ (W (c ⊙ x)), r [out] and c [in]
   init 1, not weight-decayed (the paper adds a *tiny* WD on multipliers against symmetry drift — an optimizer
@@ -43,9 +49,13 @@ Techniques (switches in NeoLLMModelArgs):
     - none on q/k (next to QK-norm gains when those are on; only r_q ⊙ r_k would matter otherwise), none on
       the *columns* of q/k/v/gate/up/fan (their input is the pre-norm output, whose gain is that multiplier),
       no r on ``up`` (≡ c_down through the GLU product) and none on ``v`` (≡ c_o).
-  With ``simplegpt`` on, the SimpleNorm γ is the row multiplier and RMSNorm(Wx) makes W's scale irrelevant, so
-  learnable multipliers add nothing: no r at all, and c only on ``o`` / ``down`` inputs would be ≡ γ_v / γ_up
-  — also dropped. Cost: one elementwise multiply per multiplier (foldable into W at export).
+  A projection that gets SimpleNorm gets no multipliers: its γ is the row multiplier and RMSNorm(Wx) makes W's
+  scale irrelevant; c on ``o`` / ``down`` inputs would be ≡ γ_v / γ_up. Projections without SimpleNorm keep
+  theirs, so under ``simplegpt_scope = "mlp"`` the attention's o (r, c), FAN (r) multipliers act, and the
+  author's MLP multipliers (gate row, down column, down row; ec32cad's ``benchmark/mlp_profile.py``) are
+  carried by γ_gate, γ_up (≡ c_down through the GLU product) and γ_down: the same function class and count.
+  With ``simplegpt`` off, this placement is the author's MLP graph exactly. Cost: one elementwise multiply per
+  multiplier (foldable into W at export).
 """
 
 from __future__ import annotations
@@ -61,11 +71,12 @@ from neollm.model.args import NeoLLMModelArgs
 from neollm.model.norms import no_weight_decay
 
 __all__ = ["CoLALinear", "Linear", "Projection", "init_linear", "make_linear", "ROW_MULTIPLIER_ROLES",
-           "COLUMN_MULTIPLIER_ROLES", "SIMPLENORM_EXEMPT_ROLES"]
+           "COLUMN_MULTIPLIER_ROLES", "SIMPLENORM_EXEMPT_ROLES", "MLP_SIMPLENORM_ROLES"]
 
 ROW_MULTIPLIER_ROLES = frozenset({"o", "down", "gate", "up_act", "fan_p", "fan_pbar"})
 COLUMN_MULTIPLIER_ROLES = frozenset({"o", "down"})
-SIMPLENORM_EXEMPT_ROLES = frozenset({"attn_affine"})
+SIMPLENORM_EXEMPT_ROLES = frozenset({"attn_affine", "ffn_fan"})
+MLP_SIMPLENORM_ROLES = frozenset({"gate", "up", "down", "up_act"})  # simplegpt_scope "mlp"
 
 _GELU_SECOND_MOMENT = 0.4252214826  # E[GELU(z)^2], z ~ N(0, 1) (erf GELU; numerical quadrature)
 
@@ -159,6 +170,8 @@ class Projection(nn.Module):
 def _simple_norm_applies(role: str, args: NeoLLMModelArgs) -> bool:
     if not args.simplegpt or role in SIMPLENORM_EXEMPT_ROLES:
         return False
+    if getattr(args, "simplegpt_scope", "all") == "mlp" and role not in MLP_SIMPLENORM_ROLES:
+        return False
     qk_normed = getattr(args, "seednorm_qk", False) or getattr(args, "qkv_norm", False)
     if role in ("q", "k") and qk_normed:
         return False
@@ -174,10 +187,10 @@ def make_linear(in_features: int, out_features: int, args: NeoLLMModelArgs, *, r
         core: nn.Module = CoLALinear(in_features, out_features, max(1, int(in_features * args.cola_rank_ratio)))
     else:
         core = Linear(in_features, out_features, bias=bias)
-    multipliers = args.learnable_multipliers and not args.simplegpt
+    simple_norm = _simple_norm_applies(role, args)
+    multipliers = args.learnable_multipliers and not simple_norm  # gamma is a SimpleNormed projection's r
     row = multipliers and role in ROW_MULTIPLIER_ROLES
     column = multipliers and role in COLUMN_MULTIPLIER_ROLES
-    simple_norm = _simple_norm_applies(role, args)
     if not (row or column or simple_norm):
         return core
     return Projection(core, in_features, out_features, row=row, column=column, simple_norm=simple_norm,

@@ -11,6 +11,15 @@ product is elementwise). All three projections come from ``make_linear`` (roles 
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
 PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none.
 
+NeoLLM's exact MLP graph (Kitsunp/ml-cross-entropy @ ec32cad: docs/neollm-mlp-cute.md, mlp/reference.py
+``neollm_mlp_reference``, benchmark/mlp_profile.py ``ReferenceLayer``):
+X -> FAN (512 -> 510, bias) -> [cos | sin | passthrough] (544) -> gate (544 -> 1536) -> gate row multiplier;
+up (544 -> 1536); exclusive PolyNorm(gate) -> dropout -> ⊙ up -> down column multiplier -> down -> down row
+multiplier. Here: ``ffn_fan_ratio`` (fan.FFNFAN) in front of w1/w3, ``polynorm_exclusive`` with
+``polynorm_exclusive_init`` 1e-4, ``learnable_multipliers`` (gate r, down c and r: linear.py). The graph has no
+SimpleNorm; seed 001's card puts SimpleGPT "inside MLP projections" (``simplegpt_scope = "mlp"``), where each
+SimpleNorm gain stands in for the multiplier at its place (linear.py).
+
 mlp_type "mlp" (``GeluMLP``), the GPT-2 / original-Transformer FFN:
 
     out = W_down( drop( GELU(W_up m) ) ),   W_up: dim -> ffn_hidden_dim,  no biases (as the GLU variants)
@@ -31,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from neollm.model.args import NeoLLMModelArgs
+from neollm.model.fan import FFNFAN
 from neollm.model.linear import init_linear, make_linear
 from neollm.model.norms import PolyNorm
 
@@ -38,13 +48,18 @@ from neollm.model.norms import PolyNorm
 class MLP(nn.Module):
     def __init__(self, args: NeoLLMModelArgs) -> None:
         super().__init__()
-        self.w1 = make_linear(args.dim, args.ffn_hidden_dim, args, role="gate")
-        self.w3 = make_linear(args.dim, args.ffn_hidden_dim, args, role="up")
+        self.fan = FFNFAN(args.dim, args) if args.ffn_fan_ratio > 0 else None
+        in_dim = args.dim if self.fan is None else self.fan.out_dim
+        self.w1 = make_linear(in_dim, args.ffn_hidden_dim, args, role="gate")
+        self.w3 = make_linear(in_dim, args.ffn_hidden_dim, args, role="up")
         self.w2 = make_linear(args.ffn_hidden_dim, args.dim, args, role="down")
-        self.act = PolyNorm(exclusive=args.polynorm_exclusive) if args.mlp_type == "polynorm" else None
+        self.act = (PolyNorm(exclusive=args.polynorm_exclusive, exclusive_init=args.polynorm_exclusive_init)
+                    if args.mlp_type == "polynorm" else None)
         self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else None
 
     def init_weights(self, init_std: float, out_std: float) -> None:
+        if self.fan is not None:
+            self.fan.init_weights(init_std)
         init_linear(self.w1, init_std)
         init_linear(self.w3, init_std)
         init_linear(self.w2, out_std)
@@ -52,6 +67,8 @@ class MLP(nn.Module):
             self.act.init_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fan is not None:
+            x = self.fan(x)
         gate = self.w1(x)
         gate = F.silu(gate) if self.act is None else self.act(gate)
         hidden = gate * self.w3(x)

@@ -49,17 +49,21 @@ class PolyNorm(nn.Module):
         xk' = norm(xk - ak * (<xk, x1> / max(<x1, x1>, 1e-6)) * x1)     for k = 2, 3,
     i.e. each higher-power branch loses (a fraction ak of) its component along the linear branch, then is
     renormalised; the combination uses x2', x3' in place of x2, x3. The model card (seed 001) gives the motive:
-    "the quadratic branch has become partially redundant with the linear branch". Interpretation: the logits
-    start at 0 (a = 0.5, half of the overlap removed); the reference does not show its init.
+    "the quadratic branch has become partially redundant with the linear branch". Init: logits = logit(a0),
+    a0 = ``exclusive_init``; the author's model layer starts at a0 = 1e-4 (``torch.logit(torch.full((2,), 1e-4))``
+    in Kitsunp/ml-cross-entropy benchmark/mlp_profile.py @ ec32cad, "exclusive=True is the model default" in its
+    docs/neollm-mlp-cute.md), i.e. as plain PolyNorm; a0 = 0.5 (logits 0) was our earlier reading.
 
-    Parameters: weight[3] = 1/3, bias[1] = 0, (exclusive) logits[2] = 0; none weight-decayed. 4 (6) per layer.
+    Parameters: weight[3] = 1/3, bias[1] = 0, (exclusive) logits[2]; none weight-decayed. 4 (6) per layer.
     Cost: x^2, x^3 and three row reductions over F (+2 dot products and 2 more reductions if exclusive),
     ~10-20 elementwise ops per element; eager autograd keeps ~3 F-sized fp32 activations (compile/AC recompute).
     """
 
-    def __init__(self, eps: float = 1e-6, exclusive: bool = False, proj_eps: float = 1e-6) -> None:
+    def __init__(self, eps: float = 1e-6, exclusive: bool = False, proj_eps: float = 1e-6,
+                 exclusive_init: float = 1e-4) -> None:
         super().__init__()
         self.eps, self.proj_eps, self.exclusive = eps, proj_eps, exclusive
+        self.exclusive_init = exclusive_init
         self.weight = nn.Parameter(torch.empty(3))
         self.bias = nn.Parameter(torch.empty(1))
         self.exclusive_logits = nn.Parameter(torch.empty(2)) if exclusive else None
@@ -70,7 +74,7 @@ class PolyNorm(nn.Module):
         self.weight.fill_(1.0 / 3.0)
         self.bias.zero_()
         if self.exclusive_logits is not None:
-            self.exclusive_logits.zero_()
+            self.exclusive_logits.fill_(math.log(self.exclusive_init / (1.0 - self.exclusive_init)))
         no_weight_decay(self.weight, self.bias, self.exclusive_logits)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,7 +92,8 @@ class PolyNorm(nn.Module):
         return (w[0] * x3 + w[1] * x2 + w[2] * x1 + b).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, exclusive={self.exclusive}"
+        return f"eps={self.eps}, exclusive={self.exclusive}" + (
+            f", exclusive_init={self.exclusive_init}" if self.exclusive else "")
 
 
 class GPAS(nn.Module):

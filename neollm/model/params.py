@@ -17,7 +17,7 @@ SHAPE_FIELDS = {
 SHAPE_FIELDS |= {"rwkv_proj_low_rank_dim", "rwkv_gate_low_rank_dim", "rwkv_backend", "rnn_hidden_dim"}
 # Settings of a technique that only matter while its switch is on (no technique of their own).
 DEPENDENT_FIELDS = {"routing_directions", "fan_on_gdn", "moe_num_experts", "moe_top_k", "moe_hidden_dim",
-                    "moe_aux_loss_coef"}
+                    "moe_aux_loss_coef", "simplegpt_scope", "momentum_first", "polynorm_exclusive_init"}
 
 
 def technique_switches(args: NeoLLMModelArgs) -> dict[str, object]:

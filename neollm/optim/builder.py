@@ -7,7 +7,7 @@ Differences from torchtitan's ``build_optimizers``:
   one group and so also decays norm gains, biases and scalar technique parameters (pulling
   e.g. RMSNorm gains towards 0): a known deficiency this builder fixes for AdamW too;
 * ``[optimizer] name`` may also be "AdEMAMix" (extra keys beta3, alpha, t_alpha, t_beta3) or
-  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias); see neollm/config.py.
+  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias, conda_version); see neollm/config.py.
 
 The container is a torchtitan ``OptimizersContainer`` (one optimizer per model part), so
 checkpointing (DCP ``get/set_optimizer_state_dict``, flattened) and the LR schedulers work
@@ -50,6 +50,16 @@ class NeoLLMOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, optimizer_kwargs)
 
 
+def _conda_version(config) -> str:
+    from neollm.optim.conda import VERSIONS
+
+    version = getattr(config, "conda_version", VERSIONS[0])
+    if version not in VERSIONS:
+        raise ConfigError(f"[optimizer] conda_version {version!r} is unknown: choose one of {', '.join(VERSIONS)} "
+                          "(the author's Conda_optimizer.py by commit date; neollm/optim/conda.py)")
+    return version
+
+
 def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
     """The optimizer class and its constructor arguments for an ``[optimizer]`` config."""
     name = config.name
@@ -78,6 +88,7 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "correct_bias": getattr(config, "conda_correct_bias", True),
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
+            "version": _conda_version(config),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }

@@ -17,6 +17,20 @@ step (0, 1, ...)::
 
 Every other parameter gets the same Adam step without projection or scale.
 
+Versions (``version``, TOML ``[optimizer] conda_version``), read from Kitsunp/Conda-optimizer's history:
+
+* "2025-10-26" (commit 03134af, the file's first version, 'std' projection): the above.
+* "2026-04-16" (commit 939adb0, the latest; with its default switches its step is 2025-10-27's dd20c2e):
+  three changes: (1) bias correction on m and v themselves, n = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),
+  theta -= lr * n (differs from the above only through eps); (2) the left projection (U) for rows <= cols,
+  so square matrices use U (the above: Vh); (3) cautious weight decay (arXiv 2510.12402) BEFORE the step,
+  theta -= lr * wd * [n * theta >= 0] * theta, on the pre-step theta, then theta -= lr * n. 939adb0's
+  optional extras (GPA iterate averaging, Huber decay, decay "correction", SPECTRA clipping, a per-group
+  projection switch) are all off by default there and are not implemented here.
+
+Which version trained seed 001 is not said by its card (it names "Conda (Column-Normalized Adam)", no
+version or date): the default stays "2025-10-26".
+
 FSDP2 (parameters are DTensors sharded by rows, ``Shard(0)``, possibly ``Replicate`` on an
 HSDP replica dimension):
 
@@ -64,13 +78,18 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.optim import Optimizer
 
 
-def svd_basis(matrix: torch.Tensor) -> torch.Tensor:
-    """The reference's orthogonal basis of a full (plain) matrix: Vh if rows >= cols else U,
-    from an SVD computed in float32 (as the reference does for every dtype, float64 included),
-    returned in the matrix's dtype."""
+VERSIONS = ("2025-10-26", "2026-04-16")
+"""The author's Conda_optimizer.py versions on offer, by commit date (see the module docstring)."""
+
+
+def svd_basis(matrix: torch.Tensor, right: bool | None = None) -> torch.Tensor:
+    """The reference's orthogonal basis of a full (plain) matrix: Vh if ``right`` (default:
+    rows >= cols) else U, from an SVD computed in float32 (as the reference does for every dtype,
+    float64 included), returned in the matrix's dtype."""
     orig_dtype = matrix.dtype
     U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    basis = Vh if matrix.shape[0] >= matrix.shape[1] else U
+    right = _is_right(matrix.shape) if right is None else right
+    basis = Vh if right else U
     return basis.to(orig_dtype).contiguous()
 
 
@@ -120,8 +139,9 @@ def _all_gather_rows(locals_: list[torch.Tensor], shapes: list[torch.Size], mesh
     return fulls
 
 
-def _is_right(shape) -> bool:
-    return shape[0] >= shape[1]
+def _is_right(shape, square_right: bool = True) -> bool:
+    """Right projection (Vh) for tall matrices; square ones go right in 2025-10-26, left (U) later."""
+    return shape[0] > shape[1] or (square_right and shape[0] == shape[1])
 
 
 def _row_sharded(p: torch.Tensor) -> bool:
@@ -141,7 +161,10 @@ class Conda(Optimizer):
         update_proj_gap: int = 500,
         scale: float = 0.25,
         foreach: bool | None = None,
+        version: str = "2025-10-26",
     ) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"Conda: version {version!r} is unknown: choose one of {', '.join(VERSIONS)}")
         if lr < 0.0:
             raise ValueError(f"Conda: invalid learning rate {lr}")
         for i, b in enumerate(betas):
@@ -157,6 +180,8 @@ class Conda(Optimizer):
         # Not a param-group value: those are checkpointed, so a resumed run would take the saved
         # choice over its config, and checkpoints written without the key would not load.
         self.foreach = foreach
+        self.version = version  # kept out of the param groups for the same reason
+        self.square_right = version == "2025-10-26"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -196,9 +221,20 @@ class Conda(Optimizer):
         t = step + 1
         return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
-    def _refresh_basis(self, state: dict, step: int, group: dict) -> None:
+    def _math_group(self, step: int, group: dict) -> dict:
+        """The group the direction maths reads. 2026-04-16 corrects m and v themselves:
+        (m / b1c) / (sqrt(v / b2c) + eps) = sqrt(b2c) / b1c * m / (sqrt(v) + eps sqrt(b2c)), i.e. the
+        2025-10-26 step size with eps scaled by sqrt(1 - beta2^t) (b1c, b2c: 1 - beta^t)."""
+        if self.version == "2025-10-26" or not group["correct_bias"]:
+            return group
+        return {**group, "eps": group["eps"] * math.sqrt(1.0 - group["betas"][1] ** (step + 1))}
+
+    def _right(self, shape) -> bool:
+        return _is_right(shape, self.square_right)
+
+    def _refresh_basis(self, state: dict, step: int, group: dict, shape) -> None:
         if "projector" not in state or step % group["update_proj_gap"] == 0:
-            state["projector"] = self._basis(state["exp_avg"])
+            state["projector"] = self._basis(state["exp_avg"], self._right(shape))
 
     def _update_single(self, p: torch.Tensor, state: dict, step: int, group: dict) -> None:
         """One tensor: the reference's order of operations."""
@@ -206,22 +242,31 @@ class Conda(Optimizer):
         grad = p.grad
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        math_group = self._math_group(step, group)
         if grad.ndim == 2:
-            self._refresh_basis(state, step, group)
-            norm_grad = self._projected_direction(grad, exp_avg, exp_avg_sq, state["projector"], group)
+            self._refresh_basis(state, step, group, p.shape)
+            norm_grad = self._projected_direction(grad, exp_avg, exp_avg_sq, state["projector"], math_group,
+                                                  self._right(p.shape))
         else:
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            norm_grad = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+            norm_grad = exp_avg / exp_avg_sq.sqrt().add_(math_group["eps"])
         state["step"] += 1
-        p.add_(norm_grad, alpha=-self._step_size(step, group))
-        if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        decay = group["lr"] * group["weight_decay"]
+        if self.version == "2025-10-26":
+            p.add_(norm_grad, alpha=-self._step_size(step, group))
+            if decay > 0.0:
+                p.add_(p, alpha=-decay)
+        else:  # cautious weight decay on p_t where sign(update) = sign(p_t), then the step
+            if decay > 0.0:
+                p.add_(p * (norm_grad * p >= 0), alpha=-decay)
+            p.add_(norm_grad, alpha=-self._step_size(step, group))
 
     def _update_foreach(self, params: list[torch.Tensor], step: int, group: dict) -> None:
         """Tensors at the same step, on one mesh/device/dtype: the same math as ``_update_single``,
         on local shards, with foreach ops and batched projections."""
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
+        math_group = self._math_group(step, group)
+        eps = math_group["eps"]
         states = [self.state[p] for p in params]
         local = [_local(p) for p in params]
         grads = [_local(p.grad) for p in params]
@@ -246,8 +291,8 @@ class Conda(Optimizer):
         for i, p in enumerate(params):
             if p.ndim != 2:
                 continue
-            self._refresh_basis(states[i], step, group)
-            right = _is_right(p.shape)
+            self._refresh_basis(states[i], step, group, p.shape)
+            right = self._right(p.shape)
             shard_dims = _shard_dims(p.grad) if isinstance(p, DTensor) and _row_sharded(p.grad) else None
             if not isinstance(p, DTensor) or (shard_dims is not None and (right or not shard_dims)):
                 batches[(tuple(grads[i].shape), right)].append(i)  # shard-local (or whole) matrices
@@ -255,23 +300,30 @@ class Conda(Optimizer):
                 gathered[(tuple(p.grad.placements), shard_dims[0])].append(i)
             else:  # other layouts: one tensor at a time
                 d = self._projected_direction(params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"],
-                                              states[i]["projector"], group)
+                                              states[i]["projector"], math_group, right)
                 directions[i] = _local(d)
         for (_, right), idx in batches.items():
             for i, d in zip(idx, self._batched_directions(
                     [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
-                    [states[i]["projector"] for i in idx], right, group)):
+                    [states[i]["projector"] for i in idx], right, math_group)):
                 directions[i] = d
         for (_, shard_dim), idx in gathered.items():
             for i, d in zip(idx, self._gathered_left_directions(
                     [params[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
-                    [states[i]["projector"] for i in idx], shard_dim, group)):
+                    [states[i]["projector"] for i in idx], shard_dim, math_group)):
                 directions[i] = d
 
         torch._foreach_add_([s["step"] for s in states], 1.0)
-        torch._foreach_add_(local, directions, alpha=-self._step_size(step, group))
-        if group["weight_decay"] > 0.0:
-            torch._foreach_add_(local, local, alpha=-group["lr"] * group["weight_decay"])
+        decay = group["lr"] * group["weight_decay"]
+        if self.version == "2025-10-26":
+            torch._foreach_add_(local, directions, alpha=-self._step_size(step, group))
+            if decay > 0.0:
+                torch._foreach_add_(local, local, alpha=-decay)
+        else:  # cautious weight decay on p_t, then the step
+            if decay > 0.0:
+                cautious = [p * (d * p >= 0) for p, d in zip(local, directions)]
+                torch._foreach_add_(local, cautious, alpha=-decay)
+            torch._foreach_add_(local, directions, alpha=-self._step_size(step, group))
 
     @staticmethod
     def _batched_directions(grads, ms, vs, bases, right: bool, group: dict) -> list[torch.Tensor]:
@@ -320,44 +372,44 @@ class Conda(Optimizer):
     # -- basis -------------------------------------------------------------------------------
 
     @staticmethod
-    def _basis(exp_avg: torch.Tensor) -> torch.Tensor:
+    def _basis(exp_avg: torch.Tensor, right: bool) -> torch.Tensor:
         if not isinstance(exp_avg, DTensor):
-            return svd_basis(exp_avg)
+            return svd_basis(exp_avg, right)
         mesh = exp_avg.device_mesh
-        basis = svd_basis(exp_avg.full_tensor())  # all-gather of m, same SVD on every rank
+        basis = svd_basis(exp_avg.full_tensor(), right)  # all-gather of m, same SVD on every rank
         # Broadcast rank 0's basis (each Replicate mesh dim), so all ranks hold identical bits.
         return DTensor.from_local(basis, mesh, [Replicate()] * mesh.ndim, run_check=True).to_local()
 
     # -- projected Adam direction ---------------------------------------------------------------
 
-    def _projected_direction(self, grad, exp_avg, exp_avg_sq, basis, group) -> torch.Tensor:
+    def _projected_direction(self, grad, exp_avg, exp_avg_sq, basis, group, right: bool) -> torch.Tensor:
         """scale * project_back(project(m) / (sqrt(v) + eps)), updating v in place.
         Returns a tensor laid out like the parameter (a DTensor for a DTensor parameter)."""
         if not isinstance(grad, DTensor):
-            return self._direction_local(grad, exp_avg, exp_avg_sq, basis, group)
+            return self._direction_local(grad, exp_avg, exp_avg_sq, basis, group, right)
         if _row_sharded(grad):
-            return self._direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group)
-        return self._direction_gathered(grad, exp_avg, exp_avg_sq, basis, group)
+            return self._direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group, right)
+        return self._direction_gathered(grad, exp_avg, exp_avg_sq, basis, group, right)
 
     @staticmethod
-    def _direction_local(grad, exp_avg, exp_avg_sq, basis, group) -> torch.Tensor:
+    def _direction_local(grad, exp_avg, exp_avg_sq, basis, group, right: bool) -> torch.Tensor:
         beta2 = group["betas"][1]
-        if _is_right(grad.shape):
+        if right:
             g_proj, m_proj = grad @ basis.t(), exp_avg @ basis.t()
         else:
             g_proj, m_proj = basis.t() @ grad, basis.t() @ exp_avg
         exp_avg_sq.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
         n = m_proj / exp_avg_sq.sqrt().add_(group["eps"])
-        back = n @ basis if _is_right(grad.shape) else basis @ n
+        back = n @ basis if right else basis @ n
         return back * group["scale"]
 
     @staticmethod
-    def _direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group) -> DTensor:
+    def _direction_row_sharded(grad, exp_avg, exp_avg_sq, basis, group, right: bool) -> DTensor:
         beta2 = group["betas"][1]
         mesh, placements = grad.device_mesh, grad.placements
         shape = grad.shape
         g, m, v = grad.to_local(), exp_avg.to_local(), exp_avg_sq.to_local()
-        if _is_right(shape):
+        if right:
             # Rows are independent: g~ = g P^T row by row.
             g_proj, m_proj = g @ basis.t(), m @ basis.t()
             v.mul_(beta2).addcmul_(g_proj, g_proj, value=1.0 - beta2)
@@ -384,11 +436,11 @@ class Conda(Optimizer):
                                   shape=shape, stride=grad.stride())
 
     @classmethod
-    def _direction_gathered(cls, grad, exp_avg, exp_avg_sq, basis, group) -> DTensor:
+    def _direction_gathered(cls, grad, exp_avg, exp_avg_sq, basis, group, right: bool) -> DTensor:
         """Any other layout: gather g, m, v, compute the full update everywhere, keep the shards."""
         mesh, placements = grad.device_mesh, grad.placements
         v_full = exp_avg_sq.full_tensor()
-        back = cls._direction_local(grad.full_tensor(), exp_avg.full_tensor(), v_full, basis, group)
+        back = cls._direction_local(grad.full_tensor(), exp_avg.full_tensor(), v_full, basis, group, right)
         replicated = [Replicate()] * mesh.ndim
         v_new = DTensor.from_local(v_full, mesh, replicated, run_check=False).redistribute(mesh, placements)
         exp_avg_sq.to_local().copy_(v_new.to_local())
