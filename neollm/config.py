@@ -113,8 +113,10 @@ class Data:
 
 @dataclass
 class Guard:
-    """What a bad training loss does (neollm/faults.py). Checked every step before the optimizer
-    step (one scalar all-reduce and host sync per step; "off" removes it)."""
+    """What a bad training loss does (neollm/faults.py). Checked every step on the device (one
+    scalar all-reduce per step). "stop" reads the verdict without waiting for the device (the
+    run stops, naming the bad step, a step or a few later, always before a checkpoint is saved);
+    "skip" reads it before the optimizer step: one host sync per step. "off" removes it."""
 
     on_bad_loss: str = "stop"
     """"stop": end the run with an error naming the step (no checkpoint of the bad step);
@@ -146,6 +148,10 @@ class Monitor:
 
     progress: bool = True
     """Print a progress line (step / total, elapsed, ETA) at each log step."""
+
+    data_wait_warn: float = 0.05
+    """Warn at a log step when the steps since the last one spent more than this share of their
+    wall time waiting for the dataloader (0 = never)."""
 
 
 @dataclass
