@@ -154,6 +154,27 @@ class Monitor:
     wall time waiting for the dataloader (0 = never)."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "model")
+
+
+@dataclass
+class Compile:
+    """NeoLLM's keys in ``[compile]`` (torchtitan's enable, components, backend stay); levers for
+    small per-GPU batches, whose steps are bound by the host's kernel launches
+    (neollm/parallelize.py: compile_model)."""
+
+    mode: str = "default"
+    """torch.compile mode: "default"; "reduce-overhead" (CUDA graphs: each compiled graph is
+    replayed as one launch); "max-autotune" (autotuned kernels and CUDA graphs);
+    "max-autotune-no-cudagraphs"."""
+
+    scope: str = "blocks"
+    """"blocks": each block compiled alone (identical blocks share one graph; works with FSDP2).
+    "model": the whole forward, the fused loss included, compiled as one (fewer graphs and
+    launches; one GPU or DDP only: FSDP2's per-block hooks split it anyway)."""
+
+
 @dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
@@ -163,3 +184,4 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     guard: Guard = field(default_factory=Guard)
     monitor: Monitor = field(default_factory=Monitor)
+    compile: Compile = field(default_factory=Compile)
