@@ -24,12 +24,11 @@ import signal
 import sys
 
 from torchtitan.config import JobConfig
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 from neollm.errors import ConfigError
-from torchtitan.distributed import utils as dist_utils
-
 from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, PendingChecks, RNGState
 from neollm.loss import LossSettings
 from neollm import monitor
