@@ -117,8 +117,10 @@ class Data:
 
 @dataclass
 class Guard:
-    """What a bad training loss does (neollm/faults.py). Checked every step before the optimizer
-    step (one scalar all-reduce and host sync per step; "off" removes it)."""
+    """What a bad training loss does (neollm/faults.py). Checked every step on the device (one
+    scalar all-reduce per step). "stop" reads the verdict without waiting for the device (the
+    run stops, naming the bad step, a step or a few later, always before a checkpoint is saved);
+    "skip" reads it before the optimizer step: one host sync per step. "off" removes it."""
 
     on_bad_loss: str = "stop"
     """"stop": end the run with an error naming the step (no checkpoint of the bad step);
@@ -151,6 +153,31 @@ class Monitor:
     progress: bool = True
     """Print a progress line (step / total, elapsed, ETA) at each log step."""
 
+    data_wait_warn: float = 0.05
+    """Warn at a log step when the steps since the last one spent more than this share of their
+    wall time waiting for the dataloader (0 = never)."""
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "model")
+
+
+@dataclass
+class Compile:
+    """NeoLLM's keys in ``[compile]`` (torchtitan's enable, components, backend stay); levers for
+    small per-GPU batches, whose steps are bound by the host's kernel launches
+    (neollm/parallelize.py: compile_model)."""
+
+    mode: str = "default"
+    """torch.compile mode: "default"; "reduce-overhead" (CUDA graphs: each compiled graph is
+    replayed as one launch); "max-autotune" (autotuned kernels and CUDA graphs);
+    "max-autotune-no-cudagraphs"."""
+
+    scope: str = "blocks"
+    """"blocks": each block compiled alone (identical blocks share one graph; works with FSDP2).
+    "model": the whole forward, the fused loss included, compiled as one (fewer graphs and
+    launches; one GPU or DDP only: FSDP2's per-block hooks split it anyway)."""
+
 
 @dataclass
 class JobConfig:
@@ -161,3 +188,4 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     guard: Guard = field(default_factory=Guard)
     monitor: Monitor = field(default_factory=Monitor)
+    compile: Compile = field(default_factory=Compile)

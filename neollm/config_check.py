@@ -82,8 +82,57 @@ def _suggest(word: str, options: list[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(options))}"
 
 
+def _command_line_keys(argv: list[str]) -> dict[str, str | None]:
+    """``--section.key value`` / ``--section.key=value`` options of ``argv`` (dashes in the key
+    read as underscores) -> value (None for a flag)."""
+    out: dict[str, str | None] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or "." not in arg:
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if eq:
+            out[name] = value
+        else:
+            out[name] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+    return out
+
+
+def apply_dataset_default_paths(job_config, argv: list[str]) -> list[str]:
+    """A ``[training]`` / ``[validation] dataset`` changed on the command line takes that
+    dataset's own default path (its registered ``path``, e.g. data/wiki_vital_en), not the TOML's
+    ``dataset_path``, which belonged to the TOML's dataset; ``--<section>.dataset_path`` given too
+    wins. Returns the sections changed. Called by parse_config (preflight) and by the trainer."""
+    given = _command_line_keys(argv)
+    path = _config_file(argv)
+    toml: dict = {}
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            toml = tomllib.load(f)
+    changed = []
+    for section in ("training", "validation"):
+        if f"{section}.dataset" not in given or f"{section}.dataset_path" in given:
+            continue
+        in_file = toml.get(section, {})
+        if "dataset_path" not in in_file:
+            continue
+        if str(in_file.get("dataset", "")).lower() == str(getattr(job_config, section).dataset).lower():
+            continue  # the TOML's own dataset: its path stays
+        getattr(job_config, section).dataset_path = None
+        changed.append(section)
+    return changed
+
+
 def parse_config(argv: list[str]):
-    """torchtitan's ConfigManager().parse_args(argv), with every failure as one ConfigError."""
+    """torchtitan's ConfigManager().parse_args(argv), with every failure as one ConfigError, and
+    a dataset changed on the command line reading its own default path
+    (:func:`apply_dataset_default_paths`)."""
+    job_config = _parse_config(argv)
+    apply_dataset_default_paths(job_config, argv)
+    return job_config
+
+
+def _parse_config(argv: list[str]):
     from torchtitan.config import ConfigManager
 
     path = _config_file(argv)
@@ -256,6 +305,9 @@ def check_ranges(job_config) -> None:
         need(False, f"[checkpoint] initial_load_path {c.initial_load_path}: no such folder; "
                     "give a checkpoint step-N folder or unset it")
     need(job_config.metrics.log_freq > 0, f"[metrics] log_freq must be positive, got {job_config.metrics.log_freq}")
+    wait = getattr(getattr(job_config, "monitor", None), "data_wait_warn", 0.0)
+    need(finite(wait) and 0 <= wait <= 1,
+         f"[monitor] data_wait_warn must be a share in [0, 1], got {wait} (0.05 = warn above 5%; 0 = off)")
     v = job_config.validation
     if v.enable:
         need(v.freq > 0, f"[validation] freq must be positive, got {v.freq}")

@@ -10,7 +10,9 @@
   and any other sampling repeat exactly after a resume.
 * ``LossGuard``: NaN/inf loss or a spike over ``[guard] max_loss_ratio`` x the running mean of
   the last ``[guard] window`` good losses stops the run naming the step, or skips the batch
-  (no optimizer step) with ``[guard] on_bad_loss = "skip"``.
+  (no optimizer step) with ``[guard] on_bad_loss = "skip"``. The test runs on the device;
+  ``PendingChecks`` brings its verdicts to the host without waiting for the device ("stop"
+  reads them a step or more later; "skip" must read each before the optimizer step).
 
 Testing hook (debug only): ``NEOLLM_INJECT_BAD_LOSS="3:nan,7:x50"`` makes the guard see NaN at
 step 3 and 50 x the real loss at step 7 (only the value the guard checks changes; gradients are
@@ -132,8 +134,14 @@ class NeoLLMCheckpointManager(CheckpointManager):
                 states.pop(name)
         return states
 
+    before_save = None
+    """Called before a checkpoint is written (the trainer settles its pending loss checks, so
+    no checkpoint holds a step the guard would reject)."""
+
     def save(self, curr_step: int, last_step: bool = False) -> None:
         self._saving_step = curr_step
+        if self.before_save is not None and self._should_save(curr_step, last_step):
+            self.before_save()
         super().save(curr_step, last_step)
 
     def _purge_stale_checkpoints(self) -> None:
@@ -215,8 +223,12 @@ def parse_injections(text: str | None) -> dict[int, str]:
 class LossGuard:
     """Decides, for each step's global loss, whether it is good (and tracks the running mean).
 
-    ``check(step, loss)`` returns None for a good loss, else the reason it is bad. Its window of
-    recent good losses is checkpointed (``state_dict``) so a resumed run decides identically."""
+    The decision is made on the loss's device, without reading the loss back:
+    ``check_tensor(step, loss)`` returns a 3-element float tensor ``[bad, loss, running mean]``
+    on that device (history and count live there too), which the trainer reads when it suits it
+    (``PendingChecks``). ``check(step, loss)`` is the same decision read back at once (None for
+    a good loss, else the reason it is bad). The window of recent good losses is checkpointed
+    (``state_dict``) so a resumed run decides identically."""
 
     def __init__(self, on_bad_loss: str = "stop", max_loss_ratio: float = 0.0, window: int = 50,
                  warmup_steps: int = 10, max_consecutive_skips: int = 10) -> None:
@@ -241,26 +253,54 @@ class LossGuard:
             return None
         return float(self.history[:n].mean())
 
-    def inject(self, step: int, loss: float) -> float:
+    def inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         what = self.injections.get(step)
         if what is None:
             return loss
         if what.startswith("x"):
             return loss * float(what[1:])
-        return float(what)  # "nan", "inf"
+        return torch.full_like(loss, float(what))  # "nan", "inf"
 
-    def check(self, step: int, loss: float) -> str | None:
-        loss = self.inject(step, loss)
+    def _to(self, device: torch.device) -> None:
+        if self.history.device != device:
+            self.history = self.history.to(device)
+            self.count = self.count.to(device)
+
+    @torch.no_grad()
+    def check_tensor(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """``[bad, loss, running mean]`` (float64, on ``loss``'s device); a good loss enters the
+        window. Only device operations: no host sync."""
+        self._to(loss.device)
+        loss = self.inject(step, loss.detach().reshape(()).to(torch.float64))
+        n = torch.clamp(self.count, max=self.window)
+        slots = torch.arange(self.window, device=loss.device)
+        mean = (self.history * (slots < n)).sum() / torch.clamp(n, min=1)
+        bad = ~torch.isfinite(loss)
+        if self.max_loss_ratio > 0:
+            armed = (self.count >= max(1, self.warmup_steps))
+            bad = bad | (armed & (loss > self.max_loss_ratio * mean))
+        good = ~bad
+        slot = torch.remainder(self.count, self.window).reshape(1)
+        self.history.index_copy_(0, slot, torch.where(good, loss, self.history.index_select(0, slot)[0]).reshape(1))
+        self.count.add_(good.to(torch.int64))
+        mean = torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+        return torch.stack([bad.to(torch.float64), loss, mean])
+
+    def reason(self, record) -> str | None:
+        """None for a good ``[bad, loss, mean]`` record (read back to the host), else why."""
+        bad, loss, mean = (float(x) for x in record)
+        if not bad:
+            return None
         if not math.isfinite(loss):
             return f"loss is {loss}"
-        mean = self.running_mean()
-        if (self.max_loss_ratio > 0 and mean is not None and self.count.item() >= self.warmup_steps
-                and loss > self.max_loss_ratio * mean):
-            return (f"loss {loss:.4f} is over [guard] max_loss_ratio {self.max_loss_ratio:g} x the "
-                    f"running mean {mean:.4f}")
-        self.history[int(self.count.item()) % self.window] = loss
-        self.count += 1
-        return None
+        return (f"loss {loss:.4f} is over [guard] max_loss_ratio {self.max_loss_ratio:g} x the "
+                f"running mean {mean:.4f}")
+
+    def check(self, step: int, loss) -> str | None:
+        """``check_tensor`` read back at once (one host sync)."""
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), dtype=torch.float64, device=self.history.device)
+        return self.reason(self.check_tensor(step, loss).tolist())
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "count": self.count}
@@ -270,3 +310,43 @@ class LossGuard:
         if history.shape == self.history.shape:
             self.history.copy_(history)
             self.count.copy_(state_dict["count"])
+
+
+class PendingChecks:
+    """Loss-guard records on their way to the host, read without stalling the device.
+
+    ``add(step, record)`` starts a non-blocking copy of the device record into pinned host
+    memory and records a CUDA event after it; ``ready()`` returns the records whose copy has
+    finished (``Event.query()``, never a wait); ``drain()`` waits for all of them (used at log
+    steps, before a checkpoint is written and at the end). On the CPU a record is ready at once."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[int, torch.Tensor, Any]] = []
+
+    def add(self, step: int, record: torch.Tensor) -> None:
+        if record.device.type == "cuda":
+            host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+            host.copy_(record, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.queue.append((step, host, event))
+        else:
+            self.queue.append((step, record, None))
+
+    def _take(self, wait: bool) -> list[tuple[int, list[float]]]:
+        out = []
+        while self.queue:
+            step, host, event = self.queue[0]
+            if event is not None:
+                if not wait and not event.query():
+                    break
+                event.synchronize()
+            out.append((step, host.tolist()))
+            self.queue.pop(0)
+        return out
+
+    def ready(self) -> list[tuple[int, list[float]]]:
+        return self._take(wait=False)
+
+    def drain(self) -> list[tuple[int, list[float]]]:
+        return self._take(wait=True)

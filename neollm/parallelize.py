@@ -45,7 +45,7 @@ def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     checkpoint_blocks(model, job_config.activation_checkpoint, compile_model, job_config.job.dump_folder)
     if compile_model:
-        compile_blocks(model, job_config.compile.backend)
+        compile_model_for_training(model, job_config.compile, fsdp=parallel_dims.fsdp_enabled)
 
     if parallel_dims.fsdp_enabled:
         mesh_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
@@ -69,7 +69,38 @@ def checkpoint_blocks(model: nn.Module, ac_config, compile_model: bool, base_fol
 FULLGRAPH_MIXERS = frozenset("AD")
 
 
-def compile_blocks(model: nn.Module, backend: str) -> None:
+def compile_settings(compile_config, fsdp: bool = False) -> tuple[str | None, str]:
+    """(torch.compile mode or None for "default", scope) of ``[compile]``, validated."""
+    from neollm.config import COMPILE_MODES, COMPILE_SCOPES
+    from neollm.errors import ConfigError
+
+    mode = getattr(compile_config, "mode", "default")
+    scope = getattr(compile_config, "scope", "blocks")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"[compile] mode {mode!r} is unknown: choose one of {', '.join(COMPILE_MODES)}")
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"[compile] scope {scope!r} is unknown: choose one of {', '.join(COMPILE_SCOPES)}")
+    if scope == "model" and fsdp:
+        raise ConfigError(
+            '[compile] scope = "model" needs the model unsharded (one GPU, or DDP: '
+            'data_parallel_shard_degree = 1): FSDP2 wraps each block; use scope = "blocks"')
+    return (None if mode == "default" else mode), scope
+
+
+def compile_model_for_training(model: nn.Module, compile_config, fsdp: bool = False) -> None:
+    """``[compile]``: per block (``scope = "blocks"``) or the whole forward in place
+    (``nn.Module.compile``: parameter names and checkpoints unchanged), with ``mode``."""
+    mode, scope = compile_settings(compile_config, fsdp)
+    backend = compile_config.backend
+    if scope == "model":
+        model.compile(backend=backend, mode=mode)
+        logger.info("Compiled the whole NeoLLM model with torch.compile (backend %s, mode %s)",
+                    backend, mode or "default")
+        return
+    compile_blocks(model, backend, mode)
+
+
+def compile_blocks(model: nn.Module, backend: str, mode: str | None = None) -> None:
     """torch.compile each block: identical blocks share one compiled graph.
 
     Attention and Gated DeltaNet blocks compile whole (fullgraph: a graph break is an error). The other
@@ -80,8 +111,9 @@ def compile_blocks(model: nn.Module, backend: str) -> None:
     for layer_id, block in model.layers.named_children():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
         fullgraph = getattr(inner, "mixer_code", "A") in FULLGRAPH_MIXERS and not getattr(inner, "moe", False)
-        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph))
-    logger.info("Compiled each NeoLLM block with torch.compile (backend %s)", backend)
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=fullgraph,
+                                                             mode=mode))
+    logger.info("Compiled each NeoLLM block with torch.compile (backend %s, mode %s)", backend, mode or "default")
 
 
 def _allreduce_sum_hook(process_group, bucket):

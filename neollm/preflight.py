@@ -44,6 +44,15 @@ def check_run(job_config: JobConfig, world_size: int) -> None:
     loss_settings(job_config)
     guard_from_config(job_config)
     fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
+    if job_config.compile.enable:
+        from neollm.parallelize import compile_settings
+        from neollm.train import data_parallel_degree
+
+        p = job_config.parallelism
+        shard = p.data_parallel_shard_degree
+        if shard == -1:
+            shard = data_parallel_degree(job_config, world_size) // p.data_parallel_replicate_degree
+        compile_settings(job_config.compile, fsdp=shard > 1)
     copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
     from neollm.data.loader import check_data
     from neollm.tokenizer import build_neollm_tokenizer

@@ -24,11 +24,12 @@ import signal
 import sys
 
 from torchtitan.config import JobConfig
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 from neollm.errors import ConfigError
-from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, RNGState
+from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, PendingChecks, RNGState
 from neollm.loss import LossSettings
 from neollm import monitor
 
@@ -99,8 +100,9 @@ class NeoLLMTrainer(Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         import neollm  # noqa: F401  (registers the spec and datasets, CPU patch)
 
-        from neollm.config_check import check_ranges, check_types
+        from neollm.config_check import apply_dataset_default_paths, check_ranges, check_types
 
+        apply_dataset_default_paths(job_config, sys.argv[1:])
         check_types(job_config)
         check_ranges(job_config)
         check_model_choice(job_config)
@@ -122,18 +124,12 @@ class NeoLLMTrainer(Trainer):
         self.checkpointer.__class__ = NeoLLMCheckpointManager
         self.checkpointer.states["rng"] = RNGState()
         self.checkpointer.states["loss_guard"] = guard
+        self.checkpointer.before_save = self._settle_loss_checks
         self.loss_guard = guard
+        self.pending_checks = PendingChecks()
         self._step_losses: list = []
         self._stop_signal: int | None = None
         self.stopped_by_signal = False
-        if guard.enabled:
-            step_optimizers = self.optimizers.step
-
-            def guarded_step(*args, **kwargs):
-                if self._loss_is_good():
-                    step_optimizers(*args, **kwargs)
-
-            self.optimizers.step = guarded_step
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         self._sync_ddp_gradients_only_on_last_microbatch()
@@ -158,41 +154,66 @@ class NeoLLMTrainer(Trainer):
             if isinstance(part, DDP):
                 part.set_requires_gradient_sync(last)
 
-    def _global_step_loss(self) -> float:
-        """This step's loss over all ranks (sum of local loss sums / global valid tokens)."""
+    def _global_step_loss(self):
+        """This step's loss over all ranks (sum of local loss sums / global valid tokens), as a
+        device tensor: summed over the data-parallel ranks by an all-reduce, not read back."""
         import torch
-        from torchtitan.distributed import utils as dist_utils
 
-        loss = torch.sum(torch.stack(self._step_losses))
-        mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
-        return dist_utils.dist_sum(loss, mesh)
+        loss = torch.sum(torch.stack(self._step_losses)).detach()
+        if self.parallel_dims.dp_cp_enabled:
+            loss = device_sum(loss, self.parallel_dims.get_optional_mesh("loss"))
+        return loss
 
-    def _loss_is_good(self) -> bool:
-        """Called in place of the optimizer step: True lets it run."""
-        if self.parallel_dims.pp_enabled or not self._step_losses:
+    def _guard_step(self) -> bool:
+        """The loss guard, before the optimizer step; False skips that step.
+
+        The test runs on the device (LossGuard.check_tensor). "stop" (the default) does not wait
+        for it: the verdict travels to the host by a non-blocking copy and is read when it has
+        arrived (``_poll_loss_checks``, each step), and waited for only at log steps, before a
+        checkpoint is saved and at the end, so a bad step stops the run, naming that step, a step
+        or a few later, and no checkpoint is saved from that step on. "skip" must know before the
+        optimizer step whether to run it, so it reads the verdict at once: one host sync per step
+        (the price of an exact skip: no optimizer step at all, moments and step count unchanged)."""
+        if not self.loss_guard.enabled or self.parallel_dims.pp_enabled or not self._step_losses:
             return True  # pipeline stages don't all see the loss: no guard
-        loss = self._global_step_loss()
+        record = self.loss_guard.check_tensor(self.step, self._global_step_loss())
         self._step_losses.clear()
-        problem = self.loss_guard.check(self.step, loss)
-        if problem is None:
-            self.loss_guard.consecutive_skips = 0
+        if self.loss_guard.on_bad_loss != "skip":
+            self.pending_checks.add(self.step, record)
             return True
+        problem = self.loss_guard.reason(record.tolist())
         guard = self.loss_guard
-        if guard.on_bad_loss == "skip":
-            guard.consecutive_skips += 1
-            if guard.consecutive_skips > guard.max_consecutive_skips:
+        if problem is None:
+            guard.consecutive_skips = 0
+            return True
+        guard.consecutive_skips += 1
+        if guard.consecutive_skips > guard.max_consecutive_skips:
+            raise BadLossError(
+                f"training stopped at step {self.step}: {problem}, and {guard.consecutive_skips} "
+                f"steps in a row were bad ([guard] max_consecutive_skips {guard.max_consecutive_skips}); "
+                "resume from the last checkpoint with a lower [optimizer] lr or more warm-up"
+            )
+        logger.warning(f"[guard] skipped step {self.step}: {problem} (batch dropped, no optimizer step)")
+        self.optimizers.zero_grad()
+        return False
+
+    def _raise_on_bad(self, verdicts) -> None:
+        for step, record in verdicts:
+            problem = self.loss_guard.reason(record)
+            if problem is not None:
+                later = f" (seen at step {self.step})" if step != self.step else ""
                 raise BadLossError(
-                    f"training stopped at step {self.step}: {problem}, and {guard.consecutive_skips} "
-                    f"steps in a row were bad ([guard] max_consecutive_skips {guard.max_consecutive_skips}); "
-                    "resume from the last checkpoint with a lower [optimizer] lr or more warm-up"
+                    f"training stopped at step {step}: {problem}{later}; the last checkpoint is "
+                    'before this step. Lower [optimizer] lr, raise warm-up or set [guard] on_bad_loss = "skip"'
                 )
-            logger.warning(f"[guard] skipped step {self.step}: {problem} (batch dropped, no optimizer step)")
-            self.optimizers.zero_grad()
-            return False
-        raise BadLossError(
-            f"training stopped at step {self.step}: {problem}; the last checkpoint is before this step. "
-            'Lower [optimizer] lr, raise warm-up or set [guard] on_bad_loss = "skip"'
-        )
+
+    def _poll_loss_checks(self) -> None:
+        """Read the verdicts that have reached the host (never waits)."""
+        self._raise_on_bad(self.pending_checks.ready())
+
+    def _settle_loss_checks(self) -> None:
+        """Wait for every pending verdict (log steps, before a checkpoint, at the end)."""
+        self._raise_on_bad(self.pending_checks.drain())
 
     def train_step(self, data_iterator):
         if self.progress.start_time is None:  # first step of this process (after any resume)
@@ -202,25 +223,144 @@ class NeoLLMTrainer(Trainer):
         if self.monitor_gates and self.metrics_processor.should_log(self.step):
             probes = [monitor.OutputGateProbe(part) for part in self.model_parts]
         try:
-            super().train_step(data_iterator)
+            self._run_step(data_iterator)
         finally:
             gates = {}
             for probe in probes:
                 gates.update(probe.close())
         self._after_step(gates)
 
+    def _run_step(self, data_iterator) -> None:
+        """torchtitan 0.2.2's ``Trainer.train_step`` without its host syncs between log steps.
+
+        The same work in the same order (micro-batches, valid-token count, forward/backward,
+        clipping, optimizer and LR steps, logging), except: batches go to the device with
+        ``non_blocking=True`` (from pinned memory with ``[training.dataloader] pin_memory``; a
+        blocking copy waits for the device to finish the previous step), the global valid-token
+        count and the loss guard's global loss stay device tensors (all-reduced, never read),
+        the loss guard decides on the device (``_guard_step``), and loss / grad norm are read
+        back at log steps only."""
+        import torch
+        from torchtitan.components.loss import IGNORE_INDEX
+
+        self.optimizers.zero_grad()
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        parallel_dims = self.parallel_dims
+
+        microbatches = []
+        local_valid_tokens = torch.tensor(0, dtype=torch.int64)
+        for _ in range(self.gradient_accumulation_steps):
+            input_dict, labels = next(data_iterator)
+            local_valid_tokens += (labels != IGNORE_INDEX).sum()
+            microbatches.append((input_dict, labels))
+
+        local_valid_tokens = local_valid_tokens.to(self.device, non_blocking=True)
+        if parallel_dims.dp_enabled:
+            global_valid_tokens = device_sum(local_valid_tokens, parallel_dims.get_mesh("batch")).float()
+        else:
+            global_valid_tokens = local_valid_tokens.float()
+
+        accumulated_losses = []
+        for input_dict, labels in microbatches:
+            for k, v in input_dict.items():
+                if isinstance(v, torch.Tensor):
+                    input_dict[k] = v.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            loss = self.forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+            accumulated_losses.append(loss.detach())
+
+        grad_norm = dist_utils.clip_grad_norm_(
+            [p for m in self.model_parts for p in m.parameters()],
+            self.job_config.training.max_norm,
+            foreach=True,
+            pp_mesh=parallel_dims.get_optional_mesh("pp"),
+            ep_enabled=parallel_dims.ep_enabled,
+        )
+        self.checkpointer.maybe_wait_for_staging()
+        if self._guard_step():
+            self.optimizers.step()
+        self.lr_schedulers.step()
+        self._poll_loss_checks()
+
+        if not self.metrics_processor.should_log(self.step):
+            return
+        self._settle_loss_checks()
+        loss = torch.sum(torch.stack(accumulated_losses)).detach()
+        if parallel_dims.dp_cp_enabled:
+            loss_mesh = parallel_dims.get_optional_mesh("loss")
+            local_avg_loss = loss * global_valid_tokens / local_valid_tokens
+            global_avg_loss = dist_utils.dist_sum(loss, loss_mesh)
+            global_max_loss = dist_utils.dist_max(local_avg_loss, loss_mesh)
+            global_ntokens_seen = dist_utils.dist_sum(
+                torch.tensor(self.ntokens_seen, dtype=torch.int64, device=self.device), loss_mesh)
+        else:
+            global_avg_loss = global_max_loss = loss.item()
+            global_ntokens_seen = self.ntokens_seen
+        self._warn_if_waiting_on_data()
+        self.metrics_processor.log(
+            self.step, global_avg_loss, global_max_loss, grad_norm.item(),
+            extra_metrics={"n_tokens_seen": global_ntokens_seen, "lr": lr},
+        )
+
+    def _warn_if_waiting_on_data(self) -> None:
+        """At a log step: warn when the steps since the last log spent more than ``[monitor]
+        data_wait_warn`` of their wall time waiting for the dataloader (host time in ``next()``,
+        as torchtitan's ``time_metrics/data_loading(%)``; no device sync). Without per-step syncs
+        the host runs ahead of a busy GPU and finds batches ready; waiting shows the data is
+        slower than the GPU. Repeated at most every 5 minutes."""
+        import time
+
+        processor = self.metrics_processor
+        threshold = getattr(getattr(self.job_config, "monitor", None), "data_wait_warn", 0.05)
+        elapsed = time.perf_counter() - processor.time_last_log
+        waits = processor.data_loading_times
+        if threshold <= 0 or not waits or elapsed <= 0:
+            return
+        share = sum(waits) / elapsed
+        now = time.monotonic()
+        if share <= threshold or now - getattr(self, "_data_warned_at", -1e9) < 300:
+            return
+        self._data_warned_at = now
+        workers = self.job_config.training.dataloader.num_workers
+        logger.warning(
+            f"[data] steps {self.step - len(waits) // max(1, self.gradient_accumulation_steps) + 1}-"
+            f"{self.step} waited for data {100 * share:.0f}% of the time "
+            f"({1000 * sum(waits) / max(1, len(waits)):.1f} ms per batch): the data loader is slower "
+            f"than training. Raise [training.dataloader] num_workers (now {workers}; with "
+            "pin_memory = true), or pre-tokenize the text (python tools/tokenize_data.py) and train "
+            "with --training.dataset shards; tools/bench_data.py measures each source")
+
     def _preemption_requested(self) -> bool:
-        """Whether any rank got SIGTERM/SIGUSR1 (agreed over ranks, so all stop at one step)."""
+        """Whether any rank got SIGTERM/SIGUSR1, agreed over ranks so all stop at one step.
+
+        With several ranks the flags are summed by an all-reduce each step. On GPUs its result is
+        read two steps later (a non-blocking copy; waiting then costs nothing, as the device is
+        still busy with the step after it), so the run stops at most two steps after the signal,
+        at the same step on every rank; on the CPU (gloo) it is read at once."""
         flag = self._stop_signal is not None
         import torch.distributed as dist
 
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            import torch
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return flag
+        import torch
 
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.device.type != "cuda":
+            return bool(t.item())
+        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        queue = self.__dict__.setdefault("_stop_flags", [])
+        queue.append((host, event))
+        if len(queue) <= 2:
+            return False
+        host, event = queue.pop(0)
+        event.synchronize()
+        return bool(host.item())
 
     def should_continue_training(self) -> bool:
         if self.step > 0 and self._preemption_requested():
@@ -245,6 +385,7 @@ class NeoLLMTrainer(Trainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_stop_signal)
         result = super().train()
+        self._settle_loss_checks()
         self._finished = True  # close() then waits for every rank before the process group goes
         return result
 
@@ -305,6 +446,16 @@ class NeoLLMTrainer(Trainer):
         if self.fused_loss:
             extra_inputs["labels"] = labels
         return inputs, labels, extra_inputs, extra_kwargs
+
+
+def device_sum(x, mesh):
+    """``x`` summed over ``mesh``'s ranks, as a device tensor (torchtitan's ``dist_sum`` reads
+    the result back to the host, a sync; this leaves it on the device)."""
+    import torch.distributed._functional_collectives as funcol
+
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return funcol.all_reduce(x, reduceOp="sum", group=mesh)
 
 
 def guard_from_config(job_config: JobConfig) -> LossGuard:

@@ -262,3 +262,74 @@ def test_interleaved_ranks_split_one_stream_the_same_way_for_any_rank_count(corp
             take(resumed, 1)
     with pytest.raises(ConfigError, match="interleave_ranks applies to pre-tokenized shards.*'local_text'"):
         check_data(make_job("local_text", corpus["local_text"], "--data.interleave_ranks"))
+
+
+@pytest.fixture(scope="module")
+def stream_files(tmp_path_factory):
+    """The documents split over 4 jsonl files (a streamed dataset's shards)."""
+    root = tmp_path_factory.mktemp("stream")
+    files = []
+    for k in range(4):
+        f = root / f"part{k}.jsonl"
+        f.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[k::4]))
+        files.append(str(f))
+    return files
+
+
+def streaming_source(monkeypatch, files):
+    from datasets import load_dataset
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from neollm.data.sources import text_sample
+
+    monkeypatch.setitem(DATASETS, "stream_files", DatasetConfig(
+        path="", loader=lambda path: load_dataset("json", data_files=path.split(","), split="train",
+                                                  streaming=True),
+        sample_processor=text_sample))
+    return ",".join(files)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["no_workers", "2_workers"])
+def test_streamed_dataset_resumes_exactly_a_second_and_third_time(stream_files, tokenizer, monkeypatch,
+                                                                  workers):
+    """torchtitan #3907: with datasets 5.0 a streamed dataset's state froze after a resume, so a
+    second resume restarted at the first document. Three resumes in a row, 2 ranks, with and
+    without dataloader workers, through NeoLLM's loader: the batches are the uninterrupted ones."""
+    job = make_job("stream_files", streaming_source(monkeypatch, stream_files),
+                   "--training.dataloader.num_workers", str(workers))
+    for rank in range(2):
+        full, _ = take(build(job, tokenizer, rank), 16)
+        got, state = [], None
+        for chunk in (4, 4, 4, 4):  # start, then three resumes from the previous checkpoint
+            loader = build(job, tokenizer, rank)
+            if state is not None:
+                loader.load_state_dict(state)
+            batches, _ = take(loader, chunk)
+            got += batches
+            state = loader.state_dict()
+        for step, (a, b) in enumerate(zip(full, got)):
+            assert torch.equal(a, b), f"rank {rank}, batch {step}"
+
+
+def test_streamed_ranks_and_workers_read_disjoint_documents(stream_files, tokenizer, monkeypatch):
+    job = make_job("stream_files", streaming_source(monkeypatch, stream_files),
+                   "--training.dataloader.num_workers", "2")
+    seen = [documents_seen(job, tokenizer, rank) for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(N_DOCS))
+
+
+def test_streamed_dataset_with_fewer_files_than_workers_is_refused(stream_files, tokenizer, monkeypatch):
+    from neollm.errors import ConfigError
+
+    job = make_job("stream_files", streaming_source(monkeypatch, stream_files[:2]),
+                   "--training.dataloader.num_workers", "2")
+    with pytest.raises(ConfigError, match=r"num_workers = 2, but .* only 1 file"):
+        build(job, tokenizer, 0)
+
+
+def test_datasets_keeps_a_streamed_position_after_resume():
+    from neollm.data.text import check_stream_resume
+
+    check_stream_resume()  # raises on a datasets with huggingface/datasets#8308

@@ -201,6 +201,37 @@ def test_nan_loss_is_skipped_then_stops_naming_the_step(tmp_path, monkeypatch):
     assert checkpoint_steps(dump) == [2]  # nothing saved from the bad step on
 
 
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_naming_the_step_without_a_later_checkpoint(tmp_path, monkeypatch):
+    """[guard] on_bad_loss = "stop" (default): the verdict is read without waiting for the device,
+    but the run still stops naming the bad step, and no checkpoint holds it or a later step."""
+    require_prepared_assets()
+    monkeypatch.setenv("NEOLLM_INJECT_BAD_LOSS", "3:nan")
+    dump = tmp_path / "stop"
+    result = run_trainer("--job.dump_folder", str(dump), *SMALL, timeout=300)
+    assert result.returncode != 0, result.stdout[-4000:]
+    errors = [line for line in result.stdout.splitlines() if "error: training stopped at step 3: loss is nan" in line]
+    assert len(errors) == 1, result.stdout[-4000:]
+    assert checkpoint_steps(dump) == [2]
+
+
+def test_pending_checks_hand_back_verdicts_in_step_order():
+    import torch
+
+    from neollm.faults import LossGuard, PendingChecks
+
+    guard, pending = LossGuard("stop", max_loss_ratio=2.0, window=4, warmup_steps=1), PendingChecks()
+    for step, loss in enumerate([4.0, 5.0, 11.0, float("inf")], start=1):
+        pending.add(step, guard.check_tensor(step, torch.tensor(loss)))
+    verdicts = pending.ready()
+    assert [step for step, _ in verdicts] == [1, 2, 3, 4] and pending.drain() == []
+    reasons = [guard.reason(record) for _, record in verdicts]
+    assert reasons[:2] == [None, None]
+    assert "loss 11.0000 is over [guard] max_loss_ratio 2 x the running mean 4.5000" == reasons[2]
+    assert reasons[3] == "loss is inf"
+    assert guard.running_mean() == pytest.approx(4.5)  # bad losses never enter the window
+
+
 def test_loss_guard_spike_over_running_mean_and_nan():
     from neollm.faults import LossGuard
 

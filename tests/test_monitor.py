@@ -146,3 +146,34 @@ def test_plot_run_from_tensorboard_events_and_jsonl(tmp_path):
 
 # The trainer's tensorboard / wandb-offline / JSONL / progress / plot path is checked on the
 # reference run of tests/test_faults.py (one launch for both).
+
+
+def test_trainer_warns_when_steps_wait_on_data(monkeypatch):
+    """[monitor] data_wait_warn: host time in the dataloader over that share of the wall time
+    since the last log step gives one warning naming num_workers (then none for 5 minutes)."""
+    import time
+    from types import SimpleNamespace
+
+    import neollm.train as train
+
+    said = []
+    monkeypatch.setattr(train.logger, "warning", lambda text: said.append(text))
+    now = time.perf_counter()
+    fake = SimpleNamespace(
+        step=20, gradient_accumulation_steps=1,
+        job_config=SimpleNamespace(monitor=SimpleNamespace(data_wait_warn=0.05),
+                                   training=SimpleNamespace(dataloader=SimpleNamespace(num_workers=0))),
+        metrics_processor=SimpleNamespace(time_last_log=now - 1.0, data_loading_times=[0.001] * 10))
+    train.NeoLLMTrainer._warn_if_waiting_on_data(fake)
+    assert said == []  # 10 ms of the last second: 1%
+    fake.metrics_processor.data_loading_times = [0.02] * 10  # 200 ms: 20%
+    train.NeoLLMTrainer._warn_if_waiting_on_data(fake)
+    assert len(said) == 1
+    assert "steps 11-20 waited for data 20% of the time (20.0 ms per batch)" in said[0]
+    assert "num_workers (now 0" in said[0] and "tools/bench_data.py" in said[0]
+    train.NeoLLMTrainer._warn_if_waiting_on_data(fake)
+    assert len(said) == 1  # not again within 5 minutes
+    fake.job_config.monitor.data_wait_warn = 0.0
+    fake._data_warned_at = -1e9
+    train.NeoLLMTrainer._warn_if_waiting_on_data(fake)
+    assert len(said) == 1  # 0 = off

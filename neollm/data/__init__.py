@@ -21,7 +21,11 @@ max_doc_tokens_factor = 4`` truncates every document to 4 x seq_len tokens (seed
 
 Ranks and workers: data-parallel rank r of W reads the r-th contiguous block of documents (for a
 streaming source: whole hub files, or every W-th document); within a rank, dataloader worker w
-of K (``[training.dataloader] num_workers``) reads the w-th block of the rank's documents.
+of K (``[training.dataloader] num_workers``) reads the w-th block of the rank's documents (for a
+streaming source: whole files of the rank's part, re-sharded by parquet row group when there are
+fewer files than workers, refused when that is not enough: text.fit_stream_to_workers). The GPU
+configs read with 4 workers, pinned memory and prefetch 4 (2 workers for shards);
+tools/bench_data.py measures each source against what a model consumes.
 Token shards with ``[data] interleave_ranks = true`` instead: every rank walks the same packed
 stream of all documents and keeps windows r, r + W, ... (workers take whole batches in turn), so
 a step's global batch is the same sequences whatever W is (neollm/data/shards.py).

@@ -103,9 +103,10 @@ def build_dataset(name: str, path: str | None, tokenizer: Any, job_config: JobCo
                                  interleave=not validation and interleave_ranks(job_config, key),
                                  local_batch_size=job_config.training.local_batch_size)
     data = apply_holdout(key, data, job_config, source.sample_processor, f"{section} dataset")
+    loader_config = (job_config.validation if validation else job_config.training).dataloader
     return NeoLLMTextDataset(key, data, source.sample_processor, tokenizer, seq_len, dp_rank,
                              dp_world_size, infinite=infinite, max_doc_tokens=limit,
-                             restart_each_pass=validation)
+                             restart_each_pass=validation, num_workers=loader_config.num_workers)
 
 
 def shuffle_seed(job_config: JobConfig, key: str | None = None) -> int | None:
@@ -136,8 +137,23 @@ def interleave_ranks(job_config: JobConfig, key: str | None = None) -> bool:
     return on
 
 
+def loader_kwargs(loader_config) -> dict[str, Any]:
+    """``[training.dataloader]`` as StatefulDataLoader arguments. ``pin_memory`` only where a
+    CUDA device exists (the trainer copies batches with ``non_blocking=True``: from pinned
+    memory the copy overlaps the GPU's work); ``prefetch_factor`` / ``persistent_workers`` only
+    with workers (a TOML's GPU settings then also run with ``--training.dataloader.num_workers 0``)."""
+    import torch
+
+    kwargs = asdict(loader_config)
+    kwargs["pin_memory"] = bool(kwargs.get("pin_memory")) and torch.cuda.is_available()
+    if not kwargs.get("num_workers"):
+        kwargs["prefetch_factor"] = None
+        kwargs["persistent_workers"] = False
+    return kwargs
+
+
 def _dataloader(dataset, dp_rank: int, dp_world_size: int, batch_size: int, loader_config):
-    kwargs = {**asdict(loader_config), "batch_size": batch_size}
+    kwargs = {**loader_kwargs(loader_config), "batch_size": batch_size}
     return ParallelAwareDataloader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 

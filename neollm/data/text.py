@@ -19,6 +19,14 @@ What :class:`NeoLLMTextDataset` adds:
   (streaming datasets split their files across workers themselves). StatefulDataLoader saves and
   restores one state per worker.
 * ``[data] max_doc_tokens_factor``: documents are truncated (packing.DocumentEncoder).
+* streaming + workers: ``datasets`` gives each worker whole files (shards) of the rank's part,
+  and a worker without a file would yield nothing, forever (the loader would hang waiting for
+  it). :func:`fit_stream_to_workers` re-shards (parquet: by row group) when the rank's part has
+  fewer files than workers, and refuses the configuration when that is not enough.
+* :func:`check_stream_resume`: ``datasets`` 5.0 up to its fix (huggingface/datasets#8308,
+  torchtitan #3907) froze a streamed dataset's ``state_dict`` after a resume, so the *second*
+  resume restarted the stream from its first document. A 10-row probe runs before a stream is
+  used and refuses an affected ``datasets``.
 
 It also takes the already loaded dataset instead of loading it a second time.
 """
@@ -33,6 +41,50 @@ from torch.utils.data import get_worker_info
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 
 from neollm.data.packing import DocumentEncoder
+from neollm.errors import ConfigError
+
+
+def fit_stream_to_workers(data: Any, dp_rank: int, dp_world_size: int, num_workers: int,
+                          setting: str = "[training.dataloader] num_workers") -> Any:
+    """This rank's part of a streaming dataset, with at least one file (shard) per dataloader
+    worker: re-sharded (``IterableDataset.reshard``: parquet row groups) when it has fewer."""
+    part = split_dataset_by_node(data, dp_rank, dp_world_size)
+    if num_workers <= 1 or part.num_shards >= num_workers:
+        return part
+    if hasattr(data, "reshard"):
+        part = split_dataset_by_node(data.reshard(), dp_rank, dp_world_size)
+    if part.num_shards < num_workers:
+        raise ConfigError(
+            f"{setting} = {num_workers}, but the streamed dataset gives each of the "
+            f"{dp_world_size} data-parallel ranks only {part.num_shards} file(s) (shards), and a "
+            f"worker without a file would stall the loader: set {setting} <= {part.num_shards}, "
+            "or split the data into more files")
+    return part
+
+
+def check_stream_resume() -> None:
+    """Refuse a ``datasets`` whose streamed state stops advancing after ``load_state_dict``."""
+    from datasets import Dataset as MapDataset
+    import datasets
+
+    stream = MapDataset.from_dict({"i": list(range(10))}).to_iterable_dataset(num_shards=1)
+    it = iter(stream)
+    for _ in range(2):
+        next(it)
+    resumed = MapDataset.from_dict({"i": list(range(10))}).to_iterable_dataset(num_shards=1)
+    resumed.load_state_dict(stream.state_dict())
+    it = iter(resumed)
+    for _ in range(3):
+        next(it)
+    again = MapDataset.from_dict({"i": list(range(10))}).to_iterable_dataset(num_shards=1)
+    again.load_state_dict(resumed.state_dict())
+    first = next(iter(again))["i"]
+    if first != 5:
+        raise ConfigError(
+            f"datasets {datasets.__version__} loses a streamed dataset's position after a resume "
+            f"(a second resume would restart at document {first}, not 5; huggingface/datasets#8308, "
+            "torchtitan #3907): install a datasets with the fix (pip install 'datasets>=5.2') "
+            "or one below 5.0")
 
 
 class NeoLLMTextDataset(HuggingFaceTextDataset):
@@ -44,10 +96,15 @@ class NeoLLMTextDataset(HuggingFaceTextDataset):
 
     def __init__(self, dataset_name: str, data: Any, text_processor: Callable[[dict], str],
                  tokenizer: Any, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
-                 infinite: bool = False, max_doc_tokens: int = 0, restart_each_pass: bool = False):
+                 infinite: bool = False, max_doc_tokens: int = 0, restart_each_pass: bool = False,
+                 num_workers: int = 0):
         # The attributes torchtitan's __iter__ / state_dict / load_state_dict use.
         self.dataset_name = dataset_name.lower()
-        self._data = split_dataset_by_node(data, dp_rank, dp_world_size)
+        if isinstance(data, Dataset):
+            self._data = split_dataset_by_node(data, dp_rank, dp_world_size)
+        else:
+            check_stream_resume()
+            self._data = fit_stream_to_workers(data, dp_rank, dp_world_size, num_workers)
         self._tokenizer = DocumentEncoder(tokenizer, max_doc_tokens) if max_doc_tokens else tokenizer
         self.seq_len = seq_len
         self.infinite = infinite

@@ -1,0 +1,68 @@
+"""GPU checks that the per-step loss guard does not wait for the device (neollm/faults.py).
+
+A long matmul chain is queued; the guard's record of a loss computed after it is queued behind
+it. ``PendingChecks.ready()`` must return at once without it (no host sync) and ``drain()`` must
+then hand back the right verdict. Also the whole [compile] scope = "model" + mode
+"reduce-overhead" path on a small model: loss and gradients close to eager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from types import SimpleNamespace
+
+import torch
+
+from gpu_checks import GPU_ONLY
+
+pytestmark = GPU_ONLY
+
+
+def test_pending_loss_checks_do_not_wait_for_the_device():
+    from neollm.faults import LossGuard, PendingChecks
+
+    guard, pending = LossGuard("stop"), PendingChecks()
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(200):  # ~ tens of ms of queued work
+        a = torch.tanh(a @ a)
+    loss = a.mean() * 0 + float("nan")
+    start = time.perf_counter()
+    pending.add(7, guard.check_tensor(7, loss))
+    early = pending.ready()
+    queued = time.perf_counter() - start
+    assert early == [] and queued < 0.01, (early, queued)
+    [(step, record)] = pending.drain()
+    assert step == 7 and guard.reason(record) == "loss is nan"
+
+
+def test_whole_model_compile_with_cuda_graphs_trains_like_eager():
+    from neollm.model.args import FLAVORS
+    from neollm.model.model import NeoLLM
+    from neollm.parallelize import compile_model_for_training
+
+    args = dataclasses.replace(FLAVORS["plain"], n_layers=2, vocab_size=1024, max_seq_len=128)
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = NeoLLM(args)
+            model.init_weights()
+        if compiled:
+            compile_model_for_training(model, SimpleNamespace(backend="inductor", mode="reduce-overhead",
+                                                              scope="model"))
+        tokens = torch.randint(0, 1024, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        losses = []
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(4):
+            loss = model(tokens, tokens)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    eager, graphed = run(False), run(True)
+    for a, b in zip(eager, graphed):
+        assert abs(a - b) < 1e-3 * abs(a), (eager, graphed)

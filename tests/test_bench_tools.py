@@ -1,0 +1,62 @@
+"""tools/bench_data.py and tools/bench_trainer.py on the CPU (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_tool, require_prepared_assets
+
+
+def test_bench_data_measures_a_source_and_flags_one_slower_than_the_model(tmp_path, capsys):
+    require_prepared_assets()
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [
+        {"name": "debug", "source": "bench", "tok_per_s": 1.0, "peak_gib": 1.0},
+        {"name": "debug", "source": "trainer", "tok_per_s": 1e12, "peak_gib": 1.0}]}))
+    out = tmp_path / "data.json"
+    assert load_tool("bench_data").main([
+        "--config", "train_configs/debug.toml", "--sources", "wiki_vital_en", "--workers", "0",
+        "--batches", "3", "--warmup", "1", "--bench-json", str(bench), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "consumes 1,000,000,000,000 tok/s" in text and "(trainer)" in text  # the trainer's row wins
+    assert "(GPU would wait)" in text
+    report = json.loads(out.read_text())
+    assert report["commit"] and report["device"]
+    [row] = report["rows"]
+    assert row["source"] == "wiki_vital_en" and row["workers"] == 0 and row["tok_per_s"] > 0
+
+
+def test_bench_data_names_a_missing_flavor_row(tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"name": "plain", "tok_per_s": 5.0, "peak_gib": 1.0}]))
+    assert load_tool("bench_data").main(["--config", "train_configs/debug.toml", "--bench-json", str(bench)]) == 2
+    assert "has no row named 'debug'" in capsys.readouterr().err
+
+
+def test_steady_state_leaves_out_the_warm_up_steps():
+    tool = load_tool("bench_trainer")
+    metrics = {"throughput(tps)": {2: 10.0, 4: 100.0, 6: 120.0},
+               "memory/max_active(GiB)": {2: 1.5, 4: 2.0, 6: 1.9}}
+    assert tool.steady_state(metrics, skip=2) == (110.0, 2.0, 2)
+    with pytest.raises(RuntimeError, match="no throughput after step 6"):
+        tool.steady_state(metrics, skip=6)
+
+
+@pytest.mark.slow
+def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path):
+    require_prepared_assets()
+    out = tmp_path / "trainer.json"
+    assert load_tool("bench_trainer").main([
+        "--config", "train_configs/debug.toml", "--steps", "4", "--log-freq", "2", "--skip", "2",
+        "--bench-steps", "1", "--bench-warmup", "1", "--out", str(out), "--",
+        "--training.seq_len", "32", "--training.global_batch_size", "1",
+        "--training.local_batch_size", "1"]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"] and report["date"] and report["commit"]
+    rows = {r["source"]: r for r in report["rows"]}
+    assert set(rows) == {"trainer", "bench"}
+    for row in rows.values():
+        assert row["name"] == "debug" and row["tok_per_s"] > 0 and row["local_batch_size"] == 1
+    assert rows["trainer"]["intervals"] == 1 and rows["trainer"]["peak_gib"] >= 0

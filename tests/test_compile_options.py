@@ -1,0 +1,79 @@
+"""[compile] mode and scope (neollm.parallelize.compile_model_for_training), on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from neollm.model.args import FLAVORS
+from neollm.model.model import NeoLLM
+
+ARGS = dataclasses.replace(FLAVORS["neollm_135m"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           head_dim=16, ffn_hidden_dim=96, vocab_size=128, max_seq_len=32,
+                           attention_dropout=0.0, dropout=0.0)
+
+
+def _loss_and_grads(compile_config=None):
+    from neollm.parallelize import compile_model_for_training
+
+    torch.manual_seed(0)
+    model = NeoLLM(ARGS)
+    model.init_weights()
+    model.double()
+    if compile_config is not None:
+        compile_model_for_training(model, compile_config)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens, tokens)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_whole_model_compile_matches_eager_and_keeps_parameter_names():
+    torch._dynamo.reset()
+    loss_ref, grads_ref = _loss_and_grads()
+    loss, grads = _loss_and_grads(SimpleNamespace(backend="aot_eager", mode="default", scope="model"))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-11, atol=0)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 20  # no "_orig_mod." in the names
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_mode_and_scope_reach_torch_compile(monkeypatch, scope, mode):
+    from neollm.parallelize import compile_model_for_training
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append(kw) or module)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    model = NeoLLM(dataclasses.replace(ARGS, n_layers=3))
+    compile_model_for_training(model, SimpleNamespace(backend="inductor", mode=mode, scope=scope))
+    assert len(calls) == (3 if scope == "blocks" else 1)
+    assert all(kw["mode"] == mode and kw["backend"] == "inductor" for kw in calls)
+
+
+def test_bad_settings_are_refused():
+    from neollm.errors import ConfigError
+    from neollm.parallelize import compile_settings
+
+    assert compile_settings(SimpleNamespace(mode="default", scope="blocks")) == (None, "blocks")
+    with pytest.raises(ConfigError, match="mode 'fast' is unknown"):
+        compile_settings(SimpleNamespace(mode="fast", scope="blocks"))
+    with pytest.raises(ConfigError, match="needs the model unsharded"):
+        compile_settings(SimpleNamespace(mode="default", scope="model"), fsdp=True)
+
+
+def test_preflight_refuses_whole_model_compile_with_fsdp(monkeypatch, capsys):
+    from conftest import REPO, require_prepared_assets
+
+    from neollm import preflight
+
+    require_prepared_assets()
+    monkeypatch.chdir(REPO)
+    args = ["--job.config_file", "train_configs/debug.toml", "--compile.enable", "--compile.scope", "model"]
+    assert preflight.main(["--world-size", "2", *args]) == 2
+    assert "needs the model unsharded" in capsys.readouterr().err
+    assert preflight.main(["--world-size", "1", *args, "--compile.mode", "reduce-overhead"]) == 0
