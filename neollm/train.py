@@ -346,7 +346,9 @@ class NeoLLMTrainer(Trainer):
             return flag
         import torch
 
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        # filled on the device: torch.tensor([...], device=cuda) copies from pageable memory and waits
+        # for the stream, a host sync every step
+        t = torch.full((1,), int(flag), dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if t.device.type != "cuda":
             return bool(t.item())
@@ -402,7 +404,7 @@ class NeoLLMTrainer(Trainer):
         if getattr(self, "_finished", False) and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
             global _LEAVE_WITHOUT_FINALIZING
-            _LEAVE_WITHOUT_FINALIZING = "gloo" in str(dist.get_backend())
+            _LEAVE_WITHOUT_FINALIZING = dist.get_backend() == "gloo"  # not "cuda:nccl,cpu:gloo"
 
     # ------------------------------------------------------------ monitoring
 

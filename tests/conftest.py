@@ -69,6 +69,18 @@ def aborted_in_teardown(out: str) -> bool:
             and "Traceback (most recent call last)" not in out.split("Process group destroyed")[0])
 
 
+def run_interpreted(script_name: str, timeout: int) -> None:
+    """Run tests/<script_name> under Triton's CPU interpreter (TRITON_INTERPRET=1) in a fresh process
+    with this tree's neollm first on the path (not an installed copy); it must print "ok" last."""
+    script = Path(__file__).with_name(script_name)
+    repo = script.parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
 def load_tool(name: str):
     """Import tools/<name>.py as module ``name`` (registered in sys.modules: dataclasses and
     multiprocessing workers look their module up there)."""

@@ -243,10 +243,16 @@ def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
     assert len(rows) == 9 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[8]["name"].startswith("neollm_135m -") and compiled == ["eager"] * 9
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the key from dynamo's config module,
+    # which hides recompile_limit from every later compile in the session
+    real_reset = torch._dynamo.reset
     monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
-    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-        bench.main(argv)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            bench.main(argv)
+    finally:
+        real_reset()
+    assert torch._dynamo.config.recompile_limit == 8
 
 
 def test_run_gpu_tests_reads_junit_counts_and_refuses_without_cuda(tmp_path, capsys):

@@ -532,7 +532,10 @@ def layer_params(flavor: str, mixer: str, **changes) -> int:
     ("neollm_135m", "A", dict(mlp_type="polynorm", polynorm_exclusive=True), 6),
     ("neollm_135m", "A", dict(learnable_multipliers=True), 2 * 512 + 512 + 1536 + 1536),
     ("neollm_110m_hybrid", "D", dict(learnable_multipliers=True), 512 + 1024 + 1024),
-    ("neollm_135m", "A", dict(simplegpt=True), 512 + 256 + 256 + 512 + 1536 + 1536 + 512 - 2 * 512),
+    ("neollm_135m", "A", dict(simplegpt=True, simplegpt_scope="all"),
+     512 + 256 + 256 + 512 + 1536 + 1536 + 512 - 2 * 512),
+    # the card's scope: gains on gate, up and down only, and the MLP's pre-norm dropped
+    ("neollm_135m", "A", dict(simplegpt=True, simplegpt_scope="mlp"), 1536 + 1536 + 512 - 512),
     ("neollm_135m", "A", dict(fan_ratio=0.125), 512 * 64 + 512 * 384 + 384),
     ("neollm_135m", "A", dict(fan_ratio=0.15), 512 * 76 + 512 * 360 + 360),
     ("neollm_135m", "A", dict(gpas=True), 1),

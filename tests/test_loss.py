@@ -190,15 +190,6 @@ def test_triton_cross_entropy_kernel_matches_torch_under_the_interpreter():
     chunk function and an fp64 fused loss, run by Triton's CPU interpreter in a subprocess
     (tests/ce_kernel_interpreted.py: padding columns, ignored rows, z-loss, fp32/bf16/fp16)."""
     import triton  # noqa: F401  (required: a broken install fails here, not skips)
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_interpreted
 
-    script = Path(__file__).with_name("ce_kernel_interpreted.py")
-    repo = script.parent.parent  # this tree's neollm, not an installed copy
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=repo, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    run_interpreted("ce_kernel_interpreted.py", timeout=300)

@@ -14,8 +14,7 @@ flavor switched off.
 
 Everything runs in fp32 (LUCID's solve has no bf16 CPU kernel), so bf16 activations are counted at
 twice their GPU size; the loss's logits are not counted (the fused loss frees them chunk by chunk).
-With ``--no-compile``, tensors that a selective activation checkpoint stores outside autograd
-(LUCID's solution) are not seen. Tensors kept outside the blocks (embedding output, final norm,
+Tensors kept outside the blocks (embedding output, final norm,
 the loss's input) are scaled with the blocks, so the absolute figure is a little high. Use it to
 compare variants, not as a GPU peak.
 """

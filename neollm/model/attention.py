@@ -61,11 +61,11 @@ Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8
 * LUCID — arXiv 2602.10410. Per KV head, ``K_rn = k / rms(k)`` (no gain) of the keys that enter
   the kernel (after norm, RoPE and momentum), ``P = tril(exp(K_rn K_rn^T / sqrt(d) - sqrt(d)))``
   (unit diagonal since ||k_rn||^2 = d; off-diagonal entries in (0, 1] by Cauchy-Schwarz, so the
-  exp never overflows), ``X = P^-1 v`` by ``torch.linalg.solve_triangular(unitriangular=True)``
-  in fp32, then ``O = SDPA(q, k, X)``. Causal (P lower-triangular). No params. Cost per KV head:
-  a [T,d]x[d,T] Gram (2*T^2*d FLOPs) + a triangular solve (T^2*d FLOPs) and a T x T fp32 matrix
-  of B*Hkv*T^2*4 bytes (T=512, Hkv=4: 4 MiB per sequence, kept for backward); flops.py counts
-  these FLOPs.
+  exp never overflows), ``X = P^-1 v`` in fp32 by the custom op ``neollm::lucid_solve``
+  (attention_ops.lucid_values: the PyTorch reference by default, opt-in Triton kernels that never
+  form P; backward keeps only X and the normalised keys), then ``O = SDPA(q, k, X)``. Causal (P
+  lower-triangular). No params. Cost per KV head: a [T,d]x[d,T] Gram (2*T^2*d FLOPs) + a
+  triangular solve (T^2*d FLOPs); flops.py counts these FLOPs.
 * XSA — arXiv 2603.09078. ``z_i = y_i - <y_i, v_i> / (||v_i||^2 + eps) * v_i`` per head, v_i the
   token's own value of the head's KV group (GQA: head h uses v of KV head h // g). v is the value
   after MEA / norm, before LUCID (the token's own "self" value, not its preconditioned X —

@@ -23,6 +23,10 @@ def test_pending_loss_checks_do_not_wait_for_the_device():
     from neollm.faults import LossGuard, PendingChecks
 
     guard, pending = LossGuard("stop"), PendingChecks()
+    # one check first, as step 1 of a run does: it moves the guard's history to the GPU (a blocking
+    # copy, once) and allocates the pinned host buffer; the timed check below is a later step's
+    pending.add(6, guard.check_tensor(6, torch.ones((), device="cuda")))
+    pending.drain()
     a = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
     for _ in range(200):  # ~ tens of ms of queued work

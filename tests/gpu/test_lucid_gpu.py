@@ -58,7 +58,7 @@ def test_lucid_auto_takes_the_kernels_and_compiles_with_inductor():
     k, v, dx = _problem(2, torch.bfloat16, "correlated")
     assert lucid_uses_kernel("auto", k, v)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b: lucid_values(a, b, EPS), fullgraph=True)
+    compiled = torch.compile(lambda a, b: lucid_values(a, b, EPS, impl="auto"), fullgraph=True)
     kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
     x = compiled(kk, vv)
     got = (x, *torch.autograd.grad(x, (kk, vv), dx))
