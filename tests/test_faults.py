@@ -323,3 +323,41 @@ def test_rng_state_round_trip():
     state.load_state_dict(saved)
     assert torch.equal(torch.rand(4), first)
     assert state.checkpoint_prefixes == ["rank0."]
+
+
+def test_a_bad_verdict_still_on_its_way_is_settled_before_a_checkpoint_is_written(monkeypatch):
+    """On a GPU the guard's verdict may not have reached the host when a checkpoint is due (on
+    the CPU it always has, so the trainer runs above cannot show this): polling must not see it,
+    and the checkpointer's before_save hook (the trainer's settle) must raise before torchtitan
+    writes anything."""
+    import functools
+    from types import SimpleNamespace
+
+    import torch
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, PendingChecks
+    from neollm.train import NeoLLMTrainer
+
+    class NotArrived:  # a CUDA event whose copy has not finished: query() False until waited for
+        def query(self):
+            return False
+
+        def synchronize(self):
+            pass
+
+    guard, pending = LossGuard("stop"), PendingChecks()
+    pending.queue.append((5, guard.check_tensor(5, torch.tensor(float("nan"))), NotArrived()))
+    trainer = SimpleNamespace(pending_checks=pending, loss_guard=guard, step=6)
+    trainer._raise_on_bad = functools.partial(NeoLLMTrainer._raise_on_bad, trainer)
+    NeoLLMTrainer._poll_loss_checks(trainer)  # not arrived: polling neither waits nor raises
+    assert len(pending.queue) == 1
+
+    written = []
+    monkeypatch.setattr(CheckpointManager, "save", lambda self, step, last_step=False: written.append(step))
+    checkpointer = object.__new__(NeoLLMCheckpointManager)
+    checkpointer._should_save = lambda step, last_step=False: True
+    checkpointer.before_save = functools.partial(NeoLLMTrainer._settle_loss_checks, trainer)
+    with pytest.raises(BadLossError, match=r"training stopped at step 5: loss is nan \(seen at step 6\)"):
+        checkpointer.save(6)
+    assert written == [] and pending.queue == []
