@@ -14,12 +14,10 @@ import dataclasses
 import pytest
 import torch
 from torchtitan.config import ActivationCheckpoint
-from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from neollm.model.args import FLAVORS
 from neollm.model.model import NeoLLM
-from neollm.parallelize import compile_blocks
+from neollm.parallelize import checkpoint_blocks, compile_blocks
 
 ARGS = dataclasses.replace(FLAVORS["neollm_135m"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                            head_dim=16, ffn_hidden_dim=96, vocab_size=128, max_seq_len=32,
@@ -37,7 +35,7 @@ def _loss_and_grads(ac: ActivationCheckpoint | None, compiled: bool):
     model.init_weights()
     model.double()
     if ac is not None:
-        apply_ac(model, ac, model_compile_enabled=compiled, op_sac_save_list=_op_sac_save_list)
+        checkpoint_blocks(model, ac, compiled)  # as the trainer applies it, NeoLLM's save list included
         assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
     if compiled:
         compile_blocks(model, "inductor")
