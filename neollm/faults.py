@@ -1,10 +1,7 @@
 """Fault tolerance on top of torchtitan's CheckpointManager (used by neollm.train.NeoLLMTrainer).
 
-* ``validate_checkpoint``: a ``step-N`` folder is loadable only if its DCP ``.metadata`` reads
-  and every storage file it names exists and is long enough for the byte ranges it records
-  (a save killed half-way, a truncated or missing shard file is rejected).
 * ``NeoLLMCheckpointManager``: torchtitan's manager whose resume picks the newest *valid*
-  checkpoint (warning about each broken newer one), that refuses an explicit
+  checkpoint (neollm.checkpoint.validate_checkpoint; warning about each broken newer one), that refuses an explicit
   ``--checkpoint.load_step`` naming a broken one, and that saves on demand (preemption).
 * ``RNGState``: each rank's torch CPU (and CUDA) generator state, checkpointed so that dropout
   and any other sampling repeat exactly after a resume.
@@ -23,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import torch
@@ -31,53 +27,14 @@ import torch.distributed as dist
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.tools.logging import logger
 
+from neollm.checkpoint import checkpoint_steps, read_dcp_metadata, validate_checkpoint
 from neollm.errors import ConfigError
 
-STEP_FOLDER = re.compile(r"^step-(\d+)$")
 INJECT_ENV = "NEOLLM_INJECT_BAD_LOSS"
 
 
 class BadLossError(RuntimeError):
     """The loss went NaN/inf or spiked and ``[guard] on_bad_loss = "stop"``."""
-
-
-# ---------------------------------------------------------------- checkpoint validation
-
-
-def read_dcp_metadata(path: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(path).read_metadata()
-
-
-def validate_checkpoint(path: str) -> str | None:
-    """None if ``path`` is a complete DCP checkpoint, else the reason it is not."""
-    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        return None  # an HF export (model only): torchtitan's own reader checks it
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        return "no .metadata (the save did not finish)"
-    try:
-        metadata = read_dcp_metadata(path)
-    except Exception as error:  # truncated / garbled pickle
-        return f".metadata is unreadable ({type(error).__name__}: {error})"
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, end in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{name} is missing"
-        size = os.path.getsize(file)
-        if size < end:
-            return f"{name} is truncated ({size} bytes, {end} expected)"
-    return None
-
-
-def checkpoint_steps(folder: str) -> list[int]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(m.group(1)) for name in os.listdir(folder) if (m := STEP_FOLDER.match(name)))
 
 
 class NeoLLMCheckpointManager(CheckpointManager):

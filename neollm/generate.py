@@ -55,10 +55,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -67,18 +65,18 @@ from torch import Tensor
 
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
 from neollm.model import attention_ops as ops
-from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.attention import Attention
 from neollm.model.block import Block
-from neollm.model.deltanet import GatedDeltaNet, _f32, _l2norm
+from neollm.model.mixers.common import l2norm
+from neollm.model.mixers.deltanet import GatedDeltaNet
+from neollm.precision import upcast
 from neollm.model.model import NeoLLM
 from neollm.model.rope import apply_rope
 
 __all__ = [
     "AttentionCache", "GDNCache", "DecodeCache", "SamplingConfig", "forward_step", "new_cache",
     "allocate_cache", "DECODE_MODES",
-    "filter_logits", "sample_next", "generate", "build_model", "load_checkpoint", "load_model",
-    "checkpoint_shapes", "resolve_checkpoint",
+    "filter_logits", "sample_next", "generate",
 ]
 
 
@@ -265,9 +263,9 @@ def _gdn_step(m: GatedDeltaNet, x: Tensor, c: GDNCache, kernels: str) -> Tensor:
     if _gdn_use_fla(m, x, kernels):
         o, state = _fla_recurrence(m, x, q, k, v, c.state)
     else:
-        q, k = _l2norm(q), _l2norm(k)
-        beta = torch.sigmoid(_f32(m.b_proj(x)))
-        g = -_f32(m.A_log).exp() * F.softplus(_f32(m.a_proj(x)) + _f32(m.dt_bias))
+        q, k = l2norm(q), l2norm(k)
+        beta = torch.sigmoid(upcast(m.b_proj(x)))
+        g = -upcast(m.A_log).exp() * F.softplus(upcast(m.a_proj(x)) + upcast(m.dt_bias))
         if T == 1:
             o, state = _recurrent_step(q, k, v, g, beta, c.state)
         else:
@@ -304,9 +302,9 @@ def _fla_recurrence(m: GatedDeltaNet, x: Tensor, q: Tensor, k: Tensor, v: Tensor
     For T = 1 this is ``fused_recurrent_gated_delta_rule``: one Triton launch on a fixed grid for
     dense inputs (no cu_seqlens), no host synchronisation, its outputs allocated by torch: it can
     be captured in a CUDA graph once it has been compiled (the decoder's warm-up step)."""
-    from neollm.model.deltanet import _ensure_fla_workaround
+    from neollm.model.mixers.common import ensure_fla_workaround
 
-    _ensure_fla_workaround()
+    ensure_fla_workaround()
     kwargs = dict(
         g=m.a_proj(x), beta=m.b_proj(x), initial_state=state, output_final_state=True,
         use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
@@ -537,142 +535,3 @@ def generate(model: NeoLLM, prompts: Sequence[Sequence[int]], cfg: SamplingConfi
     finally:
         model.train(was_training)
     return results
-
-
-# ---- loading --------------------------------------------------------------------------------
-def build_model(flavor: str | NeoLLMModelArgs, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, **overrides) -> NeoLLM:
-    """A freshly initialised model of ``flavor`` (name or args) with ``overrides`` applied,
-    in eval mode. Parameters in ``dtype``; the RoPE table stays fp32."""
-    if isinstance(flavor, str):
-        if flavor not in FLAVORS:
-            raise ValueError(f"unknown flavor {flavor!r}; known: {sorted(FLAVORS)}")
-        args = FLAVORS[flavor]
-    else:
-        args = flavor
-    args = dataclasses.replace(args, **overrides)
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = NeoLLM(args)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    model.to(dtype)
-    model.rope = model._rope_table(device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-_STEP = re.compile(r"step-(\d+)$")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A DCP step folder (has .metadata), a checkpoint folder of step-N folders or a run's dump
-    folder (its checkpoint/ subfolder): the latest step; or a state-dict file (.pt/.safetensors)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if p.is_file() or (p / ".metadata").is_file():
-        return p
-    for folder in (p, p / "checkpoint"):
-        steps = [(int(m.group(1)), d) for d in folder.glob("step-*")
-                 if (m := _STEP.search(d.name)) and (d / ".metadata").is_file()]
-        if steps:
-            return max(steps)[1]
-    raise FileNotFoundError(f"{p} is neither a DCP checkpoint (no .metadata), nor holds step-N "
-                            "checkpoint folders, nor is a state-dict file")
-
-
-def _dcp_keys(folder: Path) -> dict[str, torch.Size]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = FileSystemReader(str(folder)).read_metadata()
-    return {k: v.size for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-
-
-def _model_prefix(keys: dict[str, torch.Size]) -> str:
-    """torchtitan saves the model's keys flat (``tok_embeddings.weight``); accept ``model.`` too."""
-    if "tok_embeddings.weight" in keys:
-        return ""
-    if "model.tok_embeddings.weight" in keys:
-        return "model."
-    raise ValueError("no tok_embeddings.weight in the checkpoint: not a NeoLLM model checkpoint")
-
-
-def _read_file(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]
-    return sd
-
-
-def checkpoint_shapes(path: str | Path) -> dict[str, torch.Size]:
-    """Model parameter names (prefix stripped) and shapes of a checkpoint, without loading it."""
-    p = resolve_checkpoint(path)
-    if p.is_file():
-        return {k: v.shape for k, v in _read_file(p).items()}
-    keys = _dcp_keys(p)
-    prefix = _model_prefix(keys)
-    return _model_keys(keys, prefix)
-
-
-_NON_MODEL_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-
-
-def _model_keys(keys: dict[str, torch.Size], prefix: str) -> dict[str, torch.Size]:
-    """The model's entries of a torchtitan checkpoint (which also holds optimizer etc. states)."""
-    return {k[len(prefix):]: v for k, v in keys.items()
-            if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in _NON_MODEL_STATES}
-
-
-def _check_shapes(model: NeoLLM, shapes: dict[str, torch.Size], source: Path) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    wrong = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v)}"
-             for k, v in expected.items() if k in shapes and tuple(shapes[k]) != tuple(v)]
-    if missing or wrong:
-        detail = "; ".join(wrong[:5] + ([f"missing {missing[:5]}"] if missing else []))
-        raise ValueError(f"checkpoint {source} does not fit this model (wrong flavor or overrides?): {detail}")
-
-
-@torch.no_grad()
-def load_checkpoint(model: NeoLLM, path: str | Path) -> Path:
-    """Load model weights into ``model`` in place from a DCP folder (torchtitan step-N, full or
-    model-only; reshards as needed, no process group) or a state-dict file. Returns the path read."""
-    p = resolve_checkpoint(path)
-    if p.is_file():
-        sd = _read_file(p)
-        _check_shapes(model, {k: v.shape for k, v in sd.items()}, p)
-        model.load_state_dict(sd, strict=True)
-        return p
-    import torch.distributed.checkpoint as dcp
-
-    keys = _dcp_keys(p)
-    prefix = _model_prefix(keys)
-    _check_shapes(model, _model_keys(keys, prefix), p)
-    own = model.state_dict()
-    # DCP loads into the given tensors; read in the checkpoint's dtype (fp32), then copy (casting).
-    target = {prefix + k: torch.empty(v.shape, dtype=torch.float32, device=v.device) for k, v in own.items()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(target, checkpoint_id=str(p))
-    for k, v in own.items():
-        v.copy_(target[prefix + k])
-    return p
-
-
-def load_model(path: str | Path, flavor: str | NeoLLMModelArgs, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, **overrides) -> NeoLLM:
-    """Build ``flavor`` and load ``path`` into it. ``vocab_size`` is taken from the checkpoint's
-    embedding unless given (runs may override the flavor's vocabulary)."""
-    shapes = checkpoint_shapes(path)
-    if "vocab_size" not in overrides and "tok_embeddings.weight" in shapes:
-        overrides["vocab_size"] = int(shapes["tok_embeddings.weight"][0])
-    model = build_model(flavor, device=device, dtype=dtype, **overrides)
-    load_checkpoint(model, path)
-    return model

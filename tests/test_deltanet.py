@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from neollm.kernels import fla_compat
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule
-from neollm.model.deltanet import GatedDeltaNet, gdn_flops_per_token
+from neollm.model.mixers.deltanet import GatedDeltaNet, gdn_flops_per_token
 
 
 def _inputs(B, T, H, K, V, dtype=torch.float64, seed=0, requires_grad=False):

@@ -27,7 +27,7 @@ from neollm.eval.tasks import (
     arc_doc, arc_request_doc, build_context, hellaswag_doc, hellaswag_preprocess, mmlu_doc,
     requests_for, select_shots,
 )
-from neollm.generate import build_model
+from neollm.model.model import build_model
 from neollm.model.args import NeoLLMModelArgs
 
 TINY = NeoLLMModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden_dim=64,

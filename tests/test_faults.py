@@ -168,7 +168,7 @@ def test_kill9_broken_checkpoints_sigterm_then_resume_bit_identical(reference, t
     assert match, output[-3000:]
     preempted = int(match.group(1))
     assert preempted < STEPS
-    from neollm.faults import validate_checkpoint
+    from neollm.checkpoint import validate_checkpoint
 
     assert validate_checkpoint(str(dump / "checkpoint" / f"step-{preempted}")) is None
     assert "[rank0]:Traceback" not in output  # (torchrun itself reports the signal it got)
@@ -263,7 +263,7 @@ def test_validate_checkpoint_names_what_is_wrong(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from neollm.faults import validate_checkpoint
+    from neollm.checkpoint import validate_checkpoint
 
     good = tmp_path / "step-1"
     dcp.save({"w": torch.arange(1000.0)}, checkpoint_id=str(good))

@@ -10,10 +10,9 @@ import torch
 from conftest import TOKENIZER_DIR, load_tool, require_prepared_assets, run_trainer
 from test_model import build, tiny
 
-from neollm.generate import (
-    SamplingConfig, build_model, checkpoint_shapes, filter_logits, forward_step, generate,
-    load_checkpoint, load_model, new_cache, resolve_checkpoint, sample_next,
-)
+from neollm.checkpoint import checkpoint_shapes, load_checkpoint, load_model, resolve_checkpoint
+from neollm.generate import SamplingConfig, filter_logits, forward_step, generate, new_cache, sample_next
+from neollm.model.model import build_model
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
 
 ALL_ATTENTION = dict(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import REPO, TOKENIZER_DIR
 from test_model import build, tiny
 
-from neollm.generate import load_model
+from neollm.checkpoint import load_model
 from neollm.hf import NeoLLMConfig
 from neollm.hf.configuration_neollm import MODEL_ARG_DEFAULTS
 from neollm.hf.convert import export_hf, hf_to_dcp, matching_flavor
@@ -289,7 +289,7 @@ def test_trainer_starts_from_converted_checkpoint(tmp_path):
     --checkpoint.initial_load_path; after one step the weights are near the loaded ones."""
     from conftest import require_prepared_assets, run_trainer
 
-    from neollm.generate import build_model
+    from neollm.model.model import build_model
 
     require_prepared_assets()
     torch.manual_seed(5)

@@ -208,7 +208,7 @@ def test_flops_count_for_an_attention_model():
 
 
 def test_flops_count_includes_deltanet_layers():
-    from neollm.model.deltanet import gdn_flops_per_token
+    from neollm.model.mixers.deltanet import gdn_flops_per_token
 
     from neollm.model.params import all_off
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from neollm.generate import load_model
+    from neollm.checkpoint import load_model
     from neollm.hf.convert import export_hf, model_args_from_json
 
     out = Path(args.out)

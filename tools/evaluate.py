@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from neollm.eval.data import EvalDataError, ensure_data
     from neollm.eval.runner import evaluate_tasks
     from neollm.eval.scoring import text_nll
-    from neollm.generate import load_model
+    from neollm.checkpoint import load_model
     from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
 
     data_root = None

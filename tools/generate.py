@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from neollm.decode_graph import resolve_decode_mode
-    from neollm.generate import SamplingConfig, generate, load_model
+    from neollm.checkpoint import load_model
+    from neollm.generate import SamplingConfig, generate
     from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

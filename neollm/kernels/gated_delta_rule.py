@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.precision import compute_dtype
+
 __all__ = ["chunk_gated_delta_rule_ref", "recurrent_gated_delta_rule"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> None:
@@ -55,7 +53,7 @@ def recurrent_gated_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    dt = compute_dtype(q, k, v, g, beta, initial_state)
     with torch.autocast(device_type=q.device.type, enabled=False):
         qh, kh, vh = (x.transpose(1, 2).to(dt) for x in (q, k, v))  # [B, H, T, *]
         gh, bh = (x.transpose(1, 2).to(dt) for x in (g, beta))  # [B, H, T]
@@ -114,7 +112,7 @@ def chunk_gated_delta_rule_ref(
     V = v.shape[-1]
     C = chunk_size
     scale = K ** -0.5 if scale is None else scale
-    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    dt = compute_dtype(q, k, v, g, beta, initial_state)
     pad = (-T) % C
     N = (T + pad) // C
     with torch.autocast(device_type=q.device.type, enabled=False):

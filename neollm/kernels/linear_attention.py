@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.precision import compute_dtype
+
 __all__ = ["chunk_gla_ref", "chunk_simple_gla_ref"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _chunks(x: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
@@ -53,7 +51,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, g: Tensor, per_channel: bool, scale: f
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dtype = _compute_dtype(q, k, v, g, initial_state)
+    dtype = compute_dtype(q, k, v, g, initial_state)
     C = chunk_size
     with torch.autocast(device_type=q.device.type, enabled=False):
         qc, kc, vc, gc = (_chunks(t, C, dtype) for t in (q, k, v, g))  # g: [B,H,N,C(,K)]

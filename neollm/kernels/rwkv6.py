@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.precision import compute_dtype
+
 __all__ = ["chunk_rwkv6_ref"]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def chunk_rwkv6_ref(
@@ -56,7 +54,7 @@ def chunk_rwkv6_ref(
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
-    dt = _compute_dtype(r, k, v, w, u, initial_state)
+    dt = compute_dtype(r, k, v, w, u, initial_state)
     with torch.autocast(device_type=r.device.type, enabled=False):
         # [B, H, N, C, *]; padded steps (zero k, v, w) come after every real one, so they change nothing.
         rc, kc, vc, wc = (

@@ -16,11 +16,7 @@ import torch.nn.functional as F
 
 from neollm.errors import ConfigError
 from neollm.kernels import lucid as lucid_kernels
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs (the tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
+from neollm.precision import compute_dtype
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,13 +9,15 @@ keeps the single shared parameter in one FSDP unit.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchtitan.protocols.model import ModelProtocol
 
 from neollm.loss import IGNORE_INDEX, LossSettings, linear_cross_entropy_sum
-from neollm.model.args import NeoLLMModelArgs
+from neollm.model.args import FLAVORS, NeoLLMModelArgs
 from neollm.model.block import Block
 from neollm.model.rope import rope_cache
 
@@ -87,3 +89,26 @@ class NeoLLM(ModelProtocol):
             valid = (labels != IGNORE_INDEX).sum()
             loss = loss + args.moe_aux_loss_coef * aux_total * valid
         return loss
+
+
+def build_model(flavor: str | NeoLLMModelArgs, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, **overrides) -> NeoLLM:
+    """A freshly initialised model of ``flavor`` (name or args) with ``overrides`` applied,
+    in eval mode. Parameters in ``dtype``; the RoPE table stays fp32."""
+    if isinstance(flavor, str):
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {flavor!r}; known: {sorted(FLAVORS)}")
+        args = FLAVORS[flavor]
+    else:
+        args = flavor
+    args = dataclasses.replace(args, **overrides)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = NeoLLM(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    model.to(dtype)
+    model.rope = model._rope_table(device)
+    model.requires_grad_(False)
+    return model.eval()

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.precision import upcast
+
 __all__ = ["GPAS", "GatedResidual", "PolyNorm", "lns_scale", "no_weight_decay"]
 
 
@@ -23,11 +25,6 @@ def no_weight_decay(*params: nn.Parameter | None) -> None:
     for p in params:
         if p is not None:
             p._no_weight_decay = True
-
-
-def _f32(x: Tensor) -> Tensor:
-    """Upcast to at least fp32 (fp64 stays fp64, so the modules can be checked in double precision)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -78,17 +75,17 @@ class PolyNorm(nn.Module):
         no_weight_decay(self.weight, self.bias, self.exclusive_logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = _f32(x)
+        x32 = upcast(x)
         x_sq = x32 * x32
         x1 = _rms_normalize(x32, self.eps)
         x2 = _rms_normalize(x_sq, self.eps)
         x3 = _rms_normalize(x_sq * x32, self.eps)
         if self.exclusive_logits is not None:
-            alpha = torch.sigmoid(_f32(self.exclusive_logits))
+            alpha = torch.sigmoid(upcast(self.exclusive_logits))
             ref_sq = (x1 * x1).sum(-1, keepdim=True).clamp_min(self.proj_eps)
             x2 = _rms_normalize(x2 - alpha[0] * ((x2 * x1).sum(-1, keepdim=True) / ref_sq) * x1, self.eps)
             x3 = _rms_normalize(x3 - alpha[1] * ((x3 * x1).sum(-1, keepdim=True) / ref_sq) * x1, self.eps)
-        w, b = _f32(self.weight), _f32(self.bias)
+        w, b = upcast(self.weight), upcast(self.bias)
         return (w[0] * x3 + w[1] * x2 + w[2] * x1 + b).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ parameters) by setting ``param._no_weight_decay = True``.
 The flag must sit on the parameter object the optimizer receives. FSDP2's ``fully_shard`` and
 ``Module.to_empty`` replace parameter objects (dropping Python attributes), so set the flag in
 ``init_weights`` (which torchtitan calls after sharding and ``to_empty``), as
-``neollm/model/deltanet.py`` does, not in ``__init__``.
+``neollm/model/mixers/deltanet.py`` does, not in ``__init__``.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _run(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
 def test_fla_backend_matches_torch_backend(mode):
     from fla.layers import GatedDeltaNet as FlaGatedDeltaNet
 
-    from neollm.model.deltanet import GatedDeltaNet
+    from neollm.model.mixers.deltanet import GatedDeltaNet
 
     torch.manual_seed(0)
     dim, H, K, ev = 512, 4, 64, 2.0  # NeoLLM's GDN shape

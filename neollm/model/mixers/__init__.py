@@ -31,7 +31,7 @@ class MixerSpec:
 
 
 def _gdn_build(args, layer_id: int) -> nn.Module:
-    from neollm.model.deltanet import GatedDeltaNet
+    from neollm.model.mixers.deltanet import GatedDeltaNet
 
     return GatedDeltaNet(
         dim=args.dim, num_heads=args.gdn_num_heads, head_dim=args.gdn_head_dim,
@@ -41,7 +41,7 @@ def _gdn_build(args, layer_id: int) -> nn.Module:
 
 
 def _gdn_flops(args, seq_len: int) -> int:
-    from neollm.model.deltanet import gdn_flops_per_token
+    from neollm.model.mixers.deltanet import gdn_flops_per_token
 
     return gdn_flops_per_token(args.dim, args.gdn_num_heads, args.gdn_head_dim,
                                args.gdn_expand_v, args.gdn_conv_size)

@@ -1,9 +1,14 @@
-"""Pieces shared by the fla-backed mixers (Gated DeltaNet, GLA, RetNet, Mamba2, RWKV-6): backend choice and
-the recurrence FLOPs."""
+"""Pieces shared by the fla-backed mixers (Gated DeltaNet, GLA, RetNet, Mamba2, RWKV-6): backend choice, fla's
+Hopper workaround, the gated output norm, l2norm and the recurrence FLOPs."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from neollm.precision import upcast
 
 _BACKENDS = ("auto", "fla", "torch")
 
@@ -34,3 +39,42 @@ def linear_attention_recurrence_flops(num_heads: int, k: int, v: int, chunk_size
     counted). Times 3 for forward + backward: 3 (2CK + 2CV + 4KV) per head.
     """
     return 3 * num_heads * (2 * chunk_size * (k + v) + 4 * k * v)
+
+
+_fla_workaround_checked = False
+
+
+@torch.compiler.disable
+def ensure_fla_workaround() -> None:
+    """Install neollm.kernels.fla_compat's Hopper workaround once, before the first fla kernel."""
+    global _fla_workaround_checked
+    if not _fla_workaround_checked:
+        from neollm.kernels.fla_compat import install_fla_hopper_workaround
+
+        install_fla_hopper_workaround()
+        _fla_workaround_checked = True
+
+
+class GatedRMSNorm(nn.Module):
+    """Holds ``o_norm.weight`` ([head_v_dim], init 1) and computes fla's FusedRMSNormGated(swish) in torch."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        x32 = upcast(x)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y * upcast(self.weight) * F.silu(upcast(gate))
+        return y.to(x.dtype)
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """fla's l2norm: x / sqrt(|x|^2 + eps), eps inside the sqrt, in the compute precision."""
+    x32 = upcast(x)
+    return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from neollm.model.deltanet import _GatedRMSNorm
+from neollm.model.mixers.common import GatedRMSNorm
 from neollm.model.mixers.common import check_backend
 
 
@@ -34,7 +34,7 @@ class GatedHeadsMixer(nn.Module):
         for name, module in (gates or {}).items():
             self.add_module(name, module)
         self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
-        self.g_norm_swish_gate = _GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.g_norm_swish_gate = GatedRMSNorm(head_v_dim, eps=norm_eps)
 
     @torch.no_grad()
     def _init_gated_heads(self, init_std: float, out_std: float | None, *gate_linears: nn.Linear) -> None:

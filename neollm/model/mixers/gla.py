@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_gla_ref
-from neollm.model.deltanet import _ensure_fla_workaround, _f32
+from neollm.model.mixers.common import ensure_fla_workaround
+from neollm.precision import upcast
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 
@@ -56,7 +57,7 @@ class GatedLinearAttention(GatedHeadsMixer):
         q = self.q_proj(x).reshape(B, T, H, K)
         k = self.k_proj(x).reshape(B, T, H, K)
         v = self.v_proj(x).reshape(B, T, H, V)
-        gk = F.logsigmoid(_f32(self.gk_proj(x))) / self.gate_logit_normalizer
+        gk = F.logsigmoid(upcast(self.gk_proj(x))) / self.gate_logit_normalizer
         return q, k, v, gk.reshape(B, T, H, K)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -79,7 +80,7 @@ def _fla_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor, norm_wei
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
     from fla.ops.gla import chunk_gla
 
-    _ensure_fla_workaround()
+    ensure_fla_workaround()
     o, _ = chunk_gla(q=q, k=k, v=v, g=gk, initial_state=None, output_final_state=False, state_v_first=True)
     return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
 

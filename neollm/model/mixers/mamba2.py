@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_simple_gla_ref
-from neollm.model.deltanet import _ensure_fla_workaround, _f32
+from neollm.model.mixers.common import ensure_fla_workaround
+from neollm.precision import upcast
 from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
 
 __all__ = ["Mamba2", "mamba2_flops_per_token"]
@@ -106,13 +107,13 @@ class Mamba2(nn.Module):
         xbc = F.conv1d(xbc.transpose(1, 2), self.conv1d.weight.to(xbc.dtype), self.conv1d.bias.to(xbc.dtype),
                        padding=W - 1, groups=self.conv_dim)[..., :T]
         xs, Bm, Cm = torch.split(F.silu(xbc.transpose(1, 2)), [self.intermediate_size, N, N], dim=-1)
-        xs = _f32(xs).reshape(B, T, H, P)
-        dt = F.softplus(_f32(dt) + _f32(self.dt_bias))  # [B, T, H]
-        g = -torch.exp(_f32(self.A_log)) * dt
-        q = _f32(Cm)[:, :, None, :].expand(B, T, H, N)
-        k = _f32(Bm)[:, :, None, :].expand(B, T, H, N)
+        xs = upcast(xs).reshape(B, T, H, P)
+        dt = F.softplus(upcast(dt) + upcast(self.dt_bias))  # [B, T, H]
+        g = -torch.exp(upcast(self.A_log)) * dt
+        q = upcast(Cm)[:, :, None, :].expand(B, T, H, N)
+        k = upcast(Bm)[:, :, None, :].expand(B, T, H, N)
         y, _ = chunk_simple_gla_ref(q, k, xs * dt[..., None], g, scale=1.0, chunk_size=self.chunk_size)
-        y = (y + _f32(self.D)[:, None] * xs).reshape(B, T, H * P)
+        y = (y + upcast(self.D)[:, None] * xs).reshape(B, T, H * P)
         y = _gated_rmsnorm(y, z, self.norm.weight, self.norm_eps)
         return self.out_proj(y.to(x.dtype))
 
@@ -131,8 +132,8 @@ class _NormHolder(nn.Module):
 
 def _gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
     """fla's RMSNormGated with norm_before_gate=False and one group: RMSNorm(y * SiLU(z)) * weight, in fp32+."""
-    h = _f32(y) * F.silu(_f32(z))
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * _f32(weight)
+    h = upcast(y) * F.silu(upcast(z))
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * upcast(weight)
 
 
 @torch.compiler.disable
@@ -143,7 +144,7 @@ def _fla_mamba2(z: Tensor, xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tens
     from fla.modules.norm.layernorm_gated import rmsnorm_fn
     from fla.ops.simple_gla import chunk_simple_gla
 
-    _ensure_fla_workaround()
+    ensure_fla_workaround()
     H, P, N = dims
     B, T, _ = xbc.shape
     xbc, _ = causal_conv1d(x=xbc.contiguous(), weight=conv_w.squeeze(1), bias=conv_b, activation="silu",

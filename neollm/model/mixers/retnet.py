@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_simple_gla_ref
-from neollm.model.deltanet import _ensure_fla_workaround
+from neollm.model.mixers.common import ensure_fla_workaround
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 from neollm.model.rope import apply_rope, rope_cache
@@ -78,7 +78,7 @@ def _fla_retention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, norm_weight: T
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
     from fla.ops.retention import chunk_retention
 
-    _ensure_fla_workaround()
+    ensure_fla_workaround()
     o, _ = chunk_retention(q=q, k=k, v=v, initial_state=None, output_final_state=False)
     return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
 

@@ -38,13 +38,10 @@ from neollm.kernels.rwkv6 import chunk_rwkv6_ref
 from neollm.model.init_utils import copy_full_
 from neollm.model.mixers.common import check_backend, resolve_backend
 from neollm.model.norms import no_weight_decay
+from neollm.precision import upcast
 
 __all__ = ["RWKV6", "rwkv6_flops_per_token"]
 
-
-
-def _f32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def token_shift_delta(x: Tensor) -> Tensor:
@@ -183,11 +180,11 @@ class RWKV6(nn.Module):
     def _out(self, o: Tensor, g: Tensor) -> Tensor:
         """Per-head LayerNorm (fla GroupNorm, fp32 inside) times SiLU(g), then o_proj."""
         B, T = o.shape[:2]
-        o32 = _f32(o)
+        o32 = upcast(o)
         mean = o32.mean(-1, keepdim=True)
         var = (o32 - mean).pow(2).mean(-1, keepdim=True)
         y = ((o32 - mean) * torch.rsqrt(var + self.norm_eps)).reshape(B, T, self.value_dim)
-        y = y * _f32(self.g_norm.weight) + _f32(self.g_norm.bias)
+        y = y * upcast(self.g_norm.weight) + upcast(self.g_norm.bias)
         return self.o_proj(y.to(g.dtype) * F.silu(g))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -208,10 +205,10 @@ class RWKV6(nn.Module):
 @torch.compiler.disable
 def _fla_wkv(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
     """fla's chunked RWKV-6 kernel (Triton autograd Function, kept out of torch.compile's graph)."""
-    from neollm.model.deltanet import _ensure_fla_workaround
+    from neollm.model.mixers.common import ensure_fla_workaround
     from fla.ops.rwkv6 import chunk_rwkv6
 
-    _ensure_fla_workaround()
+    ensure_fla_workaround()
     o, _ = chunk_rwkv6(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=None, output_final_state=False)
     return o
 

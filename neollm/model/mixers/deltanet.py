@@ -26,51 +26,10 @@ from torch import Tensor
 from neollm.kernels import gdn_ops
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
 from neollm.kernels.gdn_ops import causal_conv1d_silu_ref
-from neollm.model.mixers.common import check_backend, resolve_backend
+from neollm.model.mixers.common import GatedRMSNorm, check_backend, l2norm, resolve_backend
+from neollm.precision import upcast
 
 __all__ = ["GatedDeltaNet", "gdn_flops_per_token"]
-
-_fla_workaround_checked = False
-
-
-@torch.compiler.disable
-def _ensure_fla_workaround() -> None:
-    global _fla_workaround_checked
-    if not _fla_workaround_checked:
-        from neollm.kernels.fla_compat import install_fla_hopper_workaround
-
-        install_fla_hopper_workaround()
-        _fla_workaround_checked = True
-
-
-class _GatedRMSNorm(nn.Module):
-    """Holds ``o_norm.weight`` ([head_v_dim], init 1) and computes fla's FusedRMSNormGated(swish) in torch."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
-        x32 = _f32(x)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = y * _f32(self.weight) * F.silu(_f32(gate))
-        return y.to(x.dtype)
-
-
-def _f32(x: Tensor) -> Tensor:
-    """Upcast to at least fp32 (fp64 stays fp64, so the module can be checked in double precision)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    x32 = _f32(x)
-    return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)
-
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton), "torch", or "auto".
@@ -120,7 +79,7 @@ class GatedDeltaNet(nn.Module):
         self.k_conv1d = self._make_conv(self.key_dim)
         self.v_conv1d = self._make_conv(self.value_dim)
         self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
-        self.o_norm = _GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
         self.init_weights()
 
@@ -170,10 +129,10 @@ class GatedDeltaNet(nn.Module):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         weight = torch.cat([c.weight.squeeze(1) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)], dim=0)
         q, k, v = conv(qkv, weight.to(qkv.dtype)).split([H * K, H * K, H * V], dim=-1)
-        q = _l2norm(q.reshape(B, T, H, K)).to(v.dtype)
-        k = _l2norm(k.reshape(B, T, H, K)).to(v.dtype)
-        beta = torch.sigmoid(_f32(self.b_proj(x)))  # fp32, as fla's in-kernel sigmoid (fused_beta_sigmoid) keeps it
-        g = -_f32(self.A_log).exp() * F.softplus(_f32(self.a_proj(x)) + _f32(self.dt_bias))
+        q = l2norm(q.reshape(B, T, H, K)).to(v.dtype)
+        k = l2norm(k.reshape(B, T, H, K)).to(v.dtype)
+        beta = torch.sigmoid(upcast(self.b_proj(x)))  # fp32, as fla's in-kernel sigmoid (fused_beta_sigmoid) keeps it
+        g = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
         o = rule(q, k, v.reshape(B, T, H, V), g, beta, K ** -0.5, self.chunk_size)
         gate = self.g_proj(x).reshape(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
