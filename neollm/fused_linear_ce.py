@@ -103,9 +103,12 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
     adds its fp32 result into ``grad_w`` (``addmm`` with ``out_dtype``): no rounding of the chunk's
     product to bf16, and no separate cast and add over the [V x D] weight, which cost 0.27 ms per
     chunk at V = 151,680 on an H100 (1.36 -> 1.09 ms; BENCHMARKS.md). Elsewhere (CPU, fp32 or
-    fp64 chunks, torch before 2.11) the product is formed in g's dtype and added."""
+    fp64 chunks, torch before 2.11) the product is formed in g's dtype and added; so it is under
+    torch.compile (the whole-model scope traces the loss): dynamo's addmm decomposition fails on
+    ``out_dtype`` with torch 2.11 (TypeError "torch.dtype * FakeTensor"), and inductor fuses the cast
+    and add into the GEMM's epilogue anyway."""
     half = (torch.float16, torch.bfloat16)
-    if _ADDMM_OUT_DTYPE and grad_w.is_cuda and g.dtype in half and grad_w.dtype == torch.float32:
+    if _ADDMM_OUT_DTYPE and grad_w.is_cuda and not torch.compiler.is_compiling() and g.dtype in half and grad_w.dtype == torch.float32:
         return torch.addmm(grad_w, g.t(), h.to(g.dtype), out_dtype=torch.float32)
     grad_w += (g.t() @ h).to(grad_w.dtype)
     return grad_w

@@ -136,7 +136,11 @@ class NeoLLMTrainer(Trainer):
         loss = super().forward_backward_step(
             input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
         )
-        self._step_losses.append(loss.detach())
+        # Under [compile] mode "reduce-overhead" the loss is a CUDA-graph output that the next
+        # micro-batch's replay overwrites (H200, micro-batch 8 of 64: "accessing tensor output of
+        # CUDAGraphs that has been overwritten"): keep a copy, one scalar kernel.
+        loss = loss.detach().clone()
+        self._step_losses.append(loss)
         return loss
 
     def _sync_ddp_gradients_only_on_last_microbatch(self) -> None:

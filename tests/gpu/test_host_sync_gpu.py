@@ -27,10 +27,14 @@ def test_pending_loss_checks_do_not_wait_for_the_device():
     # copy, once) and allocates the pinned host buffer; the timed check below is a later step's
     pending.add(6, guard.check_tensor(6, torch.ones((), device="cuda")))
     pending.drain()
-    a = torch.randn(4096, 4096, device="cuda")
+    # Hold the device busy for ~0.5 s with a spin kernel (a matmul chain's duration depends on the
+    # GPU and on TF32; on an H200 it finished before the check was queued and ready() saw the result).
+    # A first, short spin loads the kernel (a module load can synchronise); a standalone script
+    # that did so saw the pending record not ready (H200), this test without it saw it ready.
+    torch.cuda._sleep(1000)
     torch.cuda.synchronize()
-    for _ in range(200):  # ~ tens of ms of queued work
-        a = torch.tanh(a @ a)
+    torch.cuda._sleep(1_000_000_000)
+    a = torch.ones((), device="cuda")
     loss = a.mean() * 0 + float("nan")
     start = time.perf_counter()
     pending.add(7, guard.check_tensor(7, loss))
