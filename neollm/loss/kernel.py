@@ -1,6 +1,6 @@
 """Cross-entropy loss and its gradient for one chunk of logits, in place, as one Triton kernel.
 
-Why: in the fused loss (neollm/fused_linear_ce.py) the step after each chunk's logits GEMM turns
+Why: in the fused loss (neollm/loss/fused_linear_ce.py) the step after each chunk's logits GEMM turns
 [rows x vocab] logits into per-row losses and d loss / d logits. Compiled by inductor, that step
 read the logits three times (max, sum of exponentials, gradient) and wrote a new gradient buffer:
 6.3 ms per 32k tokens at vocab 64,402 on an H100, the largest non-GEMM kernel of a `plain` step.
@@ -105,7 +105,7 @@ def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, i
     labels: the trainer's preflight checks the vocabulary covers the tokenizer). With ``write_grad=False`` the
     logits are left as they are (evaluation). ``block`` / ``num_warps``: default ``launch_shape``."""
     if triton is None:
-        raise RuntimeError("neollm.kernels.cross_entropy needs Triton (pip install triton)")
+        raise RuntimeError("neollm.loss.kernel needs Triton (pip install triton)")
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be 2-D with unit column stride, got shape {tuple(logits.shape)} "
                          f"strides {logits.stride()}")

@@ -6,7 +6,7 @@ compiled matmul + cross-entropy took 17 ms (BENCHMARKS.md) — but that material
 [tokens x vocab] logits. This path keeps the speed of plain matmuls and bounds the memory: for
 each chunk of ``chunk_size`` tokens it forms the logits (in the input dtype, fp32 accumulate),
 computes the loss and d loss / d logits in fp32 (one Triton kernel on CUDA, writing the gradient
-over the logits: neollm/kernels/cross_entropy.py; torch elsewhere),
+over the logits: neollm/loss/kernel.py; torch elsewhere),
 and immediately turns them into the chunk's gradient for the hidden states and its contribution
 to the weight's gradient. Backward only scales the stored gradients by the incoming grad. The same
 idea as Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989); exact, no filtering.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neollm.kernels import cross_entropy
+from neollm.loss import kernel as cross_entropy
 
 _compiled_chunk = None
 # ``addmm(..., out_dtype=float32)`` with half-precision operands: verified on CUDA with torch 2.11
@@ -80,7 +80,7 @@ def _chunk_fn(device: torch.device):
 def _chunk_step(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, ignore_index: int,
                 vocab: int, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(chunk's loss sum, d sum / d logits): the two-pass Triton kernel where it serves these logits
-    (neollm/kernels/cross_entropy.py; the gradient overwrites the logits, which nothing else holds),
+    (neollm/loss/kernel.py; the gradient overwrites the logits, which nothing else holds),
     else ``_chunk_loss_and_grad`` (compiled on CUDA)."""
     if cross_entropy.available(logits):
         return cross_entropy.loss_and_grad_(logits, targets, z_loss, ignore_index, vocab, write_grad=need_grad)
