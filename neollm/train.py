@@ -31,7 +31,7 @@ from torchtitan.train import Trainer, main
 from neollm.errors import ConfigError
 from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, PendingChecks, RNGState
 from neollm import monitor
-from neollm.run_checks import fit_batch_to_ranks, guard_from_config, loss_settings
+from neollm.run_checks import check_model_choice, fit_batch_to_ranks, guard_from_config, loss_settings
 
 
 class NeoLLMTrainer(Trainer):
