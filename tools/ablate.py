@@ -31,12 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from neollm.ablation import grid, report, runner, schedule  # noqa: E402
-from neollm.errors import ConfigError  # noqa: E402
-from neollm.provenance import device_name, git_commit  # noqa: E402
+from neollm.ablation import grid, report, runner, schedule
+from neollm.errors import ConfigError
+from neollm.provenance import device_name, git_commit
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,14 +44,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from neollm.ablation.grid import Variant  # noqa: E402
-from neollm.ablation.runner import RunFailed, run_variant  # noqa: E402
-from neollm.errors import ConfigError  # noqa: E402
-from neollm.monitor import read_metrics_jsonl  # noqa: E402
-from neollm.provenance import device_name, git_commit  # noqa: E402
+from neollm.ablation.grid import Variant
+from neollm.ablation.runner import RunFailed, run_variant
+from neollm.errors import ConfigError
+from neollm.monitor import read_metrics_jsonl
+from neollm.provenance import device_name, git_commit
 
 TRAIN, TOKENS = "loss_metrics/global_avg_loss", "n_tokens_seen"
 STEP_TIME, MEMORY = "time_metrics/end_to_end(s)", "memory/max_reserved(GiB)"

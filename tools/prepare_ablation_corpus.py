@@ -48,7 +48,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PACKAGES = {"python": "python3.11-doc", "kernel": "linux-doc-6.1", "gcide": "dict-gcide",
             "postgres": "postgresql-doc-15", "perl": "perl-doc"}
 LICENCES = {"wiki": "CC-BY-SA-4.0", "python": "PSF-2.0", "kernel": "GPL-2.0", "gcide": "GPL-2+",
