@@ -145,8 +145,8 @@ def load_tokenizer(tokenizer_dir: str):
 
 def _init_worker(tokenizer_dir: str, threads: int = 0) -> None:
     """``threads``: the tokenizers library's own thread pool size in this process (0 = its
-    default, all cores). Measured on 2 cores: 2 worker processes with 2 threads each tokenize
-    ~20% faster than with 1 thread each (a worker's Python part leaves its core idle otherwise)."""
+    default, all cores). 2 threads per worker were measured faster than 1 on 2 cores (a worker's
+    Python part leaves its core idle otherwise; BENCHMARKS.md, tokenize_data.py throughput)."""
     if threads:
         os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
     load_tokenizer(tokenizer_dir)

@@ -1,8 +1,8 @@
 """Linear + cross-entropy with the gradient computed during the forward pass, chunk by chunk.
 
-Why: at NeoLLM's sizes the LM head is the largest single cost of a step, and on an H100 Cut
-Cross-Entropy's exact backward took 45 ms at vocab 64,402 where the same math through one
-compiled matmul + cross-entropy took 17 ms (BENCHMARKS.md) — but that materialises all
+Why: at NeoLLM's sizes the LM head is the largest single cost of a step, and Cut
+Cross-Entropy's exact backward was measured much slower than the same math through one compiled
+matmul + cross-entropy (BENCHMARKS.md, sixth session) — but that materialises all
 [tokens x vocab] logits. This path keeps the speed of plain matmuls and bounds the memory: for
 each chunk of ``chunk_size`` tokens it forms the logits (in the input dtype, fp32 accumulate),
 computes the loss and d loss / d logits in fp32 (one Triton kernel on CUDA, writing the gradient
@@ -101,8 +101,8 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
 
     On CUDA with a bf16/fp16 gradient chunk, one cuBLAS GEMM reads the half-precision operands and
     adds its fp32 result into ``grad_w`` (``addmm`` with ``out_dtype``): no rounding of the chunk's
-    product to bf16, and no separate cast and add over the [V x D] weight, which cost 0.27 ms per
-    chunk at V = 151,680 on an H100 (1.36 -> 1.09 ms; BENCHMARKS.md). Elsewhere (CPU, fp32 or
+    product to bf16, and no separate cast and add over the [V x D] weight (its measured saving per
+    chunk: BENCHMARKS.md, fifth session, the ``addmm`` microbenchmark). Elsewhere (CPU, fp32 or
     fp64 chunks, torch before 2.11) the product is formed in g's dtype and added."""
     half = (torch.float16, torch.bfloat16)
     if _ADDMM_OUT_DTYPE and grad_w.is_cuda and g.dtype in half and grad_w.dtype == torch.float32:
