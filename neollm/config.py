@@ -28,8 +28,8 @@ class Model:
 class Loss:
     impl: str = "auto"
     """"auto" ("fused" on CUDA, "chunked" elsewhere), "cce" (Cut Cross-Entropy: least memory, slower), "fused" (chunked
-    matmuls with the gradient formed in the forward pass; neollm/fused_linear_ce.py), "chunked" or "logits" (the whole
-    logits materialised, compiled on CUDA, as torchtitan's stock loss: more memory, ~4 GiB at 64 x 512 x 64k)."""
+    matmuls with the gradient formed in the forward pass; neollm/loss/fused_linear_ce.py), "chunked" or "logits" (the whole
+    logits materialised, compiled on CUDA, as torchtitan's stock loss: more memory; BENCHMARKS.md has the numbers)."""
 
     z_loss: float = 0.0
     """Weight of the z-loss, z_loss * logsumexp(logits)^2 per token (0 = off)."""

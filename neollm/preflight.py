@@ -3,7 +3,7 @@
 run_train.sh calls this first, so a wrong flavor, a missing tokenizer or corpus, a batch that
 does not split over the ranks or an unreachable hub ends in one ``error: ...`` line and exit
 status 2, instead of a stack trace from every rank. The checks are the ones the trainer itself
-runs (neollm.train), on the same parsed config.
+runs (neollm/run_checks.py, shared with neollm.train), on the same parsed config.
 
     python -m neollm.preflight --world-size 8 --job.config_file train_configs/neollm_135m.toml
 """
@@ -30,11 +30,15 @@ def check_dataset(job_config: JobConfig) -> None:
 
 
 def check_run(job_config: JobConfig, world_size: int) -> None:
-    from neollm.model.args import FLAVORS
-    from neollm.train import check_model_choice, fit_batch_to_ranks, loss_settings
-
     from neollm.config_check import check_ranges, check_types
-    from neollm.train import guard_from_config
+    from neollm.model.args import FLAVORS
+    from neollm.run_checks import (
+        check_model_choice,
+        data_parallel_degree,
+        fit_batch_to_ranks,
+        guard_from_config,
+        loss_settings,
+    )
 
     check_types(job_config)
     check_ranges(job_config)
@@ -46,7 +50,6 @@ def check_run(job_config: JobConfig, world_size: int) -> None:
     fit_batch_to_ranks(copy.deepcopy(job_config), world_size)
     if job_config.compile.enable:
         from neollm.parallelize import compile_settings
-        from neollm.train import data_parallel_degree
 
         p = job_config.parallelism
         shard = p.data_parallel_shard_degree
@@ -56,7 +59,6 @@ def check_run(job_config: JobConfig, world_size: int) -> None:
     copy.deepcopy(FLAVORS[job_config.model.flavor]).update_from_config(job_config)
     from neollm.data.loader import check_data
     from neollm.tokenizer import build_neollm_tokenizer
-    from neollm.train import data_parallel_degree
 
     tokenizer = build_neollm_tokenizer(job_config)
     check_dataset(job_config)

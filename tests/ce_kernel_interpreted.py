@@ -1,4 +1,4 @@
-"""Checks of neollm/kernels/cross_entropy.py run under Triton's CPU interpreter.
+"""Checks of neollm/loss/kernel.py run under Triton's CPU interpreter.
 
 Run by tests/test_loss.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set before
 Triton is imported, so it cannot share the test process). Exits non-zero on the first mismatch.
@@ -13,8 +13,8 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-from neollm.fused_linear_ce import _chunk_loss_and_grad, fused_linear_cross_entropy_sum  # noqa: E402
-from neollm.kernels import cross_entropy  # noqa: E402
+from neollm.loss.fused_linear_ce import _chunk_loss_and_grad, fused_linear_cross_entropy_sum  # noqa: E402
+from neollm.loss import kernel as cross_entropy  # noqa: E402
 
 IGNORE = -100
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 
 import pytest
 import torch
 
 from conftest import REPO, load_tool, require_prepared_assets
+
+from neollm.ablation import bench
 
 DEBUG = "train_configs/debug.toml"
 TINY = ["--steps", "2", "--val-freq", "1", "--val-steps", "1", "--set", "training.seq_len=32",
@@ -25,13 +28,17 @@ def ablate():
 
 
 def plan(ablate, *argv: str, out="/tmp/unused"):
-    return ablate.plan(ablate.build_parser().parse_args(["--out", str(out), *argv]))
+    from neollm.ablation import bench
+
+    return bench.plan(ablate.build_parser().parse_args(["--out", str(out), *argv]))
 
 
 def job_and_args(ablate, argv):
     from neollm.ablation.grid import model_args_for
 
-    job = ablate._parse(argv)
+    from neollm.ablation.bench import parse_job
+
+    job = parse_job(argv)
     return job, model_args_for(job)
 
 
@@ -137,13 +144,14 @@ def test_add_one_on_the_135m_flavor_starts_from_plain():
 
 def test_seed_does_not_change_the_data_order(ablate):
     """[debug] seed changes the initialisation; the batches come in the same order."""
+    from neollm.ablation.bench import parse_job
     from neollm.data.loader import build_neollm_dataloader
     from neollm.tokenizer import build_neollm_tokenizer
 
     require_prepared_assets()
     batches = []
     for seed in (0, 1):
-        job = ablate._parse(["--job.config_file", DEBUG, "--training.seq_len", "32", "--debug.seed", str(seed)])
+        job = parse_job(["--job.config_file", DEBUG, "--training.seq_len", "32", "--debug.seed", str(seed)])
         torch.manual_seed(seed)  # what torchtitan's set_determinism does with the seed
         loader = build_neollm_dataloader(1, 0, build_neollm_tokenizer(job), job)
         it = iter(loader)
@@ -392,11 +400,11 @@ def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0):
         return result, True
 
     monkeypatch.setattr(runner, "run_variant", fake_run)
-    monkeypatch.setattr(ablate, "check_variant", lambda v, argv, ngpu: {
+    monkeypatch.setattr(bench, "check_variant", lambda v, argv, ngpu: {
         "params": 1000, "params_non_embedding": 500, "model_args": {"name": v.name}, "checkpoint_folder": "checkpoint"})
-    monkeypatch.setattr(ablate, "mark_same_networks", lambda runs, checked: None)
+    monkeypatch.setattr(bench, "mark_same_networks", lambda runs, checked: None)
     monkeypatch.setattr(schedule, "gpu_memory_gib", lambda: [(140.0, 139.0)])
-    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     return state
 
 

@@ -36,7 +36,8 @@ def test_html_to_text_keeps_the_prose_and_code_and_drops_navigation():
 
 
 def test_postgres_and_perl_sources_from_unpacked_packages(tmp_path):
-    corpus = load_tool("prepare_ablation_corpus")
+    from neollm.data import ablation_corpus as corpus
+
     html = tmp_path / "pg/usr/share/doc/postgresql-doc-15/html"
     html.mkdir(parents=True)
     (html / "tutorial-join.html").write_text(PAGE)
@@ -55,7 +56,9 @@ def test_postgres_and_perl_sources_from_unpacked_packages(tmp_path):
 def test_manifest_names_package_and_licence(tmp_path, monkeypatch):
     """main() over a --deb-dir: the .deb is 'unpacked' into a fake tree; the manifest records
     the package file and the licence of each source."""
-    corpus = load_tool("prepare_ablation_corpus")
+    from neollm.data import ablation_corpus
+
+    tool = load_tool("prepare_ablation_corpus")
     debs = tmp_path / "debs"
     debs.mkdir()
     (debs / "perl-doc_5.36.0-7_all.deb").write_bytes(b"")
@@ -66,9 +69,9 @@ def test_manifest_names_package_and_licence(tmp_path, monkeypatch):
         (pod / "perlintro.pod").write_text("=head1 DESCRIPTION\n\n" + "Perl is a language. " * 20)
         return into
 
-    monkeypatch.setattr(corpus, "unpack", fake_unpack)
+    monkeypatch.setattr(ablation_corpus, "unpack", fake_unpack)
     out = tmp_path / "out"
-    assert corpus.main(["--sources", "perl", "--deb-dir", str(debs), "--out", str(out)]) == 0
+    assert tool.main(["--sources", "perl", "--deb-dir", str(debs), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"]["perl"] == {"docs": 1, "chars": 419, "validation_docs": 0,  # stripped
                                            "licence": "GPL-1+ or Artistic", "package": "perl-doc_5.36.0-7_all.deb"}

@@ -127,7 +127,7 @@ def test_every_shipped_config_passes_the_config_checks(config):
     tokenizer availability are machine-dependent and tested elsewhere)."""
     import neollm  # noqa: F401
     from neollm.config_check import check_ranges, check_types, parse_config
-    from neollm.train import check_model_choice, loss_settings
+    from neollm.run_checks import check_model_choice, loss_settings
 
     job = parse_config(["--job.config_file", str(REPO / "train_configs" / config)])
     check_types(job)

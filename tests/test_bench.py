@@ -104,7 +104,8 @@ def test_bench_scaling_refuses_bad_layouts_before_training(tmp_path, capsys):
 def test_bench_scaling_batch_sizes_follow_set_overrides():
     """A ``--set training.local_batch_size`` is the micro-batch the trainer uses (it comes last on
     the command line), so the table must report it, not the TOML's value."""
-    scaling = load_tool("bench_scaling")
+    from neollm.bench import scaling
+
     config = Path("train_configs/ablation_135m.toml")
     assert scaling.read_batch(config) == (64, 8)
     assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)

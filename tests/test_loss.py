@@ -111,7 +111,7 @@ def test_cce_needs_cuda():
 
 
 def test_auto_picks_fused_on_cuda_and_chunked_elsewhere():
-    from neollm.loss import _resolve_impl
+    from neollm.loss.linear_ce import _resolve_impl
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert _resolve_impl("auto", cuda) == "fused"  # at every vocabulary: the choice takes none
@@ -121,7 +121,7 @@ def test_auto_picks_fused_on_cuda_and_chunked_elsewhere():
 
 
 def _fused_grads(hidden, weight, targets, **kwargs):
-    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+    from neollm.loss.fused_linear_ce import fused_linear_cross_entropy_sum
 
     loss = fused_linear_cross_entropy_sum(hidden, weight, targets, ignore_index=IGNORE_INDEX, **kwargs)
     return (loss, *torch.autograd.grad(loss, (hidden, weight)))
@@ -150,7 +150,7 @@ def test_fused_vocab_padding_changes_nothing(vocab_multiple, chunk_size, z_loss)
     for other in (unpadded, chunked, reference):
         for got, want in zip(padded, other):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+    from neollm.loss.fused_linear_ce import fused_linear_cross_entropy_sum
 
     with torch.no_grad():
         value = fused_linear_cross_entropy_sum(hidden, weight, targets, z_loss, chunk_size, IGNORE_INDEX,
@@ -170,7 +170,7 @@ def test_fused_vocab_padding_last_column_target_and_frozen_weight():
     torch.testing.assert_close(gh, eh, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gw, ew, rtol=1e-10, atol=1e-12)
     assert gw.shape == (37, 8)
-    from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+    from neollm.loss.fused_linear_ce import fused_linear_cross_entropy_sum
 
     h = hidden.detach().requires_grad_()
     fused_linear_cross_entropy_sum(h, weight.detach(), targets, 1e-2, 4, IGNORE_INDEX, vocab_multiple=64).backward()
@@ -186,7 +186,7 @@ def test_fused_vocab_padding_last_column_target_and_frozen_weight():
 
 
 def test_triton_cross_entropy_kernel_matches_torch_under_the_interpreter():
-    """neollm/kernels/cross_entropy.py (the fused loss's chunk step on CUDA) against the torch
+    """neollm/loss/kernel.py (the fused loss's chunk step on CUDA) against the torch
     chunk function and an fp64 fused loss, run by Triton's CPU interpreter in a subprocess
     (tests/ce_kernel_interpreted.py: padding columns, ignored rows, z-loss, fp32/bf16/fp16)."""
     import triton  # noqa: F401  (required: a broken install fails here, not skips)

@@ -30,14 +30,16 @@ def model_args(job_config):
 
 
 def test_values_are_typed_by_the_field():
+    from neollm.model.args import NeoLLMModelArgs
     from neollm.model.overrides import parse_overrides
 
     parsed = parse_overrides(["gpas=true", "qkv_norm=False", "n_layers=8", "fan_ratio=0.125",
-                              "layer_pattern=DDA", "attention_output_gate='headwise'", "dropout=0"])
+                              "layer_pattern=DDA", "attention_output_gate='headwise'", "dropout=0"],
+                             NeoLLMModelArgs)
     assert parsed == {"gpas": True, "qkv_norm": False, "n_layers": 8, "fan_ratio": 0.125,
                       "layer_pattern": "DDA", "attention_output_gate": "headwise", "dropout": 0.0}
     assert type(parsed["n_layers"]) is int and type(parsed["dropout"]) is float
-    assert parse_overrides([]) == {} and parse_overrides(None) == {}
+    assert parse_overrides([], NeoLLMModelArgs) == {} and parse_overrides(None, NeoLLMModelArgs) == {}
 
 
 @pytest.mark.parametrize("entry, fragment", [
@@ -53,19 +55,21 @@ def test_values_are_typed_by_the_field():
 ])
 def test_bad_entries_name_the_entry_and_the_fix(entry, fragment):
     from neollm.errors import ConfigError
+    from neollm.model.args import NeoLLMModelArgs
     from neollm.model.overrides import parse_overrides
 
     with pytest.raises(ConfigError) as error:
-        parse_overrides([entry])
+        parse_overrides([entry], NeoLLMModelArgs)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_twice_the_same_field_is_refused():
     from neollm.errors import ConfigError
+    from neollm.model.args import NeoLLMModelArgs
     from neollm.model.overrides import parse_overrides
 
     with pytest.raises(ConfigError, match="gpas is given twice"):
-        parse_overrides(["gpas=true", "gpas=false"])
+        parse_overrides(["gpas=true", "gpas=false"], NeoLLMModelArgs)
 
 
 def test_command_line_and_toml_reach_the_model_args(tmp_path):

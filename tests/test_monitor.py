@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 
 def test_technique_scalars_read_gpas_polynorm_and_gates():
@@ -134,8 +134,7 @@ def test_plot_run_from_tensorboard_events_and_jsonl(tmp_path):
     for name in ("loss", "lr", "throughput"):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import plot_run
+    plot_run = load_tool("plot_run")
 
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text('{"step": 1, "loss_metrics/global_avg_loss": 5.0}\n{"step": 1, "loss_metrics/global_avg_loss": 4.0}\n'

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import load_tool
 
+from neollm.data.holdout import is_held_out
+
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_DIR = REPO / "assets" / "tokenizer" / "qwen3"
 ENDOFTEXT = 151643
@@ -76,8 +78,8 @@ def shard_dir(tool, tmp_path_factory):
 
 
 def split_docs(tool, fraction=0.3):
-    train = [d for d in DOCS if not tool.is_validation(d, fraction)]
-    val = [d for d in DOCS if tool.is_validation(d, fraction)]
+    train = [d for d in DOCS if not is_held_out(d, fraction)]
+    val = [d for d in DOCS if is_held_out(d, fraction)]
     return train, val
 
 
@@ -174,7 +176,9 @@ def test_interrupted_run_resumes_where_it_stopped(tool, tmp_path, monkeypatch, s
     write_jsonl(tmp_path / "c.jsonl", DOCS)
     args = ["--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out"), "--docs-per-shard", "7",
             "--batch-docs", "3", "--validation-fraction", "0.3", "--workers", "1"]
-    real_write, real_tokenize = tool.write_chunk, tool._tokenize
+    from neollm.data import shard_writer
+
+    real_write, real_tokenize = shard_writer.write_chunk, shard_writer._tokenize
     written = []
 
     def crash_after_two(out, source, k, parts, route):
@@ -183,15 +187,15 @@ def test_interrupted_run_resumes_where_it_stopped(tool, tmp_path, monkeypatch, s
         written.append(k)
         return real_write(out, source, k, parts, route)
 
-    monkeypatch.setattr(tool, "write_chunk", crash_after_two)
+    monkeypatch.setattr(shard_writer, "write_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         tokenize(tool, *args)
     assert written == [0, 1] and not (tmp_path / "out" / "index.json").exists()
     assert not list((tmp_path / "out").rglob("*.tmp"))  # nothing half-written
 
     tokenized = []
-    monkeypatch.setattr(tool, "write_chunk", real_write)
-    monkeypatch.setattr(tool, "_tokenize", lambda task: tokenized.append(task[0]) or real_tokenize(task))
+    monkeypatch.setattr(shard_writer, "write_chunk", real_write)
+    monkeypatch.setattr(shard_writer, "_tokenize", lambda task: tokenized.append(task[0]) or real_tokenize(task))
     assert tokenize(tool, *args) == 0
     assert sorted(set(tokenized)) == [2, 3, 4, 5]  # chunks 0 and 1 were not tokenized again
     for split in ("train", "validation"):

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from neollm.kernels import lucid as lucid_kernels  # noqa: E402
-from neollm.model import attention_ops as ops  # noqa: E402
+from neollm.kernels import lucid as lucid_kernels
+from neollm.model import attention_ops as ops
 
 
 def time_ms(fn, steps: int = 20, warmup: int = 5) -> float:

@@ -20,10 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from neollm.errors import ConfigError  # noqa: E402
+from neollm.errors import ConfigError
 
 
 def consumption(opts, flavor: str) -> tuple[float | None, str]:

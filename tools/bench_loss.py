@@ -9,7 +9,7 @@ for each vocabulary. One process, one device, every method side by side.
 
 ``--chunk-kernel`` times only the fused loss's per-chunk softmax / gradient step on [4,096 x
 vocab padded to 64] bf16 logits: the compiled torch function against the Triton kernel
-(neollm/kernels/cross_entropy.py) at several launch shapes, with their largest differences.
+(neollm/loss/kernel.py) at several launch shapes, with their largest differences.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import neollm  # noqa: F401
-from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+from neollm.loss.fused_linear_ce import fused_linear_cross_entropy_sum
 from neollm.loss import IGNORE_INDEX, LossSettings, linear_cross_entropy_sum
 
 
@@ -77,8 +77,8 @@ def chunk_kernel_rows(vocab: int, rows: int = 4096, z_loss: float = 1e-4) -> lis
     """The chunk step alone: compiled torch vs the Triton kernel at several (block, warps)."""
     from bench_attention import time_ms  # tools/ is on sys.path when this runs as a script
 
-    from neollm.fused_linear_ce import _chunk_loss_and_grad
-    from neollm.kernels import cross_entropy
+    from neollm.loss.fused_linear_ce import _chunk_loss_and_grad
+    from neollm.loss import kernel as cross_entropy
 
     cols = -(-vocab // 64) * 64
     torch.manual_seed(0)

@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from neollm.model.args import FLAVORS, NeoLLMModelArgs  # noqa: E402
-from neollm.model.model import NeoLLM  # noqa: E402
-from neollm.model.params import technique_switches  # noqa: E402
-from neollm.parallelize import compile_blocks  # noqa: E402
+from neollm.model.args import FLAVORS, NeoLLMModelArgs
+from neollm.model.model import NeoLLM
+from neollm.model.params import technique_switches
+from neollm.parallelize import compile_blocks
 
 
 def saved_bytes(args: NeoLLMModelArgs, batch: int, seq: int, compiled: bool) -> int:

@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def steady_state(metrics: dict[str, dict[int, float]], skip: int) -> tuple[float, float, int]:

@@ -22,9 +22,6 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 REQUIRED = ("tokenizer.json",)
 OPTIONAL = ("tokenizer_config.json", "special_tokens_map.json")

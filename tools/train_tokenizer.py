@@ -24,9 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 # Qwen2/Qwen3's pre-tokenisation pattern (digits one by one, contractions, words, punctuation).

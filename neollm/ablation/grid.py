@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neollm.errors import ConfigError
+from neollm.model.args import NeoLLMModelArgs
 from neollm.model.overrides import field_types, format_value, parse_overrides
 from neollm.model.params import DEPENDENT_FIELDS
 
@@ -65,7 +66,7 @@ class Variant:
 
 def split_key(key: str) -> tuple[str, str]:
     """("model", field) for a NeoLLMModelArgs field (bare or "model.<field>"), else ("cli", key)."""
-    fields = field_types()
+    fields = field_types(NeoLLMModelArgs)
     bare = key.removeprefix("model.")
     if bare in fields and (key == bare or not _is_titan_model_key(bare)):
         return "model", bare
@@ -89,7 +90,7 @@ def _is_titan_model_key(name: str) -> bool:
 
 
 def _typed(field_name: str, text: str) -> object:
-    return parse_overrides([f"{field_name}={text}"])[field_name]
+    return parse_overrides([f"{field_name}={text}"], NeoLLMModelArgs)[field_name]
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
@@ -259,7 +260,7 @@ def with_seeds(variants: list[Variant], seeds: list[int], every_variant: bool) -
 
 def merged_overrides(base_overrides: list[str], variant: Variant) -> list[str]:
     """The base TOML's overrides with the variant's on top (one entry per field, base order first)."""
-    merged = dict(parse_overrides(base_overrides))
+    merged = dict(parse_overrides(base_overrides, NeoLLMModelArgs))
     merged.update(variant.model)
     return [f"{k}={format_value(v)}" for k, v in merged.items()]
 

@@ -3,8 +3,9 @@
 A document is held out when the first 8 bytes of sha256(its text), read as a fraction of 2**64,
 fall below ``[data] holdout_fraction`` (default 0.01, seed 000's 1%). The rule depends on the
 text alone, not on order, rank or worker, so every run, rank count and resume agrees; it is the
-rule of ``tools/tokenize_data.py --validation-fraction``, so shards tokenized from the same
-stream with the same fraction hold out the same documents.
+rule of ``tools/tokenize_data.py --validation-fraction`` (neollm/data/shard_writer.py splits by
+``is_held_out``), so shards tokenized from the same stream with the same fraction hold out the
+same documents.
 
 ``fineweb_edu`` (training) skips the held-out documents and ``fineweb_edu_validation`` yields
 only them (``HOLDOUT_SPLITS``). The split is a ``datasets`` ``filter`` applied by NeoLLM's
@@ -30,7 +31,7 @@ HOLDOUT_SPLITS: dict[str, str] = {"fineweb_edu": "train", "fineweb_edu_validatio
 
 
 def is_held_out(text: str, fraction: float) -> bool:
-    """True for the documents of the validation side (same rule as tools/tokenize_data.py)."""
+    """True for the documents of the validation side (the shard writer, neollm/data/shard_writer.py, splits by it too)."""
     if fraction <= 0:
         return False
     h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")

@@ -7,7 +7,7 @@ local_batch_size / seq_len``) needs two changes for the ``neollm`` model:
   TypeError; NeoLLM (causal SDPA / Gated DeltaNet, no flex attention) raises
   NotImplementedError, so validation would crash at its first batch. Masks are requested here
   only for ``attn_type`` "flex"/"varlen", as torchtitan's Trainer does;
-* NeoLLM computes its loss inside the model from the hidden states (neollm/loss.py); the labels
+* NeoLLM computes its loss inside the model from the hidden states (neollm/loss/); the labels
   are handed to the model as in ``NeoLLMTrainer.post_dataloading_process``, so validation does not
   materialise [batch x seq x vocab] logits either.
 

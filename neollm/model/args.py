@@ -18,6 +18,8 @@ from torchtitan.config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 
 from neollm.errors import ConfigError
+from neollm.model.flops import training_flops_per_token
+from neollm.model.overrides import apply_overrides
 
 
 
@@ -270,7 +272,6 @@ class NeoLLMModelArgs(BaseModelArgs):
     # ---- torchtitan protocol ---------------------------------------------------------------
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         """Take the run's [model] overrides, sequence length and vocabulary; check the tokenizer fits."""
-        from neollm.model.overrides import apply_overrides
         from neollm.tokenizer import tokenizer_vocab_size
 
         apply_overrides(self, getattr(job_config.model, "overrides", None))
@@ -306,8 +307,6 @@ class NeoLLMModelArgs(BaseModelArgs):
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """(parameter count, training FLOPs per token incl. attention, GDN and the tied head)."""
-        from neollm.model.flops import training_flops_per_token
-
         nparams = sum(p.numel() for p in model.parameters())
         return nparams, training_flops_per_token(model, self, seq_len)
 

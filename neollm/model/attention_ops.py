@@ -40,7 +40,7 @@ def seednorm(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: to
     xf = x.to(dt)
     # A matvec (under autocast a bf16 one, fp32 accumulate): its backward's <x, grad> reduction over
     # all tokens is one cuBLAS GEMV. Written as multiply + sum, inductor's fused column reduction for
-    # beta's gradient took 10.7 ms of a step on an H100 (BENCHMARKS.md).
+    # beta's gradient was a large share of a step (BENCHMARKS.md, fifth session, "Fix 1").
     s = torch.tanh(xf @ beta.to(dt)).unsqueeze(-1)  # [..., 1]
     scale = s * alpha.to(dt) + gamma.to(dt)
     return (scale * rms_normalize(xf, eps)).to(x.dtype)
@@ -145,9 +145,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
     PyTorch picks the backend (and honours ``torch.nn.attention.sdpa_kernel`` / ``torch.backends``
     settings around the call). Putting cuDNN first, as torchtitan does, was measured: faster alone
-    on an H100 in one call (0.42 vs 0.61 ms fwd+bwd), not in another (0.66 vs 0.68), and no change
-    in a whole `plain` step (48.1 vs 47.9 ms; BENCHMARKS.md). Not worth overriding the user's
-    settings or PyTorch's per-architecture choice for."""
+    in one call, not in another, and no change in a whole `plain` step (BENCHMARKS.md, fifth
+    session). Not worth overriding the user's settings or PyTorch's per-architecture choice for."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -193,7 +192,7 @@ def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
     # Both sums as one aligned GEMM each against the block-diagonal [H*d, H*K] matrix of the
     # directions. Per head they would be GEMMs with a size of K (4), which cuBLAS runs on slow
     # unaligned kernels; as fused multiply + sum, inductor's reduction for the directions' gradient
-    # over all tokens took 48 ms of a 175 ms step on an H100 (BENCHMARKS.md). H x the FLOPs of the
+    # over all tokens took over a quarter of a step (BENCHMARKS.md, fifth session, "Fix 1"). H x the FLOPs of the
     # per-head form, a negligible amount (2 * H * d * H * K per token). Under autocast the two GEMMs
     # run in bf16 with fp32 accumulation, like the projections; the subtraction stays in fp32.
     blocks = torch.block_diag(*u.transpose(1, 2))                           # [H*d, H*K]

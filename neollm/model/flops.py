@@ -16,9 +16,12 @@ no work for the token. Routing (softmax, top-k, sort, gather/scatter) is element
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
-from neollm.model.args import NeoLLMModelArgs
+if TYPE_CHECKING:  # annotations only: args.py imports this module (get_nparams_and_flops)
+    from neollm.model.args import NeoLLMModelArgs
 
 
 def training_flops_per_token(model: nn.Module, args: NeoLLMModelArgs, seq_len: int) -> int:

@@ -61,14 +61,17 @@ Techniques (switches in NeoLLMModelArgs):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.model.args import NeoLLMModelArgs
 from neollm.model.norms import no_weight_decay
+
+if TYPE_CHECKING:  # annotations only: args.py imports flops.py -> moe.py -> this module
+    from neollm.model.args import NeoLLMModelArgs
 
 __all__ = ["CoLALinear", "Linear", "Projection", "init_linear", "make_linear", "ROW_MULTIPLIER_ROLES",
            "COLUMN_MULTIPLIER_ROLES", "SIMPLENORM_EXEMPT_ROLES", "MLP_SIMPLENORM_ROLES"]

@@ -39,14 +39,18 @@ matrices, so under Conda they get its plain Adam step.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchtitan.models.moe.moe import GroupedExperts, _run_experts_for_loop, _run_experts_grouped_mm
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
-from neollm.model.args import NeoLLMModelArgs
 from neollm.model.linear import Linear
+
+if TYPE_CHECKING:  # annotations only: args.py imports flops.py, which imports this module
+    from neollm.model.args import NeoLLMModelArgs
 
 _grouped_mm_padded = indices_padding_wrapper(_run_experts_grouped_mm)
 

@@ -30,12 +30,11 @@ OWN_KEYS = {"vocab_size": "[model] vocab_size", "max_seq_len": "[training] seq_l
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def field_types() -> dict[str, type]:
-    """NeoLLMModelArgs field name -> its declared type (annotations resolved)."""
-    from neollm.model.args import NeoLLMModelArgs
-
-    hints = typing.get_type_hints(NeoLLMModelArgs)
-    return {f.name: hints[f.name] for f in dataclasses.fields(NeoLLMModelArgs) if f.init}
+def field_types(args_class: type) -> dict[str, type]:
+    """Field name -> declared type (annotations resolved) of ``args_class`` (NeoLLMModelArgs: this
+    module does not import it, so that args.py can import this one without a circle)."""
+    hints = typing.get_type_hints(args_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(args_class) if f.init}
 
 
 def _convert(name: str, text: str, kind: type, entry: str):
@@ -70,14 +69,15 @@ def _convert(name: str, text: str, kind: type, entry: str):
     raise bad(f"a value of type {kind}, which overrides cannot parse")  # no such field today
 
 
-def parse_overrides(entries: list[str] | None) -> dict[str, object]:
-    """["field=value", ...] -> {field: typed value}; ConfigError naming the entry and the fix."""
+def parse_overrides(entries: list[str] | None, args_class: type) -> dict[str, object]:
+    """["field=value", ...] -> {field: typed value} over the fields of ``args_class``
+    (NeoLLMModelArgs); ConfigError naming the entry and the fix."""
     if not entries:
         return {}
     if isinstance(entries, str):
         raise ConfigError(f"[model] overrides must be a list of \"field=value\" strings, got {entries!r}: "
                           f"write overrides = [{entries!r}]")
-    types = field_types()
+    types = field_types(args_class)
     out: dict[str, object] = {}
     for entry in entries:
         if not isinstance(entry, str) or "=" not in entry:
@@ -98,7 +98,7 @@ def parse_overrides(entries: list[str] | None) -> dict[str, object]:
 
 def apply_overrides(args, entries: list[str] | None) -> None:
     """Set the overridden fields on ``args`` in place (validation is the caller's: update_from_config)."""
-    for name, value in parse_overrides(entries).items():
+    for name, value in parse_overrides(entries, type(args)).items():
         setattr(args, name, value)
 
 

@@ -46,19 +46,18 @@ HSDP replica dimension):
   step, one NCCL call. The per-tensor step instead forms P^T [g | m] as per-rank partial products
   over the local rows, reduce-scattered back to row shards, and the back-projection P n likewise:
   two reduce-scatters per matrix, ~260 small collectives per step for NeoLLM-135M (132 such
-  matrices). On 2 H100s
-  the batched step took a 2-GPU step of NeoLLM-135M from 0.50 s (per-tensor) to 0.27 s; one
-  GPU takes 0.16 s (BENCHMARKS.md: the rest is host launch overhead, not Conda).
+  matrices). On 2 GPUs the batched step nearly halved a 2-GPU step of NeoLLM-135M; what is left
+  over the one-GPU step is host launch overhead, not Conda (BENCHMARKS.md, fourth session).
 * other placements (e.g. tensor-parallel ``Shard(1)``) fall back to gathering g, m and v and
   computing the full update on every rank (correct, costlier).
 
 ``foreach=True`` computes the same step batched: the moment updates and the non-matrix Adam steps
 as ``torch._foreach_*`` ops over all tensors at once, and the projections of matrices with the
-same (local) shape and side as one batched matmul, instead of ~10 small kernels per tensor (a
-per-tensor step of NeoLLM-135M's 482 tensors took 53.5 ms on an H100: launch-bound; with the
-batched step the real trainer's one-GPU step is 0.16 s, against 0.21-0.25 s before, in other runs). ``None`` (the default) batches CUDA tensors only: on a CPU, which
-is not launch-bound, the stacking copies made it ~25% slower. ``[optimizer] implementation =
-"foreach"`` / ``"for-loop"`` force it on / off. Layouts other than row sharding keep the
+same (local) shape and side as one batched matmul, instead of ~10 small kernels per tensor (the
+per-tensor step of NeoLLM-135M's 482 tensors is launch-bound on a GPU). ``None`` (the default)
+batches CUDA tensors only: on a CPU, which is not launch-bound, the stacking copies made it slower
+(the timings: BENCHMARKS.md, fifth and fourth sessions, and the third's CPU note). ``[optimizer]
+implementation = "foreach"`` / ``"for-loop"`` force it on / off. Layouts other than row sharding keep the
 per-tensor path. Equal to the per-tensor step up
 to matmul summation order (tests/test_optim.py runs both against the reference).
 
@@ -349,8 +348,8 @@ class Conda(Optimizer):
         """Left projections of row-sharded matrices (one mesh, one shard dimension): g, m and v of
         all of them in ONE all-gather, the full directions batched on every rank (the same math
         as one process), each rank keeping its rows of v and of the direction. The per-tensor path
-        costs two reduce-scatters per matrix; on 2 H100s those ~100 small collectives per step
-        made NeoLLM-135M's step 3x slower than on one GPU."""
+        costs two reduce-scatters per matrix; on 2 GPUs those ~100 small collectives per step
+        made NeoLLM-135M's step several times slower than on one GPU (BENCHMARKS.md, fourth session)."""
         mesh = params[0].grad.device_mesh
         pieces = [(_local(p.grad), m, v) for p, m, v in zip(params, ms, vs)]
         fulls = _all_gather_rows([t for trio in pieces for t in trio],

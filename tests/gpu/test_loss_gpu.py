@@ -1,4 +1,4 @@
-"""GPU checks of the loss implementations (neollm/loss.py) in bf16 against an fp64 reference.
+"""GPU checks of the loss implementations (neollm/loss/) in bf16 against an fp64 reference.
 
 cce (Cut Cross-Entropy's Triton kernels), fused (Triton softmax kernel) and logits (compiled whole-logits
 CE) on CUDA, with z-loss and ignored tokens: loss and both gradients within bf16 rounding of the

@@ -1,9 +1,9 @@
 """Cross-entropy loss and its gradient for one chunk of logits, in place, as one Triton kernel.
 
-Why: in the fused loss (neollm/fused_linear_ce.py) the step after each chunk's logits GEMM turns
+Why: in the fused loss (neollm/loss/fused_linear_ce.py) the step after each chunk's logits GEMM turns
 [rows x vocab] logits into per-row losses and d loss / d logits. Compiled by inductor, that step
-read the logits three times (max, sum of exponentials, gradient) and wrote a new gradient buffer:
-6.3 ms per 32k tokens at vocab 64,402 on an H100, the largest non-GEMM kernel of a `plain` step.
+read the logits three times (max, sum of exponentials, gradient) and wrote a new gradient buffer,
+the largest non-GEMM kernel of a `plain` step in the profile (BENCHMARKS.md, sixth session).
 Here each program owns one row and makes two passes over it: an online max / sum-of-exponentials
 (Milakov & Gimelshein, arXiv 1805.02867) and then the gradient, written over the logits. Only about
 one row per streaming multiprocessor is in flight, so the second read of a row mostly hits L2; the
@@ -26,9 +26,8 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds an
     triton = None
 
 # One program per row, up to BLOCK_MAX columns per step of each pass, one warp per 512 columns of a
-# block. Chosen on an H100 (BENCHMARKS.md, sixth session): at 4,096 rows x 64,448 columns the
-# pass takes 0.54 ms with 16,384 columns and 32 warps, 0.57 with 8,192 and 16, 0.59 with 4,096 and
-# 8, against 0.80 ms compiled by inductor; at 151,680 columns 1.27 against 1.76 ms.
+# block: the fastest of the launch shapes timed (BENCHMARKS.md, sixth session, the table of launch
+# shapes against inductor's compiled version; `tools/bench_loss.py --chunk-kernel` re-measures).
 BLOCK_MAX = 16384
 
 
@@ -105,7 +104,7 @@ def loss_and_grad_(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, i
     labels: the trainer's preflight checks the vocabulary covers the tokenizer). With ``write_grad=False`` the
     logits are left as they are (evaluation). ``block`` / ``num_warps``: default ``launch_shape``."""
     if triton is None:
-        raise RuntimeError("neollm.kernels.cross_entropy needs Triton (pip install triton)")
+        raise RuntimeError("neollm.loss.kernel needs Triton (pip install triton)")
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be 2-D with unit column stride, got shape {tuple(logits.shape)} "
                          f"strides {logits.stride()}")

@@ -10,19 +10,21 @@ used while FSDP2 has it gathered, and so the [tokens x vocab] logits never exist
 * ``"chunked"`` — the same math in plain PyTorch: logits for ``chunk_size`` tokens at a time,
   recomputed in backward (activation checkpointing), so peak memory is one chunk of logits.
   Runs anywhere; the CPU path and the reference CCE is tested against.
-* ``"fused"`` — neollm.fused_linear_ce: chunks of logits through plain matmuls with the gradient
+* ``"fused"`` — neollm.loss.fused_linear_ce: chunks of logits through plain matmuls with the gradient
   formed in the forward pass (no recomputation), the softmax part one Triton kernel on CUDA
-  (neollm/kernels/cross_entropy.py). Exact; memory one chunk of logits. Its logits are padded to a
-  multiple of 64 columns (aligned matmuls, padding masked out). On an H100 at 32,768 tokens, d 512
-  (BENCHMARKS.md, sixth session; the kernel at 4,096 columns / 16 warps, a little slower than the
-  launch shape it now takes): vocab 64,402 15.7 ms against CCE's 45.1 and compiled logits + CE's
-  17.3, at 1.3 GiB against 4.2; vocab 151,680 35.3 ms against 105.0 and 44.3.
+  (neollm/loss/kernel.py). Exact; memory one chunk of logits. Its logits are padded to a
+  multiple of 64 columns (aligned matmuls, padding masked out). Measured faster than CCE and than
+  compiled logits + CE at both vocabularies, with a fraction of the latter's memory.
 * ``"logits"`` — the whole [tokens x vocab] logits materialised and a fp32 log-sum-exp over them,
-  compiled on CUDA: what torchtitan's stock trainer does. In a whole `plain` step on an H100 it is
-  slower than ``fused`` (51.9 vs 47.8 ms) and holds 10 GiB more (19.3 vs 9.2 GiB). For comparisons.
-* ``"auto"`` — ``fused`` on CUDA, ``chunked`` elsewhere. In a whole ``neollm_135m`` step at the
-  Qwen3 vocabulary (151,680) on an H100, ``fused`` took 138.9 ms against CCE's 210.6 ms; CCE holds
-  less memory (14.5 against 16.0 GiB peak at 64 x 512), so ``cce`` stays the choice when memory binds.
+  compiled on CUDA: what torchtitan's stock trainer does. In a whole step it is slower than
+  ``fused`` and holds much more memory. For comparisons.
+* ``"auto"`` — ``fused`` on CUDA, ``chunked`` elsewhere. In a whole step at the Qwen3 vocabulary
+  ``fused`` was faster than CCE, while CCE held less memory, so ``cce`` stays the choice when
+  memory binds.
+
+The timings and memory behind these choices are in BENCHMARKS.md (sixth session: the loss kernel,
+``fused`` against CCE and compiled logits at both vocabularies, whole ``neollm_135m`` steps; fifth
+session: ``--loss logits`` in a whole ``plain`` step), not here: a docstring's numbers go stale.
 
 z-loss (PaLM, arXiv 2204.02311 §5): ``z_loss * logsumexp(logits)^2`` per token. CCE returns only
 the per-token NLL, so the log-sum-exp is recovered exactly as ``nll + <h, w[target]>`` — one
@@ -32,31 +34,12 @@ All functions return the SUM over non-ignored tokens (torchtitan divides by the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from neollm.errors import ConfigError
-
-IGNORE_INDEX = -100
-LOSS_IMPLS = ("auto", "cce", "fused", "chunked", "logits")
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    impl: str = "auto"
-    z_loss: float = 0.0
-    chunk_size: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.impl not in LOSS_IMPLS:
-            raise ConfigError(f"[loss] impl must be one of {LOSS_IMPLS}, got {self.impl!r}")
-        if self.z_loss < 0:
-            raise ConfigError(f"[loss] z_loss must be >= 0, got {self.z_loss}")
-        if self.chunk_size <= 0:
-            raise ConfigError(f"[loss] chunk_size must be positive, got {self.chunk_size}")
+from neollm.loss.settings import IGNORE_INDEX, LossSettings
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +129,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         weight = weight.to(hidden.dtype)
     impl = _resolve_impl(settings.impl, hidden.device)
     if impl == "fused":
-        from neollm.fused_linear_ce import fused_linear_cross_entropy_sum
+        from neollm.loss.fused_linear_ce import fused_linear_cross_entropy_sum
 
         return fused_linear_cross_entropy_sum(hidden, weight, targets, settings.z_loss,
                                               settings.chunk_size, IGNORE_INDEX)

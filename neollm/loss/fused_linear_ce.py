@@ -1,12 +1,12 @@
 """Linear + cross-entropy with the gradient computed during the forward pass, chunk by chunk.
 
-Why: at NeoLLM's sizes the LM head is the largest single cost of a step, and on an H100 Cut
-Cross-Entropy's exact backward took 45 ms at vocab 64,402 where the same math through one
-compiled matmul + cross-entropy took 17 ms (BENCHMARKS.md) — but that materialises all
+Why: at NeoLLM's sizes the LM head is the largest single cost of a step, and Cut
+Cross-Entropy's exact backward was measured much slower than the same math through one compiled
+matmul + cross-entropy (BENCHMARKS.md, sixth session) — but that materialises all
 [tokens x vocab] logits. This path keeps the speed of plain matmuls and bounds the memory: for
 each chunk of ``chunk_size`` tokens it forms the logits (in the input dtype, fp32 accumulate),
 computes the loss and d loss / d logits in fp32 (one Triton kernel on CUDA, writing the gradient
-over the logits: neollm/kernels/cross_entropy.py; torch elsewhere),
+over the logits: neollm/loss/kernel.py; torch elsewhere),
 and immediately turns them into the chunk's gradient for the hidden states and its contribution
 to the weight's gradient. Backward only scales the stored gradients by the incoming grad. The same
 idea as Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989); exact, no filtering.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neollm.kernels import cross_entropy
+from neollm.loss import kernel as cross_entropy
 
 _compiled_chunk = None
 # ``addmm(..., out_dtype=float32)`` with half-precision operands: verified on CUDA with torch 2.11
@@ -80,7 +80,7 @@ def _chunk_fn(device: torch.device):
 def _chunk_step(logits: torch.Tensor, targets: torch.Tensor, z_loss: float, ignore_index: int,
                 vocab: int, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(chunk's loss sum, d sum / d logits): the two-pass Triton kernel where it serves these logits
-    (neollm/kernels/cross_entropy.py; the gradient overwrites the logits, which nothing else holds),
+    (neollm/loss/kernel.py; the gradient overwrites the logits, which nothing else holds),
     else ``_chunk_loss_and_grad`` (compiled on CUDA)."""
     if cross_entropy.available(logits):
         return cross_entropy.loss_and_grad_(logits, targets, z_loss, ignore_index, vocab, write_grad=need_grad)
@@ -101,12 +101,12 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tens
 
     On CUDA with a bf16/fp16 gradient chunk, one cuBLAS GEMM reads the half-precision operands and
     adds its fp32 result into ``grad_w`` (``addmm`` with ``out_dtype``): no rounding of the chunk's
-    product to bf16, and no separate cast and add over the [V x D] weight, which cost 0.27 ms per
-    chunk at V = 151,680 on an H100 (1.36 -> 1.09 ms; BENCHMARKS.md). Elsewhere (CPU, fp32 or
+    product to bf16, and no separate cast and add over the [V x D] weight (its measured saving per
+    chunk: BENCHMARKS.md, fifth session, the ``addmm`` microbenchmark). Elsewhere (CPU, fp32 or
     fp64 chunks, torch before 2.11) the product is formed in g's dtype and added; so it is under
     torch.compile (the whole-model scope traces the loss): dynamo's addmm decomposition fails on
-    ``out_dtype`` with torch 2.11 (TypeError "torch.dtype * FakeTensor"), and inductor fuses the cast
-    and add into the GEMM's epilogue anyway."""
+    ``out_dtype`` with torch 2.11 (TypeError "torch.dtype * FakeTensor"), and inductor can fuse the
+    cast and add into the GEMM's epilogue."""
     half = (torch.float16, torch.bfloat16)
     if _ADDMM_OUT_DTYPE and grad_w.is_cuda and not torch.compiler.is_compiling() and g.dtype in half and grad_w.dtype == torch.float32:
         return torch.addmm(grad_w, g.t(), h.to(g.dtype), out_dtype=torch.float32)
