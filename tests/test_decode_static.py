@@ -1,4 +1,5 @@
-"""The static-shape decode step (neollm.decode_static) and its runner (neollm.decode_graph) on CPU:
+"""The static-shape decode step (neollm.inference.step.static_step) and its runner
+(neollm.inference.decoder) on CPU:
 equal to the dynamic step and the full forward (every flavor, float64), in-place cache writes,
 generate() in "eager" mode, and torch.compile without recompiles. The CUDA graph runs are in
 tests/gpu/test_generate_gpu.py."""
@@ -14,8 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from test_generate import CASES, perturbed
 from test_model import build, tiny
 
-from neollm.decode_graph import DecoderPool, StaticDecoder
-from neollm.generate import SamplingConfig, forward_step, generate, new_cache
+from neollm.inference import DecoderPool, SamplingConfig, StaticDecoder, forward_step, generate, new_cache
 from neollm.model.args import NeoLLMModelArgs
 
 
