@@ -116,9 +116,10 @@ def test_refusals():
         generate(model, [[1]], max_new_tokens=2, decode_mode="cuda_graph")
     with pytest.raises(ValueError, match="context"):
         generate(model, [[1] * 60], max_new_tokens=9, decode_mode="eager")
-    rnn = build(tiny(NeoLLMModelArgs(layer_pattern="LA"))).eval()
+    stepless = build(tiny(NeoLLMModelArgs(layer_pattern="DA"))).eval()
+    stepless.layers["0"].mixer.step = None  # a mixer without a decode step
     with pytest.raises(ValueError, match="use_cache=False"):
-        StaticDecoder(rnn, 1, 8)
+        StaticDecoder(stepless, 1, 8)
     model.train()
     with pytest.raises(ValueError, match="eval"):
         StaticDecoder(model, 1, 8)
