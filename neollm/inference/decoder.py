@@ -15,8 +15,8 @@ decoder's cache in place) then ``step(tokens)`` per new token. Modes:
 * ``"compile"``: the step compiled by ``torch.compile(dynamic=False)`` (default mode, inductor;
   ``compile_backend`` to change), then on CUDA captured into a CUDA graph exactly as
   ``"cuda_graph"`` (fewer, fused kernels inside the graph). fla's kernel is a graph break
-  (GDN's ``_fla_recurrence`` in neollm/model/mixers/deltanet.py is ``torch.compiler.disable``-d), which the manual graph
-  capture does not mind. Chosen over ``mode="reduce-overhead"`` (CUDA-graph trees) because the
+  (``_fla_recurrence`` in neollm/model/mixers/deltanet.py is ``torch.compiler.disable``-d),
+  which the manual graph capture does not mind. Chosen over ``mode="reduce-overhead"`` (CUDA-graph trees) because the
   step mutates cache tensors that are not module buffers, which the trees would need marked as
   static addresses; one capture path serves both modes. On CPU the compiled step runs without
   a graph. Compilation happens on the first step (CPU) or in the construction's warm-up (CUDA),
@@ -25,7 +25,7 @@ decoder's cache in place) then ``step(tokens)`` per new token. Modes:
 Sampling stays outside the graph (it draws from a torch.Generator). In the graph modes the
 logits returned by ``step`` are the graph's static output, overwritten by the next step.
 ``DecoderPool`` keeps decoders (and their graphs) for reuse across ``generate`` calls.
-The GPU speed of these modes has not been measured yet (tools/bench_generate.py measures it).
+tools/bench_generate.py measures the modes' speed (BENCHMARKS.md, docs/generation.md).
 """
 
 from __future__ import annotations
