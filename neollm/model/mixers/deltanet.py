@@ -56,6 +56,7 @@ class GDNState:
         """Every allocated tensor (for reset and address checks)."""
         return [self.recurrent, self.conv_q, self.conv_k, self.conv_v]
 
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton), "torch", or "auto".
 
