@@ -1,4 +1,5 @@
-"""The static-shape decode step (neollm.decode_static) and its runner (neollm.decode_graph) on CPU:
+"""The static-shape decode step (neollm.inference.step.static_step) and its runner
+(neollm.inference.decoder) on CPU:
 equal to the dynamic step and the full forward (every flavor, float64), in-place cache writes,
 generate() in "eager" mode, and torch.compile without recompiles. The CUDA graph runs are in
 tests/gpu/test_generate_gpu.py."""
@@ -14,8 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from test_generate import CASES, perturbed
 from test_model import build, tiny
 
-from neollm.decode_graph import DecoderPool, StaticDecoder
-from neollm.generate import SamplingConfig, forward_step, generate, new_cache
+from neollm.inference import DecoderPool, SamplingConfig, StaticDecoder, forward_step, generate, new_cache
 from neollm.model.args import NeoLLMModelArgs
 
 
@@ -116,9 +116,10 @@ def test_refusals():
         generate(model, [[1]], max_new_tokens=2, decode_mode="cuda_graph")
     with pytest.raises(ValueError, match="context"):
         generate(model, [[1] * 60], max_new_tokens=9, decode_mode="eager")
-    rnn = build(tiny(NeoLLMModelArgs(layer_pattern="LA"))).eval()
+    stepless = build(tiny(NeoLLMModelArgs(layer_pattern="DA"))).eval()
+    stepless.layers["0"].mixer.step = None  # a mixer without a decode step
     with pytest.raises(ValueError, match="use_cache=False"):
-        StaticDecoder(rnn, 1, 8)
+        StaticDecoder(stepless, 1, 8)
     model.train()
     with pytest.raises(ValueError, match="eval"):
         StaticDecoder(model, 1, 8)

@@ -1,4 +1,4 @@
-"""neollm.generate: cached decoding equals the full forward (every flavor), sampling, loading, CLI."""
+"""neollm.inference: cached decoding equals the full forward (every flavor), sampling, loading, CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import TOKENIZER_DIR, load_tool, require_prepared_assets, run_trai
 from test_model import build, tiny
 
 from neollm.checkpoint import checkpoint_shapes, load_checkpoint, load_model, resolve_checkpoint
-from neollm.generate import SamplingConfig, filter_logits, forward_step, generate, new_cache, sample_next
+from neollm.inference import SamplingConfig, filter_logits, forward_step, generate, new_cache, sample_next
 from neollm.model.model import build_model
 from neollm.model.args import FLAVORS, NeoLLMModelArgs
 

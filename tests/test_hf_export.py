@@ -140,7 +140,7 @@ def test_round_trip_is_bit_identical(exported, tmp_path):
         # the keys torchtitan's CheckpointManager saves and loads for the model
         saved = set(FileSystemReader(str(step)).read_metadata().state_dict_metadata)
         assert saved == set(ModelWrapper(model).state_dict())
-        # neollm.generate's loader
+        # neollm.checkpoint's loader (generation, evaluation)
         back = load_model(step, args)
         # torchtitan's model-only load path (CheckpointManager.load at step 0)
         fresh = build(args, seed=7)

@@ -3,7 +3,7 @@
 Randomly initialised flavors (speed does not depend on the weights), greedy decoding of
 ``--new`` tokens after a ``--prompt``-token prompt, for each batch size, side by side in one
 process on the current device. EOS never stops a sequence, so every run decodes the same count.
-Modes (``--modes``, neollm/decode_graph.py): ``uncached``; ``dynamic`` (``forward_step`` per
+Modes (``--modes``, neollm/inference/decoder.py): ``uncached``; ``dynamic`` (``forward_step`` per
 token, the cache's original path); ``eager`` (the static-shape step without a graph);
 ``cuda_graph`` (the static step captured once, replayed per token); ``compile`` (torch.compile +
 CUDA graph). Default: uncached,dynamic,cuda_graph,compile on CUDA, uncached,dynamic,eager on CPU.
@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 import neollm  # noqa: F401
-from neollm.decode_graph import DecoderPool
-from neollm.generate import SamplingConfig, generate
+from neollm.inference import DecoderPool, SamplingConfig, generate
 from neollm.model.args import FLAVORS
 from neollm.model.model import NeoLLM
 

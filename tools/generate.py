@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample text from a NeoLLM checkpoint (cached incremental decoding; see neollm/generate.py).
+"""Sample text from a NeoLLM checkpoint (cached incremental decoding; see neollm/inference/).
 
     python tools/generate.py --checkpoint outputs/debug --flavor debug \
         --prompt "The history of" --prompt "In mathematics," --max-new-tokens 64 \
@@ -10,7 +10,7 @@ folder (the latest step is used), or a state-dict file (.pt / .safetensors). The
 size is read from the checkpoint; --max-seq-len sets the context (default: the flavor's).
 Each prompt's continuation is printed after it; timing goes to stderr.
 
---decode-mode picks the per-token step of cached decoding (neollm/decode_graph.py): "auto"
+--decode-mode picks the per-token step of cached decoding (neollm/inference/decoder.py): "auto"
 (default) = "cuda_graph" on CUDA (the static-shape step captured once and replayed per token;
 "dynamic" with a warning if the capture fails), "dynamic" elsewhere; "dynamic" = forward_step
 per token (Python positions, launch-bound on a GPU); "eager" = the static step without a graph
@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="full forward per token (slow; for checks)")
     p.add_argument("--decode-mode", choices=("auto", "dynamic", "eager", "cuda_graph", "compile"), default="auto",
                    help="cached decoding step: auto = cuda_graph on CUDA, dynamic elsewhere (see above)")
-    p.add_argument("--gdn-kernels", choices=("auto", "fla", "torch"), default="auto",
-                   help="Gated DeltaNet decode kernels: auto = fla on CUDA, torch reference elsewhere")
+    p.add_argument("--kernels", "--gdn-kernels", dest="kernels", choices=("auto", "fla", "torch"), default="auto",
+                   help="recurrent mixers' decode kernels (Gated DeltaNet, ...): auto = fla on CUDA, "
+                        "torch references elsewhere")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the flavor's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from neollm.decode_graph import resolve_decode_mode
     from neollm.checkpoint import load_model
-    from neollm.generate import SamplingConfig, generate
+    from neollm.inference import SamplingConfig, generate
+    from neollm.inference.decoder import resolve_decode_mode
     from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     mode = resolve_decode_mode(cfg.decode_mode, device) if cfg.use_cache else "uncached"
     start = time.perf_counter()
-    outputs = generate(model, prompts, cfg, gdn_kernels=args.gdn_kernels)
+    outputs = generate(model, prompts, cfg, kernels=args.kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start

@@ -88,7 +88,7 @@ model.generate(tok("Hello", return_tensors="pt").input_ids, max_new_tokens=20, u
 ```
 
 No padding mask (unpadded batches only) and no transformers KV cache; for cached decoding use
-`neollm.generate` on `model.model`. Back to a DCP checkpoint: `python tools/convert_from_hf.py`.
+`neollm.inference` on `model.model`. Back to a DCP checkpoint: `python tools/convert_from_hf.py`.
 
 Model: {args.n_layers} layers, dim {args.dim}, pattern {args.layer_pattern!r}, vocabulary
 {args.vocab_size:,}, context {args.max_seq_len}; weights {str(dtype).replace('torch.', '')}.

@@ -14,7 +14,7 @@ file holds the matrix once. Untied models have ``model.output.weight``.
 Generation: ``generate()`` works through transformers' generic loop without a KV cache
 (``use_cache=False``; each step re-runs the prefix). NeoLLM has no padding mask: batches must be
 unpadded (an ``attention_mask`` with zeros is refused). For cached decoding (KV cache and
-Gated DeltaNet state) use ``neollm.generate``, which takes this model's ``.model``.
+Gated DeltaNet state) use ``neollm.inference``, which takes this model's ``.model``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class NeoLLMForCausalLM(NeoLLMPreTrainedModel, GenerationMixin):
                 "or generate prompt by prompt")
         if past_key_values is not None:
             raise ValueError("NeoLLMForCausalLM keeps no HF cache: call with use_cache=False "
-                             "(or use neollm.generate for cached decoding)")
+                             "(or use neollm.inference for cached decoding)")
         logits = self.model(input_ids)
         loss = None
         if labels is not None:

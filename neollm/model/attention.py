@@ -83,6 +83,25 @@ Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8
 * attention dropout — dropout on the attention probabilities while training (SDPA
   ``dropout_p``), as the FANformer flavor (0.1); off in eval.
 
+Decoding (``new_state`` / ``step``, driven by neollm.inference)
+--------------------------------------------------------------
+``step`` runs steps 1-10 for T new tokens at positions pos.. against an ``AttentionState`` (every
+tensor allocated by ``new_state``, afterwards only written in place: fixed addresses, CUDA-graph
+safe). ``pos`` is a Python int (prefill and dynamic decoding, T >= 1) or an int64 tensor [1] (the
+static step, T = 1); neollm.model.decode_index holds the only code that differs between the two
+(slices vs ``index_copy_`` and masks over the whole buffer), so each formula below is written once.
+State per technique (everything else is per token and needs none):
+* keys / values: the kernel's keys (after MEA, norm, RoPE at the absolute positions, momentum) and
+  the V' the kernel reads, written at pos..; the kernel is SDPA against the cached rows (a causal
+  mask inside a chunk of T > 1; for T = 1 the query heads of a KV group lie along the query axis,
+  so GQA needs neither ``enable_gqa`` nor repeated keys);
+* momentum: the previous token's post-RoPE, pre-momentum q and k rows (at position 0 the token's
+  own or zeros, ``momentum_first``, as ``ops.momentum_shift``);
+* LUCID: the RMS-normalised keys and X in the compute dtype; new rows solve
+  ``x_t = v_t - sum_{j<t} P_tj x_j``: the part over cached positions is one matmul, the part inside
+  the chunk a unit-lower-triangular solve (skipped for T = 1, where it is the identity);
+* affine-scaled attention: the running sum of V' (compute dtype); the count is the position + 1.
+
 Parameters that must not be weight-decayed (norm gains, SeeDNorm/GroupNorm vectors, MEA mixing
 matrices, affine and router biases, routing directions — scale-free since they are normalised)
 carry ``_no_weight_decay = True``. The flag is set again in ``init_weights`` because building on
@@ -91,17 +110,43 @@ the meta device and ``to_empty`` replace the Parameter objects (and with them th
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
+from neollm.model.decode_index import (
+    Position, causal_mask, check_position, first_or_cached, over_cached, positions, rows_at, visible, write_rows,
+)
 from neollm.model.init_utils import copy_full_
 from neollm.model.linear import init_linear, make_linear
 from neollm.model.rope import apply_rope
 
 XSA_EPS = 1e-6
 ROUTER_BIAS_INIT = -2.0
+
+
+@dataclass
+class AttentionState:
+    """One attention layer's decode state, [B, Hkv, L, d] buffers over L = max_len positions."""
+
+    keys: Tensor                      # kernel keys (model dtype)
+    values: Tensor                    # V' (v, or LUCID's X cast to the model dtype)
+    lucid_keys: Tensor | None = None  # rms-normalised keys (compute dtype)
+    lucid_x: Tensor | None = None     # X = P^-1 v (compute dtype)
+    prev_q: Tensor | None = None      # [B, 1, H, d] last post-RoPE pre-momentum q row
+    prev_k: Tensor | None = None      # [B, 1, Hkv, d]
+    value_sum: Tensor | None = None   # [B, Hkv, d] running sum of V' (compute dtype)
+
+    def tensors(self) -> list[Tensor]:
+        """Every allocated tensor (for reset and address checks)."""
+        every = (self.keys, self.values, self.lucid_keys, self.lucid_x, self.prev_q, self.prev_k, self.value_sum)
+        return [t for t in every if t is not None]
 
 
 class Attention(nn.Module):
@@ -221,6 +266,94 @@ class Attention(nn.Module):
         if self.affine:
             y = self.mix_uniform(y, x, ops.causal_mean(values).transpose(1, 2).unsqueeze(3))
         return self.finish(y, v, x)
+
+    # ---- decoding (see the module docstring) ----------------------------------------------
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                  kernels: str = "auto") -> AttentionState:
+        """Zeroed state for ``batch`` sequences of up to ``max_len`` positions; LUCID's rows and the
+        affine sum in the compute dtype. ``kernels`` is unused: the kernel is SDPA everywhere."""
+        compute = torch.promote_types(dtype, torch.float32)
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        state = AttentionState(keys=zeros(batch, hkv, max_len, d), values=zeros(batch, hkv, max_len, d))
+        if self.lucid:
+            state.lucid_keys = zeros(batch, hkv, max_len, d, dt=compute)
+            state.lucid_x = zeros(batch, hkv, max_len, d, dt=compute)
+        if self.momentum_gamma != 0.0:
+            state.prev_q, state.prev_k = zeros(batch, 1, h, d), zeros(batch, 1, hkv, d)
+        if self.affine:
+            state.value_sum = zeros(batch, hkv, d, dt=compute)
+        return state
+
+    def step(self, x: Tensor, state: AttentionState, pos: Position, rope: Tensor) -> Tensor:
+        """``forward`` for T new tokens x [B, T, D] at positions pos.. given the earlier ones'
+        ``state`` (updated in place). ``pos``: an int (any T) or an int64 tensor [1] (T = 1; no
+        host sync, no allocation of state, every shape independent of the position)."""
+        T = x.shape[1]
+        check_position(pos, T)
+        q, k, v = self.qkv(x)
+        # 4. RoPE at the absolute positions, 5. momentum against the cached previous rows
+        table = rows_at(rope, pos, T)
+        q, k = apply_rope(q, table), apply_rope(k, table)
+        if self.momentum_gamma != 0.0:
+            q, k = self._momentum_step(q, state.prev_q, pos), self._momentum_step(k, state.prev_k, pos)
+        # 6. kernel over the cached rows
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        write_rows(state.keys, kt, pos)
+        values = self._lucid_step(kt, vt, state, pos) if self.lucid else vt
+        write_rows(state.values, values, pos)
+        y = self._attend_cached(qt, state, pos)
+        if self.affine:
+            y = self.mix_uniform(y, x, self._running_mean(values, state, pos))
+        return self.finish(y, v, x)
+
+    def _momentum_step(self, x: Tensor, previous_row: Tensor, pos: Position) -> Tensor:
+        """``x_t + gamma (x_t - x_{t-1})`` with x_{pos-1} the cached row (at position 0: x_0 or
+        zeros, as ``ops.momentum_shift``); the cache then holds this chunk's last row."""
+        head = torch.zeros_like(x[:, :1]) if self.momentum_first == "zero" else x[:, :1]
+        previous = torch.cat([first_or_cached(pos, head, previous_row), x[:, :-1]], dim=1)
+        previous_row.copy_(x[:, -1:])
+        return x + self.momentum_gamma * (x - previous)
+
+    def _lucid_step(self, kt: Tensor, vt: Tensor, state: AttentionState, pos: Position) -> Tensor:
+        """LUCID's new rows of X = P^-1 v, ``x_t = v_t - sum_{j<t} P_tj x_j`` (compute dtype, stored):
+        one matmul over the cached positions, then a unit-lower-triangular solve inside the chunk."""
+        T, d = kt.shape[2], kt.shape[3]
+        kr = ops.rms_normalize(kt, self.eps)
+        write_rows(state.lucid_keys, kr, pos)
+        keys = visible(state.lucid_keys, pos, T)
+        p_rows = torch.exp(kr @ keys.transpose(-1, -2) / math.sqrt(d) - math.sqrt(d))  # [B, Hkv, T, visible]
+        x_new = vt.to(kr.dtype) - over_cached(p_rows, state.lucid_x, pos)
+        if T > 1:  # an int position (check_position); for one token the unit-diagonal solve is the identity
+            x_new = torch.linalg.solve_triangular(p_rows[..., pos:pos + T].tril(), x_new, upper=False,
+                                                  unitriangular=True)
+        write_rows(state.lucid_x, x_new, pos)
+        return x_new.to(vt.dtype)
+
+    def _attend_cached(self, qt: Tensor, state: AttentionState, pos: Position) -> Tensor:
+        """SDPA of the new queries qt [B, H, T, d] over the cached keys and values -> [B, T, H, d]."""
+        batch, h, T, d = qt.shape
+        hkv = self.n_kv_heads
+        keys, values = visible(state.keys, pos, T), visible(state.values, pos, T)
+        mask = causal_mask(pos, T, keys.shape[2], qt.device)
+        if T == 1:  # the query heads of one KV group along the query axis: GQA without repeated keys
+            y = F.scaled_dot_product_attention(qt.reshape(batch, hkv, h // hkv, d), keys, values, attn_mask=mask)
+            return y.reshape(batch, 1, h, d)
+        y = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, enable_gqa=hkv != h)
+        return y.transpose(1, 2)
+
+    def _running_mean(self, values: Tensor, state: AttentionState, pos: Position) -> Tensor:
+        """Affine-scaled attention's causal mean of V' [B, Hkv, T, d] at the new positions, from the
+        running sum (compute dtype, updated) over position + 1 values -> [B, T, Hkv, 1, d]."""
+        T = values.shape[2]
+        total = state.value_sum.dtype
+        csum = state.value_sum.unsqueeze(2) + torch.cumsum(values.to(total), dim=2)  # [B, Hkv, T, d]
+        state.value_sum.copy_(csum[:, :, -1])
+        count = (positions(pos, T, values.device) + 1).to(total).view(1, 1, T, 1)
+        return (csum / count).to(values.dtype).transpose(1, 2).unsqueeze(3)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-3: projections, MEA, QK(V) norm -> q [B, T, H, d], k and v [B, T, Hkv, d]."""

@@ -108,7 +108,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor,
                 mixer: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                 return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """``mixer`` replaces the token mixer's call (neollm.generate's cached step); None in training.
+        """``mixer`` replaces the token mixer's call (neollm.inference's decode steps pass
+        ``block.mixer.step`` bound to the layer's state); None in training.
 
         ``return_aux``: return ``(out, aux)``, aux the MoE load-balancing loss (None without a MoE). It is
         returned rather than stored on a module so that it survives torch.compile and activation checkpointing.

@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_model import build, tiny  # noqa: E402
 
-from neollm.decode_graph import DecoderPool, StaticDecoder  # noqa: E402
-from neollm.generate import forward_step, generate, new_cache  # noqa: E402
+from neollm.inference import DecoderPool, StaticDecoder, forward_step, generate, new_cache  # noqa: E402
 from neollm.model.args import FLAVORS  # noqa: E402
 from gpu_checks import GPU_ONLY, rel_err  # noqa: E402
 
@@ -35,11 +34,11 @@ def test_cached_decoding_on_cuda(kernels):
     tokens = torch.randint(0, args.vocab_size, (2, 150), device="cuda")
     with torch.no_grad():
         full = model(tokens)  # fla chunk kernels (backend auto on CUDA)
-    cache = new_cache(model, 150, gdn_kernels=kernels)
+    cache = new_cache(model, 150, kernels=kernels)
     parts = [forward_step(model, tokens[:, :130], cache)]  # prefill over more than one 64-chunk
     parts += [forward_step(model, tokens[:, t:t + 1], cache) for t in range(130, 150)]
     assert rel_err(torch.cat(parts, dim=1), full) < 5e-3
-    out = generate(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, gdn_kernels=kernels)
+    out = generate(model, [[1, 2, 3]], max_new_tokens=8, temperature=0, kernels=kernels)
     assert len(out[0]) == 8
 
 

@@ -12,11 +12,19 @@ Math (fla/layers/gated_deltanet.py:247-354 on the training path, no cache / mask
     beta    = sigmoid(x W_b);  g = -exp(A_log) * softplus(x W_a + dt_bias)   (log decay <= 0)
     o       = gated delta rule(q, k, v, g, beta), scale K^-0.5
     y       = W_o( RMSNorm_eps(o) * o_norm.weight * SiLU(x W_g) )     (per head over V, fp32 inside)
+
+Decoding (``new_state`` / ``step``, driven by neollm.inference): the state is the recurrent S [B, H, K, V]
+(compute dtype) and the short convs' last conv_size - 1 projected inputs (zeros at the start = the
+training path's causal zero padding). Nothing depends on the position, so one ``step`` serves the
+prefill, dynamic decoding and the static (CUDA-graph) step. Kernels: the torch recurrence for one token,
+the chunked reference with an initial state for a chunk; on CUDA (``kernels`` "auto" with backend
+"auto"/"fla", or "fla") fla's ``fused_recurrent_gated_delta_rule`` / ``chunk_gated_delta_rule``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,7 +37,25 @@ from neollm.kernels.gdn_ops import causal_conv1d_silu_ref
 from neollm.model.mixers.common import GatedRMSNorm, check_backend, l2norm, resolve_backend
 from neollm.precision import upcast
 
-__all__ = ["GatedDeltaNet", "gdn_flops_per_token"]
+__all__ = ["GatedDeltaNet", "GDNState", "gdn_flops_per_token"]
+
+DECODE_KERNELS = ("auto", "fla", "torch")
+
+
+@dataclass
+class GDNState:
+    """One Gated DeltaNet layer's decode state (updated in place by ``GatedDeltaNet.step``)."""
+
+    recurrent: Tensor  # [B, H, K, V] S (compute dtype)
+    conv_q: Tensor     # [B, conv_size - 1, H K] last projected inputs of each short conv
+    conv_k: Tensor     # [B, conv_size - 1, H K]
+    conv_v: Tensor     # [B, conv_size - 1, H V]
+    use_fla: bool      # fla's kernels (CUDA) rather than the torch references
+
+    def tensors(self) -> list[Tensor]:
+        """Every allocated tensor (for reset and address checks)."""
+        return [self.recurrent, self.conv_q, self.conv_k, self.conv_v]
+
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton), "torch", or "auto".
@@ -138,11 +164,119 @@ class GatedDeltaNet(nn.Module):
         o = self.o_norm(o, gate).reshape(B, T, H * V)
         return self.o_proj(o)
 
+    # ---- decoding (see the module docstring) ----------------------------------------------
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                  kernels: str = "auto") -> GDNState:
+        """Zeroed state (``max_len`` is unused: the state does not grow). ``kernels``: "torch" (or
+        backend "torch") the references; "fla" (or backend "fla") fla's kernels, CUDA only; "auto"
+        fla on CUDA."""
+        if kernels not in DECODE_KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(DECODE_KERNELS)}, got {kernels!r}")
+        on_cuda = torch.device(device).type == "cuda"
+        if kernels == "torch" or self.backend == "torch":
+            use_fla = False
+        elif kernels == "fla" or self.backend == "fla":
+            if not on_cuda:
+                raise ValueError("fla's Gated DeltaNet kernels need a CUDA input; use kernels='torch'")
+            use_fla = True
+        else:
+            use_fla = on_cuda
+        history = self.conv_size - 1
+        return GDNState(
+            recurrent=torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim,
+                                  dtype=torch.promote_types(dtype, torch.float32), device=device),
+            conv_q=torch.zeros(batch, history, self.key_dim, dtype=dtype, device=device),
+            conv_k=torch.zeros(batch, history, self.key_dim, dtype=dtype, device=device),
+            conv_v=torch.zeros(batch, history, self.value_dim, dtype=dtype, device=device),
+            use_fla=use_fla,
+        )
+
+    def step(self, x: Tensor, state: GDNState, pos: int | Tensor, rope: Tensor) -> Tensor:
+        """``forward`` for T new tokens x [B, T, D] continuing from ``state`` (updated in place);
+        ``pos`` and ``rope`` are unused (the recurrence is position-free)."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = _conv_step(self.q_proj(x), self.q_conv1d.weight, state.conv_q).reshape(B, T, H, K)
+        k = _conv_step(self.k_proj(x), self.k_conv1d.weight, state.conv_k).reshape(B, T, H, K)
+        v = _conv_step(self.v_proj(x), self.v_conv1d.weight, state.conv_v).reshape(B, T, H, V)
+        if state.use_fla:
+            o, recurrent = _fla_recurrence(self, x, q, k, v, state.recurrent)
+        else:
+            q, k = l2norm(q), l2norm(k)
+            beta = torch.sigmoid(upcast(self.b_proj(x)))
+            g = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
+            if T == 1:
+                o, recurrent = _recurrent_step(q, k, v, g, beta, state.recurrent)
+            else:
+                o, recurrent = chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=self.chunk_size,
+                                                          initial_state=state.recurrent, output_final_state=True)
+        state.recurrent.copy_(recurrent)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        o = self.o_norm(o, gate).reshape(B, T, H * V)
+        return self.o_proj(o)
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
             f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, backend={self.backend!r}"
         )
+
+
+def _conv_step(x: Tensor, weight: Tensor, history: Tensor) -> Tensor:
+    """Causal depthwise conv + SiLU over new inputs x [B, T, C], continuing from ``history``
+    [B, W-1, C] (the last W-1 inputs; zeros at the start, as the training path's padding),
+    which is updated in place."""
+    W = weight.shape[-1]
+    full = torch.cat([history.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+    # y_t = sum_j w[:, j] full[t + j]: a multiply-sum over the windows (F.conv1d's CPU path costs
+    # tens of ms per call at T = 1)
+    y = (full.unfold(1, W, 1) * weight.squeeze(1).to(x.dtype)).sum(-1)  # [B, T, C]
+    history.copy_(full[:, full.shape[1] - (W - 1):])
+    return F.silu(y)
+
+
+def _recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                    state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of the gated delta rule (kernels.gated_delta_rule.recurrent_gated_delta_rule
+    for T = 1, with elementwise products instead of tiny batched matmuls):
+    S' = exp(g) S;  u = beta (v - S'^T k);  S = S' + k u^T;  o = S^T (q / sqrt(K))."""
+    K = q.shape[-1]
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, v, g, beta)) else torch.float32
+    q1, k1, v1 = q[:, 0].to(dt) * K ** -0.5, k[:, 0].to(dt), v[:, 0].to(dt)  # [B, H, *]
+    S = state.to(dt) * g[:, 0].to(dt).exp()[..., None, None]
+    u = beta[:, 0].to(dt)[..., None] * (v1 - (k1[..., None] * S).sum(-2))
+    S = S + k1[..., None] * u[..., None, :]
+    o = (q1[..., None] * S).sum(-2)
+    return o[:, None].to(v.dtype), S
+
+
+@torch.compiler.disable  # a graph break under torch.compile (the static decoder's "compile" mode)
+def _fla_recurrence(m: GatedDeltaNet, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    state: Tensor) -> tuple[Tensor, Tensor]:
+    """fla's kernels with the same in-kernel gating as the training path (l2norm, sigmoid beta,
+    -exp(A_log) softplus(a + dt_bias)); state [B, H, K, V] fp32 (state_v_first=False), returns
+    the new state (a new tensor: the caller copies it into the decode state).
+
+    For T = 1 this is ``fused_recurrent_gated_delta_rule``: one Triton launch on a fixed grid for
+    dense inputs (no cu_seqlens), no host synchronisation, its outputs allocated by torch: it can
+    be captured in a CUDA graph once it has been compiled (the decoder's warm-up step)."""
+    from neollm.model.mixers.common import ensure_fla_workaround
+
+    ensure_fla_workaround()
+    kwargs = dict(
+        g=m.a_proj(x), beta=m.b_proj(x), initial_state=state, output_final_state=True,
+        use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_gate_in_kernel=True,
+        A_log=m.A_log, dt_bias=m.dt_bias, state_v_first=False,
+    )
+    if q.shape[1] == 1:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        o, new_state = fused_recurrent_gated_delta_rule(q=q, k=k, v=v, **kwargs)
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        o, new_state = chunk_gated_delta_rule(q=q, k=k, v=v, **kwargs)
+    return o, new_state
 
 
 def _rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, chunk_size: int) -> Tensor:

@@ -1,8 +1,9 @@
-"""Running the static decode step (neollm.decode_static) fast: eager, CUDA graph or torch.compile.
+"""Running the static decode step (``static_step``, neollm/inference/step.py) fast: eager, CUDA graph
+or torch.compile.
 
 ``StaticDecoder(model, batch, max_len, mode)`` owns one cache (every tensor allocated up front),
 a token buffer [B, 1] and the position as an int64 tensor [1] on the model's device. A sequence
-is ``prefill(prompt)`` (the dynamic ``generate.forward_step`` over the prompt, writing into the
+is ``prefill(prompt)`` (the dynamic ``forward_step`` over the prompt, writing into the
 decoder's cache in place) then ``step(tokens)`` per new token. Modes:
 
 * ``"eager"``: the static step called from Python each token (any device; the tests use it).
@@ -14,8 +15,8 @@ decoder's cache in place) then ``step(tokens)`` per new token. Modes:
 * ``"compile"``: the step compiled by ``torch.compile(dynamic=False)`` (default mode, inductor;
   ``compile_backend`` to change), then on CUDA captured into a CUDA graph exactly as
   ``"cuda_graph"`` (fewer, fused kernels inside the graph). fla's kernel is a graph break
-  (``generate._fla_recurrence`` is ``torch.compiler.disable``-d), which the manual graph
-  capture does not mind. Chosen over ``mode="reduce-overhead"`` (CUDA-graph trees) because the
+  (``_fla_recurrence`` in neollm/model/mixers/deltanet.py is ``torch.compiler.disable``-d),
+  which the manual graph capture does not mind. Chosen over ``mode="reduce-overhead"`` (CUDA-graph trees) because the
   step mutates cache tensors that are not module buffers, which the trees would need marked as
   static addresses; one capture path serves both modes. On CPU the compiled step runs without
   a graph. Compilation happens on the first step (CPU) or in the construction's warm-up (CUDA),
@@ -24,7 +25,7 @@ decoder's cache in place) then ``step(tokens)`` per new token. Modes:
 Sampling stays outside the graph (it draws from a torch.Generator). In the graph modes the
 logits returned by ``step`` are the graph's static output, overwritten by the next step.
 ``DecoderPool`` keeps decoders (and their graphs) for reuse across ``generate`` calls.
-The GPU speed of these modes has not been measured yet (tools/bench_generate.py measures it).
+tools/bench_generate.py measures the modes' speed (BENCHMARKS.md, docs/generation.md).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from neollm.decode_static import static_step
-from neollm.generate import DECODE_MODES, allocate_cache, forward_step, new_cache
+from neollm.inference.cache import allocate_cache, new_cache
+from neollm.inference.sampling import DECODE_MODES
+from neollm.inference.step import forward_step, static_step
 from neollm.model.model import NeoLLM
 
-__all__ = ["STATIC_MODES", "DECODE_MODES", "StaticDecoder", "DecoderPool", "resolve_decode_mode"]
+__all__ = ["STATIC_MODES", "StaticDecoder", "DecoderPool", "resolve_decode_mode", "weights_signature"]
 
 STATIC_MODES = DECODE_MODES[2:]  # ("eager", "cuda_graph", "compile"); DECODE_MODES adds "auto", "dynamic"
 
@@ -67,17 +69,17 @@ class StaticDecoder:
     in ``mode`` (see the module docstring). Reusable: each ``prefill`` starts a new sequence."""
 
     def __init__(self, model: NeoLLM, batch: int, max_len: int, mode: str = "eager",
-                 gdn_kernels: str = "auto", compile_backend="inductor", warmup: int = 2) -> None:
+                 kernels: str = "auto", compile_backend="inductor", warmup: int = 2) -> None:
         if mode not in STATIC_MODES:
             raise ValueError(f"StaticDecoder mode must be one of {', '.join(STATIC_MODES)}; got {mode!r} "
-                             "(the dynamic path is generate.forward_step)")
+                             "(the dynamic path is forward_step)")
         if model.training:
             raise ValueError("the static decoder needs model.eval() (dropout is not cached)")
         weight = model.tok_embeddings.weight
         self.device = weight.device
         resolve_decode_mode(mode, self.device)  # refuses cuda_graph off CUDA
         self.model, self.mode, self.batch = model, mode, batch
-        self.cache = new_cache(model, max_len, gdn_kernels)  # refuses other mixers / max_len > context
+        self.cache = new_cache(model, max_len, kernels)  # refuses mixers without a step / max_len > context
         allocate_cache(model, self.cache, batch, weight.dtype, self.device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -149,7 +151,7 @@ class StaticDecoder:
 
 class DecoderPool:
     """Reuse of ``StaticDecoder``s (their caches, graphs, compiled steps) across ``generate``
-    calls: keyed by model, mode, batch, max_len and GDN kernels, the ``size`` most recently used
+    calls: keyed by model, mode, batch, max_len and kernels, the ``size`` most recently used
     are kept. A decoder whose model tensors have moved or changed dtype since its capture
     (``model.to(...)``, a replaced parameter) is rebuilt; in-place weight updates are seen."""
 
@@ -157,13 +159,13 @@ class DecoderPool:
         self.size = size
         self._entries: OrderedDict[tuple, StaticDecoder] = OrderedDict()
 
-    def get(self, model: NeoLLM, batch: int, max_len: int, mode: str, gdn_kernels: str = "auto") -> StaticDecoder:
-        key = (id(model), mode, batch, max_len, gdn_kernels)
+    def get(self, model: NeoLLM, batch: int, max_len: int, mode: str, kernels: str = "auto") -> StaticDecoder:
+        key = (id(model), mode, batch, max_len, kernels)
         dec = self._entries.pop(key, None)
         if dec is not None and (dec.model is not model or dec.signature != weights_signature(model)):
             dec = None  # stale: released before its replacement is built
         if dec is None:
-            dec = StaticDecoder(model, batch, max_len, mode, gdn_kernels)
+            dec = StaticDecoder(model, batch, max_len, mode, kernels)
         self._entries[key] = dec
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
