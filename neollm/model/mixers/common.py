@@ -26,6 +26,36 @@ def resolve_backend(backend: str, x: Tensor, name: str, setting: str = "gdn_back
     return backend
 
 
+def check_decode_kernels(kernels: str, device, name: str) -> None:
+    """Validate a decode state's ``kernels`` choice at allocation: one of "auto" / "fla" / "torch"; "fla" on a
+    non-CUDA device is an error naming the fix. (The GLA, RetNet, Mamba2 and RWKV-6 steps run their torch
+    recurrences on every device for now, so "auto" and "fla" on CUDA select the same path as "torch".)"""
+    if kernels not in _BACKENDS:
+        raise ValueError(f"{name}: kernels must be one of {_BACKENDS}, got {kernels!r}")
+    if kernels == "fla" and torch.device(device).type != "cuda":
+        raise ValueError(f"{name}: kernels='fla' needs a CUDA device (fla's kernels are Triton); "
+                         f"use kernels='auto' or 'torch'")
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decode state keeps recurrent state in: the compute dtype (fp32, fp64 kept)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def causal_conv_step(x: Tensor, weight: Tensor, state: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Causal depthwise conv (no activation) over new inputs x [B, T, C] continuing from ``state`` [B, W-1, C]
+    (the last W-1 inputs; zeros at the start = the training path's causal zero padding), updated in place.
+    weight [C, 1, W] (nn.Conv1d's). A multiply-sum over the windows: F.conv1d's CPU path costs tens of ms per
+    call at T = 1, and this has no data-dependent branch (CUDA-graph safe)."""
+    W = weight.shape[-1]
+    full = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+    y = (full.unfold(1, W, 1) * weight.squeeze(1).to(x.dtype)).sum(-1)  # y_t = sum_j w[:, j] full[t + j]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    state.copy_(full[:, full.shape[1] - (W - 1):])
+    return y
+
+
 def check_backend(backend: str) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")

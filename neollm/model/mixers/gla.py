@@ -11,6 +11,11 @@ Math (fla/layers/gla.py, training path, no cache / mask):
     q, k, v = x W_q, x W_k, x W_v;   g = logsigmoid(x W_gk1 W_gk2 + b_gk) / 16   (per key channel, <= 0)
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
     y = W_o( RMSNorm(o) * g_norm_swish_gate.weight * SiLU(x W_g) )   (per head over V)
+
+Decode state (``new_state`` / ``step``, for cached generation): ``GLAState.state`` S [B, H, K, V] in the
+compute dtype (fp32, fp64 kept), zeros at the start = the training forward's zero initial state. A step of T
+tokens is the one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill),
+on every device (fla's recurrent kernels are not wired in: they could not be checked here without a GPU).
 """
 
 from __future__ import annotations
@@ -20,13 +25,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.kernels.linear_attention import chunk_gla_ref
+from dataclasses import dataclass
+
+from neollm.kernels.linear_attention import chunk_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
 from neollm.precision import upcast
+from neollm.model.mixers.common import check_decode_kernels, state_dtype
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 
-__all__ = ["GatedLinearAttention", "gla_flops_per_token"]
+__all__ = ["GatedLinearAttention", "GLAState", "gla_flops_per_token"]
+
+
+@dataclass
+class GLAState:
+    """A GLA layer's decode state: S [B, H, K, V] (compute dtype), written in place by ``step``."""
+
+    state: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        return [self.state]
+
 
 class GatedLinearAttention(GatedHeadsMixer):
     """GLA token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton chunk_gla), "torch", or "auto"."""
@@ -72,6 +91,22 @@ class GatedLinearAttention(GatedHeadsMixer):
             o, _ = chunk_gla_ref(q, k, v, gk, chunk_size=self.chunk_size)
             o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto") -> GLAState:
+        """Zero decode state for ``batch`` sequences (max_len unused: the state does not grow)."""
+        check_decode_kernels(kernels, device, "GatedLinearAttention")
+        return GLAState(torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim,
+                                    dtype=state_dtype(dtype), device=device))
+
+    def step(self, x: Tensor, state: GLAState, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
+        (pos and rope unused: the recurrence carries the position)."""
+        B, T, _ = x.shape
+        H, V = self.num_heads, self.head_v_dim
+        q, k, v, gk = self._qkvg(x)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        o = gla_decode(q, k, v, gk, state.state, chunk_size=self.chunk_size)
+        return self.o_proj(self.g_norm_swish_gate(o, gate).reshape(B, T, H * V))
 
 
 @torch.compiler.disable
