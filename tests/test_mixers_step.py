@@ -172,3 +172,13 @@ def test_rwkv6_decode_helper_matches_chunked():
     o += [rwkv6_decode(r[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], w[:, t:t + 1], u, state) for t in range(6, T)]
     torch.testing.assert_close(torch.cat(o, 1), o_full, atol=1e-12, rtol=0)
     torch.testing.assert_close(state, s_full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("code", ["G", "T", "M", "R"])
+def test_fla_backend_layer_step_refuses_cpu(code):
+    """A layer built with backend "fla" cannot step on CPU even with kernels "auto" (as its forward)."""
+    m = _make(code, backend="fla")
+    state = m.new_state(1, 4, f64, "cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        with torch.no_grad():
+            m.step(torch.zeros(1, 1, D, dtype=f64), state, 0, None)

@@ -28,13 +28,22 @@ def resolve_backend(backend: str, x: Tensor, name: str, setting: str = "gdn_back
 
 def check_decode_kernels(kernels: str, device, name: str) -> None:
     """Validate a decode state's ``kernels`` choice at allocation: one of "auto" / "fla" / "torch"; "fla" on a
-    non-CUDA device is an error naming the fix. (The GLA, RetNet, Mamba2 and RWKV-6 steps run their torch
-    recurrences on every device for now, so "auto" and "fla" on CUDA select the same path as "torch".)"""
+    non-CUDA device is an error naming the fix."""
     if kernels not in _BACKENDS:
         raise ValueError(f"{name}: kernels must be one of {_BACKENDS}, got {kernels!r}")
     if kernels == "fla" and torch.device(device).type != "cuda":
         raise ValueError(f"{name}: kernels='fla' needs a CUDA device (fla's kernels are Triton); "
                          f"use kernels='auto' or 'torch'")
+
+
+def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
+    """Whether a decode step runs fla's kernels: never when the layer's backend or the state's ``kernels`` is
+    "torch"; required ("fla" either way) only on CUDA (a clear error elsewhere); "auto": fla on CUDA."""
+    if kernels == "torch" or backend == "torch":
+        return False
+    if (kernels == "fla" or backend == "fla") and not x.is_cuda:
+        raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
+    return x.is_cuda
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

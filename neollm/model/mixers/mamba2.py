@@ -24,9 +24,10 @@ The CPU path is the same mapping on our chunked reference (neollm.kernels.linear
 Decode state (``new_state`` / ``step``): ``Mamba2State.ssm`` h [B, H, N, P] in the compute dtype (fp32, fp64
 kept; zeros = the training forward's zero initial state) and ``conv`` [B, W-1, E*dim + 2N], the last W-1
 pre-conv xBC inputs in the activation dtype (zeros = the conv's causal zero padding). A step runs the conv as a
-multiply-sum over the windows and the scan as the one-token recurrence (T = 1) or the chunked torch reference
-with h as initial state (prefill), on every device (fla's kernels are not wired into the step: they could not
-be checked here without a GPU).
+multiply-sum over the windows (in torch on every device) and the scan as the one-token recurrence (T = 1) or
+the chunked torch reference with h as initial state (prefill); fla's fused_recurrent_simple_gla (T = 1) /
+chunk_simple_gla (prefill) with h as initial_state on CUDA when the layer's backend and the state's ``kernels``
+allow ("auto"), the torch recurrences otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import Tensor
 from neollm.kernels.linear_attention import chunk_simple_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
 from neollm.precision import upcast
-from neollm.model.mixers.common import causal_conv_step, check_decode_kernels, state_dtype
+from neollm.model.mixers.common import causal_conv_step, check_decode_kernels, state_dtype, use_fla_step
 from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
 
 __all__ = ["Mamba2", "Mamba2State", "mamba2_flops_per_token"]
@@ -55,6 +56,7 @@ class Mamba2State:
 
     ssm: Tensor
     conv: Tensor
+    kernels: str = "auto"
 
     def tensors(self) -> list[Tensor]:
         return [self.ssm, self.conv]
@@ -156,7 +158,7 @@ class Mamba2(nn.Module):
         return Mamba2State(
             torch.zeros(batch, self.num_heads, self.ssm_state_size, self.head_dim, dtype=state_dtype(dtype),
                         device=device),
-            torch.zeros(batch, self.conv_kernel_size - 1, self.conv_dim, dtype=dtype, device=device))
+            torch.zeros(batch, self.conv_kernel_size - 1, self.conv_dim, dtype=dtype, device=device), kernels)
 
     def step(self, x: Tensor, state: Mamba2State, pos=None, rope: Tensor | None = None) -> Tensor:
         """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
@@ -164,7 +166,10 @@ class Mamba2(nn.Module):
         z, xbc, dt = self._split(x)
         xbc = F.silu(causal_conv_step(xbc, self.conv1d.weight, state.conv, self.conv1d.bias))
         q, k, v, g, xs = self._scan_inputs(xbc, dt)
-        y = gla_decode(q, k, v, g, state.ssm, scale=1.0, chunk_size=self.chunk_size)
+        if use_fla_step(self.backend, state.kernels, x, "Mamba2"):
+            y = _fla_scan_decode(q, k, v, g, state.ssm)
+        else:
+            y = gla_decode(q, k, v, g, state.ssm, scale=1.0, chunk_size=self.chunk_size)
         return self._output(y, xs, z, x.dtype)
 
     def extra_repr(self) -> str:
@@ -209,6 +214,20 @@ def _fla_mamba2(z: Tensor, xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tens
     y, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, initial_state=None, output_final_state=False)
     y = (y.float() + D.float()[:, None] * xs.float()).to(xs.dtype).reshape(B, T, H * P)
     return rmsnorm_fn(x=y, weight=norm_w, bias=None, z=z.contiguous(), eps=eps, group_size=H * P, norm_before_gate=False)
+
+
+@torch.compiler.disable
+def _fla_scan_decode(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> Tensor:
+    """The SSD scan on fla's fused_recurrent_simple_gla (T = 1) or chunk_simple_gla (prefill), scale 1, from
+    ``state`` [B, H, N, P], updated in place. q and k are the per-head broadcasts of C and B (made contiguous)."""
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_simple_gla if q.shape[1] == 1 else chunk_simple_gla
+    o, final = fn(q=q.contiguous(), k=k.contiguous(), v=v, g=g, scale=1.0, initial_state=state,
+                  output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 def mamba2_flops_per_token(dim: int, head_dim: int, state_size: int, expand: int, conv_size: int,

@@ -18,8 +18,9 @@ Decode state (``new_state`` / ``step``): ``RetNetState.state`` S [B, H, K, V] in
 kept; zeros = the training forward's zero initial state) and ``position`` [1] int64, the number of tokens seen:
 the layer's own RoPE (base 10000 over K, not the model's table) needs absolute positions, and a counter kept on
 the device lets the T = 1 step build its rotation without the caller's position or a host sync. A step is the
-one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill), on every device
-(fla's recurrent kernels are not wired in: they could not be checked here without a GPU).
+one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill);
+fla's fused_recurrent_retention (T = 1) / chunk_retention (prefill) with the state as initial_state on CUDA when the
+layer's backend and the state's ``kernels`` allow ("auto"), the torch recurrences above otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_simple_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
-from neollm.model.mixers.common import check_decode_kernels, state_dtype
+from neollm.model.mixers.common import check_decode_kernels, state_dtype, use_fla_step
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 from neollm.model.rope import apply_rope, rope_cache
@@ -62,6 +63,7 @@ class RetNetState:
 
     state: Tensor
     position: Tensor
+    kernels: str = "auto"
 
     def tensors(self) -> list[Tensor]:
         return [self.state, self.position]
@@ -112,7 +114,7 @@ class MultiScaleRetention(GatedHeadsMixer):
         return RetNetState(
             torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=state_dtype(dtype),
                         device=device),
-            torch.zeros(1, dtype=torch.int64, device=device))
+            torch.zeros(1, dtype=torch.int64, device=device), kernels)
 
     def step(self, x: Tensor, state: RetNetState, pos=None, rope: Tensor | None = None) -> Tensor:
         """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place.
@@ -122,8 +124,11 @@ class MultiScaleRetention(GatedHeadsMixer):
         positions = state.position + torch.arange(T, device=x.device)
         q, k, v, gate = self._qkvg(x, _rope_rows(self.head_k_dim, positions))
         state.position.add_(T)
-        g = retention_log_decays(H, device=x.device).expand(B, T, H)
-        o = gla_decode(q, k, v, g, state.state, chunk_size=self.chunk_size)
+        if use_fla_step(self.backend, state.kernels, x, "MultiScaleRetention"):
+            o = _fla_retention_decode(q, k, v, state.state)
+        else:
+            g = retention_log_decays(H, device=x.device).expand(B, T, H)
+            o = gla_decode(q, k, v, g, state.state, chunk_size=self.chunk_size)
         return self.o_proj(self.g_norm_swish_gate(o, gate).reshape(B, T, H * V))
 
 
@@ -136,6 +141,19 @@ def _fla_retention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, norm_weight: T
     ensure_fla_workaround()
     o, _ = chunk_retention(q=q, k=k, v=v, initial_state=None, output_final_state=False)
     return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
+
+
+@torch.compiler.disable
+def _fla_retention_decode(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Tensor:
+    """fla's fused_recurrent_retention (T = 1) or chunk_retention (prefill) from ``state`` [B, H, K, V],
+    updated in place."""
+    from fla.ops.retention import chunk_retention, fused_recurrent_retention
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_retention if q.shape[1] == 1 else chunk_retention
+    o, final = fn(q=q, k=k, v=v, initial_state=state, output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 def retnet_flops_per_token(dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, chunk_size: int = 64) -> int:

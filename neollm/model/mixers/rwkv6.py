@@ -27,8 +27,9 @@ RWKV-6 uses a per-channel decay schedule instead). The dense projections use Neo
 Decode state (``new_state`` / ``step``): ``RWKV6State.wkv`` S [B, H, K, V] in the compute dtype (fp32, fp64
 kept; zeros = the training forward's zero initial state) and ``shift`` [B, 1, D], the previous token's input in
 the activation dtype (zeros = the token shift's x_{-1} = 0). A step is the one-token wkv recurrence (T = 1) or
-the chunked torch reference with S as initial state (prefill), on every device (fla's recurrent kernel is not
-wired into the step: it could not be checked here without a GPU).
+the chunked torch reference with S as initial state (prefill); fla's fused_recurrent_rwkv6 (T = 1) /
+chunk_rwkv6 (prefill) with S as initial_state on CUDA when the layer's backend and the state's ``kernels``
+allow ("auto"), the torch recurrences otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import Tensor
 from neollm.kernels.rwkv6 import chunk_rwkv6_ref, rwkv6_decode
 from neollm.model.init_utils import copy_full_
 from neollm.model.mixers.common import check_backend, check_decode_kernels, resolve_backend, state_dtype
+from neollm.model.mixers.common import use_fla_step
 from neollm.model.norms import no_weight_decay
 from neollm.precision import upcast
 
@@ -57,6 +59,7 @@ class RWKV6State:
 
     wkv: Tensor
     shift: Tensor
+    kernels: str = "auto"
 
     def tensors(self) -> list[Tensor]:
         return [self.wkv, self.shift]
@@ -223,14 +226,17 @@ class RWKV6(nn.Module):
         return RWKV6State(
             torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=state_dtype(dtype),
                         device=device),
-            torch.zeros(batch, 1, self.hidden_size, dtype=dtype, device=device))
+            torch.zeros(batch, 1, self.hidden_size, dtype=dtype, device=device), kernels)
 
     def step(self, x: Tensor, state: RWKV6State, pos=None, rope: Tensor | None = None) -> Tensor:
         """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
         (pos and rope unused)."""
         r, k, v, w, g = self._rkvwg(x, state.shift.to(x.dtype))
         state.shift.copy_(x[:, -1:])
-        o = rwkv6_decode(r, k, v, w, self.bonus, state.wkv, scale=1.0, chunk_size=self.torch_chunk_size)
+        if use_fla_step(self.backend, state.kernels, x, "RWKV6"):
+            o = _fla_wkv_decode(r, k, v, w, self.bonus, state.wkv)
+        else:
+            o = rwkv6_decode(r, k, v, w, self.bonus, state.wkv, scale=1.0, chunk_size=self.torch_chunk_size)
         return self._out(o, g)
 
     def extra_repr(self) -> str:
@@ -247,6 +253,19 @@ def _fla_wkv(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
 
     ensure_fla_workaround()
     o, _ = chunk_rwkv6(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=None, output_final_state=False)
+    return o
+
+
+@torch.compiler.disable
+def _fla_wkv_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor) -> Tensor:
+    """fla's fused_recurrent_rwkv6 (T = 1) or chunk_rwkv6 (prefill) from ``state`` [B, H, K, V], updated in place."""
+    from neollm.model.mixers.common import ensure_fla_workaround
+    from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_rwkv6 if r.shape[1] == 1 else chunk_rwkv6
+    o, final = fn(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=state, output_final_state=True)
+    state.copy_(final)
     return o
 
 
