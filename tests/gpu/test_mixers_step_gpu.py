@@ -1,9 +1,10 @@
-"""GPU checks of the recurrent mixers' decode steps (G, T, M, R, L, N; tests/test_mixers_step.py checks the torch
-path in fp64 on CPU).
+"""GPU checks of the recurrent mixers' decode steps, G, T, M, R, L and N (tests/test_mixers_step.py checks the
+torch path in fp64 on CPU). Not yet run: written 2026-12-04 when no GPU slot was free.
 
-* fla kernels (state kernels "auto" on CUDA): a prefill of 37 tokens (chunk_* with the state as initial_state;
-  37 is not a multiple of fla's chunk of 64) then 8 single-token steps (fused_recurrent_*) reproduce the torch
-  forward's rows (relative RMS error, tests/gpu/test_mixers_gpu.py's tolerances: fp32 5e-3, bf16 2.5e-2).
+* fla kernels (state kernels "fla"; "auto" picks them once common.FLA_STEP_BY_DEFAULT is on): a prefill of 37
+  tokens (chunk_* with the state as initial_state; 37 is not a multiple of fla's chunk of 64) then 8
+  single-token steps (fused_recurrent_*) reproduce the torch forward's rows (relative RMS error,
+  tests/gpu/test_mixers_gpu.py's tolerances: fp32 5e-3, bf16 2.5e-2).
 * CUDA graphs: after a prefill, the T = 1 step (both kernel choices) is captured once and replayed over 4 tokens;
   the replays equal eager steps from the same state, the state's addresses never change, and an eager T = 1 step
   runs under torch.cuda.set_sync_debug_mode("error") (no host sync).
@@ -70,7 +71,7 @@ def test_fla_step_matches_torch_forward(code, dtype):
     m = _build(code, dtype)
     x = torch.randn(2, 45, D, device="cuda", dtype=dtype)
     ref = _forward_torch(m, x)
-    for kernels in ("auto", "torch"):
+    for kernels in ("fla", "torch"):
         state = m.new_state(2, 45, dtype, "cuda", kernels=kernels)
         with torch.no_grad():
             out = [m.step(x[:, :37], state, 0, None)]
@@ -89,7 +90,7 @@ def _restore(state, snap):
         t.copy_(s)
 
 
-@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("kernels", ["fla", "torch"])
 @pytest.mark.parametrize("code", ["G", "T", "M", "R", "L", "N"])
 def test_single_token_step_replays_from_a_cuda_graph(code, kernels):
     dtype = torch.bfloat16

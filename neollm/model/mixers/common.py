@@ -36,14 +36,24 @@ def check_decode_kernels(kernels: str, device, name: str) -> None:
                          f"use kernels='auto' or 'torch'")
 
 
+FLA_STEP_BY_DEFAULT = False
+"""Whether kernels "auto" picks fla's kernels for the GLA / RetNet / Mamba2 / RWKV-6 decode steps on CUDA. Off:
+those fla calls were written without a GPU at hand and tests/gpu/test_mixers_step_gpu.py has not run yet, so
+"auto" keeps the torch recurrences on every device and fla is opt-in (kernels "fla"). Turn on once that file
+passes on a GPU."""
+
+
 def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
     """Whether a decode step runs fla's kernels: never when the layer's backend or the state's ``kernels`` is
-    "torch"; required ("fla" either way) only on CUDA (a clear error elsewhere); "auto": fla on CUDA."""
+    "torch"; "fla" (kernels or backend) needs a CUDA input (a clear error elsewhere) and gets fla; "auto": fla on
+    CUDA only when FLA_STEP_BY_DEFAULT."""
     if kernels == "torch" or backend == "torch":
         return False
-    if (kernels == "fla" or backend == "fla") and not x.is_cuda:
-        raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
-    return x.is_cuda
+    if kernels == "fla" or backend == "fla":
+        if not x.is_cuda:
+            raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
+        return True
+    return x.is_cuda and FLA_STEP_BY_DEFAULT
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,8 +15,9 @@ Math (fla/layers/gla.py, training path, no cache / mask):
 Decode state (``new_state`` / ``step``, for cached generation): ``GLAState.state`` S [B, H, K, V] in the
 compute dtype (fp32, fp64 kept), zeros at the start = the training forward's zero initial state. A step of T
 tokens is the one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill);
-fla's fused_recurrent_gla (T = 1) / chunk_gla (prefill) with the state as initial_state on CUDA when the
-layer's backend and the state's ``kernels`` allow ("auto"), the torch recurrences above otherwise.
+fla's fused_recurrent_gla (T = 1) / chunk_gla (prefill) with the state as initial_state
+with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
+tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ Decode state (``new_state`` / ``step``): ``RetNetState.state`` S [B, H, K, V] in
 kept; zeros = the training forward's zero initial state) and ``position`` [1] int64, the number of tokens seen:
 the layer's own RoPE (base 10000 over K, not the model's table) needs absolute positions, and a counter kept on
 the device lets the T = 1 step build its rotation without the caller's position or a host sync. A step is the
-one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill);
-fla's fused_recurrent_retention (T = 1) / chunk_retention (prefill) with the state as initial_state on CUDA when the
-layer's backend and the state's ``kernels`` allow ("auto"), the torch recurrences above otherwise.
+one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill); fla's
+fused_recurrent_retention (T = 1) / chunk_retention (prefill) with S as initial_state with kernels "fla" (or
+backend "fla") on CUDA; "auto" keeps the torch path on every device until tests/gpu/test_mixers_step_gpu.py
+has passed (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ of the layer's few MB of weights, small next to the recurrence itself.
 Decode state (``new_state`` / ``step``): ``RecurrentState.h`` [1, B, H] (and ``c`` [1, B, H] for the LSTM's cell)
 in the compute dtype (fp32, fp64 kept; zeros = the training forward's zero initial state). A step of any T calls
 the same nn.LSTM / nn.RNN with (h0, c0) cast to the input's dtype (cuDNN on CUDA, ATen on CPU) and copies the
-final state back; bf16 outputs round-trip exactly through an fp32 state.
+final state back: nn.LSTM returns h and c in the input's dtype, so an fp32 state holds a bf16 model's exactly
+(its forward over a whole sequence may carry c more precisely inside cuDNN: equal up to bf16 rounding). On CUDA
+a T = 1 step is one cuDNN inference call, which passes no sequence-length array to the device (no host sync).
 """
 
 from __future__ import annotations
