@@ -24,7 +24,7 @@ from torch import Tensor
 
 from neollm.precision import compute_dtype
 
-__all__ = ["chunk_gla_ref", "chunk_simple_gla_ref"]
+__all__ = ["chunk_gla_ref", "chunk_simple_gla_ref", "recurrent_gla_step", "gla_decode"]
 
 
 def _chunks(x: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
@@ -97,3 +97,34 @@ def chunk_simple_gla_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: floa
     """Linear attention with one log decay per head and token, g [B, T, H]; as ``chunk_gla_ref`` otherwise."""
     _check(q, k, v, g, 3)
     return _run(q, k, v, g, False, scale, chunk_size, initial_state, output_final_state)
+
+
+def recurrent_gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float | None = None) -> Tensor:
+    """One token of the recurrence, written into ``state`` [B, H, K, V] in place; returns o [B, 1, H, V] in v's dtype.
+
+    q, k [B, 1, H, K], v [B, 1, H, V], g [B, 1, H, K] (per channel) or [B, 1, H] (per head). Elementwise
+    products and sums instead of tiny batched matmuls (cheap, and no data-dependent branch: CUDA-graph safe).
+    """
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = state.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q1, k1, v1, g1 = (t[:, 0].to(dtype) for t in (q, k, v, g))  # [B, H, *]
+        decay = g1.exp()[..., None] if g1.dim() == 3 else g1.exp()[..., None, None]
+        S = decay * state + k1[..., None] * v1[..., None, :]
+        state.copy_(S)
+        o = (q1[..., None] * S).sum(-2) * scale
+    return o[:, None].to(v.dtype)
+
+
+def gla_decode(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float | None = None,
+               chunk_size: int = 16) -> Tensor:
+    """T new tokens continuing from ``state`` (updated in place): the one-token recurrence for T = 1 (the
+    decode step), the chunked reference with the state as initial state for a prefill (T > 1). g's rank picks
+    per-channel (GLA) or per-head (RetNet, Mamba2) decay."""
+    if q.shape[1] == 1:
+        return recurrent_gla_step(q, k, v, g, state, scale)
+    fn = chunk_gla_ref if g.dim() == 4 else chunk_simple_gla_ref
+    o, S = fn(q, k, v, g, scale=scale, chunk_size=chunk_size, initial_state=state, output_final_state=True)
+    state.copy_(S)
+    return o

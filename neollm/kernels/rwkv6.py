@@ -24,7 +24,7 @@ from torch import Tensor
 
 from neollm.precision import compute_dtype
 
-__all__ = ["chunk_rwkv6_ref"]
+__all__ = ["chunk_rwkv6_ref", "recurrent_rwkv6_step", "rwkv6_decode"]
 
 
 def chunk_rwkv6_ref(
@@ -87,3 +87,28 @@ def chunk_rwkv6_ref(
 
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(v.dtype)
     return o, (S if output_final_state else None)
+
+
+def recurrent_rwkv6_step(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor,
+                         scale: float = 1.0) -> Tensor:
+    """One token of the wkv recurrence, ``state`` [B, H, K, V] updated in place; returns o [B, 1, H, V] in v's dtype:
+    o = (scale r)^T (S + diag(u) k v^T),  S <- diag(exp(w)) S + k v^T. Elementwise, no data-dependent branch."""
+    dtype = state.dtype
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        r1, k1, v1, w1 = (t[:, 0].to(dtype) for t in (r, k, v, w))  # [B, H, *]
+        kv = k1[..., None] * v1[..., None, :]  # [B, H, K, V]
+        o = ((r1 * scale)[..., None] * (state + u.to(dtype)[..., None] * kv)).sum(-2)
+        state.copy_(w1.exp()[..., None] * state + kv)
+    return o[:, None].to(v.dtype)
+
+
+def rwkv6_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, scale: float = 1.0,
+                 chunk_size: int = 16) -> Tensor:
+    """T new tokens continuing from ``state`` (updated in place): the one-token recurrence for T = 1, the chunked
+    reference with the state as initial state for a prefill (T > 1)."""
+    if r.shape[1] == 1:
+        return recurrent_rwkv6_step(r, k, v, w, u, state, scale)
+    o, S = chunk_rwkv6_ref(r, k, v, w, u, scale=scale, initial_state=state, output_final_state=True,
+                           chunk_size=chunk_size)
+    state.copy_(S)
+    return o

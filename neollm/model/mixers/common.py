@@ -26,6 +26,55 @@ def resolve_backend(backend: str, x: Tensor, name: str, setting: str = "gdn_back
     return backend
 
 
+def check_decode_kernels(kernels: str, device, name: str) -> None:
+    """Validate a decode state's ``kernels`` choice at allocation: one of "auto" / "fla" / "torch"; "fla" on a
+    non-CUDA device is an error naming the fix."""
+    if kernels not in _BACKENDS:
+        raise ValueError(f"{name}: kernels must be one of {_BACKENDS}, got {kernels!r}")
+    if kernels == "fla" and torch.device(device).type != "cuda":
+        raise ValueError(f"{name}: kernels='fla' needs a CUDA device (fla's kernels are Triton); "
+                         f"use kernels='auto' or 'torch'")
+
+
+FLA_STEP_BY_DEFAULT = False
+"""Whether kernels "auto" picks fla's kernels for the GLA / RetNet / Mamba2 / RWKV-6 decode steps on CUDA. Off:
+those fla calls were written without a GPU at hand and tests/gpu/test_mixers_step_gpu.py has not run yet, so
+"auto" keeps the torch recurrences on every device and fla is opt-in (kernels "fla"). Turn on once that file
+passes on a GPU."""
+
+
+def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
+    """Whether a decode step runs fla's kernels: never when the layer's backend or the state's ``kernels`` is
+    "torch"; "fla" (kernels or backend) needs a CUDA input (a clear error elsewhere) and gets fla; "auto": fla on
+    CUDA only when FLA_STEP_BY_DEFAULT."""
+    if kernels == "torch" or backend == "torch":
+        return False
+    if kernels == "fla" or backend == "fla":
+        if not x.is_cuda:
+            raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
+        return True
+    return x.is_cuda and FLA_STEP_BY_DEFAULT
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a decode state keeps recurrent state in: the compute dtype (fp32, fp64 kept)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def causal_conv_step(x: Tensor, weight: Tensor, state: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Causal depthwise conv (no activation) over new inputs x [B, T, C] continuing from ``state`` [B, W-1, C]
+    (the last W-1 inputs; zeros at the start = the training path's causal zero padding), updated in place.
+    weight [C, 1, W] (nn.Conv1d's). A multiply-sum over the windows: F.conv1d's CPU path costs tens of ms per
+    call at T = 1, and this has no data-dependent branch (CUDA-graph safe)."""
+    W = weight.shape[-1]
+    full = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+    y = (full.unfold(1, W, 1) * weight.squeeze(1).to(x.dtype)).sum(-1)  # y_t = sum_j w[:, j] full[t + j]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    state.copy_(full[:, full.shape[1] - (W - 1):])
+    return y
+
+
 def check_backend(backend: str) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")

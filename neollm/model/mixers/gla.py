@@ -11,6 +11,13 @@ Math (fla/layers/gla.py, training path, no cache / mask):
     q, k, v = x W_q, x W_k, x W_v;   g = logsigmoid(x W_gk1 W_gk2 + b_gk) / 16   (per key channel, <= 0)
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
     y = W_o( RMSNorm(o) * g_norm_swish_gate.weight * SiLU(x W_g) )   (per head over V)
+
+Decode state (``new_state`` / ``step``, for cached generation): ``GLAState.state`` S [B, H, K, V] in the
+compute dtype (fp32, fp64 kept), zeros at the start = the training forward's zero initial state. A step of T
+tokens is the one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill);
+fla's fused_recurrent_gla (T = 1) / chunk_gla (prefill) with the state as initial_state
+with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
+tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations
@@ -20,13 +27,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.kernels.linear_attention import chunk_gla_ref
+from dataclasses import dataclass
+
+from neollm.kernels.linear_attention import chunk_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
 from neollm.precision import upcast
+from neollm.model.mixers.common import check_decode_kernels, state_dtype, use_fla_step
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 
-__all__ = ["GatedLinearAttention", "gla_flops_per_token"]
+__all__ = ["GatedLinearAttention", "GLAState", "gla_flops_per_token"]
+
+
+@dataclass
+class GLAState:
+    """A GLA layer's decode state: S [B, H, K, V] (compute dtype), written in place by ``step``."""
+
+    state: Tensor
+    kernels: str = "auto"
+
+    def tensors(self) -> list[Tensor]:
+        return [self.state]
+
 
 class GatedLinearAttention(GatedHeadsMixer):
     """GLA token mixer, [B, T, D] -> [B, T, D]; backend "fla" (Triton chunk_gla), "torch", or "auto"."""
@@ -73,6 +95,25 @@ class GatedLinearAttention(GatedHeadsMixer):
             o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(B, T, H * V))
 
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto") -> GLAState:
+        """Zero decode state for ``batch`` sequences (max_len unused: the state does not grow)."""
+        check_decode_kernels(kernels, device, "GatedLinearAttention")
+        return GLAState(torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim,
+                                    dtype=state_dtype(dtype), device=device), kernels)
+
+    def step(self, x: Tensor, state: GLAState, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
+        (pos and rope unused: the recurrence carries the position)."""
+        B, T, _ = x.shape
+        H, V = self.num_heads, self.head_v_dim
+        q, k, v, gk = self._qkvg(x)
+        gate = self.g_proj(x).reshape(B, T, H, V)
+        if use_fla_step(self.backend, state.kernels, x, "GatedLinearAttention"):
+            o = _fla_gla_decode(q, k, v, gk, state.state)
+        else:
+            o = gla_decode(q, k, v, gk, state.state, chunk_size=self.chunk_size)
+        return self.o_proj(self.g_norm_swish_gate(o, gate).reshape(B, T, H * V))
+
 
 @torch.compiler.disable
 def _fla_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
@@ -83,6 +124,21 @@ def _fla_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gate: Tensor, norm_wei
     ensure_fla_workaround()
     o, _ = chunk_gla(q=q, k=k, v=v, g=gk, initial_state=None, output_final_state=False, state_v_first=True)
     return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
+
+
+@torch.compiler.disable
+def _fla_gla_decode(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, state: Tensor) -> Tensor:
+    """fla's fused_recurrent_gla (T = 1: one launch, no host sync) or chunk_gla (prefill) from ``state``
+    [B, H, K, V] (K-first layout), which is updated in place."""
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+    ensure_fla_workaround()
+    if q.shape[1] == 1:
+        o, final = fused_recurrent_gla(q=q, k=k, v=v, gk=gk, initial_state=state, output_final_state=True)
+    else:
+        o, final = chunk_gla(q=q, k=k, v=v, g=gk, initial_state=state, output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 def gla_flops_per_token(dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, gate_low_rank_dim: int,

@@ -20,23 +20,47 @@ fla's causal_conv1d (Triton), ``chunk_simple_gla`` (chunk 64) and its gated-RMSN
 Speed consequence: three kernels plus the [B, T, H, N] broadcast of B and C instead of mamba_ssm's one fused
 kernel (which never materialises per-head B and C) -- more memory traffic, but no pure-torch scan on the GPU.
 The CPU path is the same mapping on our chunked reference (neollm.kernels.linear_attention).
+
+Decode state (``new_state`` / ``step``): ``Mamba2State.ssm`` h [B, H, N, P] in the compute dtype (fp32, fp64
+kept; zeros = the training forward's zero initial state) and ``conv`` [B, W-1, E*dim + 2N], the last W-1
+pre-conv xBC inputs in the activation dtype (zeros = the conv's causal zero padding). A step runs the conv as a
+multiply-sum over the windows (in torch on every device) and the scan as the one-token recurrence (T = 1) or
+the chunked torch reference with h as initial state (prefill); fla's fused_recurrent_simple_gla (T = 1) /
+chunk_simple_gla (prefill) with h as initial_state
+with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
+tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.kernels.linear_attention import chunk_simple_gla_ref
+from neollm.kernels.linear_attention import chunk_simple_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
 from neollm.precision import upcast
+from neollm.model.mixers.common import causal_conv_step, check_decode_kernels, state_dtype, use_fla_step
 from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
 
-__all__ = ["Mamba2", "mamba2_flops_per_token"]
+__all__ = ["Mamba2", "Mamba2State", "mamba2_flops_per_token"]
+
+
+@dataclass
+class Mamba2State:
+    """A Mamba2 layer's decode state: the SSM state h [B, H, N, P] (compute dtype) and the conv inputs
+    [B, W-1, conv_dim] (activation dtype); both written in place by ``step``."""
+
+    ssm: Tensor
+    conv: Tensor
+    kernels: str = "auto"
+
+    def tensors(self) -> list[Tensor]:
+        return [self.ssm, self.conv]
 
 
 class Mamba2(nn.Module):
@@ -101,21 +125,53 @@ class Mamba2(nn.Module):
             y = _fla_mamba2(z, xbc, dt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
                             self.norm.weight, (self.num_heads, self.head_dim, self.ssm_state_size), self.norm_eps)
             return self.out_proj(y)
-        B, T, _ = x.shape
-        H, P, N = self.num_heads, self.head_dim, self.ssm_state_size
-        W = self.conv_kernel_size
+        T, W = x.shape[1], self.conv_kernel_size
         xbc = F.conv1d(xbc.transpose(1, 2), self.conv1d.weight.to(xbc.dtype), self.conv1d.bias.to(xbc.dtype),
                        padding=W - 1, groups=self.conv_dim)[..., :T]
-        xs, Bm, Cm = torch.split(F.silu(xbc.transpose(1, 2)), [self.intermediate_size, N, N], dim=-1)
+        q, k, v, g, xs = self._scan_inputs(F.silu(xbc.transpose(1, 2)), dt)
+        y, _ = chunk_simple_gla_ref(q, k, v, g, scale=1.0, chunk_size=self.chunk_size)
+        return self._output(y, xs, z, x.dtype)
+
+    def _scan_inputs(self, xbc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The SSD scan as simple GLA (module docstring) from the activated conv output: q = C, k = B,
+        v = dt x, g = dt A, in the compute dtype; and x per head (for the D skip)."""
+        B, T, _ = xbc.shape
+        H, P, N = self.num_heads, self.head_dim, self.ssm_state_size
+        xs, Bm, Cm = torch.split(xbc, [self.intermediate_size, N, N], dim=-1)
         xs = upcast(xs).reshape(B, T, H, P)
         dt = F.softplus(upcast(dt) + upcast(self.dt_bias))  # [B, T, H]
         g = -torch.exp(upcast(self.A_log)) * dt
         q = upcast(Cm)[:, :, None, :].expand(B, T, H, N)
         k = upcast(Bm)[:, :, None, :].expand(B, T, H, N)
-        y, _ = chunk_simple_gla_ref(q, k, xs * dt[..., None], g, scale=1.0, chunk_size=self.chunk_size)
-        y = (y + upcast(self.D)[:, None] * xs).reshape(B, T, H * P)
+        return q, k, xs * dt[..., None], g, xs
+
+    def _output(self, y: Tensor, xs: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+        """D skip, gated RMSNorm, out_proj."""
+        B, T = y.shape[:2]
+        y = (y + upcast(self.D)[:, None] * xs).reshape(B, T, self.intermediate_size)
         y = _gated_rmsnorm(y, z, self.norm.weight, self.norm_eps)
-        return self.out_proj(y.to(x.dtype))
+        return self.out_proj(y.to(dtype))
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto"
+                  ) -> Mamba2State:
+        """Zero decode state for ``batch`` sequences (max_len unused: the state does not grow)."""
+        check_decode_kernels(kernels, device, "Mamba2")
+        return Mamba2State(
+            torch.zeros(batch, self.num_heads, self.ssm_state_size, self.head_dim, dtype=state_dtype(dtype),
+                        device=device),
+            torch.zeros(batch, self.conv_kernel_size - 1, self.conv_dim, dtype=dtype, device=device), kernels)
+
+    def step(self, x: Tensor, state: Mamba2State, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
+        (pos and rope unused)."""
+        z, xbc, dt = self._split(x)
+        xbc = F.silu(causal_conv_step(xbc, self.conv1d.weight, state.conv, self.conv1d.bias))
+        q, k, v, g, xs = self._scan_inputs(xbc, dt)
+        if use_fla_step(self.backend, state.kernels, x, "Mamba2"):
+            y = _fla_scan_decode(q, k, v, g, state.ssm)
+        else:
+            y = gla_decode(q, k, v, g, state.ssm, scale=1.0, chunk_size=self.chunk_size)
+        return self._output(y, xs, z, x.dtype)
 
     def extra_repr(self) -> str:
         return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
@@ -159,6 +215,20 @@ def _fla_mamba2(z: Tensor, xbc: Tensor, dt: Tensor, conv_w: Tensor, conv_b: Tens
     y, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, initial_state=None, output_final_state=False)
     y = (y.float() + D.float()[:, None] * xs.float()).to(xs.dtype).reshape(B, T, H * P)
     return rmsnorm_fn(x=y, weight=norm_w, bias=None, z=z.contiguous(), eps=eps, group_size=H * P, norm_before_gate=False)
+
+
+@torch.compiler.disable
+def _fla_scan_decode(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> Tensor:
+    """The SSD scan on fla's fused_recurrent_simple_gla (T = 1) or chunk_simple_gla (prefill), scale 1, from
+    ``state`` [B, H, N, P], updated in place. q and k are the per-head broadcasts of C and B (made contiguous)."""
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_simple_gla if q.shape[1] == 1 else chunk_simple_gla
+    o, final = fn(q=q.contiguous(), k=k.contiguous(), v=v, g=g, scale=1.0, initial_state=state,
+                  output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 def mamba2_flops_per_token(dim: int, head_dim: int, state_size: int, expand: int, conv_size: int,

@@ -13,20 +13,32 @@ Math (fla/layers/multiscale_retention.py, training path):
     y = W_o( RMSNorm(o) * g_norm_swish_gate.weight * SiLU(x W_g) )   (per head over V)
 The paper's GroupNorm over each head is fla's RMSNorm here; its swish gate is the same. Our reading of the
 paper's gamma formula, fla's and the authors' (torchscale) all agree: gammas depend only on the head count.
+
+Decode state (``new_state`` / ``step``): ``RetNetState.state`` S [B, H, K, V] in the compute dtype (fp32, fp64
+kept; zeros = the training forward's zero initial state) and ``position`` [1] int64, the number of tokens seen:
+the layer's own RoPE (base 10000 over K, not the model's table) needs absolute positions, and a counter kept on
+the device lets the T = 1 step build its rotation without the caller's position or a host sync. A step is the
+one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill); fla's
+fused_recurrent_retention (T = 1) / chunk_retention (prefill) with S as initial_state with kernels "fla" (or
+backend "fla") on CUDA; "auto" keeps the torch path on every device until tests/gpu/test_mixers_step_gpu.py
+has passed (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from neollm.kernels.linear_attention import chunk_simple_gla_ref
+from neollm.kernels.linear_attention import chunk_simple_gla_ref, gla_decode
 from neollm.model.mixers.common import ensure_fla_workaround
+from neollm.model.mixers.common import check_decode_kernels, state_dtype, use_fla_step
 from neollm.model.mixers.common import linear_attention_recurrence_flops, resolve_backend
 from neollm.model.mixers.gated_heads import GatedHeadsMixer
 from neollm.model.rope import apply_rope, rope_cache
 
-__all__ = ["MultiScaleRetention", "retention_log_decays", "retnet_flops_per_token"]
+__all__ = ["MultiScaleRetention", "RetNetState", "retention_log_decays", "retnet_flops_per_token"]
 
 ROPE_BASE = 10_000.0  # fla's RotaryEmbedding default
 
@@ -35,6 +47,27 @@ def retention_log_decays(num_heads: int, device=None, dtype: torch.dtype = torch
     """log gamma_h = log(1 - 2^(-5 - h)), h = 0..H-1 (as fla.ops.retention.chunk_retention builds them)."""
     h = torch.arange(num_heads, device=device, dtype=dtype)
     return torch.log1p(-torch.pow(2.0, -5.0 - h))
+
+
+def _rope_rows(head_dim: int, positions: Tensor) -> Tensor:
+    """rope_cache(head_dim, ., ROPE_BASE)'s rows at ``positions`` [T] (a device tensor), the same fp32 ops."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                    / head_dim))
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+@dataclass
+class RetNetState:
+    """A retention layer's decode state: S [B, H, K, V] (compute dtype) and the tokens seen so far, ``position``
+    [1] int64 (for the layer's RoPE); both written in place by ``step``."""
+
+    state: Tensor
+    position: Tensor
+    kernels: str = "auto"
+
+    def tensors(self) -> list[Tensor]:
+        return [self.state, self.position]
 
 
 class MultiScaleRetention(GatedHeadsMixer):
@@ -57,12 +90,8 @@ class MultiScaleRetention(GatedHeadsMixer):
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(self.backend, x, "MultiScaleRetention")
         B, T, _ = x.shape
-        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        rope = rope_cache(K, T, ROPE_BASE, device=x.device)
-        q = apply_rope(self.q_proj(x).reshape(B, T, H, K), rope)
-        k = apply_rope(self.k_proj(x).reshape(B, T, H, K), rope)
-        v = self.v_proj(x).reshape(B, T, H, V)
-        gate = self.g_proj(x).reshape(B, T, H, V)
+        H, V = self.num_heads, self.head_v_dim
+        q, k, v, gate = self._qkvg(x, rope_cache(self.head_k_dim, T, ROPE_BASE, device=x.device))
         if backend == "fla":
             o = _fla_retention(q, k, v, gate, self.g_norm_swish_gate.weight, self.norm_eps)
         else:
@@ -70,6 +99,38 @@ class MultiScaleRetention(GatedHeadsMixer):
             o, _ = chunk_simple_gla_ref(q, k, v, g, chunk_size=self.chunk_size)
             o = self.g_norm_swish_gate(o, gate)
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def _qkvg(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k (rotated by ``rope``'s first T rows), v and the output gate, per head."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        q = apply_rope(self.q_proj(x).reshape(B, T, H, K), rope)
+        k = apply_rope(self.k_proj(x).reshape(B, T, H, K), rope)
+        return q, k, self.v_proj(x).reshape(B, T, H, V), self.g_proj(x).reshape(B, T, H, V)
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto"
+                  ) -> RetNetState:
+        """Zero decode state for ``batch`` sequences (max_len unused: the state does not grow)."""
+        check_decode_kernels(kernels, device, "MultiScaleRetention")
+        return RetNetState(
+            torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=state_dtype(dtype),
+                        device=device),
+            torch.zeros(1, dtype=torch.int64, device=device), kernels)
+
+    def step(self, x: Tensor, state: RetNetState, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place.
+        pos and rope (the model's table) are unused: RoPE positions come from ``state.position``."""
+        B, T, _ = x.shape
+        H, V = self.num_heads, self.head_v_dim
+        positions = state.position + torch.arange(T, device=x.device)
+        q, k, v, gate = self._qkvg(x, _rope_rows(self.head_k_dim, positions))
+        state.position.add_(T)
+        if use_fla_step(self.backend, state.kernels, x, "MultiScaleRetention"):
+            o = _fla_retention_decode(q, k, v, state.state)
+        else:
+            g = retention_log_decays(H, device=x.device).expand(B, T, H)
+            o = gla_decode(q, k, v, g, state.state, chunk_size=self.chunk_size)
+        return self.o_proj(self.g_norm_swish_gate(o, gate).reshape(B, T, H * V))
 
 
 @torch.compiler.disable
@@ -81,6 +142,19 @@ def _fla_retention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, norm_weight: T
     ensure_fla_workaround()
     o, _ = chunk_retention(q=q, k=k, v=v, initial_state=None, output_final_state=False)
     return rms_norm_gated(x=o, g=gate, weight=norm_weight, bias=None, activation="swish", eps=eps)
+
+
+@torch.compiler.disable
+def _fla_retention_decode(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Tensor:
+    """fla's fused_recurrent_retention (T = 1) or chunk_retention (prefill) from ``state`` [B, H, K, V],
+    updated in place."""
+    from fla.ops.retention import chunk_retention, fused_recurrent_retention
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_retention if q.shape[1] == 1 else chunk_retention
+    o, final = fn(q=q, k=k, v=v, initial_state=state, output_final_state=True)
+    state.copy_(final)
+    return o
 
 
 def retnet_flops_per_token(dim: int, num_heads: int, head_k_dim: int, head_v_dim: int, chunk_size: int = 64) -> int:

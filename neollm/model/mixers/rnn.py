@@ -19,17 +19,27 @@ init U(-1/sqrt(H), 1/sqrt(H)) (also the weights' cuDNN layout is refreshed by ``
 ``to_empty``); W_o ~ N(0, out_std) like every residual-branch output. cuDNN may warn that the weights are not
 one contiguous chunk (FSDP2 swaps in freshly gathered tensors each step): it then packs them per call, a copy
 of the layer's few MB of weights, small next to the recurrence itself.
+
+Decode state (``new_state`` / ``step``): ``RecurrentState.h`` [1, B, H] (and ``c`` [1, B, H] for the LSTM's cell)
+in the compute dtype (fp32, fp64 kept; zeros = the training forward's zero initial state). A step of any T calls
+the same nn.LSTM / nn.RNN with (h0, c0) cast to the input's dtype (cuDNN on CUDA, ATen on CPU) and copies the
+final state back: nn.LSTM returns h and c in the input's dtype, so an fp32 state holds a bf16 model's exactly
+(its forward over a whole sequence may carry c more precisely inside cuDNN: equal up to bf16 rounding). On CUDA
+a T = 1 step is one cuDNN inference call, which passes no sequence-length array to the device (no host sync).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["RecurrentMixer", "rnn_hidden_size", "rnn_params", "rnn_flops_per_token"]
+from neollm.model.mixers.common import check_decode_kernels, state_dtype
+
+__all__ = ["RecurrentMixer", "RecurrentState", "rnn_hidden_size", "rnn_params", "rnn_flops_per_token"]
 
 _GATES = {"lstm": 4, "rnn": 1}
 
@@ -52,6 +62,18 @@ def rnn_hidden_size(kind: str, args) -> int:
     while h > 8 and rnn_params(kind, dim, h) > budget:
         h -= 8
     return max(h, 8)
+
+
+@dataclass
+class RecurrentState:
+    """An LSTM / RNN layer's decode state: hidden h [1, B, H] and, for the LSTM, cell c [1, B, H] (compute dtype);
+    written in place by ``step``."""
+
+    h: Tensor
+    c: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [self.h] if self.c is None else [self.h, self.c]
 
 
 class RecurrentMixer(nn.Module):
@@ -83,6 +105,27 @@ class RecurrentMixer(nn.Module):
             raise ValueError(f"expected x of shape [B, T, D], got {tuple(x.shape)}")
         return self.o_proj(_run_rnn(self.rnn, x))
 
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto"
+                  ) -> RecurrentState:
+        """Zero decode state for ``batch`` sequences. ``kernels`` is only validated: nn.LSTM / nn.RNN run
+        on both devices ("fla" has no kernel here, so on a CPU device it is refused like everywhere else)."""
+        check_decode_kernels(kernels, device, "RecurrentMixer")
+        zeros = lambda: torch.zeros(1, batch, self.hidden, dtype=state_dtype(dtype), device=device)  # noqa: E731
+        return RecurrentState(zeros(), zeros() if self.kind == "lstm" else None)
+
+    def step(self, x: Tensor, state: RecurrentState, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
+        (pos and rope unused)."""
+        h0 = state.h.to(x.dtype)
+        hx = h0 if state.c is None else (h0, state.c.to(x.dtype))
+        out, hn = _run_rnn_from(self.rnn, x, hx)
+        if state.c is None:
+            state.h.copy_(hn)
+        else:
+            state.h.copy_(hn[0])
+            state.c.copy_(hn[1])
+        return self.o_proj(out)
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, hidden={self.hidden}"
 
@@ -92,6 +135,12 @@ def _run_rnn(rnn: nn.RNNBase, x: Tensor) -> Tensor:
     """The recurrent layer's outputs h_1..T (zero initial state), outside torch.compile's graph."""
     out, _ = rnn(x)
     return out
+
+
+@torch.compiler.disable
+def _run_rnn_from(rnn: nn.RNNBase, x: Tensor, hx) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """The recurrent layer from initial state ``hx`` (h0, or (h0, c0) for the LSTM): (outputs, final state)."""
+    return rnn(x, hx)
 
 
 def rnn_flops_per_token(kind: str, dim: int, hidden: int) -> int:

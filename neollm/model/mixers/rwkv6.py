@@ -23,24 +23,47 @@ mu, x_bias, bonus = 0; LoRA down-projection = 0, up-projection [out, in] orthogo
 0.1 * (sqrt(in/out) if in > out else 1), LoRA bias 0; GroupNorm weight 1, bias 0. So the decay starts at exp(-1) per step on every channel (fla's choice; the official
 RWKV-6 uses a per-channel decay schedule instead). The dense projections use NeoLLM's convention
 (N(0, init_std), o_proj N(0, out_std)) instead of fla's xavier_uniform(gain 2^-2.5), as the GDN mixer does.
+
+Decode state (``new_state`` / ``step``): ``RWKV6State.wkv`` S [B, H, K, V] in the compute dtype (fp32, fp64
+kept; zeros = the training forward's zero initial state) and ``shift`` [B, 1, D], the previous token's input in
+the activation dtype (zeros = the token shift's x_{-1} = 0). A step is the one-token wkv recurrence (T = 1) or
+the chunked torch reference with S as initial state (prefill); fla's fused_recurrent_rwkv6 (T = 1) /
+chunk_rwkv6 (prefill) with S as initial_state
+with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
+tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.kernels.rwkv6 import chunk_rwkv6_ref
+from neollm.kernels.rwkv6 import chunk_rwkv6_ref, rwkv6_decode
 from neollm.model.init_utils import copy_full_
-from neollm.model.mixers.common import check_backend, resolve_backend
+from neollm.model.mixers.common import check_backend, check_decode_kernels, resolve_backend, state_dtype
+from neollm.model.mixers.common import use_fla_step
 from neollm.model.norms import no_weight_decay
 from neollm.precision import upcast
 
-__all__ = ["RWKV6", "rwkv6_flops_per_token"]
+__all__ = ["RWKV6", "RWKV6State", "rwkv6_flops_per_token"]
+
+
+@dataclass
+class RWKV6State:
+    """An RWKV-6 layer's decode state: the wkv state S [B, H, K, V] (compute dtype) and the previous token's
+    input [B, 1, D] (activation dtype, for the token shift); both written in place by ``step``."""
+
+    wkv: Tensor
+    shift: Tensor
+    kernels: str = "auto"
+
+    def tensors(self) -> list[Tensor]:
+        return [self.wkv, self.shift]
 
 
 
@@ -163,9 +186,10 @@ class RWKV6(nn.Module):
         # x_bias [5, D] and bonus [H, K] are 2-D but are offsets/gains, not projections.
         no_weight_decay(self.x_proj[0].mu, self.x_bias, self.bonus, self.g_norm.weight, self.g_norm.bias)
 
-    def _rkvwg(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _rkvwg(self, x: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """r, k, v, w, g of x; ``prev`` [B, 1, D]: the input before x[:, 0] (decoding), else zeros (training)."""
         B, T, D = x.shape
-        delta = token_shift_delta(x)
+        delta = token_shift_delta(x) if prev is None else torch.cat([prev, x[:, :-1]], dim=1) - x
         m = torch.tanh(self.x_proj[0](x, delta)).view(B, T, 5, self.proj_low_rank_dim)
         mix = torch.einsum("btnr,hnr->btnh", m, self.x_proj[2].weight.view(D, 5, self.proj_low_rank_dim))
         mr, mw, mk, mv, mg = (mix + self.x_bias).unbind(-2)
@@ -196,6 +220,26 @@ class RWKV6(nn.Module):
             o, _ = chunk_rwkv6_ref(r, k, v, w, self.bonus, scale=1.0, chunk_size=self.torch_chunk_size)
         return self._out(o, g)
 
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device, kernels: str = "auto"
+                  ) -> RWKV6State:
+        """Zero decode state for ``batch`` sequences (max_len unused: the state does not grow)."""
+        check_decode_kernels(kernels, device, "RWKV6")
+        return RWKV6State(
+            torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim, dtype=state_dtype(dtype),
+                        device=device),
+            torch.zeros(batch, 1, self.hidden_size, dtype=dtype, device=device), kernels)
+
+    def step(self, x: Tensor, state: RWKV6State, pos=None, rope: Tensor | None = None) -> Tensor:
+        """x [B, T, D] of the next T tokens -> [B, T, D], the full forward's rows there; state updated in place
+        (pos and rope unused)."""
+        r, k, v, w, g = self._rkvwg(x, state.shift.to(x.dtype))
+        state.shift.copy_(x[:, -1:])
+        if use_fla_step(self.backend, state.kernels, x, "RWKV6"):
+            o = _fla_wkv_decode(r, k, v, w, self.bonus, state.wkv)
+        else:
+            o = rwkv6_decode(r, k, v, w, self.bonus, state.wkv, scale=1.0, chunk_size=self.torch_chunk_size)
+        return self._out(o, g)
+
     def extra_repr(self) -> str:
         return (f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
                 f"proj_low_rank_dim={self.proj_low_rank_dim}, gate_low_rank_dim={self.gate_low_rank_dim}, "
@@ -210,6 +254,19 @@ def _fla_wkv(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
 
     ensure_fla_workaround()
     o, _ = chunk_rwkv6(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=None, output_final_state=False)
+    return o
+
+
+@torch.compiler.disable
+def _fla_wkv_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor) -> Tensor:
+    """fla's fused_recurrent_rwkv6 (T = 1) or chunk_rwkv6 (prefill) from ``state`` [B, H, K, V], updated in place."""
+    from neollm.model.mixers.common import ensure_fla_workaround
+    from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+
+    ensure_fla_workaround()
+    fn = fused_recurrent_rwkv6 if r.shape[1] == 1 else chunk_rwkv6
+    o, final = fn(r=r, k=k, v=v, w=w, u=u, scale=1.0, initial_state=state, output_final_state=True)
+    state.copy_(final)
     return o
 
 
