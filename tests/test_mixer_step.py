@@ -55,7 +55,7 @@ def test_attention_step_tensor_position_equals_int_position(name):
 # Sizes that keep every mixer tiny (fields of mixers that a pattern does not use are ignored).
 MIXER_SIZES = dict(gla_gate_low_rank_dim=8, mamba2_head_dim=16, mamba2_state_size=16,
                    rwkv_proj_low_rank_dim=4, rwkv_gate_low_rank_dim=8, rwkv_backend="torch")
-STEP_CODES = ["A", "D"]  # extend with "G", "T", "M", "R", "L", "N" once those mixers have step()
+STEP_CODES = ["A", "D", "G", "T", "M", "R", "L", "N"]  # every layer-pattern code (MIXERS + attention)
 
 
 def _state_tensors_listed(state) -> bool:
