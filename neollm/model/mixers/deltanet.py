@@ -34,7 +34,7 @@ from torch import Tensor
 from neollm.kernels import gdn_ops
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
 from neollm.kernels.gdn_ops import causal_conv1d_silu_ref
-from neollm.model.mixers.common import GatedRMSNorm, check_backend, l2norm, resolve_backend
+from neollm.model.mixers.common import GatedRMSNorm, causal_conv_step, check_backend, l2norm, resolve_backend
 from neollm.precision import upcast
 
 __all__ = ["GatedDeltaNet", "GDNState", "gdn_flops_per_token"]
@@ -196,9 +196,9 @@ class GatedDeltaNet(nn.Module):
         ``pos`` and ``rope`` are unused (the recurrence is position-free)."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = _conv_step(self.q_proj(x), self.q_conv1d.weight, state.conv_q).reshape(B, T, H, K)
-        k = _conv_step(self.k_proj(x), self.k_conv1d.weight, state.conv_k).reshape(B, T, H, K)
-        v = _conv_step(self.v_proj(x), self.v_conv1d.weight, state.conv_v).reshape(B, T, H, V)
+        q = F.silu(causal_conv_step(self.q_proj(x), self.q_conv1d.weight, state.conv_q)).reshape(B, T, H, K)
+        k = F.silu(causal_conv_step(self.k_proj(x), self.k_conv1d.weight, state.conv_k)).reshape(B, T, H, K)
+        v = F.silu(causal_conv_step(self.v_proj(x), self.v_conv1d.weight, state.conv_v)).reshape(B, T, H, V)
         if state.use_fla:
             o, recurrent = _fla_recurrence(self, x, q, k, v, state.recurrent)
         else:
@@ -220,19 +220,6 @@ class GatedDeltaNet(nn.Module):
             f"dim={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_k_dim}, "
             f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, backend={self.backend!r}"
         )
-
-
-def _conv_step(x: Tensor, weight: Tensor, history: Tensor) -> Tensor:
-    """Causal depthwise conv + SiLU over new inputs x [B, T, C], continuing from ``history``
-    [B, W-1, C] (the last W-1 inputs; zeros at the start, as the training path's padding),
-    which is updated in place."""
-    W = weight.shape[-1]
-    full = torch.cat([history.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-    # y_t = sum_j w[:, j] full[t + j]: a multiply-sum over the windows (F.conv1d's CPU path costs
-    # tens of ms per call at T = 1)
-    y = (full.unfold(1, W, 1) * weight.squeeze(1).to(x.dtype)).sum(-1)  # [B, T, C]
-    history.copy_(full[:, full.shape[1] - (W - 1):])
-    return F.silu(y)
 
 
 def _recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,

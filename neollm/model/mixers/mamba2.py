@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neollm.kernels.linear_attention import chunk_simple_gla_ref, gla_decode
-from neollm.model.mixers.common import ensure_fla_workaround
+from neollm.model.mixers.common import (
+    causal_conv_step, check_backend, check_decode_kernels, ensure_fla_workaround, linear_attention_recurrence_flops,
+    resolve_backend, state_dtype, use_fla_step,
+)
 from neollm.precision import upcast
-from neollm.model.mixers.common import causal_conv_step, check_decode_kernels, state_dtype, use_fla_step
-from neollm.model.mixers.common import check_backend, linear_attention_recurrence_flops, resolve_backend
 
 __all__ = ["Mamba2", "Mamba2State", "mamba2_flops_per_token"]
 
