@@ -333,3 +333,28 @@ def test_datasets_keeps_a_streamed_position_after_resume():
     from neollm.data.text import check_stream_resume
 
     check_stream_resume()  # raises on a datasets with huggingface/datasets#8308
+
+
+def test_text_dataset_state_is_a_snapshot_not_the_live_buffer():
+    """The state taken after a batch must not change when the dataset goes on: a dataloader
+    worker's queue pickles it later, while the generator already extends the token buffer."""
+    import copy
+
+    from datasets import Dataset
+
+    from neollm.data.text import NeoLLMTextDataset
+
+    class Words:
+        def encode(self, text, add_bos=True, add_eos=True):
+            return [len(w) for w in text.split()] + [0]
+
+    docs = Dataset.from_dict({"text": [" ".join(["ab"] * n) for n in (3, 4, 5, 9, 4, 6)]})
+    dataset = NeoLLMTextDataset("words", docs, lambda row: row["text"], Words(), seq_len=4)
+    batches = iter(dataset)
+    next(batches)  # 4 + 5 tokens in, 5 out: 4 left, so the next batch extends that list
+    state = dataset.state_dict()
+    saved = copy.deepcopy(state)
+    next(batches)
+    next(batches)
+    assert state == saved
+    assert state["token_buffer"] is not dataset._token_buffer

@@ -33,6 +33,7 @@ It also takes the already loaded dataset instead of loading it a second time.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 from datasets import Dataset
@@ -121,6 +122,13 @@ class NeoLLMTextDataset(HuggingFaceTextDataset):
                 return iter([])
             return iter(part.skip(self._sample_idx))
         return super()._get_data_iter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot. torchtitan's returns the live token buffer, which the generator extends with
+        the next document right after the yield; in a dataloader worker the state is pickled later
+        by the queue's feeder thread, so under CPU load the saved buffer held tokens of batches not
+        yet trained on and a resume repeated them (a streamed 2-worker resume test failed in CI)."""
+        return copy.deepcopy(super().state_dict())
 
     def __iter__(self):
         if self.restart_each_pass:
