@@ -43,17 +43,22 @@ those fla calls were written without a GPU at hand and tests/gpu/test_mixers_ste
 passes on a GPU."""
 
 
-def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
+def pick_fla(backend: str, kernels: str, on_cuda: bool, name: str, auto: bool) -> bool:
     """Whether a decode step runs fla's kernels: never when the layer's backend or the state's ``kernels`` is
-    "torch"; "fla" (kernels or backend) needs a CUDA input (a clear error elsewhere) and gets fla; "auto": fla on
-    CUDA only when FLA_STEP_BY_DEFAULT."""
+    "torch"; "fla" (kernels or backend) needs CUDA (a clear error elsewhere) and gets fla; "auto": fla on CUDA
+    when ``auto`` (Gated DeltaNet: always; the other mixers: FLA_STEP_BY_DEFAULT)."""
     if kernels == "torch" or backend == "torch":
         return False
     if kernels == "fla" or backend == "fla":
-        if not x.is_cuda:
+        if not on_cuda:
             raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
         return True
-    return x.is_cuda and FLA_STEP_BY_DEFAULT
+    return on_cuda and auto
+
+
+def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
+    """``pick_fla`` for a step's input x, "auto" following FLA_STEP_BY_DEFAULT."""
+    return pick_fla(backend, kernels, x.is_cuda, name, FLA_STEP_BY_DEFAULT)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

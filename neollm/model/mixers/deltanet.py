@@ -34,12 +34,12 @@ from torch import Tensor
 from neollm.kernels import gdn_ops
 from neollm.kernels.gated_delta_rule import chunk_gated_delta_rule_ref
 from neollm.kernels.gdn_ops import causal_conv1d_silu_ref
-from neollm.model.mixers.common import GatedRMSNorm, causal_conv_step, check_backend, l2norm, resolve_backend
+from neollm.model.mixers.common import (
+    GatedRMSNorm, causal_conv_step, check_backend, check_decode_kernels, l2norm, pick_fla, resolve_backend, state_dtype,
+)
 from neollm.precision import upcast
 
 __all__ = ["GatedDeltaNet", "GDNState", "gdn_flops_per_token"]
-
-DECODE_KERNELS = ("auto", "fla", "torch")
 
 
 @dataclass
@@ -170,21 +170,12 @@ class GatedDeltaNet(nn.Module):
         """Zeroed state (``max_len`` is unused: the state does not grow). ``kernels``: "torch" (or
         backend "torch") the references; "fla" (or backend "fla") fla's kernels, CUDA only; "auto"
         fla on CUDA."""
-        if kernels not in DECODE_KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(DECODE_KERNELS)}, got {kernels!r}")
-        on_cuda = torch.device(device).type == "cuda"
-        if kernels == "torch" or self.backend == "torch":
-            use_fla = False
-        elif kernels == "fla" or self.backend == "fla":
-            if not on_cuda:
-                raise ValueError("fla's Gated DeltaNet kernels need a CUDA input; use kernels='torch'")
-            use_fla = True
-        else:
-            use_fla = on_cuda
+        check_decode_kernels(kernels, device, "GatedDeltaNet")
+        use_fla = pick_fla(self.backend, kernels, torch.device(device).type == "cuda", "GatedDeltaNet", auto=True)
         history = self.conv_size - 1
         return GDNState(
             recurrent=torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim,
-                                  dtype=torch.promote_types(dtype, torch.float32), device=device),
+                                  dtype=state_dtype(dtype), device=device),
             conv_q=torch.zeros(batch, history, self.key_dim, dtype=dtype, device=device),
             conv_k=torch.zeros(batch, history, self.key_dim, dtype=dtype, device=device),
             conv_v=torch.zeros(batch, history, self.value_dim, dtype=dtype, device=device),
