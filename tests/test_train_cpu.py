@@ -10,6 +10,8 @@ from conftest import losses_by_step, require_prepared_assets, run_trainer
 
 pytestmark = pytest.mark.slow
 
+GC_AFTER_FIRST_STEP = "[GC] Collecting the first step's compile garbage"  # NeoLLMTrainer's log line
+
 
 @pytest.fixture(autouse=True)
 def _assets():
@@ -27,7 +29,9 @@ def _train(dump, steps: int, interval: int, ngpu: int = 1, *extra: str):
 
 def _check_resume(dump, steps: int, interval: int, ngpu: int) -> dict[int, float]:
     """Train, drop the last checkpoint, train again: the resumed steps must repeat exactly."""
-    first = losses_by_step(_train(dump, steps, interval, ngpu))
+    output = _train(dump, steps, interval, ngpu)
+    assert output.count(GC_AFTER_FIRST_STEP) == 1, "one collection after the first step, not more"
+    first = losses_by_step(output)
     assert sorted(first) == list(range(1, steps + 1))
     checkpoints = dump / "checkpoint"
     assert (checkpoints / f"step-{interval}" / ".metadata").is_file()
@@ -36,6 +40,7 @@ def _check_resume(dump, steps: int, interval: int, ngpu: int) -> dict[int, float
 
     output = _train(dump, steps, interval, ngpu)
     assert f"Training starts at step {interval + 1}" in output
+    assert output.count(GC_AFTER_FIRST_STEP) == 1, "a resumed process collects after its own first step"
     resumed = losses_by_step(output)
     assert sorted(resumed) == list(range(interval + 1, steps + 1))
     for step, loss in resumed.items():
