@@ -22,11 +22,13 @@ from torchtitan.models.llama3.infra.parallelize import apply_ddp as titan_apply_
 from torchtitan.tools.logging import logger
 
 from neollm.kernels.gdn_ops import GDN_OPS
+from neollm.kernels.lucid import LUCID_OPS
 from neollm.titan_cpu import cpu_wanted, force_sum_reduction
 
-# Selective-op AC keeps these outputs: torchtitan's list (matmuls, attention) and Gated DeltaNet's two
-# custom ops, whose recompute would rerun the delta rule's whole forward in the backward.
-SAC_SAVE_OPS = _op_sac_save_list | set(GDN_OPS)
+# Selective-op AC keeps these outputs: torchtitan's list (matmuls, attention), Gated DeltaNet's two
+# custom ops, whose recompute would rerun the delta rule's whole forward in the backward, and LUCID's
+# solve (its Gram matrix and triangular solve; X is [B, Hkv, T, d], the size of V in fp32).
+SAC_SAVE_OPS = _op_sac_save_list | set(GDN_OPS) | set(LUCID_OPS)
 
 
 def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:

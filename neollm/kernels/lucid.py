@@ -348,3 +348,7 @@ def _backward(ctx, dx):
 
 
 lucid_solve.register_autograd(_backward, setup_context=_setup_context)
+
+# The op whose output selective-op activation checkpointing keeps (neollm/parallelize.py): recomputing it
+# in backward would redo the T x T Gram matrix and the triangular solve, LUCID's costliest part.
+LUCID_OPS = (torch.ops.neollm.lucid_solve.default,)
