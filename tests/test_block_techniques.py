@@ -383,12 +383,28 @@ def test_fan_feeds_attention_only_unless_fan_on_gdn():
     assert a.fan is not None and d.fan is None and d2.fan is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lns_multiplies_as_the_python_constant_did(dtype):
+    """The buffer's product rounds once, bit for bit the product with the Python float it replaced."""
+    block = Block(5, "A", tiny(layernorm_scaling=True))
+    block.init_weights()
+    if dtype != torch.float32:
+        block.to(dtype)  # a bf16 model keeps the constant in fp32; an fp64 one holds it in fp64
+    assert block.lns.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x = torch.randn(3, 7, tiny().dim).to(dtype)
+    assert torch.equal(block._lns(x), x * (1.0 / math.sqrt(6)))
+
+
 def test_lns_constants():
     args = dataclasses.replace(FLAVORS["plain"], layernorm_scaling=True)
     with torch.device("meta"):
         model = NeoLLM(args)
-    scales = [block.lns for block in model.layers.values()]
-    assert scales == [1.0 / math.sqrt(l) for l in range(1, 13)]
+    model.to_empty(device="cpu")  # as the trainer builds it: the buffers hold garbage until init_weights
+    model.init_weights()
+    scales = [block.lns.item() for block in model.layers.values()]
+    assert scales == pytest.approx([1.0 / math.sqrt(l) for l in range(1, 13)], rel=1e-7, abs=0)
+    assert all(block.lns.dtype == torch.float32 for block in model.layers.values())
+    assert not any(".lns" in name for name in model.state_dict())  # not saved: checkpoints unchanged
     assert scales[0] == 1.0 and abs(scales[-1] - 0.2887) < 1e-4
     # the constant multiplies both pre-norm outputs: at init (LNS only), layer 4's mixer sees RMSNorm(x)/2
     block, args = make_block("A", layer_id=3, layernorm_scaling=True)

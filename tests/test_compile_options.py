@@ -77,3 +77,25 @@ def test_preflight_refuses_whole_model_compile_with_fsdp(monkeypatch, capsys):
     assert preflight.main(["--world-size", "2", *args]) == 2
     assert "needs the model unsharded" in capsys.readouterr().err
     assert preflight.main(["--world-size", "1", *args, "--compile.mode", "reduce-overhead"]) == 0
+
+
+@pytest.mark.parametrize("flavor, graphs", [("neollm_135m", 1), ("neollm_110m_hybrid", 2), ("plain", 1)])
+def test_blocks_of_one_kind_share_one_compiled_graph(flavor, graphs):
+    """Per-block compile traces one graph per kind of block (attention; Gated DeltaNet), not one per
+    layer: the first step's compile time depends on it. LNS's per-layer constant used to give layer 0 a
+    graph of its own (a Python float that dynamo guarded on)."""
+    from torch._dynamo.utils import counters
+
+    from neollm.parallelize import compile_blocks
+
+    args = dataclasses.replace(FLAVORS[flavor], dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                               ffn_hidden_dim=96, vocab_size=128, max_seq_len=32)
+    assert args.n_layers == 12
+    torch._dynamo.reset()
+    counters.clear()
+    model = NeoLLM(args)
+    model.init_weights()
+    compile_blocks(model, "eager")
+    tokens = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    model(tokens, tokens).backward()
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -40,8 +40,8 @@ class NeoLLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """NeoLLM initialises itself: a fresh model gets ``NeoLLM.init_weights``; a loaded one
-        (every parameter read from the checkpoint) only gets its RoPE table rebuilt (a
-        non-persistent buffer, left uninitialised by transformers' loader)."""
+        (every parameter read from the checkpoint) only gets its non-persistent buffers rebuilt (RoPE's
+        table, the LNS constants: transformers' loader leaves them uninitialised)."""
         if not isinstance(module, NeoLLM):
             return
         device = module.tok_embeddings.weight.device
@@ -49,7 +49,7 @@ class NeoLLMPreTrainedModel(PreTrainedModel):
             return
         if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
             module.init_weights(buffer_device=device)
-        module.rope = module._rope_table(device)
+        module.init_buffers(device)
 
 
 class NeoLLMForCausalLM(NeoLLMPreTrainedModel, GenerationMixin):

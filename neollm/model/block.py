@@ -83,12 +83,31 @@ class Block(nn.Module):
         self.mixer_gate = GatedResidual(args.dim) if args.gated_residual else None
         self.mlp_gate = GatedResidual(args.dim) if args.gated_residual else None
         self.dropout = nn.Dropout(args.dropout) if args.dropout > 0 else None
-        self.lns = lns_scale(layer_id) if args.layernorm_scaling else None  # a Python float: no graph branch
+        # LNS's constant as a one-element fp32 buffer (not saved: init_weights fills it), not a Python float: a
+        # float attribute is a constant dynamo guards on, so layer 0 (s = 1) compiled a graph of its own and the
+        # other layers a second one; as a tensor every block of a kind shares one compiled graph. Shape (1,), not
+        # 0-d: dynamo reads a 0-d buffer as a Python scalar (.item()), specialises it and restarts the trace.
+        self.register_buffer("lns", torch.full((1,), lns_scale(layer_id), dtype=torch.float32)
+                             if args.layernorm_scaling else None, persistent=False)
         # GPT-2 style: residual-branch outputs start smaller so the stream's variance stays ~1.
         self._init_std = args.init_std
         self._out_std = args.init_std / math.sqrt(2 * args.n_layers)
 
+    def init_buffers(self) -> None:
+        """LNS's constant, exact, in fp32 (fp64 in an fp64 model): after ``to_empty`` (meta init), a cast, or a
+        loader that leaves non-persistent buffers uninitialised (transformers'). A bf16 model thus still
+        computes the product in fp32 and rounds once, as with the Python float the buffer replaced."""
+        if self.lns is not None:
+            dtype = torch.float64 if self.lns.dtype == torch.float64 else torch.float32
+            self.lns = torch.full((1,), lns_scale(self.layer_id), dtype=dtype, device=self.lns.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.init_buffers()
+        return self
+
     def init_weights(self) -> None:
+        self.init_buffers()
         _reset_norm(self.mixer_norm)
         _reset_norm(self.mlp_norm)
         _reset_norm(self.post_norm)
@@ -99,6 +118,15 @@ class Block(nn.Module):
         for module in (self.gpas, self.mixer_gate, self.mlp_gate):
             if module is not None:
                 module.init_weights()
+
+    def _lns(self, normed: torch.Tensor) -> torch.Tensor:
+        """``s_l * normed`` in the buffer's precision, rounded once to normed's dtype, as the product with a
+        Python float is (a bf16 activation times the fp32 buffer would first round s_l to bf16)."""
+        if self.lns is None:
+            return normed
+        if normed.dtype == self.lns.dtype:
+            return normed * self.lns
+        return (normed.to(self.lns.dtype) * self.lns).to(normed.dtype)
 
     def _add(self, x: torch.Tensor, branch: torch.Tensor, gate: GatedResidual | None) -> torch.Tensor:
         if self.dropout is not None:
@@ -114,9 +142,7 @@ class Block(nn.Module):
         ``return_aux``: return ``(out, aux)``, aux the MoE load-balancing loss (None without a MoE). It is
         returned rather than stored on a module so that it survives torch.compile and activation checkpointing.
         """
-        normed = self.mixer_norm(x)
-        if self.lns is not None:
-            normed = normed * self.lns
+        normed = self._lns(self.mixer_norm(x))
         if self.fan is not None:
             normed = self.fan(normed)
         if mixer is not None:
@@ -127,9 +153,7 @@ class Block(nn.Module):
         if self.gpas is not None:
             h = self.gpas(h)
 
-        normed = self.mlp_norm(h)
-        if self.lns is not None:
-            normed = normed * self.lns
+        normed = self._lns(self.mlp_norm(h))
         aux = None
         out = self.mlp(normed)
         if self.moe:

@@ -43,9 +43,15 @@ class NeoLLM(ModelProtocol):
         a = self.model_args
         return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, device=device)
 
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """The non-persistent buffers (RoPE's table, each block's LNS constant), which no checkpoint holds."""
+        self.rope = self._rope_table(buffer_device or self.tok_embeddings.weight.device)
+        for block in self.layers.values():
+            block.init_buffers()
+
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Fill the weights after ``to_empty`` (the trainer builds the model on ``meta``)."""
-        self.rope = self._rope_table(buffer_device or self.tok_embeddings.weight.device)
+        self.init_buffers(buffer_device)
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=self.model_args.init_std)
         for block in self.layers.values():
             block.init_weights()

@@ -148,8 +148,9 @@ def lns_scale(layer_id: int) -> float:
     """LayerNorm Scaling (arXiv 2502.05795, "The Curse of Depth"): the constant 1/sqrt(l), l = layer_id + 1.
 
     The block multiplies both pre-norm outputs of layer l by it (all layer types), so the output variance of
-    deep pre-LN layers stops growing with depth: 1, 0.707, 0.577, ..., 0.289 for 12 layers. A fixed Python
-    float, not a parameter (the paper's constant form; the GPAS repo's 'lns' variant instead initialises the
-    norm gain to this value). No parameters; one multiply (foldable into the norm gain at export).
+    deep pre-LN layers stops growing with depth: 1, 0.707, 0.577, ..., 0.289 for 12 layers. A fixed
+    constant, not a parameter (the paper's constant form; the GPAS repo's 'lns' variant instead initialises
+    the norm gain to this value); block.py holds it in a 0-d buffer so that all layers share one compiled
+    graph. No parameters; one multiply (foldable into the norm gain at export).
     """
     return 1.0 / math.sqrt(layer_id + 1)
