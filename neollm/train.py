@@ -34,6 +34,28 @@ from neollm import monitor
 from neollm.run_checks import check_model_choice, fit_batch_to_ranks, guard_from_config, loss_settings
 
 
+def zero_grads_in_place(parameters) -> None:
+    """Zero every trainable parameter's gradient in place, creating zeros where there is none.
+
+    For CUDA graphs ([compile] mode "reduce-overhead") with gradient accumulation: a gradient that
+    autograd finds missing is taken as ``.grad`` without a copy, and under CUDA graphs it is a graph
+    output that the next micro-batch's replay overwrites (H200, ``plain`` at micro-batch 8 of 64:
+    "accessing tensor output of CUDAGraphs that has been overwritten", at the tied embedding's
+    gradient). Gradients that exist are accumulated into in place, so no graph output is kept."""
+    import torch
+
+    grads = []
+    for p in parameters:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            grads.append(p.grad)
+    if grads:
+        torch._foreach_zero_(grads)
+
+
 class NeoLLMTrainer(Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         import neollm  # noqa: F401  (registers the spec and datasets, CPU patch)
@@ -54,6 +76,7 @@ class NeoLLMTrainer(Trainer):
             part.loss_settings = settings
         self._install_fault_tolerance(guard)
         self._install_monitor()
+        self.grads_in_place = job_config.compile.enable and getattr(job_config.compile, "mode", "") == "reduce-overhead"
 
     # ------------------------------------------------------------ fault tolerance
 
@@ -183,6 +206,14 @@ class NeoLLMTrainer(Trainer):
         holding step ``gc_freq``. Here it lands in the first step, which compiles anyway."""
         self.gc_handler.collect("Collecting the first step's compile garbage")
 
+    def _zero_grads(self) -> None:
+        """Drop the gradients, or under [compile] mode "reduce-overhead" zero them in place
+        (zero_grads_in_place says why)."""
+        if self.grads_in_place:
+            zero_grads_in_place(p for part in self.model_parts for p in part.parameters())
+        else:
+            self.optimizers.zero_grad()
+
     def _run_step(self, data_iterator) -> None:
         """torchtitan 0.2.2's ``Trainer.train_step`` without its host syncs between log steps.
 
@@ -196,7 +227,7 @@ class NeoLLMTrainer(Trainer):
         import torch
         from torchtitan.components.loss import IGNORE_INDEX
 
-        self.optimizers.zero_grad()
+        self._zero_grads()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         parallel_dims = self.parallel_dims
 

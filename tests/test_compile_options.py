@@ -99,3 +99,39 @@ def test_blocks_of_one_kind_share_one_compiled_graph(flavor, graphs):
     tokens = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     model(tokens, tokens).backward()
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_gradients_zeroed_in_place_accumulate_like_fresh_ones():
+    """neollm.train.zero_grads_in_place (the trainer's zeroing under CUDA graphs): gradients are created
+    once as zeros and then zeroed in place, never replaced, so autograd accumulates into tensors the
+    parameters own; two micro-batches give the same gradients as with set_to_none zeroing."""
+    from neollm.train import zero_grads_in_place
+
+    torch.manual_seed(0)
+    model = NeoLLM(ARGS)
+    model.init_weights()
+    model.double()
+    frozen = model.tok_embeddings.weight
+    batches = [torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+    def step():
+        for tokens in batches:
+            model(tokens, tokens).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    reference = step()
+    zero_grads_in_place(model.parameters())
+    owned = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and not g.any() for g in owned.values())
+    first = step()
+    zero_grads_in_place(model.parameters())
+    second = step()
+    for name, grad in reference.items():
+        torch.testing.assert_close(first[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+        torch.testing.assert_close(second[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+        assert dict(model.named_parameters())[name].grad is owned[name], name  # never replaced
+    frozen.requires_grad_(False)
+    frozen.grad = None
+    zero_grads_in_place(model.parameters())
+    assert frozen.grad is None  # frozen parameters get no gradient

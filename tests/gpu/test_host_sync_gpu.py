@@ -74,3 +74,43 @@ def test_whole_model_compile_with_cuda_graphs_trains_like_eager():
     eager, graphed = run(False), run(True)
     for a, b in zip(eager, graphed):
         assert abs(a - b) < 1e-3 * abs(a), (eager, graphed)
+
+
+def test_cuda_graphs_with_gradient_accumulation_train_like_eager():
+    """Two micro-batches per step under whole-model CUDA graphs, gradients zeroed as the trainer
+    does (neollm.train.zero_grads_in_place): same losses as eager. With set_to_none zeroing the
+    second micro-batch's replay overwrote the first one's gradients ("accessing tensor output of
+    CUDAGraphs that has been overwritten", H200, 2026-12-05)."""
+    from neollm.model.args import FLAVORS
+    from neollm.model.model import NeoLLM
+    from neollm.parallelize import compile_model_for_training
+    from neollm.train import zero_grads_in_place
+
+    args = dataclasses.replace(FLAVORS["plain"], n_layers=2, vocab_size=1024, max_seq_len=128)
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = NeoLLM(args)
+            model.init_weights()
+        if compiled:
+            compile_model_for_training(model, SimpleNamespace(backend="inductor", mode="reduce-overhead",
+                                                              scope="model"))
+        gen = torch.Generator("cuda").manual_seed(1)
+        batches = [torch.randint(0, 1024, (4, 128), device="cuda", generator=gen) for _ in range(2)]
+        losses = []
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(4):
+            zero_grads_in_place(model.parameters())
+            step_loss = 0.0
+            for tokens in batches:
+                loss = model(tokens, tokens)
+                loss.backward()
+                step_loss += loss.detach().clone()
+            opt.step()
+            losses.append(float(step_loss))
+        return losses
+
+    eager, graphed = run(False), run(True)
+    for a, b in zip(eager, graphed):
+        assert abs(a - b) < 1e-3 * abs(a), (eager, graphed)
