@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """HEAD's hash, marked when tracked files have uncommitted changes; "unknown" outside git."""
+    """HEAD's hash, marked when tracked files have uncommitted changes; "unknown" outside git.
+
+    ``NEOLLM_COMMIT`` overrides it, for a copy of the tree whose ``.git`` is not the code's (a
+    remote GPU machine that receives the working tree beside an older ``.git``)."""
+    if os.environ.get("NEOLLM_COMMIT"):
+        return os.environ["NEOLLM_COMMIT"]
     def git(*cmd: str) -> str:
         try:
             return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()

@@ -270,3 +270,14 @@ def test_run_gpu_tests_reads_junit_counts_and_refuses_without_cuda(tmp_path, cap
             tool.main(["--out", str(tmp_path / "out")])
         assert "no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_provenance_names_the_commit_given_for_a_copied_tree(monkeypatch):
+    """NEOLLM_COMMIT names the code's commit where the tree's .git is not the code's (the GPU copy)."""
+    from neollm.provenance import git_commit
+
+    monkeypatch.delenv("NEOLLM_COMMIT", raising=False)
+    here = git_commit()
+    assert here == "unknown" or here.split()[0].isalnum() and len(here.split()[0]) == 40
+    monkeypatch.setenv("NEOLLM_COMMIT", "f2263d9")
+    assert git_commit() == "f2263d9"
