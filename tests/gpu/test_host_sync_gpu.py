@@ -12,6 +12,7 @@ import dataclasses
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from gpu_checks import GPU_ONLY
@@ -45,42 +46,12 @@ def test_pending_loss_checks_do_not_wait_for_the_device():
     assert step == 7 and guard.reason(record) == "loss is nan"
 
 
-def test_whole_model_compile_with_cuda_graphs_trains_like_eager():
-    from neollm.model.args import FLAVORS
-    from neollm.model.model import NeoLLM
-    from neollm.parallelize import compile_model_for_training
-
-    args = dataclasses.replace(FLAVORS["plain"], n_layers=2, vocab_size=1024, max_seq_len=128)
-
-    def run(compiled: bool):
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = NeoLLM(args)
-            model.init_weights()
-        if compiled:
-            compile_model_for_training(model, SimpleNamespace(backend="inductor", mode="reduce-overhead",
-                                                              scope="model"))
-        tokens = torch.randint(0, 1024, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        losses = []
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for _ in range(4):
-            loss = model(tokens, tokens)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        return losses
-
-    eager, graphed = run(False), run(True)
-    for a, b in zip(eager, graphed):
-        assert abs(a - b) < 1e-3 * abs(a), (eager, graphed)
-
-
-def test_cuda_graphs_with_gradient_accumulation_train_like_eager():
-    """Two micro-batches per step under whole-model CUDA graphs, gradients zeroed as the trainer
-    does (neollm.train.zero_grads_in_place): same losses as eager. With set_to_none zeroing the
-    second micro-batch's replay overwrote the first one's gradients ("accessing tensor output of
-    CUDAGraphs that has been overwritten", H200, 2026-12-05)."""
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_whole_model_compile_with_cuda_graphs_trains_like_eager(micro_batches):
+    """Whole-model CUDA graphs ([compile] mode "reduce-overhead", scope "model") train like eager, with
+    gradients zeroed as the trainer does under that mode (neollm.train.zero_grads_in_place). With two
+    micro-batches per step and set_to_none zeroing, the second replay overwrote the first one's
+    gradients ("accessing tensor output of CUDAGraphs that has been overwritten", H200, 2026-12-05)."""
     from neollm.model.args import FLAVORS
     from neollm.model.model import NeoLLM
     from neollm.parallelize import compile_model_for_training
@@ -97,7 +68,7 @@ def test_cuda_graphs_with_gradient_accumulation_train_like_eager():
             compile_model_for_training(model, SimpleNamespace(backend="inductor", mode="reduce-overhead",
                                                               scope="model"))
         gen = torch.Generator("cuda").manual_seed(1)
-        batches = [torch.randint(0, 1024, (4, 128), device="cuda", generator=gen) for _ in range(2)]
+        batches = [torch.randint(0, 1024, (4, 128), device="cuda", generator=gen) for _ in range(micro_batches)]
         losses = []
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for _ in range(4):
