@@ -201,9 +201,9 @@ class NeoLLMTrainer(Trainer):
     def _collect_compile_garbage(self) -> None:
         """One garbage collection right after this process's first step. torchtitan turns automatic
         collection off and collects every ``[training] gc_freq`` steps; the first of those walks every
-        object the first step's compile left behind (0.9-1.0 s for ``neollm_135m`` on an H200, 0.05 s
-        for ``plain``; the later ones 0.00 s), a one-time pause that used to land in the log interval
-        holding step ``gc_freq``. Here it lands in the first step, which compiles anyway."""
+        object the first step's compile left behind (the later ones find next to nothing), a one-time
+        pause that used to land in the log interval holding step ``gc_freq`` (BENCHMARKS.md, eighth
+        and tenth sessions). Here it lands in the first step, which compiles anyway."""
         self.gc_handler.collect("Collecting the first step's compile garbage")
 
     def _zero_grads(self) -> None:
