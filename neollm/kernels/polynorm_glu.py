@@ -343,7 +343,8 @@ def backward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
     """``(dg, du, dparams)`` by the backward kernel, as ``backward_reference`` (dparams fp32)."""
     n = g.shape[-1]
     g2, u2, dy2 = _rows(g), _rows(u), _rows(dy)
-    dg, du = torch.empty(g2.shape, device=g.device, dtype=g.dtype), torch.empty(u2.shape, device=g.device, dtype=u.dtype)
+    dg = torch.empty(g2.shape, device=g.device, dtype=g.dtype)
+    du = torch.empty(u2.shape, device=g.device, dtype=u.dtype)
     partials = torch.zeros(g2.shape[0], N_PARAM_GRADS, device=g.device, dtype=torch.float32)
     w, b = weight.contiguous(), bias.contiguous()
     lg = w if logits is None else logits.contiguous()

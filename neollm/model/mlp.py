@@ -72,22 +72,23 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fan is not None:
             x = self.fan(x)
-        gate, up = self.w1(x), self.w3(x)
-        if self._fused_polynorm(gate, up):
+        gate = self.w1(x)
+        if self._fused_polynorm(gate):
             act = self.act
-            return self.w2(polynorm_glu.polynorm_glu_op(gate, up, act.weight, act.bias, act.exclusive_logits,
+            return self.w2(polynorm_glu.polynorm_glu_op(gate, self.w3(x), act.weight, act.bias, act.exclusive_logits,
                                                         act.eps, act.proj_eps, True)[0])
         gate = F.silu(gate) if self.act is None else self.act(gate)
-        hidden = gate * up
+        hidden = gate * self.w3(x)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         return self.w2(hidden)
 
-    def _fused_polynorm(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
+    def _fused_polynorm(self, gate: torch.Tensor) -> bool:
         """PolyNorm(gate) * up as one fused op: mlp_type "polynorm", no dropout active (dropout sits on the
-        PolyNorm output; in eval it is the identity) and NEOLLM_POLYNORM_IMPL resolving to the kernels."""
+        PolyNorm output; in eval it is the identity) and NEOLLM_POLYNORM_IMPL resolving to the kernels
+        (decided on the gate: up is the same kind of projection output; the op checks it too)."""
         return (self.act is not None and (self.dropout is None or not self.training)
-                and polynorm_glu.uses_kernel(polynorm_glu.POLYNORM_IMPL, gate, up))
+                and polynorm_glu.uses_kernel(polynorm_glu.POLYNORM_IMPL, gate, gate))
 
 
 SwiGLU = MLP  # the default configuration of MLP (name kept for existing imports)
