@@ -7,8 +7,9 @@ Per row of F (the MLP hidden size) with ``x = g`` in fp32 (neollm/model/norms.py
 ``xk <- (xk - ak ck x1) * sk``, ``sk = rsqrt(mean((xk - ak ck x1)^2) + eps)`` for k = 2, 3; then
 ``out = (w0 x3 + w1 x2 + w2 x1 + b) * u``.
 
-Why a kernel: the eager module runs ~20 elementwise ops and 3 (exclusive: 7) row reductions over
-[rows, F] in fp32, each a pass over HBM, and autograd keeps several F-sized fp32 tensors. Here
+Why a kernel: the eager module runs ~20 elementwise ops and 3 (exclusive: 8) row reductions over
+[rows, F] in fp32, each a pass over HBM (torch.compile fuses some, not all), and autograd keeps
+several F-sized fp32 tensors. Here
 forward reads g and u once and writes the product and 8 fp32 numbers per row (the rsqrt values,
 <x1, x1>, the projection coefficients); backward reads g, u, the upstream gradient and those
 numbers once and writes dg, du and 6 per-row partial sums (weight, bias, logits), summed in torch.
