@@ -9,7 +9,9 @@ up_proj; product -> column multiplier -> down_proj. The column multiplier is the
 multiplier c (linear.py), and dropout on the product equals dropout on the PolyNorm output (same mask, the
 product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
-PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none.
+PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = triton
+(or auto, on CUDA) computes ``PolyNorm(gate) * up`` as one fused op (neollm/kernels/polynorm_glu.py) when no dropout
+is active; the default, torch, keeps the unfused module below. Parameters and state_dict are the same either way.
 
 NeoLLM's exact MLP graph (Kitsunp/ml-cross-entropy @ ec32cad: docs/neollm-mlp-cute.md, mlp/reference.py
 ``neollm_mlp_reference``, benchmark/mlp_profile.py ``ReferenceLayer``):
@@ -39,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neollm.kernels import polynorm_glu
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.fan import FFNFAN
 from neollm.model.linear import init_linear, make_linear
@@ -70,11 +73,22 @@ class MLP(nn.Module):
         if self.fan is not None:
             x = self.fan(x)
         gate = self.w1(x)
+        if self._fused_polynorm(gate):
+            act = self.act
+            return self.w2(polynorm_glu.polynorm_glu_op(gate, self.w3(x), act.weight, act.bias, act.exclusive_logits,
+                                                        act.eps, act.proj_eps, True)[0])
         gate = F.silu(gate) if self.act is None else self.act(gate)
         hidden = gate * self.w3(x)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         return self.w2(hidden)
+
+    def _fused_polynorm(self, gate: torch.Tensor) -> bool:
+        """PolyNorm(gate) * up as one fused op: mlp_type "polynorm", no dropout active (dropout sits on the
+        PolyNorm output; in eval it is the identity) and NEOLLM_POLYNORM_IMPL resolving to the kernels
+        (decided on the gate: up is the same kind of projection output; the op checks it too)."""
+        return (self.act is not None and (self.dropout is None or not self.training)
+                and polynorm_glu.uses_kernel(polynorm_glu.POLYNORM_IMPL, gate, gate))
 
 
 SwiGLU = MLP  # the default configuration of MLP (name kept for existing imports)

@@ -1,0 +1,100 @@
+"""Micro-benchmark of the PolyNorm GLU product ``PolyNorm(g) * u``: the unfused reference (eager and
+torch.compile'd) against the fused Triton op (neollm/kernels/polynorm_glu.py), forward and
+forward + backward, at neollm_135m's shape (64 * 512 rows of F 1536, bf16), with peak memory above
+the inputs and each path's relative difference from the eager reference. Run by
+tools/bench_polynorm.py; the numbers decide ``NEOLLM_POLYNORM_IMPL``'s default.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from neollm.kernels import polynorm_glu as pg
+
+EPS = PROJ_EPS = 1e-6
+
+
+def time_ms(fn: Callable[[], object], steps: int = 20, warmup: int = 5) -> float:
+    """Mean CUDA time of ``fn`` over ``steps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def inputs(rows: int, n: int, dtype: torch.dtype, exclusive: bool, device: str = "cuda", seed: int = 0):
+    """g, u (leaves), the upstream gradient, and fp32 weight, bias, logits (leaves) at their init
+    (weight 1/3, bias 0, logits logit(1e-4))."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    g = torch.randn(rows, n, device=device, generator=gen).to(dtype).requires_grad_()
+    u = torch.randn(rows, n, device=device, generator=gen).to(dtype).requires_grad_()
+    dy = torch.randn(rows, n, device=device, generator=gen).to(dtype)
+    weight = torch.full((3,), 1.0 / 3.0, device=device, requires_grad=True)
+    bias = torch.zeros(1, device=device, requires_grad=True)
+    logits = torch.full((2,), -9.21, device=device, requires_grad=True) if exclusive else None
+    return g, u, dy, weight, bias, logits
+
+
+def paths() -> dict[str, Callable]:
+    """name -> fn(g, u, weight, bias, logits) for each implementation."""
+    def reference(g, u, w, b, lg):
+        return pg.polynorm_glu_reference(g, u, w, b, lg, EPS, PROJ_EPS)
+
+    def fused(g, u, w, b, lg):
+        return pg.polynorm_glu_op(g, u, w, b, lg, EPS, PROJ_EPS, True)[0]
+
+    return {"reference, eager": reference, "reference, torch.compile": torch.compile(reference), "triton": fused}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS difference ||a - b|| / ||b||."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def rows_for(rows: int, n: int, dtype: torch.dtype, exclusive: bool, steps: int = 20) -> list[dict]:
+    """One result per path: forward ms, forward + backward ms, peak MiB above the inputs, and the
+    relative difference of the output and of dg from the eager reference."""
+    g, u, dy, w, b, lg = inputs(rows, n, dtype, exclusive)
+    params = [t for t in (g, u, w, b, lg) if t is not None]
+    results, baseline = [], None
+    for name, fn in paths().items():
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(g, u, w, b, lg)
+
+        def step(fn=fn):
+            out = fn(g, u, w, b, lg)
+            return out, torch.autograd.grad(out, params, dy)
+
+        out, grads = step()
+        if baseline is None:
+            baseline = (out, grads[0])
+        fwd_ms = time_ms(forward, steps)
+        step_ms = time_ms(step, steps)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        results.append(dict(path=name, rows=rows, F=n, dtype=str(dtype).removeprefix("torch."), exclusive=exclusive,
+                            fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,
+                            rel_diff_out=_rel(out, baseline[0]), rel_diff_dg=_rel(grads[0], baseline[1])))
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| path | F | exclusive | fwd ms | fwd+bwd ms | peak MiB | rel diff out | rel diff dg |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['path']} | {r['F']} | {r['exclusive']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['peak_mib']:.0f} | {r['rel_diff_out']:.2e} | {r['rel_diff_dg']:.2e} |")
+    return "\n".join(lines)
