@@ -3,7 +3,7 @@
 * ``RunLogger`` wraps torchtitan's metric logger (tensorboard / wandb, whatever ``[metrics]``
   enabled): everything still goes there, and rank 0 also appends each logged dict, at full float
   precision, as one line of ``<dump_folder>/metrics.jsonl`` (``[monitor] jsonl``). A resumed run
-  appends: for a step logged twice, the later line wins (tools/plot_run.py does that).
+  appends: for a step logged twice, the later line wins (neollm/plot.py reads it so).
 * ``technique_scalars(model)``: GPAS gates SiLU(g), PolyNorm weights, gated-residual gate
   means, read from the parameters at log steps only (never in the forward pass).
 * ``Progress``: ``progress: step 120/1000 (12.0%)  elapsed 0:04:10  ETA 0:30:33  2.08 s/step``.

@@ -49,6 +49,19 @@ def _tokenizer_dir(path: str | Path | None) -> Path:
     return p
 
 
+def check_covers(tokenizer: NeoLLMTokenizer, vocab_size: int) -> None:
+    """ValueError when ``tokenizer`` has ids past a checkpoint's ``vocab_size`` (the wrong folder given)."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size():,} ids but the checkpoint's "
+                         f"vocabulary is {vocab_size:,}: wrong --tokenizer?")
+
+
+def start_id(tokenizer: NeoLLMTokenizer) -> int:
+    """The id an empty prompt / a context-free window starts from: BOS, else the end-of-text id
+    (Qwen: no BOS, so ``<|endoftext|>``, NeoLLM's document separator)."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
 def build_neollm_tokenizer(job_config: JobConfig) -> NeoLLMTokenizer:
     """TrainSpec ``build_tokenizer_fn``: the tokenizer in ``[model] hf_assets_path``."""
     return NeoLLMTokenizer(str(_tokenizer_dir(job_config.model.hf_assets_path)))

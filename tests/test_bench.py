@@ -188,7 +188,7 @@ def test_bench_llama3_rows_padded_and_unpadded_on_the_same_tokens(tmp_path, monk
         seen.append((name, tokens.clone()))
         return real_run(name, build, tokens=tokens, **kwargs)
 
-    monkeypatch.setattr(bench, "run", run_and_record)
+    monkeypatch.setattr(throughput, "run", run_and_record)  # what throughput.run_rows calls
     out = tmp_path / "bench.json"
     assert bench.main(["--device", "cpu", "--configs", "llama3,plain", "--vocab", "200", "--layers", "1",
                        "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "1", "--no-compile",
@@ -223,9 +223,11 @@ def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
     import torch
     import torch._dynamo
 
+    from neollm.bench import throughput
+
     bench = _bench_module()
-    real_switches = bench.technique_switches
-    monkeypatch.setattr(bench, "technique_switches", lambda args: dict(list(real_switches(args).items())[:8]))
+    real_switches = throughput.technique_switches
+    monkeypatch.setattr(throughput, "technique_switches", lambda args: dict(list(real_switches(args).items())[:8]))
     argv = ["--device", "cpu", "--configs", "neollm_135m", "--ablate", "--vocab", "256", "--layers", "1",
             "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--compile-backend", "eager",
             "--peak-tflops", "1"]

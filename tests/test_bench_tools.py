@@ -36,12 +36,13 @@ def test_bench_data_names_a_missing_flavor_row(tmp_path, capsys):
 
 
 def test_steady_state_leaves_out_the_warm_up_steps():
-    tool = load_tool("bench_trainer")
+    from neollm.bench.trainer import steady_state  # tools/bench_trainer.py's reading of metrics.jsonl
+
     metrics = {"throughput(tps)": {2: 10.0, 4: 100.0, 6: 120.0},
                "memory/max_active(GiB)": {2: 1.5, 4: 2.0, 6: 1.9}}
-    assert tool.steady_state(metrics, skip=2) == (110.0, 2.0, 2)
+    assert steady_state(metrics, skip=2) == (110.0, 2.0, 2)
     with pytest.raises(RuntimeError, match="no throughput after step 6"):
-        tool.steady_state(metrics, skip=6)
+        steady_state(metrics, skip=6)
 
 
 @pytest.mark.slow

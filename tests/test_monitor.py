@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_tool
+from conftest import REPO
 
 
 def test_technique_scalars_read_gpas_polynorm_and_gates():
@@ -134,12 +134,12 @@ def test_plot_run_from_tensorboard_events_and_jsonl(tmp_path):
     for name in ("loss", "lr", "throughput"):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
 
-    plot_run = load_tool("plot_run")
+    from neollm.plot import load  # what tools/plot_run.py reads a run with
 
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text('{"step": 1, "loss_metrics/global_avg_loss": 5.0}\n{"step": 1, "loss_metrics/global_avg_loss": 4.0}\n'
                      '{"step": 2, "loss_metrics/global_avg_loss": "nan", "lr": 0.1}\n{"step": 3, "loss')
-    series = plot_run.read_jsonl(jsonl)
+    series = load(jsonl)
     assert series["loss_metrics/global_avg_loss"][1] == 4.0  # a resumed run's later line wins
     assert math.isnan(series["loss_metrics/global_avg_loss"][2])
 

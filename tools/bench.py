@@ -21,8 +21,6 @@ JSON rows say which. ``--profile DIR`` writes each config's top kernels. The cod
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,48 +31,10 @@ os.environ.setdefault("NEOLLM_COMPILE_CACHE", str(Path(__file__).resolve().paren
 
 import torch  # noqa: E402
 
-import neollm  # noqa: F401  (the project is installed: pip install -e .)
-from neollm.bench.peak import resolve_peak
-from neollm.bench.throughput import (Result, build_llama3, build_neollm, padded_vocab, run,
-                                     set_speedups, synthetic_batch, table)
-from neollm.compile_cache import describe_compile_cache
-from neollm.loss import LOSS_IMPLS
-from neollm.model.args import FLAVORS, ModelConfigError
-from neollm.model.params import technique_switches
-
-
-def plan(opts, parser) -> list[tuple[str, int, object]]:
-    """(row name, vocabulary, builder) for every row, in order; the padded llama3 row is named
-    ``... padded``."""
-    device = torch.device(opts.device)
-    backend = None if opts.no_compile else opts.compile_backend
-    layers = {"n_layers": opts.layers} if opts.layers else {}
-    rows = []
-    for name in opts.configs.split(","):
-        if name == "llama3":
-            vocab = opts.vocab or FLAVORS["neollm_135m"].vocab_size
-            n_layers = opts.layers or 12
-            for v in dict.fromkeys((vocab, padded_vocab(vocab))):
-                label = f"llama3 (torchtitan) V={v}" + (" padded" if v != vocab else "")
-                rows.append((label, v, lambda v=v: build_llama3(v, opts.seq, device, backend, n_layers)))
-            continue
-        if name not in FLAVORS:
-            parser.error(f"unknown config {name!r}: choose llama3 or one of {sorted(FLAVORS)}")
-        try:
-            args = dataclasses.replace(FLAVORS[name], max_seq_len=opts.seq, **layers,
-                                       **({"vocab_size": opts.vocab} if opts.vocab else {}))
-        except ModelConfigError as error:
-            parser.error(f"{name}: {error}")
-        variants = [(name, args)]
-        if opts.ablate:
-            variants += [(f"{name} -{field}", dataclasses.replace(args, **{field: off}))
-                         for field, off in technique_switches(args).items()]
-        suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
-        suffix += f" ac={opts.ac}" if opts.ac != "none" else ""
-        for label, variant in variants:
-            rows.append((f"{label} V={variant.vocab_size}{suffix}", variant.vocab_size,
-                         lambda a=variant: build_neollm(a, device, backend, opts.loss, opts.float8, opts.ac)))
-    return rows
+from neollm.bench.peak import resolve_peak  # noqa: E402
+from neollm.bench.throughput import plan, run_rows, set_speedups, synthetic_batch, table  # noqa: E402
+from neollm.compile_cache import describe_compile_cache  # noqa: E402
+from neollm.loss import LOSS_IMPLS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(opts.device)
     print(f"compile cache: {describe_compile_cache()}", flush=True)
-    rows = plan(opts, p)
+    try:
+        rows = plan(opts)
+    except ValueError as error:
+        p.error(str(error))
     try:
         peak = resolve_peak(opts.peak_tflops, device)
     except ValueError as error:
@@ -119,26 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bf16 peak for MFU: {peak.tflops:.1f} TFLOP/s, {peak.source}", flush=True)
     # one batch for every row, below the smallest vocabulary among them
     tokens = synthetic_batch(min(v for _, v, _ in rows), opts.batch, opts.seq, device)
-    results: list[Result] = []
-    baseline: list[Result] = []
-
-    def write_json() -> None:
-        if opts.json:
-            set_speedups(results, baseline[0] if baseline else None)
-            opts.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
-
-    for label, vocab, build in rows:
-        result = run(label, build, tokens=tokens, vocab=vocab, steps=opts.steps, warmup=opts.warmup,
-                     device=device, peak_tflops=peak.tflops, peak_source=peak.source, profile_dir=opts.profile)
-        results.append(result)
-        if label.startswith("llama3") and (label.endswith(" padded") or vocab % 64 == 0):
-            baseline[:] = [result]
-        print(f"{result.name}: {result.tok_per_s:,.0f} tok/s, {result.step_ms:.1f} ms/step, "
-              f"MFU {100 * result.mfu:.1f}%, peak {result.peak_gib:.2f} GiB", flush=True)
-        write_json()
-
-    set_speedups(results, baseline[0] if baseline else None)
-    text = table(results, baseline[0] if baseline else None) + f"\n\nMFU against {peak.tflops:.1f} TFLOP/s: {peak.source}."
+    results, baseline = run_rows(rows, tokens=tokens, steps=opts.steps, warmup=opts.warmup, device=device,
+                                 peak=peak, profile_dir=opts.profile, json_path=opts.json)
+    set_speedups(results, baseline)
+    text = table(results, baseline) + f"\n\nMFU against {peak.tflops:.1f} TFLOP/s: {peak.source}."
     print()
     print(text)
     if opts.markdown:

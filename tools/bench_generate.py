@@ -21,49 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import neollm  # noqa: F401
-from neollm.inference import DecoderPool, SamplingConfig, generate
-from neollm.model.args import FLAVORS
-from neollm.model.model import NeoLLM
-
-MODES = ("uncached", "dynamic", "eager", "cuda_graph", "compile")
-
-
-def build(flavor: str, device: torch.device, dtype: torch.dtype) -> NeoLLM:
-    with torch.device("meta"):
-        model = NeoLLM(FLAVORS[flavor])
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-    return model.to(dtype).eval()
-
-
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def measure(model: NeoLLM, batch: int, prompt: int, new: int, mode: str, sync) -> tuple[float, float]:
-    """(tokens per second, seconds of the untimed first run)."""
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.model_args.vocab_size, (batch, prompt), generator=gen).tolist()
-    cfg = SamplingConfig(max_new_tokens=new, temperature=0.0, use_cache=mode != "uncached",
-                         decode_mode="dynamic" if mode == "uncached" else mode)
-    pool = DecoderPool()
-    first_new = new if mode in ("eager", "cuda_graph", "compile") else min(new, 4)
-    setup = timed(lambda: generate(model, prompts, cfg, max_new_tokens=first_new, decoders=pool), sync)
-    out = []
-    seconds = timed(lambda: out.extend(generate(model, prompts, cfg, decoders=pool)), sync)
-    assert all(len(o) == new for o in out)
-    return batch * new / seconds, setup
+from neollm.bench.decoding import MODES, compare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,26 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    base = "dynamic" if "dynamic" in modes else modes[0]
-    others = [m for m in modes if m != base]
-    print(f"| flavor | batch | {' | '.join(f'{m} tok/s' for m in modes)} | "
-          f"{' | '.join(f'{m} / {base}' for m in others)} |", flush=True)
-    print("|---" * (2 + len(modes) + len(others)) + "|", flush=True)
-    rows = []
-    for flavor in opts.flavors.split(","):
-        model = build(flavor, device, getattr(torch, opts.dtype))
-        for batch in (int(b) for b in opts.batches.split(",")):
-            speed, setup = {}, {}
-            for mode in modes:
-                speed[mode], setup[mode] = measure(model, batch, opts.prompt, opts.new, mode, sync)
-            rows.append(dict(flavor=flavor, batch=batch, device=str(device), dtype=opts.dtype,
-                             prompt=opts.prompt, new=opts.new, tok_s=speed, setup_s=setup))
-            print(f"| {flavor} | {batch} | {' | '.join(f'{speed[m]:,.0f}' for m in modes)} | "
-                  f"{' | '.join(f'{speed[m] / speed[base]:.1f}x' for m in others)} |", flush=True)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+    rows = compare(opts.flavors.split(","), [int(b) for b in opts.batches.split(",")], opts.prompt, opts.new,
+                   modes, opts.dtype, device)
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=2))
     return 0

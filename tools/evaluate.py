@@ -49,22 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_texts(path: Path, limit: int | None) -> list[str]:
-    if not path.is_file():
-        raise SystemExit(f"--text {path} does not exist")
-    if path.suffix == ".txt":
-        texts = [path.read_text(encoding="utf-8")]
-    else:
-        texts = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    texts.append(json.loads(line)["text"])
-                    if limit is not None and len(texts) >= limit:
-                        break
-    return texts[:limit] if limit is not None else texts
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -77,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("nothing to do: give --tasks and/or --text")
     import torch
 
-    from neollm.eval.data import EvalDataError, ensure_data
-    from neollm.eval.runner import evaluate_tasks
-    from neollm.eval.scoring import text_nll
     from neollm.checkpoint import load_model
-    from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
+    from neollm.eval.data import EvalDataError, ensure_data, read_texts
+    from neollm.eval.runner import evaluate_tasks, evaluate_text, run_config, summary, write_samples
+    from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir, check_covers, start_id
 
     data_root = None
     if tasks:  # resolve the data before loading the model: fail fast when offline
@@ -97,26 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {} if args.max_seq_len is None else {"max_seq_len": args.max_seq_len}
     model = load_model(args.checkpoint, args.flavor, device=device, dtype=getattr(torch, args.dtype),
                        **overrides)
-    if tokenizer.get_vocab_size() > model.model_args.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size():,} ids but the checkpoint's "
-                         f"vocabulary is {model.model_args.vocab_size:,}: wrong --tokenizer?")
+    try:
+        check_covers(tokenizer, model.model_args.vocab_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     max_len = model.model_args.max_seq_len
     # lm-eval adds no special tokens to requests (causal HF models, no add_bos_token); an empty
     # context / a rolling window starts from the EOT id (Qwen: <|endoftext|>, NeoLLM's separator)
-    prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    prefix_id = start_id(tokenizer)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_bos=False, add_eos=False)
 
     start = time.perf_counter()
-    results: dict = {"config": {
-        "checkpoint": str(args.checkpoint), "flavor": args.flavor, "tokenizer": str(args.tokenizer),
-        "num_fewshot": args.num_fewshot, "limit": args.limit, "seed": args.seed, "device": device,
-        "dtype": args.dtype, "batch_size": args.batch_size, "max_seq_len": max_len,
-        "data": str(data_root) if data_root else None,
-        "fewshot_source": {"arc_easy": "ARC-Easy validation", "arc_challenge": "ARC-Challenge validation",
-                           "hellaswag": "another validation item", "mmlu": "dev (first_n)"},
-    }}
+    results: dict = {"config": run_config(args, device, max_len, data_root)}
     samples: list | None = [] if args.samples else None
     with torch.inference_mode():
         if tasks:
@@ -124,24 +101,18 @@ def main(argv: list[str] | None = None) -> int:
                 model, encode, tasks, data_root, args.num_fewshot, args.limit, max_len,
                 args.batch_size, prefix_id, args.seed, samples=samples)
         if args.text:
-            texts = read_texts(Path(args.text), args.text_limit)
-            score = text_nll(model, encode, texts, prefix_id, max_len, args.batch_size)
-            results["text"] = {"file": str(args.text), **score.as_dict()}
-            print(f"[eval] text: loss {score.loss:.4f} bpb {score.bpb:.4f} ({score.docs} docs, "
-                  f"{score.tokens:,} tokens, {score.bytes:,} bytes)", file=sys.stderr)
+            try:
+                texts = read_texts(Path(args.text), args.text_limit)
+            except FileNotFoundError as e:
+                raise SystemExit(str(e)) from None
+            results["text"] = evaluate_text(model, encode, texts, args.text, prefix_id, max_len, args.batch_size)
     results["seconds"] = round(time.perf_counter() - start, 2)
-    text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if samples is not None:
-        with open(args.samples, "w", encoding="utf-8") as fh:
-            for s in samples:
-                fh.write(json.dumps(s) + "\n")
-    summary = {t: {k: round(v[k], 4) for k in ("acc", "acc_norm")} for t, v in results.get("results", {}).items()}
-    if "text" in results:
-        summary["text"] = {k: round(results["text"][k], 4) for k in ("loss", "bpb")}
-    print(json.dumps(summary))
+        write_samples(args.samples, samples)
+    print(json.dumps(summary(results)))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,23 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from neollm.checkpoint import load_model
-    from neollm.inference import SamplingConfig, generate
-    from neollm.inference.decoder import resolve_decode_mode
-    from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir
+    from neollm.inference import SamplingConfig
+    from neollm.inference.text import generate_text
+    from neollm.tokenizer import NeoLLMTokenizer, _tokenizer_dir, check_covers
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = NeoLLMTokenizer(str(_tokenizer_dir(args.tokenizer)))
     overrides = {} if args.max_seq_len is None else {"max_seq_len": args.max_seq_len}
     model = load_model(args.checkpoint, args.flavor, device=device,
                        dtype=getattr(torch, args.dtype), **overrides)
-    if tokenizer.get_vocab_size() > model.model_args.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size():,} ids but the checkpoint's "
-                         f"vocabulary is {model.model_args.vocab_size:,}: wrong --tokenizer?")
-    texts = args.prompt or [""]
-    prompts = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_bos=True, add_eos=False) if text else []
-        prompts.append(ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id])
+    try:
+        check_covers(tokenizer, model.model_args.vocab_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_length=args.min_length, repetition_penalty=args.repetition_penalty,
@@ -85,22 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         use_cache=not args.no_cache, decode_mode=args.decode_mode,
     )
     cfg.validate()
-    mode = resolve_decode_mode(cfg.decode_mode, device) if cfg.use_cache else "uncached"
-    start = time.perf_counter()
-    outputs = generate(model, prompts, cfg, kernels=args.kernels)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    for text, new in zip(texts, outputs):
-        if cfg.eos_id is not None and new and new[-1] == cfg.eos_id:
-            new = new[:-1]
-        print(text + tokenizer.decode(new))
+    texts = args.prompt or [""]
+    continuations, n, elapsed, mode = generate_text(model, tokenizer, texts, cfg, args.kernels, device)
+    for text, new in zip(texts, continuations):
+        print(text + new)
         print("-" * 40)
-    n = sum(len(o) for o in outputs)
     print(f"{n} new tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s, {device}, "
           f"{mode})", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     try:

@@ -36,7 +36,8 @@ import argparse
 import os
 import sys
 
-from neollm.data.shard_writer import INDEX_NAME, TokenizeError, run
+from neollm.data.shard_writer import TokenizeError, run, summary
+from neollm.errors import ConfigError
 
 DEFAULT_TOKENIZER = "assets/tokenizer/qwen3"
 DEFAULT_INPUT = "data/wiki_vital_en/train.jsonl"
@@ -83,26 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--docs-per-shard and --batch-docs must be positive")
     try:
         index = run(args)
-    except (TokenizeError, FileNotFoundError) as e:
+    except (TokenizeError, FileNotFoundError, ConfigError) as e:  # ConfigError: the shared source helpers
         print(f"tokenize_data: error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # ConfigError from the shared source helpers
-        from neollm.errors import ConfigError
-
-        if isinstance(e, ConfigError):
-            print(f"tokenize_data: error: {e}", file=sys.stderr)
-            return 1
-        raise
-    secs = index["seconds"]
-    for split, info in index["splits"].items():
-        print(f"[tokenize] {split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
-              f"{len(info['shards'])} shard(s)")
-    print(f"[tokenize] {args.out}/{INDEX_NAME}: dtype {index['dtype']}, max id {index['max_token_id']}, "
-          f"tokenizer sha256 {index['tokenizer']['sha256'][:12]}...; {index['new_tokens']:,} tokens "
-          f"tokenized in {secs:.1f}s ({index['new_tokens'] / max(secs, 1e-9):,.0f} tokens/s, "
-          f"{args.workers} worker(s))")
+    print(summary(index, args.out, args.workers))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

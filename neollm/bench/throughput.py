@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,9 +20,10 @@ from typing import Callable
 import torch
 
 from neollm.loss import LossSettings
-from neollm.model.args import NeoLLMModelArgs
+from neollm.model.args import FLAVORS, ModelConfigError, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
+from neollm.model.params import technique_switches
 from neollm.parallelize import checkpoint_blocks, compile_blocks
 
 VOCAB_ALIGNMENT = 64
@@ -230,3 +232,63 @@ def table(results: list[Result], baseline: Result | None = None) -> str:
         lines.append(f"| {r.name} | {r.params:,} | {r.tok_per_s:,.0f} | {speedup} | {r.step_ms:.1f} | "
                      f"{100 * r.mfu:.1f}% | {r.peak_gib:.2f} | {r.loss:.3f} | {r.first_step_s:.1f} |")
     return "\n".join(lines)
+
+
+def plan(opts) -> list[tuple[str, int, Callable]]:
+    """(row name, vocabulary, builder) for every row tools/bench.py's ``opts`` ask for, in order; the
+    padded llama3 row is named ``... padded``. A config that cannot be built raises ValueError."""
+    device = torch.device(opts.device)
+    backend = None if opts.no_compile else opts.compile_backend
+    layers = {"n_layers": opts.layers} if opts.layers else {}
+    rows = []
+    for name in opts.configs.split(","):
+        if name == "llama3":
+            vocab = opts.vocab or FLAVORS["neollm_135m"].vocab_size
+            n_layers = opts.layers or 12
+            for v in dict.fromkeys((vocab, padded_vocab(vocab))):
+                label = f"llama3 (torchtitan) V={v}" + (" padded" if v != vocab else "")
+                rows.append((label, v, lambda v=v: build_llama3(v, opts.seq, device, backend, n_layers)))
+            continue
+        if name not in FLAVORS:
+            raise ValueError(f"unknown config {name!r}: choose llama3 or one of {sorted(FLAVORS)}")
+        try:
+            args = dataclasses.replace(FLAVORS[name], max_seq_len=opts.seq, **layers,
+                                       **({"vocab_size": opts.vocab} if opts.vocab else {}))
+        except ModelConfigError as error:
+            raise ValueError(f"{name}: {error}") from error
+        variants = [(name, args)]
+        if opts.ablate:
+            variants += [(f"{name} -{field}", dataclasses.replace(args, **{field: off}))
+                         for field, off in technique_switches(args).items()]
+        suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
+        suffix += f" ac={opts.ac}" if opts.ac != "none" else ""
+        for label, variant in variants:
+            rows.append((f"{label} V={variant.vocab_size}{suffix}", variant.vocab_size,
+                         lambda a=variant: build_neollm(a, device, backend, opts.loss, opts.float8, opts.ac)))
+    return rows
+
+
+def run_rows(rows: list[tuple[str, int, Callable]], *, tokens: torch.Tensor, steps: int, warmup: int,
+             device: torch.device, peak, profile_dir: Path | None = None,
+             json_path: Path | None = None) -> tuple[list[Result], Result | None]:
+    """``run`` each of ``plan``'s rows on ``tokens``, printing a line per row; ``json_path`` is rewritten
+    after every row (a run that dies later keeps the rows before). Returns the results and the
+    baseline: the last llama3 row with an aligned vocabulary (the padded one), or None."""
+    results: list[Result] = []
+    baseline: list[Result] = []
+
+    def write_json() -> None:
+        if json_path:
+            set_speedups(results, baseline[0] if baseline else None)
+            json_path.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+
+    for label, vocab, build in rows:
+        result = run(label, build, tokens=tokens, vocab=vocab, steps=steps, warmup=warmup,
+                     device=device, peak_tflops=peak.tflops, peak_source=peak.source, profile_dir=profile_dir)
+        results.append(result)
+        if label.startswith("llama3") and (label.endswith(" padded") or vocab % 64 == 0):
+            baseline[:] = [result]
+        print(f"{result.name}: {result.tok_per_s:,.0f} tok/s, {result.step_ms:.1f} ms/step, "
+              f"MFU {100 * result.mfu:.1f}%, peak {result.peak_gib:.2f} GiB", flush=True)
+        write_json()
+    return results, baseline[0] if baseline else None

@@ -357,6 +357,18 @@ def run(args) -> dict:
     return index
 
 
+def summary(index: dict, out: str, workers: int) -> str:
+    """What ``run`` wrote, as tools/tokenize_data.py prints it: a line per split, then the index's."""
+    secs = index["seconds"]
+    lines = [f"[tokenize] {split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+             f"{len(info['shards'])} shard(s)" for split, info in index["splits"].items()]
+    lines.append(f"[tokenize] {out}/{INDEX_NAME}: dtype {index['dtype']}, max id {index['max_token_id']}, "
+                 f"tokenizer sha256 {index['tokenizer']['sha256'][:12]}...; {index['new_tokens']:,} tokens "
+                 f"tokenized in {secs:.1f}s ({index['new_tokens'] / max(secs, 1e-9):,.0f} tokens/s, "
+                 f"{workers} worker(s))")
+    return "\n".join(lines)
+
+
 def _ready(item) -> bool:
     res = item[2]
     return res.ready() if hasattr(res, "ready") else True

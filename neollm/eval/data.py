@@ -150,3 +150,20 @@ def load_task(root: str | Path, task: str) -> tuple[list[MCDoc], Any]:
             pool[s] = [mmlu_doc(r, s) for r in _load_hf(base / s / "dev")]
         return docs, pool
     raise ValueError(f"unknown task {task!r}")
+
+
+def read_texts(path: Path, limit: int | None) -> list[str]:
+    """Documents of a jsonl file (its ``text`` field; the first ``limit``) or a whole .txt file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--text {path} does not exist")
+    if path.suffix == ".txt":
+        texts = [path.read_text(encoding="utf-8")]
+    else:
+        texts = []
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    texts.append(json.loads(line)["text"])
+                    if limit is not None and len(texts) >= limit:
+                        break
+    return texts[:limit] if limit is not None else texts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import defaultdict
@@ -11,10 +12,14 @@ from typing import Any, Sequence
 import torch
 
 from neollm.eval.data import load_task
-from neollm.eval.scoring import Encode, encode_pair, loglikelihoods, mc_metrics
+from neollm.eval.scoring import Encode, encode_pair, loglikelihoods, mc_metrics, text_nll
 from neollm.eval.tasks import MCDoc, requests_for
 
-__all__ = ["limit_docs", "evaluate_docs", "evaluate_tasks"]
+__all__ = ["limit_docs", "evaluate_docs", "evaluate_tasks", "evaluate_text", "run_config", "summary",
+           "write_samples"]
+
+FEWSHOT_SOURCE = {"arc_easy": "ARC-Easy validation", "arc_challenge": "ARC-Challenge validation",
+                  "hellaswag": "another validation item", "mmlu": "dev (first_n)"}
 
 
 def limit_docs(task: str, docs: list[MCDoc], limit: int | None) -> list[MCDoc]:
@@ -93,3 +98,37 @@ def evaluate_tasks(model: torch.nn.Module, encode: Encode, tasks: Sequence[str],
             print(f"[eval] {task}: acc {res['acc']:.4f} acc_norm {res['acc_norm']:.4f} "
                   f"(n={res['n']}, {res['seconds']} s)", file=log)
     return results
+
+
+def evaluate_text(model: torch.nn.Module, encode: Encode, texts: Sequence[str], file: str, prefix_id: int,
+                  max_len: int, batch_size: int = 16, log=sys.stderr) -> dict[str, Any]:
+    """Loss and bits per byte of ``texts`` (read from ``file``), logged as one line."""
+    score = text_nll(model, encode, texts, prefix_id, max_len, batch_size)
+    if log is not None:
+        print(f"[eval] text: loss {score.loss:.4f} bpb {score.bpb:.4f} ({score.docs} docs, "
+              f"{score.tokens:,} tokens, {score.bytes:,} bytes)", file=log)
+    return {"file": str(file), **score.as_dict()}
+
+
+def run_config(args, device: str, max_len: int, data_root: Path | None) -> dict[str, Any]:
+    """The results' ``config`` record of tools/evaluate.py's ``args``."""
+    return {
+        "checkpoint": str(args.checkpoint), "flavor": args.flavor, "tokenizer": str(args.tokenizer),
+        "num_fewshot": args.num_fewshot, "limit": args.limit, "seed": args.seed, "device": device,
+        "dtype": args.dtype, "batch_size": args.batch_size, "max_seq_len": max_len,
+        "data": str(data_root) if data_root else None, "fewshot_source": dict(FEWSHOT_SOURCE),
+    }
+
+
+def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """acc / acc_norm per task and loss / bpb of the text, rounded: the line a run ends with."""
+    out = {t: {k: round(v[k], 4) for k in ("acc", "acc_norm")} for t, v in results.get("results", {}).items()}
+    if "text" in results:
+        out["text"] = {k: round(results["text"][k], 4) for k in ("loss", "bpb")}
+    return out
+
+
+def write_samples(path: str | Path, samples: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps(s) + "\n")

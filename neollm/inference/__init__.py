@@ -9,7 +9,8 @@ Modules, each with one job and no import back up the list:
 * ``sampling``: ``SamplingConfig``, ``DECODE_MODES``, ``filter_logits``, ``sample_next``;
 * ``decoder``: ``StaticDecoder`` (the static step eager, as a CUDA graph or compiled), ``DecoderPool``,
   ``resolve_decode_mode``;
-* ``generate``: ``generate`` (prompts grouped by length, prefill, per-token steps, sampling).
+* ``generate``: ``generate`` (prompts grouped by length, prefill, per-token steps, sampling);
+* ``text``: ``prompt_ids``, ``generate_text`` (tokenizer in and out, timed: tools/generate.py's core).
 The per-mixer incremental formulas live beside each mixer (``Attention.step``, ``GatedDeltaNet.step``, ...).
 """
 

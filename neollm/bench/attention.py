@@ -1,0 +1,195 @@
+"""Attention-kernel measurements behind tools/bench_attention.py (its docstring says what each part
+measures): SDPA backends, LUCID's preconditioner precision, LUCID's op and kernel launch configurations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from neollm.bench.timing import time_ms
+from neollm.kernels import lucid as lucid_kernels
+from neollm.model import attention_ops as ops
+
+
+def sdpa_rows(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def leaf(h: int) -> torch.Tensor:  # [B, T, h, d] projection layout, seen as [B, h, T, d]
+        x = torch.randn(batch, seq, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        return x.requires_grad_(True)
+
+    q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
+    grad = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run(backends, expand: bool = False):
+        kk, vv = k.transpose(1, 2), v.transpose(1, 2)
+        if expand:
+            kk = kk.repeat_interleave(heads // kv_heads, dim=1)
+            vv = vv.repeat_interleave(heads // kv_heads, dim=1)
+        with sdpa_kernel(backends, set_priority=True):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), kk, vv, is_causal=True, enable_gqa=not expand and kv_heads != heads)
+        torch.autograd.grad(out, (q, k, v), grad)
+        return out
+
+    reference = run([SDPBackend.FLASH_ATTENTION]).float()
+    cases = [("flash", [SDPBackend.FLASH_ATTENTION], False), ("cudnn", [SDPBackend.CUDNN_ATTENTION], False),
+             ("cudnn, k/v expanded to all heads", [SDPBackend.CUDNN_ATTENTION], True),
+             ("memory-efficient", [SDPBackend.EFFICIENT_ATTENTION], False)]
+    rows = []
+    for name, backends, expand in cases:
+        try:
+            out = run(backends, expand).float()
+            ms = time_ms(lambda: run(backends, expand))
+            rows.append(dict(case=name, ms=ms, max_diff_vs_flash=float((out - reference).abs().max())))
+        except RuntimeError as err:
+            rows.append(dict(case=name, ms=None, error=str(err).splitlines()[0][:120]))
+    def neollm_order():
+        out = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    rows.append(dict(case="causal_attention (PyTorch's choice)", ms=time_ms(neollm_order)))
+    return rows
+
+
+def lucid_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for keys in ("independent", "correlated"):
+        k = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+        if keys == "correlated":
+            shared = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g)
+            k = shared + 0.3 * k
+        k = k.to(torch.bfloat16)
+        v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+        p64 = ops.lucid_preconditioner(k.double(), 1e-6)
+        x64 = torch.linalg.solve_triangular(p64, v.double(), upper=False, unitriangular=True)
+        kr = ops.rms_normalize(k, 1e-6).to(torch.bfloat16)  # what autocast hands a GEMM
+        gram_bf16 = (kr @ kr.mT).float()                    # bf16 output, as under autocast
+        p_bf16 = torch.exp(gram_bf16 / head_dim ** 0.5 - head_dim ** 0.5).tril()
+        for gram, p in (("bf16 GEMM (autocast)", p_bf16), ("fp32 (NeoLLM)", ops.lucid_preconditioner(k, 1e-6))):
+            x = torch.linalg.solve_triangular(p, v.float(), upper=False, unitriangular=True).double()
+            rows.append(dict(keys=keys, gram=gram, rel_err_x=float((x - x64).norm() / x64.norm()),
+                             p_offdiag_max=float(p64.tril(-1).max())))
+        leaf = k.clone().requires_grad_(True)
+
+        def step(leaf=leaf, v=v):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ops.lucid_values(leaf, v, 1e-6).float().sum().backward()
+
+        rows[-1]["fwd_bwd_ms"] = time_ms(step, steps=10, warmup=3)
+    return rows
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def lucid_op_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    """lucid_values with impl "triton" and "torch": time, peak memory and error vs fp64."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    shape = (batch, seq, kv_heads, head_dim)  # the projection layout, seen as [B, Hkv, T, d]
+    k = torch.randn(batch, 1, kv_heads, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
+        *shape, device="cuda", generator=g)
+    k = k.to(torch.bfloat16).transpose(1, 2)
+    v = torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    dx = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+
+    def run(impl, kk, vv, backward=True):
+        kk, vv = kk.detach().requires_grad_(backward), vv.detach().requires_grad_(backward)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kk.dtype != torch.float64):
+            x = ops.lucid_values(kk, vv, 1e-6, impl=impl)
+        return (x, *torch.autograd.grad(x, (kk, vv), dx.to(x.dtype))) if backward else (x,)
+
+    want = run("torch", k.double(), v.double())
+    rows = []
+    for impl in ("torch", "triton"):
+        got = run(impl, k, v)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(impl, k, v)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append(dict(impl=impl, fwd_ms=time_ms(lambda: run(impl, k, v, backward=False)),
+                         fwd_bwd_ms=time_ms(lambda: run(impl, k, v)), peak_mib=peak,
+                         **{f"rel_err_{n}": _rel(a, b) for n, a, b in zip(("x", "dk", "dv"), got, want)}))
+    return rows
+
+
+# (rows per block, column chunk, warps, programs per head in the substitutions)
+LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4), (32, 64, 4, 1), (32, 64, 4, 2),
+                 (32, 32, 4, 4), (16, 64, 4, 1), (16, 64, 2, 4), (16, 32, 2, 2), (128, 64, 8, 2)]
+
+
+def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
+    """The kernels alone on fp32 normalised keys at each launch configuration, IEEE and TF32 solve."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
+        batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+    kr = ops.rms_normalize(k, 1e-6)
+    v = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+    dx = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g)
+    x64 = lucid_kernels.solve_reference(kr.double(), v.double())
+    dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
+    rows = []
+    for rows_, cols, warps, split in LUCID_CONFIGS:
+        for tf32 in (False, True):
+            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split)
+            try:
+                x = lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)
+                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)
+                rows.append(dict(
+                    **launch, solve_tf32=tf32,
+                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)),
+                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)),
+                    rel_err_x=_rel(x, x64), rel_err_dk=_rel(dk, dk64), rel_err_dv=_rel(dv, dv64)))
+            except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result
+                rows.append(dict(**launch, solve_tf32=tf32, error=str(err).splitlines()[0][:120]))
+    return rows
+
+
+def sdpa_and_lucid(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Parts 1 and 2: the SDPA backends' rows and LUCID's Gram precision rows."""
+    return dict(sdpa=sdpa_rows(batch, seq, heads, kv_heads, head_dim),
+                lucid=lucid_rows(batch, seq, kv_heads, head_dim))
+
+
+def lucid_op(batch: int, seq: int, kv_heads: int, head_dim: int) -> dict:
+    """Part 3: LUCID's op (Triton and PyTorch) and the kernels' launch configurations."""
+    return dict(lucid_op=lucid_op_rows(batch, seq, kv_heads, head_dim),
+                lucid_configs=lucid_config_rows(batch, seq, kv_heads, head_dim))
+
+
+def markdown(result: dict) -> str:
+    """The markdown tables of the parts in ``result`` (each part's table as the tool prints it)."""
+    lines = []
+    if "sdpa" in result:
+        lines.append("| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|")
+        for r in result["sdpa"]:
+            ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
+            lines.append(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
+        lines.append("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |"
+                     "\n|---|---|---:|---:|---:|")
+        for r in result["lucid"]:
+            ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
+            lines.append(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
+    if "lucid_op" not in result:
+        return "\n".join(lines)
+    lines.append("\n| lucid_values impl | fwd ms | fwd+bwd ms | peak MiB | rel. err X | dk | dv |"
+                 "\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in result["lucid_op"]:
+        lines.append(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
+                     f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
+    lines.append("\n| rows | cols | warps | split | solve dots | fwd ms | bwd ms | rel. err X | dk | dv |\n"
+                 "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in result["lucid_configs"]:
+        head = (f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['value_split']} | "
+                f"{'tf32' if r['solve_tf32'] else 'ieee'} |")
+        if "error" in r:
+            lines.append(f"{head} n/a: {r['error']} | | | | |")
+        else:
+            lines.append(f"{head} {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['rel_err_x']:.2e} | "
+                         f"{r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
+    return "\n".join(lines)
