@@ -7,27 +7,15 @@ tools/bench_polynorm.py; the numbers decide ``NEOLLM_POLYNORM_IMPL``'s default.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import torch
 
+from neollm.bench.timing import time_ms
 from neollm.kernels import polynorm_glu as pg
 
 EPS = PROJ_EPS = 1e-6
-
-
-def time_ms(fn: Callable[[], object], steps: int = 20, warmup: int = 5) -> float:
-    """Mean CUDA time of ``fn`` over ``steps`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
 
 
 def inputs(rows: int, n: int, dtype: torch.dtype, exclusive: bool, device: str = "cuda", seed: int = 0):
@@ -39,7 +27,7 @@ def inputs(rows: int, n: int, dtype: torch.dtype, exclusive: bool, device: str =
     dy = torch.randn(rows, n, device=device, generator=gen).to(dtype)
     weight = torch.full((3,), 1.0 / 3.0, device=device, requires_grad=True)
     bias = torch.zeros(1, device=device, requires_grad=True)
-    logits = torch.full((2,), -9.21, device=device, requires_grad=True) if exclusive else None
+    logits = torch.full((2,), math.log(1e-4 / (1 - 1e-4)), device=device, requires_grad=True) if exclusive else None
     return g, u, dy, weight, bias, logits
 
 

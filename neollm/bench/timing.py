@@ -1,4 +1,4 @@
-"""CUDA-event timing shared by the kernel benchmarks (neollm/bench/attention.py, loss.py)."""
+"""CUDA-event timing shared by the kernel benchmarks (neollm/bench/attention.py, loss.py, polynorm.py)."""
 
 from __future__ import annotations
 
