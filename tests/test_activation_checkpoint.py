@@ -85,3 +85,21 @@ def test_selective_op_checkpointing_keeps_lucid_solves_output(mode, solves, monk
     monkeypatch.setattr(lucid, "solve_reference", lambda kr, v: calls.append(1) or solve(kr, v))
     _loss_and_grads(MODES[mode], compiled=False)
     assert len(calls) == solves == 2 * ARGS.n_layers // (2 if mode == "selective op" else 1)
+
+
+@pytest.mark.parametrize("mode, passes", [("selective op", 2), ("full", 4)])
+def test_selective_op_checkpointing_keeps_the_fused_polynorm_output(mode, passes, monkeypatch):
+    """Selective-op AC saves the fused PolyNorm GLU op's output (on NeoLLM's save list): one forward
+    pass per layer per step, as without checkpointing; full AC reruns it in backward (two per layer).
+    The op runs here with its PyTorch reference in place of the Triton kernels (CPU)."""
+    from neollm.kernels import polynorm_glu
+
+    calls = []
+    forward = polynorm_glu.forward_reference
+    monkeypatch.setattr(polynorm_glu, "uses_kernel", lambda impl, g, u: True)
+    monkeypatch.setattr(polynorm_glu, "_require_kernel", lambda g, u: None)
+    monkeypatch.setattr(polynorm_glu, "forward_kernel", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(polynorm_glu, "backward_kernel", polynorm_glu.backward_reference)
+    _loss_and_grads(MODES[mode], compiled=False)
+    assert ARGS.mlp_type == "polynorm"
+    assert len(calls) == passes == 2 * ARGS.n_layers // (2 if mode == "selective op" else 1)

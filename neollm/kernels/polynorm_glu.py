@@ -421,6 +421,10 @@ def _backward(ctx, d_out, d_stats):
 
 polynorm_glu_op.register_autograd(_backward, setup_context=_setup_context)
 
+# On NeoLLM's selective-op activation-checkpointing save list (neollm/parallelize.py), as LUCID's solve:
+# its output (the down projection's input) and row statistics are kept instead of a second forward pass.
+POLYNORM_OPS = (torch.ops.neollm.polynorm_glu.default,)
+
 
 # ---- the switch -------------------------------------------------------------------------------
 POLYNORM_IMPLS = ("auto", "triton", "torch")
