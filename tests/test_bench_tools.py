@@ -35,6 +35,13 @@ def test_bench_data_names_a_missing_flavor_row(tmp_path, capsys):
     assert "has no row named 'debug'" in capsys.readouterr().err
 
 
+def test_first_step_seconds_from_step_one_throughput():
+    from neollm.bench.trainer import first_step_seconds
+
+    assert first_step_seconds({"throughput(tps)": {1: 1148.0, 10: 2e5}}, 32768) == 32768 / 1148.0
+    assert first_step_seconds({"throughput(tps)": {10: 2e5}}, 32768) is None
+
+
 def test_steady_state_leaves_out_the_warm_up_steps():
     from neollm.bench.trainer import steady_state  # tools/bench_trainer.py's reading of metrics.jsonl
 
@@ -61,3 +68,4 @@ def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path
     for row in rows.values():
         assert row["name"] == "debug" and row["tok_per_s"] > 0 and row["local_batch_size"] == 1
     assert rows["trainer"]["intervals"] == 1 and rows["trainer"]["peak_gib"] >= 0
+    assert rows["trainer"]["first_step_s"] > 0 and rows["bench"]["first_step_s"] > 0

@@ -27,6 +27,13 @@ def steady_state(metrics: dict[str, dict[int, float]], skip: int) -> tuple[float
     return sum(tps.values()) / len(tps), max(peaks, default=float("nan")), len(tps)
 
 
+def first_step_seconds(metrics: dict[str, dict[int, float]], tokens_per_gpu_step: int) -> float | None:
+    """Step 1's duration, compile and autotune included: its tokens over its logged throughput (tokens
+    per second per GPU since the trainer started timing); None if step 1 was not logged."""
+    tps = metrics.get("throughput(tps)", {}).get(1)
+    return tokens_per_gpu_step / tps if tps else None
+
+
 def run_trainer(config: str, steps: int, log_freq: int, ngpu: int, overrides: list[str], dump: Path) -> Path:
     cmd = ["./run_train.sh", "--job.config_file", config, "--job.dump_folder", str(dump),
            "--training.steps", str(steps), "--metrics.log_freq", str(log_freq),
@@ -72,13 +79,18 @@ def measure(opts, command: str) -> dict:
         metrics = read_metrics_jsonl(run_trainer(opts.config, opts.steps, opts.log_freq, opts.ngpu,
                                                  opts.overrides, dump))
         tps, peak, intervals = steady_state(metrics, skip)
+        batch = job.training.global_batch_size
+        batch = batch if batch > 0 else job.training.local_batch_size * opts.ngpu  # -1: one micro-batch per GPU
+        step_tokens = batch * job.training.seq_len // opts.ngpu
+        first = first_step_seconds(metrics, step_tokens)
         rows.append({"name": name, "source": "trainer", "tok_per_s": tps * opts.ngpu, "peak_gib": peak,
+                     "first_step_s": None if first is None else round(first, 1),
                      "ngpu": opts.ngpu, "steps": opts.steps, "skipped_steps": skip, "intervals": intervals,
                      "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
         if not opts.no_bench:
             for r in run_bench(job, flavor, opts.bench_steps, opts.bench_warmup, Path(tmp) / "bench.json"):
                 rows.append({"name": name, "bench_label": r["name"], "source": "bench", "tok_per_s": r["tok_per_s"],
-                             "peak_gib": r["peak_gib"], "ngpu": 1, "steps": opts.bench_steps,
+                             "peak_gib": r["peak_gib"], "first_step_s": r.get("first_step_s"), "ngpu": 1, "steps": opts.bench_steps,
                              "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
     return {"device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "config": opts.config, "overrides": opts.overrides, "command": command,
@@ -89,9 +101,11 @@ def summary(report: dict, ngpu: int) -> str:
     """The report as printed: provenance, a markdown table, and the trainer's share of bench's tok/s."""
     rows = report["rows"]
     lines = [f"\n{report['device']}, {report['date']}, commit {report['commit']}",
-             "| name | source | GPUs | tok/s | peak GiB |", "|---|---|---:|---:|---:|"]
+             "| name | source | GPUs | tok/s | peak GiB | first step s |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['source']} | {r['ngpu']} | {r['tok_per_s']:,.0f} | {r['peak_gib']:.2f} |")
+        first = r.get("first_step_s")
+        lines.append(f"| {r['name']} | {r['source']} | {r['ngpu']} | {r['tok_per_s']:,.0f} | {r['peak_gib']:.2f} | "
+                     f"{'' if first is None else first} |")
     bench = [r for r in rows if r["source"] == "bench"]
     if bench and bench[0]["tok_per_s"] > 0:
         lines.append(f"trainer / bench: {rows[0]['tok_per_s'] / ngpu / bench[0]['tok_per_s']:.1%} (per GPU)")
