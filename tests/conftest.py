@@ -81,6 +81,18 @@ def run_interpreted(script_name: str, timeout: int) -> None:
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
+def fresh_python(code: str, **env: str) -> str:
+    """stdout of ``python -c code`` in a fresh process with this tree's neollm first on the path and
+    ``env`` added (e.g. a switch read at import); fails the test on a non-zero exit."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def load_tool(name: str):
     """Import tools/<name>.py as module ``name`` (registered in sys.modules: dataclasses and
     multiprocessing workers look their module up there)."""

@@ -11,17 +11,15 @@ injected errors (a mutated copy of the kernels) must fail these checks.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from neollm.kernels import lucid  # noqa: E402
+from kernel_mutants import mutant  # noqa: E402  (tests/, this script's folder)
 from neollm.model.attention_ops import lucid_values, rms_normalize  # noqa: E402
 
 SLACK, FLOOR = 3.0, 2e-7
@@ -133,22 +131,6 @@ def check_opcheck() -> None:
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def mutant(replacements: list[tuple[str, str]]):
-    """A copy of the kernels module with each ``old`` replaced by ``new`` (each must occur once),
-    without the op registration (whose name the real module holds)."""
-    source = Path(lucid.__file__).read_text()
-    source = source[: source.index("# ---- the op")]
-    for old, new in replacements:
-        assert source.count(old) == 1, f"the mutation's anchor {old!r} is not in the kernels once"
-        source = source.replace(old, new)
-    path = Path(tempfile.mkdtemp()) / "lucid_mutant.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("lucid_mutant", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 INJECTED = {
     "forward skips the last off-diagonal column block": [("c_end = r0\n", "c_end = r0 - BC\n")],
     "diagonal block's mask includes the diagonal": [("inside = rr[:, None] > rr[None, :]",
@@ -162,7 +144,7 @@ INJECTED = {
 
 def check_injected_errors_fail() -> None:
     for name, replacements in INJECTED.items():
-        module = mutant(replacements)
+        module = mutant(lucid, replacements)
         try:
             check_kernels(module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2)
         except AssertionError:

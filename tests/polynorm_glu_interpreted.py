@@ -13,17 +13,15 @@ injected errors (a mutated copy of the kernels) must fail these checks.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from neollm.kernels import polynorm_glu as pg  # noqa: E402
+from kernel_mutants import mutant  # noqa: E402  (tests/, this script's folder)
 
 SLACK, FLOOR, FP32_TOL = 3.0, 2e-7, 1e-5
 # The parameter gradients (weight, bias, logits: 4-6 numbers, checked as one vector) are sums over
@@ -159,22 +157,6 @@ def check_opcheck() -> None:
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def mutant(replacements: list[tuple[str, str]]):
-    """A copy of the kernels module with each ``old`` replaced by ``new`` (each must occur once),
-    without the op registration (whose name the real module holds)."""
-    source = Path(pg.__file__).read_text()
-    source = source[: source.index("# ---- the op")]
-    for old, new in replacements:
-        assert source.count(old) == 1, f"the mutation's anchor {old!r} is not in the kernels once"
-        source = source.replace(old, new)
-    path = Path(tempfile.mkdtemp()) / "polynorm_glu_mutant.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("polynorm_glu_mutant", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 INJECTED = {
     "saved r2 off by 1e-4 (relative)": [("tl.store(s_base + 1, r2)", "tl.store(s_base + 1, r2 * 1.0001)")],
     "masked lanes of g read as 1": [("x = tl.load(g_ptr + row * n_cols + cols, mask=ok, other=0.0)",
@@ -191,7 +173,7 @@ INJECTED = {
 
 def check_injected_errors_fail() -> None:
     for name, replacements in INJECTED.items():
-        module = mutant(replacements)
+        module = mutant(pg, replacements)
         try:
             check(module, (3, 4), 96, torch.float32, exclusive=True)
         except AssertionError:

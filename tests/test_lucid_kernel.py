@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import lucid
@@ -116,11 +113,7 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
 def test_impl_default_comes_from_the_environment():
     """NEOLLM_LUCID_IMPL sets the default for a whole run (read at import, in a fresh process)."""
     code = "from neollm.model import attention_ops as o; print(o.LUCID_IMPL)"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "NEOLLM_LUCID_IMPL": "torch",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "torch", done.stdout + done.stderr
+    assert fresh_python(code, NEOLLM_LUCID_IMPL="torch").strip() == "torch"
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -128,6 +121,5 @@ def test_triton_kernels_under_the_interpreter():
     reference's own error, fp32 / bf16 / fp16, ragged shapes; neollm_135m's attention layer with
     the kernels; opcheck with the kernels; injected errors fail the same checks."""
     import triton  # noqa: F401  (required: a broken install fails here, not skips)
-    from conftest import run_interpreted
 
     run_interpreted("lucid_kernel_interpreted.py", timeout=900)

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import polynorm_glu as pg
@@ -185,11 +183,7 @@ def test_impl_switch_is_validated_and_gated_by_dropout(monkeypatch):
 def test_impl_default_comes_from_the_environment():
     """NEOLLM_POLYNORM_IMPL sets the default for a whole run (read at import, in a fresh process)."""
     code = "from neollm.kernels import polynorm_glu as p; print(p.POLYNORM_IMPL)"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "NEOLLM_POLYNORM_IMPL": "auto",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "auto", done.stdout + done.stderr
+    assert fresh_python(code, NEOLLM_POLYNORM_IMPL="auto").strip() == "auto"
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -199,7 +193,6 @@ def test_triton_kernels_under_the_interpreter():
     the kernels; injected errors fail the same checks."""
     import importlib
 
-    from conftest import run_interpreted
 
     importlib.import_module("triton")  # required: a broken install fails here, not skips
 

@@ -39,9 +39,10 @@ tools/bench_attention.py to measure on the GPU.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from neollm.kernels.triton_support import unavailable_reason
 
 try:
     import triton
@@ -58,7 +59,6 @@ BLOCK_ROWS = 32
 BLOCK_COLS = 64
 NUM_WARPS = 4
 VALUE_SPLIT = 2
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---- the reference --------------------------------------------------------------------------
@@ -208,18 +208,11 @@ if triton is not None:
         tl.store(dk_ptr + off + rows[:, None] * head_dim + dd[None, :], acc * scale, mask=rd_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernel_unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int) -> str | None:
     """Why the Triton kernels cannot serve tensors on ``device`` of these dtypes (None when they can)."""
-    if triton is None:
-        return "Triton is not installed (pip install triton)"
-    if not (device.type == "cuda" or _interpreting()):
-        return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
-    if any(dt not in KERNEL_DTYPES for dt in dtypes):
-        return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
+    reason = unavailable_reason(device, dtypes)
+    if reason is not None:
+        return reason
     if head_dim > 256:
         return f"head dim {head_dim} > 256"
     return None

@@ -36,6 +36,7 @@ import os
 import torch
 
 from neollm.errors import ConfigError
+from neollm.kernels.triton_support import unavailable_reason
 
 try:
     import triton
@@ -43,7 +44,6 @@ try:
 except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
     triton = None
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 N_STATS = 8  # per row: r1, r2, r3, <x1, x1>, c2, c3, s2, s3 (the last four 0 without logits)
 N_PARAM_GRADS = 6  # dweight[3], dbias, dlogits[2]
 
@@ -297,19 +297,9 @@ if triton is not None:
         tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def kernel_unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
     """Why the Triton kernels cannot serve tensors on ``device`` of these dtypes (None when they can)."""
-    if triton is None:
-        return "Triton is not installed (pip install triton)"
-    if not (device.type == "cuda" or _interpreting()):
-        return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
-    if any(dt not in KERNEL_DTYPES for dt in dtypes):
-        return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
-    return None
+    return unavailable_reason(device, dtypes)
 
 
 def _launch(n_cols: int) -> tuple[int, int]:

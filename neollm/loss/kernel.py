@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from neollm.kernels.triton_support import unavailable_reason
+
 try:
     import triton
     import triton.language as tl
@@ -40,15 +42,7 @@ def launch_shape(n_cols: int) -> tuple[int, int]:
 def available(logits: torch.Tensor) -> bool:
     """Whether the kernel serves these logits: Triton importable and a CUDA tensor (or Triton's CPU
     interpreter) in a dtype whose statistics fp32 holds (not fp64: the torch path keeps that)."""
-    if triton is None or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return logits.is_cuda or _interpreting()
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return unavailable_reason(logits.device, (logits.dtype,)) is None
 
 
 if triton is not None:
