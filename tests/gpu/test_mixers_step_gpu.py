@@ -1,7 +1,7 @@
 """GPU checks of the recurrent mixers' decode steps, G, T, M, R, L and N (tests/test_mixers_step.py checks the
-torch path in fp64 on CPU). Not yet run: written 2026-12-04 when no GPU slot was free.
+torch path in fp64 on CPU). Passed on an H200 on 2026-12-05, which turned common.FLA_STEP_BY_DEFAULT on.
 
-* fla kernels (state kernels "fla"; "auto" picks them once common.FLA_STEP_BY_DEFAULT is on): a prefill of 37
+* fla kernels (state kernels "fla", and "auto" on CUDA): a prefill of 37
   tokens (chunk_* with the state as initial_state; 37 is not a multiple of fla's chunk of 64) then 8
   single-token steps (fused_recurrent_*) reproduce the torch forward's rows (relative RMS error,
   tests/gpu/test_mixers_gpu.py's tolerances: fp32 5e-3, bf16 2.5e-2).

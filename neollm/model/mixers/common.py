@@ -36,11 +36,11 @@ def check_decode_kernels(kernels: str, device, name: str) -> None:
                          f"use kernels='auto' or 'torch'")
 
 
-FLA_STEP_BY_DEFAULT = False
-"""Whether kernels "auto" picks fla's kernels for the GLA / RetNet / Mamba2 / RWKV-6 decode steps on CUDA. Off:
-those fla calls were written without a GPU at hand and tests/gpu/test_mixers_step_gpu.py has not run yet, so
-"auto" keeps the torch recurrences on every device and fla is opt-in (kernels "fla"). Turn on once that file
-passes on a GPU."""
+FLA_STEP_BY_DEFAULT = True
+"""Whether kernels "auto" picks fla's kernels for the GLA / RetNet / Mamba2 / RWKV-6 decode steps on CUDA. On since
+tests/gpu/test_mixers_step_gpu.py passed on an H200 (benchmarks/gpu_tests_2026-12-05_0729: fla's prefill and
+one-token steps reproduce the torch forward, replay from CUDA graphs, no host sync); kernels "torch" keeps the
+torch recurrences."""
 
 
 def pick_fla(backend: str, kernels: str, on_cuda: bool, name: str, auto: bool) -> bool:

@@ -27,8 +27,8 @@ pre-conv xBC inputs in the activation dtype (zeros = the conv's causal zero padd
 multiply-sum over the windows (in torch on every device) and the scan as the one-token recurrence (T = 1) or
 the chunked torch reference with h as initial state (prefill); fla's fused_recurrent_simple_gla (T = 1) /
 chunk_simple_gla (prefill) with h as initial_state
-with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
-tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
+on CUDA with kernels "fla" or "auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the
+torch path.
 """
 
 from __future__ import annotations

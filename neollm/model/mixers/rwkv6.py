@@ -29,8 +29,8 @@ kept; zeros = the training forward's zero initial state) and ``shift`` [B, 1, D]
 the activation dtype (zeros = the token shift's x_{-1} = 0). A step is the one-token wkv recurrence (T = 1) or
 the chunked torch reference with S as initial state (prefill); fla's fused_recurrent_rwkv6 (T = 1) /
 chunk_rwkv6 (prefill) with S as initial_state
-with kernels "fla" (or backend "fla") on CUDA; "auto" keeps the torch path on every device until
-tests/gpu/test_mixers_step_gpu.py has passed on a GPU (common.FLA_STEP_BY_DEFAULT).
+on CUDA with kernels "fla" or "auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the
+torch path.
 """
 
 from __future__ import annotations
