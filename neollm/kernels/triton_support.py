@@ -10,6 +10,7 @@ import os
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: the check runs in every forward
 
 
 def interpreting() -> bool:
@@ -18,7 +19,7 @@ def interpreting() -> bool:
 
 def unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
     """Why a Triton kernel cannot serve tensors on ``device`` of these dtypes (None when it can)."""
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton)"
     if not (device.type == "cuda" or interpreting()):
         return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
