@@ -6,7 +6,7 @@ reads its ``metrics.jsonl``: tok/s is the mean of torchtitan's ``throughput(tps)
 second per GPU) over the log intervals after the first ``--skip`` steps (compilation, warm-up),
 times the number of GPUs; peak memory is the largest ``memory/max_active(GiB)``. Then runs
 ``tools/bench.py --json`` for the TOML's flavor at its local batch, seq_len, vocabulary, loss and
-compile settings. Writes JSON rows ``{name, source: "trainer" | "bench", tok_per_s, peak_gib}``
+compile settings. Writes JSON rows ``{name, source: "trainer" | "bench", tok_per_s, peak_gib, first_step_s}``
 with device, date and commit (neollm/provenance.py).
 
     python tools/bench_trainer.py --config train_configs/neollm_135m.toml --steps 150 \\
