@@ -77,6 +77,8 @@ class NeoLLMTrainer(Trainer):
         self._install_fault_tolerance(guard)
         self._install_monitor()
         self.grads_in_place = job_config.compile.enable and getattr(job_config.compile, "mode", "") == "reduce-overhead"
+        if self.grads_in_place:
+            logger.info("[compile] mode reduce-overhead: gradients are zeroed in place, not dropped (CUDA graphs)")
 
     # ------------------------------------------------------------ fault tolerance
 

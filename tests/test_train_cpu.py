@@ -122,3 +122,22 @@ def test_ddp_with_gradient_accumulation_takes_the_same_steps(tmp_path):
     for step in (1, 2, 3):
         assert acc_norms[step] == pytest.approx(one_norms[step], rel=1e-4), (step, runs)
         assert acc_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5), (step, runs)
+
+
+@pytest.mark.slow
+def test_cuda_graph_mode_zeroes_gradients_in_place_and_trains_the_same(tmp_path):
+    """[compile] mode "reduce-overhead" makes the trainer zero gradients in place instead of dropping them
+    (neollm.train.zero_grads_in_place: under CUDA graphs a dropped gradient came back as a graph output that
+    the next micro-batch's replay overwrote). On the CPU, where inductor makes no CUDA graphs, the run with
+    two micro-batches per step must take exactly the steps of the default mode's run."""
+    require_prepared_assets()
+    common = ("--training.steps", "4", "--checkpoint.no-enable", "--compile.enable", "--compile.scope", "model")
+    default = run_trainer("--job.dump_folder", str(tmp_path / "default"), *common)
+    graphs = run_trainer("--job.dump_folder", str(tmp_path / "graphs"), *common, "--compile.mode", "reduce-overhead")
+    assert default.returncode == 0, default.stdout[-3000:]
+    assert graphs.returncode == 0, graphs.stdout[-3000:]
+    in_place = "gradients are zeroed in place"
+    assert in_place in graphs.stdout and in_place not in default.stdout
+    expected, got = losses_by_step(default.stdout), losses_by_step(graphs.stdout)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
