@@ -37,6 +37,7 @@ import torch
 
 from neollm.errors import ConfigError
 from neollm.kernels.triton_support import unavailable_reason
+from neollm.precision import compute_dtype, upcast
 
 try:
     import triton
@@ -53,31 +54,28 @@ def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def polynorm_glu_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           logits: torch.Tensor | None, eps: float, proj_eps: float) -> torch.Tensor:
-    """``PolyNorm(g) * u`` exactly as neollm/model/norms.py's module computes it (fp32 math, PolyNorm
-    cast back to g's dtype, then the product): the unfused path, written out so that this module
-    needs nothing from neollm.model (a test holds the two equal bit for bit)."""
-    x32 = _upcast(g)
+def polynorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor | None,
+                       eps: float, proj_eps: float) -> torch.Tensor:
+    """PolyNorm(x) in x's dtype, fp32 math (neollm/model/norms.py's module calls it; its docstring has
+    the formula and sources): the unfused path, which the kernels must match."""
+    x32 = upcast(x)
     x_sq = x32 * x32
     x1 = _rms_normalize(x32, eps)
     x2 = _rms_normalize(x_sq, eps)
     x3 = _rms_normalize(x_sq * x32, eps)
     if logits is not None:
-        alpha = torch.sigmoid(_upcast(logits))
+        alpha = torch.sigmoid(upcast(logits))
         ref_sq = (x1 * x1).sum(-1, keepdim=True).clamp_min(proj_eps)
         x2 = _rms_normalize(x2 - alpha[0] * ((x2 * x1).sum(-1, keepdim=True) / ref_sq) * x1, eps)
         x3 = _rms_normalize(x3 - alpha[1] * ((x3 * x1).sum(-1, keepdim=True) / ref_sq) * x1, eps)
-    w, b = _upcast(weight), _upcast(bias)
-    return (w[0] * x3 + w[1] * x2 + w[2] * x1 + b).to(g.dtype) * u
+    w, b = upcast(weight), upcast(bias)
+    return (w[0] * x3 + w[1] * x2 + w[2] * x1 + b).to(x.dtype)
 
 
-def _compute_dtype(g: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(g.dtype, torch.float32)
+def polynorm_glu_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           logits: torch.Tensor | None, eps: float, proj_eps: float) -> torch.Tensor:
+    """``PolyNorm(g) * u`` as the unfused MLP computes it (PolyNorm cast back to g's dtype, then the product)."""
+    return polynorm_reference(g, weight, bias, logits, eps, proj_eps) * u
 
 
 def _branches(x: torch.Tensor, stats: torch.Tensor, logits: torch.Tensor | None, proj_eps: float):
@@ -89,7 +87,7 @@ def _branches(x: torch.Tensor, stats: torch.Tensor, logits: torch.Tensor | None,
     ref = st[3].clamp_min(proj_eps)
     if logits is None:
         return x1, x2, x3, x2, x3, ref
-    a = torch.sigmoid(_upcast(logits).to(x.dtype))
+    a = torch.sigmoid(upcast(logits).to(x.dtype))
     x2p = (x2 - a[0] * st[4] * x1) * st[6]
     x3p = (x3 - a[1] * st[5] * x1) * st[7]
     return x1, x2p, x3p, x2, x3, ref
@@ -100,7 +98,7 @@ def forward_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bi
     """``(out, stats)`` as the forward kernel returns them: the reference product and the per-row
     statistics ``[rows, N_STATS]`` in the compute dtype (what ``backward_reference`` reads)."""
     n = g.shape[-1]
-    x = _upcast(g).reshape(-1, n)
+    x = upcast(g).reshape(-1, n)
     x_sq = x * x
     stats = x.new_zeros(x.shape[0], N_STATS)
     for k, z in enumerate((x, x_sq, x_sq * x)):
@@ -108,7 +106,7 @@ def forward_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bi
     x1, x2, x3 = x * stats[:, 0:1], x_sq * stats[:, 1:2], x_sq * x * stats[:, 2:3]
     stats[:, 3] = (x1 * x1).sum(-1)
     if logits is not None:
-        a = torch.sigmoid(_upcast(logits).to(x.dtype))
+        a = torch.sigmoid(upcast(logits).to(x.dtype))
         ref = stats[:, 3:4].clamp_min(proj_eps)
         for k, (xk, ak) in enumerate(((x2, a[0]), (x3, a[1]))):
             ck = (xk * x1).sum(-1, keepdim=True) / ref
@@ -130,9 +128,9 @@ def backward_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, b
     (the fused path rounds p once, where the unfused one rounds PolyNorm(g) to g's dtype first).
     ``dparams [N_PARAM_GRADS]``: dweight[3], dbias, dlogits[2] (0 without logits), compute dtype."""
     n = g.shape[-1]
-    dt = _compute_dtype(g)
+    dt = compute_dtype(g)
     x, uu, dyy = g.reshape(-1, n).to(dt), u.reshape(-1, n).to(dt), dy.reshape(-1, n).to(dt)
-    w, b = _upcast(weight).to(dt), _upcast(bias).to(dt)
+    w, b = upcast(weight).to(dt), upcast(bias).to(dt)
     x1, x2p, x3p, x2, x3, ref = _branches(x, stats.to(dt), logits, proj_eps)
     p = w[0] * x3p + w[1] * x2p + w[2] * x1 + b
     du = dyy * p
@@ -141,7 +139,7 @@ def backward_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, b
     dparams[0], dparams[1], dparams[2], dparams[3] = (dp * x3p).sum(), (dp * x2p).sum(), (dp * x1).sum(), dp.sum()
     dx1, dx2, dx3 = w[2] * dp, w[1] * dp, w[0] * dp
     if logits is not None:
-        a = torch.sigmoid(_upcast(logits).to(dt))
+        a = torch.sigmoid(upcast(logits).to(dt))
         unclamped = (stats[:, 3:4].to(dt) >= proj_eps).to(dt)
         grads = []
         for k, (xk, xkp, dxkp) in enumerate(((x2, x2p, dx2), (x3, x3p, dx3))):
@@ -372,7 +370,7 @@ def polynorm_glu_op(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
 def _(g, u, weight, bias, logits, eps, proj_eps, use_kernel):
     rows = g.numel() // g.shape[-1] if g.shape[-1] else 0
     return (g.new_empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype)),
-            g.new_empty(rows, N_STATS, dtype=_compute_dtype(g)))
+            g.new_empty(rows, N_STATS, dtype=compute_dtype(g)))
 
 
 @torch.library.custom_op("neollm::polynorm_glu_backward", mutates_args=())
@@ -389,7 +387,7 @@ def polynorm_glu_backward(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
 
 @polynorm_glu_backward.register_fake
 def _(g, u, weight, bias, logits, stats, dy, eps, proj_eps, use_kernel):
-    dt = torch.float32 if use_kernel else _compute_dtype(g)
+    dt = torch.float32 if use_kernel else compute_dtype(g)
     return g.new_empty(g.shape), u.new_empty(u.shape), g.new_empty(N_PARAM_GRADS, dtype=dt)
 
 

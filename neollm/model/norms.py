@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from neollm.precision import upcast
+from neollm.kernels.polynorm_glu import polynorm_reference
 
 __all__ = ["GPAS", "GatedResidual", "PolyNorm", "lns_scale", "no_weight_decay"]
 
@@ -25,10 +25,6 @@ def no_weight_decay(*params: nn.Parameter | None) -> None:
     for p in params:
         if p is not None:
             p._no_weight_decay = True
-
-
-def _rms_normalize(x: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class PolyNorm(nn.Module):
@@ -75,18 +71,7 @@ class PolyNorm(nn.Module):
         no_weight_decay(self.weight, self.bias, self.exclusive_logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = upcast(x)
-        x_sq = x32 * x32
-        x1 = _rms_normalize(x32, self.eps)
-        x2 = _rms_normalize(x_sq, self.eps)
-        x3 = _rms_normalize(x_sq * x32, self.eps)
-        if self.exclusive_logits is not None:
-            alpha = torch.sigmoid(upcast(self.exclusive_logits))
-            ref_sq = (x1 * x1).sum(-1, keepdim=True).clamp_min(self.proj_eps)
-            x2 = _rms_normalize(x2 - alpha[0] * ((x2 * x1).sum(-1, keepdim=True) / ref_sq) * x1, self.eps)
-            x3 = _rms_normalize(x3 - alpha[1] * ((x3 * x1).sum(-1, keepdim=True) / ref_sq) * x1, self.eps)
-        w, b = upcast(self.weight), upcast(self.bias)
-        return (w[0] * x3 + w[1] * x2 + w[2] * x1 + b).to(x.dtype)
+        return polynorm_reference(x, self.weight, self.bias, self.exclusive_logits, self.eps, self.proj_eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, exclusive={self.exclusive}" + (
