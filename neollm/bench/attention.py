@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from neollm.bench.timing import time_ms
+from neollm.bench.timing import relative_diff, time_ms
 from neollm.kernels import lucid as lucid_kernels
 from neollm.model import attention_ops as ops
 
@@ -82,10 +82,6 @@ def lucid_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]
     return rows
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
-
-
 def lucid_op_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
     """lucid_values with impl "triton" and "torch": time, peak memory and error vs fp64."""
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -114,7 +110,7 @@ def lucid_op_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[di
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows.append(dict(impl=impl, fwd_ms=time_ms(lambda: run(impl, k, v, backward=False)),
                          fwd_bwd_ms=time_ms(lambda: run(impl, k, v)), peak_mib=peak,
-                         **{f"rel_err_{n}": _rel(a, b) for n, a, b in zip(("x", "dk", "dv"), got, want)}))
+                         **{f"rel_err_{n}": relative_diff(a, b) for n, a, b in zip(("x", "dk", "dv"), got, want)}))
     return rows
 
 
@@ -144,7 +140,8 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> lis
                     **launch, solve_tf32=tf32,
                     fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)),
                     bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)),
-                    rel_err_x=_rel(x, x64), rel_err_dk=_rel(dk, dk64), rel_err_dv=_rel(dv, dv64)))
+                    rel_err_x=relative_diff(x, x64), rel_err_dk=relative_diff(dk, dk64),
+                    rel_err_dv=relative_diff(dv, dv64)))
             except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result
                 rows.append(dict(**launch, solve_tf32=tf32, error=str(err).splitlines()[0][:120]))
     return rows

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import time_ms
+from neollm.bench.timing import relative_diff, time_ms
 from neollm.kernels import polynorm_glu as pg
 
 EPS = PROJ_EPS = 1e-6
@@ -42,12 +42,6 @@ def paths() -> dict[str, Callable]:
     return {"reference, eager": reference, "reference, torch.compile": torch.compile(reference), "triton": fused}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS difference ||a - b|| / ||b||."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
-
-
 def rows_for(rows: int, n: int, dtype: torch.dtype, exclusive: bool, steps: int = 20) -> list[dict]:
     """One result per path: forward ms, forward + backward ms, peak MiB above the inputs, and the
     relative difference of the output and of dg from the eager reference."""
@@ -75,7 +69,8 @@ def rows_for(rows: int, n: int, dtype: torch.dtype, exclusive: bool, steps: int 
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
         results.append(dict(path=name, rows=rows, F=n, dtype=str(dtype).removeprefix("torch."), exclusive=exclusive,
                             fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,
-                            rel_diff_out=_rel(out, baseline[0]), rel_diff_dg=_rel(grads[0], baseline[1])))
+                            rel_diff_out=relative_diff(out, baseline[0]),
+                            rel_diff_dg=relative_diff(grads[0], baseline[1])))
     return results
 
 

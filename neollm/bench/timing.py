@@ -1,4 +1,5 @@
-"""CUDA-event timing shared by the kernel benchmarks (neollm/bench/attention.py, loss.py, polynorm.py)."""
+"""CUDA-event timing and the relative difference the kernel benchmarks share (neollm/bench/attention.py,
+loss.py, polynorm.py)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def time_ms(fn, steps: int = 20, warmup: int = 5) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS difference ``||a - b|| / ||b||``, in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
