@@ -7,6 +7,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 
 def mutant(module: ModuleType, replacements: list[tuple[str, str]]) -> ModuleType:
@@ -24,3 +25,14 @@ def mutant(module: ModuleType, replacements: list[tuple[str, str]]) -> ModuleTyp
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
     return copy
+
+
+def assert_injected_errors_fail(module: ModuleType, injected: dict[str, list[tuple[str, str]]],
+                                check: Callable[[ModuleType], None]) -> None:
+    """``check`` (which raises AssertionError on a wrong kernel) must fail on every mutant of ``module``."""
+    for name, replacements in injected.items():
+        try:
+            check(mutant(module, replacements))
+        except AssertionError:
+            continue
+        raise AssertionError(f"the checks pass with an injected error: {name}")

@@ -19,7 +19,7 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from neollm.kernels import lucid  # noqa: E402
-from kernel_mutants import mutant  # noqa: E402  (tests/, this script's folder)
+from kernel_mutants import assert_injected_errors_fail  # noqa: E402  (tests/, this script's folder)
 from neollm.model.attention_ops import lucid_values, rms_normalize  # noqa: E402
 
 SLACK, FLOOR = 3.0, 2e-7
@@ -143,13 +143,8 @@ INJECTED = {
 
 
 def check_injected_errors_fail() -> None:
-    for name, replacements in INJECTED.items():
-        module = mutant(lucid, replacements)
-        try:
-            check_kernels(module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2)
-        except AssertionError:
-            continue
-        raise AssertionError(f"the checks pass with an injected error: {name}")
+    assert_injected_errors_fail(lucid, INJECTED, lambda module: check_kernels(
+        module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2))
 
 
 if __name__ == "__main__":
