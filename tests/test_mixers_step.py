@@ -120,18 +120,17 @@ def test_kernels_argument_is_checked(code):
 
 def test_auto_kernels_pick_fla_on_cuda_only():
     """The decode-kernel rule (mixers/common.pick_fla): "auto" takes fla's kernels on CUDA for every fla mixer
-    (FLA_STEP_BY_DEFAULT, on since tests/gpu/test_mixers_step_gpu.py passed), the torch path elsewhere;
-    "torch" (kernels or backend) always the torch path; "fla" off CUDA is refused."""
-    from neollm.model.mixers.common import FLA_STEP_BY_DEFAULT, pick_fla
+    (since tests/gpu/test_mixers_step_gpu.py passed), the torch path elsewhere; "torch" (kernels or backend)
+    always the torch path; "fla" off CUDA is refused."""
+    from neollm.model.mixers.common import pick_fla
 
-    assert FLA_STEP_BY_DEFAULT
-    assert pick_fla("auto", "auto", True, "GLA", FLA_STEP_BY_DEFAULT)
-    assert not pick_fla("auto", "auto", False, "GLA", FLA_STEP_BY_DEFAULT)
-    assert not pick_fla("auto", "torch", True, "GLA", FLA_STEP_BY_DEFAULT)
-    assert not pick_fla("torch", "auto", True, "GLA", FLA_STEP_BY_DEFAULT)
-    assert pick_fla("fla", "auto", True, "GLA", False)
+    assert pick_fla("auto", "auto", True, "GLA")
+    assert not pick_fla("auto", "auto", False, "GLA")
+    assert not pick_fla("auto", "torch", True, "GLA")
+    assert not pick_fla("torch", "auto", True, "GLA")
+    assert pick_fla("fla", "auto", True, "GLA")
     with pytest.raises(ValueError, match="need a CUDA input"):
-        pick_fla("auto", "fla", False, "GLA", FLA_STEP_BY_DEFAULT)
+        pick_fla("auto", "fla", False, "GLA")
 
 
 @pytest.mark.parametrize("code", ["G", "T", "M", "R"])

@@ -1,5 +1,5 @@
 """GPU checks of the recurrent mixers' decode steps, G, T, M, R, L and N (tests/test_mixers_step.py checks the
-torch path in fp64 on CPU). Passed on an H200 on 2026-12-05, which turned common.FLA_STEP_BY_DEFAULT on.
+torch path in fp64 on CPU). Passed on an H200 on 2026-12-05, since when kernels "auto" takes fla on CUDA (common.pick_fla).
 
 * fla kernels (state kernels "fla", and "auto" on CUDA): a prefill of 37
   tokens (chunk_* with the state as initial_state; 37 is not a multiple of fla's chunk of 64) then 8

@@ -36,29 +36,23 @@ def check_decode_kernels(kernels: str, device, name: str) -> None:
                          f"use kernels='auto' or 'torch'")
 
 
-FLA_STEP_BY_DEFAULT = True
-"""Whether kernels "auto" picks fla's kernels for the GLA / RetNet / Mamba2 / RWKV-6 decode steps on CUDA. On since
-tests/gpu/test_mixers_step_gpu.py passed on an H200 (benchmarks/gpu_tests_2026-12-05_0729: fla's prefill and
-one-token steps reproduce the torch forward, replay from CUDA graphs, no host sync); kernels "torch" keeps the
-torch recurrences."""
-
-
-def pick_fla(backend: str, kernels: str, on_cuda: bool, name: str, auto: bool) -> bool:
+def pick_fla(backend: str, kernels: str, on_cuda: bool, name: str) -> bool:
     """Whether a decode step runs fla's kernels: never when the layer's backend or the state's ``kernels`` is
     "torch"; "fla" (kernels or backend) needs CUDA (a clear error elsewhere) and gets fla; "auto": fla on CUDA
-    when ``auto`` (Gated DeltaNet: always; the other mixers: FLA_STEP_BY_DEFAULT)."""
+    (for GLA, RetNet, Mamba2 and RWKV-6 since tests/gpu/test_mixers_step_gpu.py passed on an H200,
+    benchmarks/gpu_tests_2026-12-05_0729; Gated DeltaNet always)."""
     if kernels == "torch" or backend == "torch":
         return False
     if kernels == "fla" or backend == "fla":
         if not on_cuda:
             raise ValueError(f"{name}: fla's kernels need a CUDA input; use kernels='torch' (or backend 'auto')")
         return True
-    return on_cuda and auto
+    return on_cuda
 
 
 def use_fla_step(backend: str, kernels: str, x: Tensor, name: str) -> bool:
-    """``pick_fla`` for a step's input x, "auto" following FLA_STEP_BY_DEFAULT."""
-    return pick_fla(backend, kernels, x.is_cuda, name, FLA_STEP_BY_DEFAULT)
+    """``pick_fla`` for a step's input x."""
+    return pick_fla(backend, kernels, x.is_cuda, name)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -171,7 +171,7 @@ class GatedDeltaNet(nn.Module):
         backend "torch") the references; "fla" (or backend "fla") fla's kernels, CUDA only; "auto"
         fla on CUDA."""
         check_decode_kernels(kernels, device, "GatedDeltaNet")
-        use_fla = pick_fla(self.backend, kernels, torch.device(device).type == "cuda", "GatedDeltaNet", auto=True)
+        use_fla = pick_fla(self.backend, kernels, torch.device(device).type == "cuda", "GatedDeltaNet")
         history = self.conv_size - 1
         return GDNState(
             recurrent=torch.zeros(batch, self.num_heads, self.head_k_dim, self.head_v_dim,

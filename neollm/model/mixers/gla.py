@@ -16,7 +16,7 @@ Decode state (``new_state`` / ``step``, for cached generation): ``GLAState.state
 compute dtype (fp32, fp64 kept), zeros at the start = the training forward's zero initial state. A step of T
 tokens is the one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill);
 fla's fused_recurrent_gla (T = 1) / chunk_gla (prefill) with the state as initial_state
-on CUDA with kernels "fla" or "auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the
+on CUDA with kernels "fla" or "auto" (common.pick_fla) or backend "fla"; kernels "torch" keeps the
 torch path.
 """
 

@@ -27,7 +27,7 @@ pre-conv xBC inputs in the activation dtype (zeros = the conv's causal zero padd
 multiply-sum over the windows (in torch on every device) and the scan as the one-token recurrence (T = 1) or
 the chunked torch reference with h as initial state (prefill); fla's fused_recurrent_simple_gla (T = 1) /
 chunk_simple_gla (prefill) with h as initial_state
-on CUDA with kernels "fla" or "auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the
+on CUDA with kernels "fla" or "auto" (common.pick_fla) or backend "fla"; kernels "torch" keeps the
 torch path.
 """
 

@@ -20,7 +20,7 @@ the layer's own RoPE (base 10000 over K, not the model's table) needs absolute p
 the device lets the T = 1 step build its rotation without the caller's position or a host sync. A step is the
 one-token recurrence (T = 1) or the chunked torch reference with S as initial state (prefill); fla's
 fused_recurrent_retention (T = 1) / chunk_retention (prefill) with S as initial_state on CUDA with kernels "fla" or
-"auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the torch path.
+"auto" (common.pick_fla) or backend "fla"; kernels "torch" keeps the torch path.
 """
 
 from __future__ import annotations

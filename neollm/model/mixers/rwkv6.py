@@ -29,7 +29,7 @@ kept; zeros = the training forward's zero initial state) and ``shift`` [B, 1, D]
 the activation dtype (zeros = the token shift's x_{-1} = 0). A step is the one-token wkv recurrence (T = 1) or
 the chunked torch reference with S as initial state (prefill); fla's fused_recurrent_rwkv6 (T = 1) /
 chunk_rwkv6 (prefill) with S as initial_state
-on CUDA with kernels "fla" or "auto" (common.FLA_STEP_BY_DEFAULT) or backend "fla"; kernels "torch" keeps the
+on CUDA with kernels "fla" or "auto" (common.pick_fla) or backend "fla"; kernels "torch" keeps the
 torch path.
 """
 
