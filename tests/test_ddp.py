@@ -31,14 +31,12 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from gloo_ranks import gloo_rank
     from neollm.parallelize import apply_ddp
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_replicate",))
         model = _model()
         apply_ddp(model, mesh, enable_compile=False)
@@ -47,8 +45,6 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         _loss(model, x[part], y[part]).backward()
         if rank == 0:
             torch.save([p.grad.clone() for p in model.parameters()], out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_sums_the_replicas_gradients(tmp_path):

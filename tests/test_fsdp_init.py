@@ -11,8 +11,6 @@ one process: identities, ones, zeros, constants) equals the one-process value.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -35,14 +33,12 @@ def _cases() -> dict:
 
 
 def _worker(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+    from gloo_ranks import gloo_rank
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,))
         for name, args in _cases().items():
             with torch.device("meta"):
@@ -63,10 +59,6 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 assert torch.isfinite(value).all(), f"{name}: {key} not initialised on every shard"
                 if torch.equal(ref0[key], ref1[key]):  # deterministic init
                     torch.testing.assert_close(value, ref0[key], atol=0, rtol=0, msg=f"{name}: {key}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # as tests/test_mixers_rnn.py: skip C++ teardown at interpreter exit, every check has passed
 
 
 def test_init_weights_under_fsdp2_two_ranks(tmp_path):

@@ -100,7 +100,7 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
     with pytest.raises(ConfigError, match="lucid_impl .* must be one of"):
         ops.lucid_values(k, v, 1e-6, impl="cuda")
     monkeypatch.setattr(ops, "LUCID_IMPL", "fast")
-    with pytest.raises(ConfigError, match="NEOLLM_LUCID_IMPL\) must be one of"):
+    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_IMPL\) must be one of"):
         ops.lucid_values(k, v, 1e-6)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="lucid_impl 'triton' cannot run: .*not CUDA"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -336,14 +335,12 @@ def _make(name: str) -> nn.Module:
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+    from gloo_ranks import gloo_rank
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,))
         for name in ("rwkv", "lstm", "rnn"):
             with torch.device("meta"):
@@ -364,13 +361,6 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
             torch.testing.assert_close(y, ref(x), atol=1e-6, rtol=1e-6)
             y.square().sum().backward()
             assert all(p.grad is not None for p in m.parameters())
-        dist.barrier()  # no collective may still be in flight when the group goes
-    finally:
-        dist.destroy_process_group()
-    # Every check above passed. A rank process has sometimes aborted afterwards, in C++ teardown at
-    # interpreter exit ("terminate called without an active exception"; cause not found): leave
-    # without running those destructors, so the test reports what it checks.
-    os._exit(0)
 
 
 def test_mixers_under_fsdp2_two_ranks(tmp_path):

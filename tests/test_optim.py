@@ -468,16 +468,14 @@ def _sharded(mesh):
 
 
 def _fsdp_worker(rank, world, init_file, ckpt_dir):
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
     import neollm.optim.conda as conda_mod
+    from gloo_ranks import gloo_rank
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         fsdp_mesh = init_device_mesh("cpu", (world,))
         # HSDP layout (Replicate(), Shard(0)) on a (1 replica x 2 shards) mesh
         hsdp_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp_replicate", "fsdp"))
@@ -524,8 +522,6 @@ def _fsdp_worker(rank, world, init_file, ckpt_dir):
                         assert torch.equal(p.to_local(), q.to_local()), f"{name} resumed {n}"
             finally:
                 conda_mod._row_sharded = original
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_fsdp_match_one_process(tmp_path):
