@@ -103,3 +103,21 @@ def test_selective_op_checkpointing_keeps_the_fused_polynorm_output(mode, passes
     _loss_and_grads(MODES[mode], compiled=False)
     assert ARGS.mlp_type == "polynorm"
     assert len(calls) == passes == 2 * ARGS.n_layers // (2 if mode == "selective op" else 1)
+
+
+@pytest.mark.parametrize("mode, passes", [("selective op", 2), ("full", 4)])
+def test_selective_op_checkpointing_keeps_the_fused_epilogue_output(mode, passes, monkeypatch):
+    """The same for the fused attention epilogue (XSA, routing, gate): one forward pass per layer per
+    step under selective-op AC, two under full AC. The op runs its PyTorch reference in place of the
+    Triton kernels (CPU)."""
+    from neollm.kernels import attention_epilogue as ep
+
+    calls = []
+    forward = ep.epilogue_reference
+    monkeypatch.setattr(ep, "uses_kernel", lambda impl, *tensors: True)
+    monkeypatch.setattr(ep, "_require_kernel", lambda *tensors: None)
+    monkeypatch.setattr(ep, "forward_kernel", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(ep, "backward_kernel", ep.backward_reference)
+    _loss_and_grads(MODES[mode], compiled=False)
+    assert ARGS.xsa and ARGS.directional_routing and ARGS.attention_output_gate != "none"
+    assert len(calls) == passes == 2 * ARGS.n_layers // (2 if mode == "selective op" else 1)

@@ -20,6 +20,8 @@ Order of operations (each step only when its switch is on)
 7. XSA (``xsa``): remove y's component along the token's own v.
 8. directional routing (``directional_routing``).
 9. output gate (``attention_output_gate``).
+   Steps 7-9 are one function, neollm.kernels.attention_epilogue (opt-in Triton kernels,
+   ``NEOLLM_EPILOGUE_IMPL``).
 10. ``out = Wo y``.
 
 Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8, Hkv=4, d=64, cost)
@@ -118,6 +120,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.kernels.attention_epilogue import attention_epilogue, grouped
 from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.decode_index import (
@@ -389,23 +392,21 @@ class Attention(nn.Module):
         logits = self.affine_proj(x)
         dt = ops.compute_dtype(logits)
         alpha = 1.0 + torch.tanh(logits.to(dt) + self.affine_bias.to(dt))  # [B, T, H]
-        alpha = ops.grouped(alpha.unsqueeze(-1), hkv)                      # [B, T, Hkv, g, 1]
-        return (alpha * ops.grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
+        alpha = grouped(alpha.unsqueeze(-1), hkv)                      # [B, T, Hkv, g, 1]
+        return (alpha * grouped(y, hkv) + (1.0 - alpha) * mean_v).flatten(2, 3).to(y.dtype)
 
     def finish(self, y: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Steps 7-10 on the kernel output y [B, T, H, d]: XSA, routing, output gate, Wo."""
+        """Steps 7-10 on the kernel output y [B, T, H, d]: XSA, routing, output gate (one op,
+        neollm.kernels.attention_epilogue), then Wo."""
         batch, seq_len, h, d = y.shape
-        # 7. XSA
-        if self.xsa:
-            y = ops.exclusive(y, v, XSA_EPS)
-        # 8. directional routing
-        if self.routing:
-            route = torch.sigmoid(self.router(x) + self.router_bias).view(batch, seq_len, h, -1)
-            y = ops.directional_suppress(y, self.routing_directions, route)
-        # 9. output gate
+        route = gate = None
+        if self.routing:  # the router's logits; the sigmoid is the epilogue's
+            route = (self.router(x) + self.router_bias).view(batch, seq_len, h, -1)
         if self.gate_kind == "elementwise":
-            y = y * torch.sigmoid(self.gate_proj(x)).view(batch, seq_len, h, d)
+            gate = self.gate_proj(x).view(batch, seq_len, h, d)
         elif self.gate_kind == "headwise":
-            y = y * torch.sigmoid(self.gate_proj(x)).unsqueeze(-1)
+            gate = self.gate_proj(x)
+        y = attention_epilogue(y, v if self.xsa else None, self.routing_directions if self.routing else None,
+                               route, gate, XSA_EPS)
         # 10. output projection
         return self.wo(y.reshape(batch, seq_len, h * d))

@@ -1,5 +1,6 @@
 """Functional pieces of NeoLLM's full attention (see ``neollm/model/attention.py`` for the order,
-the papers and the interpretations).
+the papers and the interpretations). The epilogue (XSA, routing, gate) lives with its kernels in
+neollm/kernels/attention_epilogue.py.
 
 Shapes: per-head tensors are ``[B, T, heads, d]`` (the projection layout) unless a function says
 otherwise. Every normalisation / reduction runs in ``compute_dtype(x)`` (fp32, or fp64 when the
@@ -157,46 +158,3 @@ def causal_mean(v: torch.Tensor) -> torch.Tensor:
     seq_len = v.shape[2]
     count = torch.arange(1, seq_len + 1, device=v.device, dtype=dt).view(1, 1, seq_len, 1)
     return (torch.cumsum(v.to(dt), dim=2) / count).to(v.dtype)
-
-
-def grouped(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """``[B, T, H, d]`` -> ``[B, T, Hkv, g, d]`` (query head h = kv * g + i serves KV head kv)."""
-    b, t, h, d = x.shape
-    return x.view(b, t, n_kv_heads, h // n_kv_heads, d)
-
-
-def exclusive(y: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """XSA (arXiv 2603.09078): ``z = y - <y, v> / (||v||^2 + eps) * v`` per head.
-
-    ``y [B, T, H, d]`` attention output; ``v [B, T, Hkv, d]`` each token's own value; query head
-    h uses the value of its KV head (GQA: h // g).
-    """
-    dt = compute_dtype(y)
-    yg = grouped(y.to(dt), v.shape[2])          # [B, T, Hkv, g, d]
-    vf = v.to(dt).unsqueeze(3)                  # [B, T, Hkv, 1, d]
-    coef = (yg * vf).sum(-1, keepdim=True) / (vf.pow(2).sum(-1, keepdim=True) + eps)
-    return (yg - coef * vf).flatten(2, 3).to(y.dtype)
-
-
-def directional_suppress(o: torch.Tensor, directions: torch.Tensor,
-                         route: torch.Tensor) -> torch.Tensor:
-    """Directional routing (arXiv 2603.14923, our reading): per head,
-    ``o' = o - sum_k r_k <o, u_k> u_k`` with unit directions ``u = U / ||U||``.
-
-    ``o [B, T, H, d]``; ``directions U [H, K, d]``; ``route r [B, T, H, K]`` in (0, 1).
-    """
-    dt = compute_dtype(o)
-    b, t, h, d = o.shape
-    k = directions.shape[1]
-    u = F.normalize(directions.to(dt), dim=-1)                              # [H, K, d]
-    # Both sums as one aligned GEMM each against the block-diagonal [H*d, H*K] matrix of the
-    # directions. Per head they would be GEMMs with a size of K (4), which cuBLAS runs on slow
-    # unaligned kernels; as fused multiply + sum, inductor's reduction for the directions' gradient
-    # over all tokens took over a quarter of a step (BENCHMARKS.md, fifth session, "Fix 1"). H x the FLOPs of the
-    # per-head form, a negligible amount (2 * H * d * H * K per token). Under autocast the two GEMMs
-    # run in bf16 with fp32 accumulation, like the projections; the subtraction stays in fp32.
-    blocks = torch.block_diag(*u.transpose(1, 2))                           # [H*d, H*K]
-    flat = o.reshape(b * t, h * d).to(dt)
-    coef = (flat @ blocks).view(b, t, h, k) * route.to(dt)                  # [B, T, H, K]
-    correction = coef.reshape(b * t, h * k) @ blocks.t()
-    return (flat - correction).view(b, t, h, d).to(o.dtype)
