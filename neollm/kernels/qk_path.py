@@ -9,14 +9,17 @@ Per head vector x [d] of q [B, T, H, d] (or k [B, T, Hkv, d]) at token t, in fp3
 ``out_t = p_t + mg (p_t - p_{t-1})`` along T with ``p_{-1} = 0`` ("zero") or ``p_0`` ("repeat");
 ``mg = 0`` is no momentum.
 
-Why a kernel: the eager path is ~15 elementwise ops and two row reductions over q and k, each a
-pass over HBM, with casts to the activation dtype between the three steps, and autograd keeps
-several q-sized tensors. Here forward reads x once (and the previous token's row, whose SeeDNorm
-and RoPE it recomputes instead of a second pass) and writes ``out`` in x's dtype plus 2 fp32
-numbers per row (r and s); backward reads x, the upstream gradient (rows t and t + 1) and those
-numbers once and writes dx and per-program partial sums of dgamma, dalpha, dbeta
-([programs, 3, d] fp32, summed in torch). All math is fp32; the result is rounded once (the
-reference rounds after each step).
+Why a kernel: the eager path is ~20 ops over q and k (upcasts, two row reductions, RoPE's slices
+and cat, momentum's shifted cat), each a pass over HBM unless torch.compile fuses it, with casts to
+the activation dtype between the three steps, and autograd keeps several q-sized tensors. Here one
+program takes a block of ``BLOCK_T`` tokens of one (batch, head): forward reads x once (and the
+previous token's rows, whose SeeDNorm and RoPE it recomputes rather than making a second pass) and
+writes ``out`` in x's dtype plus 2 fp32 numbers per row (r and s); backward reads x, the upstream
+gradient (rows t and t + 1) and those numbers once and writes dx and per-program partial sums of
+dgamma, dalpha, dbeta ([programs, 3, d] fp32, summed in torch). All math is fp32 and the result
+is rounded once, where the reference rounds after each step: with bf16 q the kernels' gradient of
+gamma, alpha, beta was 3e-7 to 5e-7 off fp64 against the reference's 2e-3 to 4e-3
+(tests/qk_path_interpreted.py with QK_PATH_CHECK_VERBOSE=1, on the CPU).
 
 Backward, for the upstream gradient ``g_t = dL/dout_t``:
 * momentum's transpose: ``dp_t = (1 + mg) g_t - mg g_{t+1}`` (no ``g_T``); with "repeat",
