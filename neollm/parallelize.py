@@ -25,14 +25,16 @@ from neollm.kernels.attention_epilogue import EPILOGUE_OPS
 from neollm.kernels.gdn_ops import GDN_OPS
 from neollm.kernels.lucid import LUCID_OPS
 from neollm.kernels.polynorm_glu import POLYNORM_OPS
+from neollm.kernels.qk_path import QK_PATH_OPS
 from neollm.titan_cpu import cpu_wanted, force_sum_reduction
 
 # Selective-op AC keeps these outputs: torchtitan's list (matmuls, attention), Gated DeltaNet's two
 # custom ops, whose recompute would rerun the delta rule's whole forward in the backward, and LUCID's
-# solve (its Gram matrix and triangular solve; X is [B, Hkv, T, d], the size of V in fp32), and the
+# solve (its Gram matrix and triangular solve; X is [B, Hkv, T, d], the size of V in fp32), the
 # fused PolyNorm GLU and attention epilogue (the down and output projections' inputs, which their
-# matmuls' backward reads).
-SAC_SAVE_OPS = _op_sac_save_list | set(GDN_OPS) | set(LUCID_OPS) | set(POLYNORM_OPS) | set(EPILOGUE_OPS)
+# matmuls' backward reads) and the fused q/k path (SDPA's q and k, which SDPA's backward reads).
+SAC_SAVE_OPS = (_op_sac_save_list | set(GDN_OPS) | set(LUCID_OPS) | set(POLYNORM_OPS) | set(EPILOGUE_OPS)
+                | set(QK_PATH_OPS))
 
 
 def parallelize_neollm(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:

@@ -121,3 +121,21 @@ def test_selective_op_checkpointing_keeps_the_fused_epilogue_output(mode, passes
     _loss_and_grads(MODES[mode], compiled=False)
     assert ARGS.xsa and ARGS.directional_routing and ARGS.attention_output_gate != "none"
     assert len(calls) == passes == 2 * ARGS.n_layers // (2 if mode == "selective op" else 1)
+
+
+@pytest.mark.parametrize("mode, passes", [("selective op", 4), ("full", 8)])
+def test_selective_op_checkpointing_keeps_the_fused_qk_path_output(mode, passes, monkeypatch):
+    """Selective-op AC saves the fused q/k path op's output (on NeoLLM's save list): one forward pass
+    for q and one for k per layer per step, as without checkpointing; full AC reruns them in backward.
+    The op runs here with its PyTorch reference in place of the Triton kernels (CPU)."""
+    from neollm.kernels import qk_path
+
+    calls = []
+    forward = qk_path.forward_reference
+    monkeypatch.setattr(qk_path, "uses_kernel", lambda impl, x: True)
+    monkeypatch.setattr(qk_path, "_require_kernel", lambda x: None)
+    monkeypatch.setattr(qk_path, "forward_kernel", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(qk_path, "backward_kernel", qk_path.backward_reference)
+    _loss_and_grads(MODES[mode], compiled=False)
+    assert ARGS.seednorm_qk and ARGS.momentum_gamma > 0
+    assert len(calls) == passes == 4 * ARGS.n_layers // (2 if mode == "selective op" else 1)

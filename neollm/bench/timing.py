@@ -1,5 +1,5 @@
 """CUDA-event timing and the relative difference the kernel benchmarks share (neollm/bench/attention.py,
-loss.py, polynorm.py)."""
+loss.py, polynorm.py, qk_path.py)."""
 
 from __future__ import annotations
 

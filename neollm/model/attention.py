@@ -15,6 +15,9 @@ Order of operations (each step only when its switch is on)
    with both on, SeeDNorm takes q/k and v gets the RMSNorm.
 4. RoPE on q, k.
 5. momentum (``momentum_gamma`` > 0) on q, k.
+   (3-5 on q and k as one custom op, ``neollm::qk_path`` of neollm/kernels/qk_path.py, where
+   ``seednorm_qk`` is on and NEOLLM_QK_PATH_IMPL resolves to its Triton kernels; ``forward`` only,
+   decoding keeps the separate steps.)
 6. kernel: ``y = SDPA(q, k, V', causal, dropout_p)`` with ``V' = X = P^-1 v`` if ``lucid`` else v;
    affine-scaled attention (``affine_scaled_attention``) mixes in the causal mean of V'.
 7. XSA (``xsa``): remove y's component along the token's own v.
@@ -120,6 +123,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from neollm.kernels import qk_path
 from neollm.kernels.attention_epilogue import attention_epilogue, grouped
 from neollm.model import attention_ops as ops
 from neollm.model.args import NeoLLMModelArgs
@@ -255,12 +259,15 @@ class Attention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x)
-        # 4. RoPE, 5. momentum
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.momentum_gamma != 0.0:
-            q = ops.momentum_shift(q, self.momentum_gamma, self.momentum_first)
-            k = ops.momentum_shift(k, self.momentum_gamma, self.momentum_first)
+        fused = self.fuses_qk(x)
+        q, k, v = self.qkv(x, norm_qk=not fused)
+        if fused:  # 3-5 on q and k: one op each
+            q, k = self.qk_fused(q, k, rope)
+        else:  # 4. RoPE, 5. momentum
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            if self.momentum_gamma != 0.0:
+                q = ops.momentum_shift(q, self.momentum_gamma, self.momentum_first)
+                k = ops.momentum_shift(k, self.momentum_gamma, self.momentum_first)
         # 6. kernel ([B, heads, T, d] layout)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         values = ops.lucid_values(kt, vt, self.eps) if self.lucid else vt
@@ -269,6 +276,21 @@ class Attention(nn.Module):
         if self.affine:
             y = self.mix_uniform(y, x, ops.causal_mean(values).transpose(1, 2).unsqueeze(3))
         return self.finish(y, v, x)
+
+    def fuses_qk(self, x: torch.Tensor) -> bool:
+        """Steps 3-5 on q and k as the fused op ``neollm::qk_path`` (neollm/kernels/qk_path.py):
+        SeeDNorm on q/k and NEOLLM_QK_PATH_IMPL resolving to its kernels. Decided on the layer input:
+        q and k have its device, and its dtype or (autocast) a lower kernel dtype."""
+        return self.seednorm_qk and qk_path.uses_kernel(qk_path.QK_PATH_IMPL, x)
+
+    def qk_fused(self, q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        """SeeDNorm, RoPE and momentum of the projected q and k by the op's Triton kernels."""
+        def path(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+            return qk_path.qk_path_op(x, gamma, alpha, beta, rope, self.eps, self.momentum_gamma,
+                                      self.momentum_first, True)[0]
+
+        return (path(q, self.q_seed_gamma, self.q_seed_alpha, self.q_seed_beta),
+                path(k, self.k_seed_gamma, self.k_seed_alpha, self.k_seed_beta))
 
     # ---- decoding (see the module docstring) ----------------------------------------------
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
@@ -358,8 +380,9 @@ class Attention(nn.Module):
         count = (positions(pos, T, values.device) + 1).to(total).view(1, 1, T, 1)
         return (csum / count).to(values.dtype).transpose(1, 2).unsqueeze(3)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 1-3: projections, MEA, QK(V) norm -> q [B, T, H, d], k and v [B, T, Hkv, d]."""
+    def qkv(self, x: torch.Tensor, norm_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3: projections, MEA, QK(V) norm -> q [B, T, H, d], k and v [B, T, Hkv, d].
+        ``norm_qk=False`` leaves SeeDNorm on q and k to the fused q/k op (``qk_fused``)."""
         batch, seq_len, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         # 1. projections
@@ -374,8 +397,9 @@ class Attention(nn.Module):
                                     self.mea_v_bias, self.eps)
         # 3. QK(V) norm
         if self.seednorm_qk:
-            q = ops.seednorm(q, self.q_seed_gamma, self.q_seed_alpha, self.q_seed_beta, self.eps)
-            k = ops.seednorm(k, self.k_seed_gamma, self.k_seed_alpha, self.k_seed_beta, self.eps)
+            if norm_qk:
+                q = ops.seednorm(q, self.q_seed_gamma, self.q_seed_alpha, self.q_seed_beta, self.eps)
+                k = ops.seednorm(k, self.k_seed_gamma, self.k_seed_alpha, self.k_seed_beta, self.eps)
         elif self.qkv_norm:
             q = ops.rms_norm(q, self.q_norm_weight, self.eps)
             k = ops.rms_norm(k, self.k_norm_weight, self.eps)
