@@ -66,7 +66,10 @@ def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())["results"]
     assert [(r["layout"], r["ngpu"], r["local_batch"]) for r in rows] == [("1", 1, 4), ("2", 2, 4)]
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] == 8 * 64  # the global batch, any layout
-    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["tok_s"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["tok_per_s"] > 0
+    # issue 23's row keys: name (flavor), mode, gpus, layout, tok_per_s, efficiency
+    assert [(r["name"], r["mode"], r["gpus"], r["parallelism"]) for r in rows] == [
+        ("debug", "strong", 1, "single"), ("debug", "strong", 2, "fsdp")]
     assert all(math.isfinite(v) for r in rows for v in r["losses"].values()) and len(rows[1]["losses"]) == 4
     assert rows[1]["loss_steps_compared"] == 4 and rows[1]["loss_max_abs_diff"] < 1e-4
     assert "| 2 | 2 | 4 | 512 |" in (out / "results.md").read_text()
@@ -85,7 +88,7 @@ def test_bench_scaling_runs_layouts_side_by_side_and_resumes(tmp_path, capsys):
     assert [(r["layout"], r["global_batch"], r["local_batch"], r["tokens_per_step"]) for r in rows] == [
         ("1", 2, 2, 2 * 64), ("2", 4, 2, 4 * 64)]
     assert rows[1]["loss_max_abs_diff"] is None  # different batches: no loss comparison
-    assert rows[1]["efficiency"] == rows[1]["speedup"] / 2
+    assert rows[1]["efficiency"] == rows[1]["speedup"] / 2 and {r["mode"] for r in rows} == {"weak"}
     capsys.readouterr()
     assert scaling.main([*weak_argv, "--set", "training.global_batch_size=8"]) == 2
     assert "--batch-per-gpu sets each layout's global batch" in capsys.readouterr().err
@@ -111,6 +114,16 @@ def test_bench_scaling_batch_sizes_follow_set_overrides():
     assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)
     assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 8)
     assert scaling.read_batch(config, ["training.local-batch-size=16"]) == (64, 16)  # torchtitan's other spelling
+
+
+def test_bench_scaling_names_the_layouts_parallelism_and_flavor():
+    from neollm.bench import scaling
+
+    assert [scaling.parallelism(*scaling.parse_layout(t)) for t in ("1", "4", "4x1", "2x4", "1x1")] == [
+        "single", "fsdp", "ddp", "hsdp", "single"]
+    config = Path("train_configs/ablation_135m.toml")
+    assert scaling.read_flavor(config) == "neollm_135m"
+    assert scaling.read_flavor(config, ["model.flavor=plain", "compile.enable=true"]) == "plain"
 
 
 def test_bench_scaling_refuses_two_micro_batches(tmp_path, capsys):

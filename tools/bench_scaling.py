@@ -1,7 +1,7 @@
 """Multi-GPU scaling of the real trainer: the same TOML on 1, 2, ... N processes, side by side.
 
 Each layout is one ``./run_train.sh`` run (torchrun, FSDP2; ``RxS`` is HSDP: R replicas of S-way
-sharding, NGPU = R * S) with the config's global batch unchanged, so every layout takes the same
+sharding, NGPU = R * S; ``Rx1`` is DDP) with the config's global batch unchanged, so every layout takes the same
 optimizer steps on the same tokens; only the split across ranks (and the micro-batches) differ.
 Per layout: tokens per step, median step time over the steps after ``--skip`` (compilation and
 warm-up excluded), total and per-GPU tok/s, scaling against the first layout (ideally NGPU x) and
@@ -31,7 +31,9 @@ time and loss), and those scalars (one gather per parameter under FSDP) are a lo
 run with ``log_freq = 10`` pays once in ten steps. A finished layout (``<out>/<layout>/result.json``) is skipped when the command is rerun, so a
 long comparison can be spread over several jobs (its numbers are recomputed from its metrics.jsonl
 with this run's ``--skip``; results.json keeps each layout's commit and device). Writes
-``results.md`` and ``results.json``.
+``results.md`` and ``results.json``, one row per layout with ``name`` (the flavor), ``mode`` (strong or
+weak), ``layout``, ``gpus``, ``parallelism`` (single, fsdp, ddp or hsdp), ``tok_per_s``, ``speedup``,
+``efficiency`` (tok/s per GPU against the first layout's), peak memory and the losses.
 """
 
 from __future__ import annotations

@@ -54,6 +54,27 @@ def read_batch(config: Path, sets: list[str] = ()) -> tuple[int, int]:
     return (global_ if global_ > 0 else local), local
 
 
+def read_flavor(config: Path, sets: list[str] = ()) -> str:
+    """The TOML's ``[model] flavor`` after any ``--set model.flavor=...`` (the row's ``name``)."""
+    import tomllib
+
+    flavor = tomllib.loads(config.read_text()).get("model", {}).get("flavor", "")
+    for item in sets:
+        if set_key(item) == "model.flavor":
+            flavor = item.partition("=")[2]
+    return flavor
+
+
+def parallelism(replicas: int, shards: int) -> str:
+    """What the trainer runs for a layout (neollm/parallelize.py): one process, FSDP2 over the shards,
+    DDP over replicas that each hold the whole model, or HSDP (replicas of FSDP2 groups)."""
+    if replicas * shards == 1:
+        return "single"
+    if replicas == 1:
+        return "fsdp"
+    return "ddp" if shards == 1 else "hsdp"
+
+
 def layout_argv(config: Path, dump: Path, replicas: int, shards: int, steps: int, local_batch: int,
                 sets: list[str], checkpoint: tuple[str, ...] = ("--checkpoint.no-enable",)) -> list[str]:
     argv = ["--job.config_file", str(config), "--job.dump_folder", str(dump), "--training.steps", str(steps),
@@ -111,7 +132,7 @@ def summarize(dump: Path, skip: int) -> dict:
         raise ValueError(f"{dump}: no step after --skip {skip} (run more --steps)")
     step_s = statistics.median(timed)
     return {"tokens_per_step": int(per_step), "steps": max(tokens), "timed_steps": len(timed),
-            "step_s_median": step_s, "tok_s": per_step / step_s,
+            "step_s_median": step_s, "tok_per_s": per_step / step_s,
             "peak_memory_gib": max(series.get(MEMORY, {}).values(), default=None),
             "losses": {str(s): v for s, v in sorted(series.get(TRAIN, {}).items())}}
 
@@ -121,9 +142,9 @@ def compare(results: list[dict], compare_steps: int) -> None:
     base = results[0]
     base_losses = base["losses"]
     for r in results:
-        r["speedup"] = r["tok_s"] / base["tok_s"]
+        r["speedup"] = r["tok_per_s"] / base["tok_per_s"]
         r["efficiency"] = r["speedup"] / (r["ngpu"] / base["ngpu"])
-        r["tok_s_per_gpu"] = r["tok_s"] / r["ngpu"]
+        r["tok_per_s_per_gpu"] = r["tok_per_s"] / r["ngpu"]
         same_batch = r["tokens_per_step"] == base["tokens_per_step"]
         common = [s for s in r["losses"] if same_batch and s in base_losses and int(s) <= compare_steps]
         diffs = [abs(r["losses"][s] - base_losses[s]) for s in common]
@@ -141,7 +162,7 @@ def write_markdown(path: Path, header: dict, results: list[dict]) -> None:
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         diff = "-" if r["loss_max_abs_diff"] is None else f"{r['loss_max_abs_diff']:.2e} ({r['loss_steps_compared']})"
         lines.append(f"| {r['layout']} | {r['ngpu']} | {r['local_batch']} | {r['tokens_per_step']:,} | "
-                     f"{r['step_s_median']:.4f} | {r['tok_s']:,.0f} | {r['tok_s_per_gpu']:,.0f} | "
+                     f"{r['step_s_median']:.4f} | {r['tok_per_s']:,.0f} | {r['tok_per_s_per_gpu']:,.0f} | "
                      f"{r['speedup']:.2f}x | {r['efficiency']:.0%} | {mem} | {diff} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -181,6 +202,8 @@ def run_layouts(opts) -> tuple[list[dict], int]:
         preflight(name, args, ngpu)  # every layout's config checked before the first one trains
         runs.append((name, replicas, shards, ngpu, local, global_batch, args))
     seed = make_seed_checkpoint(opts.config, opts.out / "seed", opts.set) if opts.seed_checkpoint else None
+    flavor = read_flavor(opts.config, opts.set)
+    mode = "strong" if opts.batch_per_gpu is None else "weak"
     results = []
     for name, replicas, shards, ngpu, local, layout_global, args in runs:
         dump = opts.out / name
@@ -191,7 +214,8 @@ def run_layouts(opts) -> tuple[list[dict], int]:
         print(f"[scaling] {name}: NGPU={ngpu}, micro-batch {local} -> {dump}/train.log", flush=True)
         result, _ = run_variant(variant, dump, args, ngpu, "checkpoint",
                                 lambda d: summarize(d, opts.skip),
-                                extra={"layout": name, "ngpu": ngpu, "local_batch": local,
+                                extra={"name": flavor, "mode": mode, "layout": name, "gpus": ngpu, "ngpu": ngpu,
+                                       "parallelism": parallelism(replicas, shards), "local_batch": local,
                                        "global_batch": layout_global,
                                        "git_commit": git_commit(), "device": device_name()})
         # a layout finished by an earlier invocation: its numbers again, with this --skip
