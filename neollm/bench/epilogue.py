@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import relative_diff, time_ms
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import attention_epilogue as ep
 
 EPS = 1e-6
@@ -65,13 +65,7 @@ def rows_for(tokens: int, heads: int, kv_heads: int, head_dim: int, directions: 
         out, grads = step()
         if baseline is None:
             baseline = (out, grads[0])
-        fwd_ms = time_ms(forward, steps)
-        step_ms = time_ms(step, steps)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
         results.append(dict(path=name, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                             directions=directions, dtype=str(dtype).removeprefix("torch."),
                             fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,

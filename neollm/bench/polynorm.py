@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import relative_diff, time_ms
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import polynorm_glu as pg
 
 EPS = PROJ_EPS = 1e-6
@@ -60,13 +60,7 @@ def rows_for(rows: int, n: int, dtype: torch.dtype, exclusive: bool, steps: int 
         out, grads = step()
         if baseline is None:
             baseline = (out, grads[0])
-        fwd_ms = time_ms(forward, steps)
-        step_ms = time_ms(step, steps)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
         results.append(dict(path=name, rows=rows, F=n, dtype=str(dtype).removeprefix("torch."), exclusive=exclusive,
                             fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,
                             rel_diff_out=relative_diff(out, baseline[0]),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import relative_diff, time_ms
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import qk_path as qp
 from neollm.model.rope import rope_cache
 
@@ -66,13 +66,7 @@ def rows_for(batch: int, seq_len: int, heads: int, kv_heads: int, d: int, dtype:
         out, dq = step()
         if baseline is None:
             baseline = (out, dq)
-        fwd_ms = time_ms(forward, steps)
-        step_ms = time_ms(step, steps)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
         results.append(dict(path=name, batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, d=d,
                             dtype=str(dtype).removeprefix("torch."), momentum_gamma=momentum_gamma,
                             momentum_first=momentum_first, fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,

@@ -317,7 +317,8 @@ def backward_kernel(y, v, u, route_logits, gate_logits, d_out, eps: float):
     dv = None if v is None else torch.empty_like(v.contiguous())
     dz = None if route_logits is None else torch.empty_like(route_logits.contiguous())
     dg = None if gate_logits is None else torch.empty_like(gate_logits.contiguous())
-    parts = None if u is None else torch.zeros(grid[0], *u.shape, device=y.device, dtype=torch.float32)
+    # every (block, head, direction) row is written by its program: no zero fill needed
+    parts = None if u is None else torch.empty(grid[0], *u.shape, device=y.device, dtype=torch.float32)
     if dy.numel():
         _backward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), d_out,
                                dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps, num_warps=4, **meta)
