@@ -93,6 +93,24 @@ def fresh_python(code: str, **env: str) -> str:
     return done.stdout
 
 
+class GraphRecorder:
+    """A torch.compile backend that keeps every FX graph it is given, then compiles it with ``backend``
+    (the tests count graphs and look for the project's custom ops in them)."""
+
+    def __init__(self, backend: str = "inductor") -> None:
+        self.backend, self.graphs = backend, []
+
+    def __call__(self, gm, example_inputs):
+        import torch
+
+        self.graphs.append(gm)
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
+
+    def targets(self, index: int = 0) -> list:
+        """The functions graph ``index`` calls, in order (an op called twice is listed twice)."""
+        return [node.target for node in self.graphs[index].graph.nodes if node.op == "call_function"]
+
+
 def load_tool(name: str):
     """Import tools/<name>.py as module ``name`` (registered in sys.modules: dataclasses and
     multiprocessing workers look their module up there)."""

@@ -22,7 +22,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from neollm.kernels import qk_path as qp  # noqa: E402
 from neollm.model.rope import rope_cache  # noqa: E402
-from kernel_mutants import assert_injected_errors_fail  # noqa: E402  (tests/, this script's folder)
+from conftest import GraphRecorder  # noqa: E402  (tests/, this script's folder)
+from kernel_mutants import assert_injected_errors_fail  # noqa: E402
 
 SLACK, FLOOR, FP32_TOL = 3.0, 2e-7, 1e-5
 # The parameter gradients are sums over every row (tests/polynorm_glu_interpreted.py): their floor
@@ -132,11 +133,7 @@ def check_attention() -> None:
         grads = torch.autograd.grad(out.square().mean(), list(m.parameters()))
         return out.detach().double(), torch.cat([g.flatten().double() for g in grads])
 
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    recording = GraphRecorder("aot_eager")
 
     try:
         want, ref, got = run("torch", torch.float64), run("torch", torch.float32), run("triton", torch.float32)
@@ -148,8 +145,8 @@ def check_attention() -> None:
         if VERBOSE:
             print(f"attention {name}: error {err:.2e}, reference {ref_err:.2e}")
         assert err <= SLACK * ref_err + FLOOR, f"attention {name}: error {err:.2e}, reference {ref_err:.2e}"
-    assert len(graphs) == 1
-    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert len(recording.graphs) == 1
+    targets = recording.targets()
     assert targets.count(torch.ops.neollm.qk_path.default) == 2
     for name, c, v in zip(("output", "gradients"), compiled, got):
         assert rel_err(c, v) <= 1e-6, f"compiled attention {name} differs from eager by {rel_err(c, v):.2e}"

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fresh_python, run_interpreted
+from conftest import GraphRecorder, fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import attention_epilogue as ep
@@ -84,11 +84,7 @@ def test_op_compiles_to_one_graph(backend):
     """A function calling the op (reference path) under fullgraph compile: one graph holding the op,
     and the eager values and gradients."""
     torch._dynamo.reset()
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    recording = GraphRecorder(backend)
 
     def fn(y, v, u, z, g):
         return ep.epilogue_op(y, v, F.normalize(u, dim=-1), z, g, EPS, False) * 2
@@ -96,8 +92,8 @@ def test_op_compiles_to_one_graph(backend):
     leaves = [x.float().requires_grad_() for x in _inputs("elementwise", seed=2)]
     out = torch.compile(fn, backend=recording, fullgraph=True)(*leaves)
     got = torch.autograd.grad(out.square().sum(), leaves)
-    assert len(graphs) == 1
-    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1
+    targets = set(recording.targets())
     assert torch.ops.neollm.attention_epilogue.default in targets
     out_e = fn(*leaves)
     want = torch.autograd.grad(out_e.square().sum(), leaves)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import fresh_python, run_interpreted
+from conftest import GraphRecorder, fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import lucid
@@ -77,16 +77,12 @@ def test_attention_with_lucid_compiles_to_one_graph_holding_the_op(backend):
     att = _lucid_attention()
     x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(1))
     cache = rope_cache(16, 32, 10_000.0)
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    recording = GraphRecorder(backend)
 
     out = torch.compile(att, backend=recording, fullgraph=True)(x, cache)
     grads = torch.autograd.grad(out.square().sum(), list(att.parameters()))
-    assert len(graphs) == 1
-    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1
+    targets = set(recording.targets())
     assert torch.ops.neollm.lucid_solve.default in targets
     out_e = att(x, cache)
     grads_e = torch.autograd.grad(out_e.square().sum(), list(att.parameters()))

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import fresh_python, run_interpreted
+from conftest import GraphRecorder, fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import polynorm_glu as pg
@@ -109,11 +109,7 @@ def test_op_compiles_to_one_graph(backend):
     and the eager values and gradients."""
     torch._dynamo.reset()
     pn = _polynorm(True)
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    recording = GraphRecorder(backend)
 
     def fn(g, u):
         return pg.polynorm_glu_op(g, u, *_params(pn), False)[0] * 2
@@ -123,8 +119,8 @@ def test_op_compiles_to_one_graph(backend):
     leaves = [g, u, *pn.parameters()]
     out = torch.compile(fn, backend=recording, fullgraph=True)(g, u)
     got = torch.autograd.grad(out.square().sum(), leaves)
-    assert len(graphs) == 1
-    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1
+    targets = set(recording.targets())
     assert torch.ops.neollm.polynorm_glu.default in targets
     out_e = fn(g, u)
     want = torch.autograd.grad(out_e.square().sum(), leaves)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import fresh_python, run_interpreted
+from conftest import GraphRecorder, fresh_python, run_interpreted
 
 from neollm.errors import ConfigError
 from neollm.kernels import qk_path as qp
@@ -120,18 +120,6 @@ def test_op_fake_gives_shapes_and_dtypes():
     assert (dp.shape, dp.dtype) == ((qp.N_PARAM_GRADS, 16), torch.float32)
 
 
-def _recording(backend: str, graphs: list):
-    def compile_fn(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
-    return compile_fn
-
-
-def _targets(graph) -> list:
-    return [node.target for node in graph.graph.nodes if node.op == "call_function"]
-
-
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_op_compiles_to_one_graph(backend):
     """A function calling the op (reference path) under fullgraph compile: one graph holding the op,
@@ -139,14 +127,14 @@ def test_op_compiles_to_one_graph(backend):
     torch._dynamo.reset()
     x, gamma, alpha, beta, rope, _ = _problem((2, 9, 3, 16), seed=4)
     leaves = [t.requires_grad_() for t in (x, gamma, alpha, beta)]
-    graphs = []
+    recording = GraphRecorder(backend)
 
     def fn(x, gamma, alpha, beta):
         return qp.qk_path_op(x, gamma, alpha, beta, rope, EPS, 0.1, "zero", False)[0] * 2
 
-    out = torch.compile(fn, backend=_recording(backend, graphs), fullgraph=True)(*leaves)
+    out = torch.compile(fn, backend=recording, fullgraph=True)(*leaves)
     got = torch.autograd.grad(out.square().sum(), leaves)
-    assert len(graphs) == 1 and torch.ops.neollm.qk_path.default in _targets(graphs[0])
+    assert len(recording.graphs) == 1 and torch.ops.neollm.qk_path.default in recording.targets()
     out_e = fn(*leaves)
     want = torch.autograd.grad(out_e.square().sum(), leaves)
     torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)
@@ -170,10 +158,10 @@ def test_attention_takes_the_op_in_one_compiled_graph(kernels_as_reference):
     att = _attention()
     x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(5))
     rope = rope_cache(16, 64, 10_000.0)
-    graphs = []
-    out = torch.compile(att, backend=_recording("aot_eager", graphs), fullgraph=True)(x, rope)
+    recording = GraphRecorder("aot_eager")
+    out = torch.compile(att, backend=recording, fullgraph=True)(x, rope)
     grads = torch.autograd.grad(out.square().sum(), list(att.parameters()))
-    assert len(graphs) == 1 and _targets(graphs[0]).count(torch.ops.neollm.qk_path.default) == 2
+    assert len(recording.graphs) == 1 and recording.targets().count(torch.ops.neollm.qk_path.default) == 2
     out_e = att(x, rope)
     grads_e = torch.autograd.grad(out_e.square().sum(), list(att.parameters()))
     torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)

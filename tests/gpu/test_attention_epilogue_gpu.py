@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import GraphRecorder
 from gpu_checks import GPU_ONLY, rel_err
 from neollm.kernels import attention_epilogue as ep
 
@@ -78,11 +79,7 @@ def test_attention_compiles_to_one_graph_with_the_kernels(monkeypatch):
     attn = Attention(args).cuda()
     x = torch.randn(4, 64, 128, device="cuda")
     rope = rope_cache(32, 64, 1e4, device="cuda")
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    recording = GraphRecorder("inductor")
 
     torch._dynamo.reset()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -90,8 +87,8 @@ def test_attention_compiles_to_one_graph_with_the_kernels(monkeypatch):
         grads = torch.autograd.grad(out.float().square().mean(), list(attn.parameters()))
         out_e = attn(x, rope)
         grads_e = torch.autograd.grad(out_e.float().square().mean(), list(attn.parameters()))
-    assert len(graphs) == 1
-    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1
+    targets = set(recording.targets())
     assert torch.ops.neollm.attention_epilogue.default in targets
     assert rel_err(out, out_e) < 1e-2
     for a, b in zip(grads, grads_e):

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from conftest import GraphRecorder
 from gpu_checks import GPU_ONLY, rel_err
 from neollm.kernels import attention_epilogue, polynorm_glu, qk_path
 from neollm.model import attention_ops
@@ -72,18 +73,14 @@ def test_compiled_blocks_hold_every_kernel_in_one_graph(monkeypatch):
         _switches(monkeypatch, "torch")
         want = _loss_and_grads(model, tokens)
         _switches(monkeypatch, "triton")
-        graphs = []
-
-        def recording(gm, example_inputs):
-            graphs.append(gm)
-            return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+        recording = GraphRecorder("inductor")
 
         torch._dynamo.reset()
         for layer_id, block in list(model.layers.named_children()):
             model.layers.register_module(layer_id, torch.compile(block, backend=recording, fullgraph=True))
         got = _loss_and_grads(model, tokens)
-    assert len(graphs) == 1, f"{len(graphs)} graphs for two blocks of one kind"  # the second block reuses it
-    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1, f"{len(recording.graphs)} graphs for two blocks of one kind"  # one reused
+    targets = {str(t) for t in recording.targets()}
     for op in OPS:
         assert any(f"neollm.{op}" in t for t in targets), f"{op} is not in the compiled block"
     assert rel_err(got[0], want[0]) < 1e-2

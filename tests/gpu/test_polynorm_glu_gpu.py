@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import GraphRecorder
 from gpu_checks import GPU_ONLY, rel_err
 from neollm.kernels import polynorm_glu as pg
 
@@ -74,11 +75,7 @@ def test_polynorm_mlp_compiles_to_one_graph_with_the_kernels(monkeypatch):
     mlp = MLP(args).cuda()
     mlp.init_weights(0.02, 0.01)
     x = torch.randn(4, 64, 128, device="cuda")
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    recording = GraphRecorder("inductor")
 
     torch._dynamo.reset()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -86,8 +83,8 @@ def test_polynorm_mlp_compiles_to_one_graph_with_the_kernels(monkeypatch):
         grads = torch.autograd.grad(out.float().square().mean(), list(mlp.parameters()))
         out_e = mlp(x)
         grads_e = torch.autograd.grad(out_e.float().square().mean(), list(mlp.parameters()))
-    assert len(graphs) == 1
-    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert len(recording.graphs) == 1
+    targets = set(recording.targets())
     assert torch.ops.neollm.polynorm_glu.default in targets
     assert rel_err(out, out_e) < 1e-2
     for a, b in zip(grads, grads_e):

@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import GraphRecorder
 from gpu_checks import GPU_ONLY, rel_err
 from neollm.kernels import qk_path as qp
 from neollm.model.rope import rope_cache
@@ -78,11 +79,7 @@ def test_attention_compiles_to_one_graph_with_the_kernels(monkeypatch):
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randn(4, 64, 128, device="cuda")
     rope = rope_cache(16, 64, 10_000.0, device="cuda")
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    recording = GraphRecorder("inductor")
 
     torch._dynamo.reset()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -90,8 +87,8 @@ def test_attention_compiles_to_one_graph_with_the_kernels(monkeypatch):
         grads = torch.autograd.grad(out.float().square().mean(), list(att.parameters()))
         out_e = att(x, rope)
         grads_e = torch.autograd.grad(out_e.float().square().mean(), list(att.parameters()))
-    assert len(graphs) == 1
-    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert len(recording.graphs) == 1
+    targets = recording.targets()
     assert targets.count(torch.ops.neollm.qk_path.default) == 2
     assert rel_err(out, out_e) < 1e-2
     for a, b in zip(grads, grads_e):
