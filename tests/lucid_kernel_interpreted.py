@@ -44,7 +44,7 @@ def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed:
     return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2), dx
 
 
-def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1) -> None:
+def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1, dots=None) -> None:
     """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
     k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
     kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
@@ -52,7 +52,7 @@ def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, valu
     dk64, dv64 = lucid.solve_backward_reference(kr64, x64, dx.double())
     x32 = lucid.solve_reference(kr32, v)
     dk32, dv32 = lucid.solve_backward_reference(kr32, x32, dx)
-    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split)
+    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split, dots=dots)
     x = kernels.solve_kernel(kr32, v, **launch)
     dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
     assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
@@ -157,6 +157,10 @@ if __name__ == "__main__":
         (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1),
     ]:
         check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split)
+    # every precision of the products launches (the interpreter computes them all in fp32: their
+    # accuracy is tests/gpu/test_lucid_gpu.py's)
+    for dots in lucid.DOT_PRECISIONS:
+        check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2, dots=dots)
     for dtype in (torch.float32, torch.bfloat16):
         check_lucid_values(dtype)
     check_attention()

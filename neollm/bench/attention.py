@@ -120,7 +120,8 @@ LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4),
 
 
 def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
-    """The kernels alone on fp32 normalised keys at each launch configuration, IEEE and TF32 solve."""
+    """The kernels alone on fp32 normalised keys at each launch configuration and each precision of
+    their matrix products (lucid.DOT_PRECISIONS)."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
         batch, kv_heads, seq, head_dim, device="cuda", generator=g)
@@ -131,19 +132,19 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> lis
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
     for rows_, cols, warps, split in LUCID_CONFIGS:
-        for tf32 in (False, True):
-            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split)
+        for dots in lucid_kernels.DOT_PRECISIONS:
+            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots)
             try:
-                x = lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)
-                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)
+                x = lucid_kernels.solve_kernel(kr, v, **launch)
+                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)
                 rows.append(dict(
-                    **launch, solve_tf32=tf32,
-                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, solve_tf32=tf32, **launch)),
-                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, solve_tf32=tf32, **launch)),
+                    **launch,
+                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, **launch)),
+                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)),
                     rel_err_x=relative_diff(x, x64), rel_err_dk=relative_diff(dk, dk64),
                     rel_err_dv=relative_diff(dv, dv64)))
             except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result
-                rows.append(dict(**launch, solve_tf32=tf32, error=str(err).splitlines()[0][:120]))
+                rows.append(dict(**launch, error=str(err).splitlines()[0][:120]))
     return rows
 
 
@@ -179,11 +180,11 @@ def markdown(result: dict) -> str:
     for r in result["lucid_op"]:
         lines.append(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
                      f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
-    lines.append("\n| rows | cols | warps | split | solve dots | fwd ms | bwd ms | rel. err X | dk | dv |\n"
+    lines.append("\n| rows | cols | warps | split | dots | fwd ms | bwd ms | rel. err X | dk | dv |\n"
                  "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in result["lucid_configs"]:
         head = (f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['value_split']} | "
-                f"{'tf32' if r['solve_tf32'] else 'ieee'} |")
+                f"{r['dots']} |")
         if "error" in r:
             lines.append(f"{head} n/a: {r['error']} | | | | |")
         else:

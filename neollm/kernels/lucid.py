@@ -25,15 +25,16 @@ powers of N grow like binomial coefficients and cancel: in fp32 its relative err
 10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7 (BR = 64, d = 64, keys = a
 shared direction + noise; the solution itself stays the size of V).
 
-Precision: every ``tl.dot`` in fp32 with ``input_precision="ieee"``. The reference with bf16
+Precision: by default every ``tl.dot`` in fp32 with ``input_precision="ieee"``. The reference with bf16
 inputs is fp32 math on those inputs, and a bf16 result is that rounded once. TF32 (inputs rounded
 to 11 bits) was weighed in a CPU emulation of the blocked solve (T 512, d 64, 32-row blocks, bf16
 values; relative error of X against fp64, worst of 3 draws): with correlated keys (a shared
 direction + 0.05-0.2 noise) IEEE 2e-5, TF32 in the Gram 8e-4, TF32 in the solve's products
 ``P_ij X_j`` 3e-3, against 1.7e-3 for rounding X to bf16; with independent keys 4e-8 / 5e-6 / 4e-6.
 So TF32 in the solve would double a bf16 run's error and the TF32 Gram add half of it, and both are
-40-150x the fp32 reference's error on fp32 runs: neither is taken. ``solve_tf32=True`` is kept for
-tools/bench_attention.py to measure on the GPU.
+40-150x the fp32 reference's error on fp32 runs: neither is taken. ``dots`` (``DOT_PRECISION``)
+also offers "tf32" for every product and "tf32x3" (split TF32 products, about fp32's accuracy on
+tensor cores), for tools/bench_attention.py and tests/gpu to measure on the GPU.
 """
 
 from __future__ import annotations
@@ -92,14 +93,14 @@ def solve_backward_reference(kr: torch.Tensor, x: torch.Tensor,
 if triton is not None:
 
     @triton.jit
-    def _exp_gram(k_rows, k_cols, scale, shift):
+    def _exp_gram(k_rows, k_cols, scale, shift, DOTS: tl.constexpr):
         """``exp(k_rows k_cols^T * scale - shift)``, fp32."""
-        s = tl.dot(k_rows, tl.trans(k_cols), input_precision="ieee")
+        s = tl.dot(k_rows, tl.trans(k_cols), input_precision=DOTS)
         return tl.exp(s * scale - shift)
 
     @triton.jit
     def _substitute_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, n_heads, seq_len,
-                           head_dim, scale, shift, TRANSPOSED: tl.constexpr, SOLVE_TF32: tl.constexpr,
+                           head_dim, scale, shift, TRANSPOSED: tl.constexpr, DOTS: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
         """One (batch, head) and BV of the d value columns (the columns of X are independent
         solves; the programs of one head share only the keys): ``out = P^-1 b`` (forward
@@ -140,15 +141,12 @@ if triton is not None:
                 c_ok = cols < c_end
                 cd_ok = c_ok[:, None] & d_ok[None, :]
                 k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
-                e = tl.where(c_ok[None, :], _exp_gram(k_r, k_c, scale, shift), 0.0)
+                e = tl.where(c_ok[None, :], _exp_gram(k_r, k_c, scale, shift, DOTS), 0.0)
                 x_c = tl.load(out_base + cols[:, None] * head_dim + vv[None, :],
                               mask=c_ok[:, None] & v_ok[None, :], other=0.0, cache_modifier=".cg")
-                if SOLVE_TF32:
-                    acc -= tl.dot(e, x_c, input_precision="tf32")
-                else:
-                    acc -= tl.dot(e, x_c, input_precision="ieee")
+                acc -= tl.dot(e, x_c, input_precision=DOTS)
             # diagonal block I + N, N strictly lower (upper, transposed): column-wise substitution
-            e = _exp_gram(k_r, k_r, scale, shift)
+            e = _exp_gram(k_r, k_r, scale, shift, DOTS)
             if TRANSPOSED:
                 inside = rr[:, None] < rr[None, :]
             else:
@@ -167,7 +165,7 @@ if triton is not None:
 
     @triton.jit
     def _key_grad_kernel(k_ptr, k_sb, k_sh, k_st, x_ptr, dv_ptr, dk_ptr, n_heads, seq_len, head_dim,
-                         scale, shift, BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+                         scale, shift, DOTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
         """One (batch, head, row block i): ``dkr_i = scale * sum_j (dS_ij + dS_ji) kr_j`` with
         ``dS_ij = -(dV_i . X_j) exp(S_ij)`` for j < i. x, dv, dk: contiguous fp32 [B*H, T, d]."""
         pid = tl.program_id(0)
@@ -192,9 +190,9 @@ if triton is not None:
             cd_ok = c_ok[:, None] & d_ok[None, :]
             k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
             x_c = tl.load(x_ptr + off + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0)
-            ds = -tl.dot(dv_r, tl.trans(x_c), input_precision="ieee") * _exp_gram(k_r, k_c, scale, shift)
+            ds = -tl.dot(dv_r, tl.trans(x_c), input_precision=DOTS) * _exp_gram(k_r, k_c, scale, shift, DOTS)
             ds = tl.where((cols[None, :] < rows[:, None]) & c_ok[None, :], ds, 0.0)
-            acc += tl.dot(ds, k_c, input_precision="ieee")
+            acc += tl.dot(ds, k_c, input_precision=DOTS)
         # dS_ji, j > i: the keys after each row
         for c0 in range((r0 // BC) * BC, seq_len, BC):
             cols = c0 + cc
@@ -202,9 +200,9 @@ if triton is not None:
             cd_ok = c_ok[:, None] & d_ok[None, :]
             k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
             dv_c = tl.load(dv_ptr + off + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0)
-            ds_t = -tl.dot(x_r, tl.trans(dv_c), input_precision="ieee") * _exp_gram(k_r, k_c, scale, shift)
+            ds_t = -tl.dot(x_r, tl.trans(dv_c), input_precision=DOTS) * _exp_gram(k_r, k_c, scale, shift, DOTS)
             ds_t = tl.where((cols[None, :] > rows[:, None]) & c_ok[None, :], ds_t, 0.0)
-            acc += tl.dot(ds_t, k_c, input_precision="ieee")
+            acc += tl.dot(ds_t, k_c, input_precision=DOTS)
         tl.store(dk_ptr + off + rows[:, None] * head_dim + dd[None, :], acc * scale, mask=rd_ok)
 
 
@@ -225,6 +223,21 @@ def _head_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), t.stride(2))
 
 
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DOT_PRECISION = "ieee"
+"""The kernels' matrix products (Gram tiles, the solve's off-diagonal products, the key gradient):
+"ieee" fp32 FMA (the default: the accuracy of the fp32 reference, module docstring), "tf32x3"
+(three TF32 tensor-core products per fp32 one, ~fp32 accuracy; untimed and unchecked on a GPU:
+tools/bench_attention.py --lucid-op-only and tests/gpu/test_lucid_gpu.py measure both) or "tf32"."""
+
+
+def _dots(dots: str | None) -> str:
+    dots = DOT_PRECISION if dots is None else dots
+    if dots not in DOT_PRECISIONS:
+        raise ValueError(f"dots must be one of {DOT_PRECISIONS}, got {dots!r}")
+    return dots
+
+
 def _launch_config(block_rows: int | None, block_cols: int | None, num_warps: int | None, d: int):
     br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     for name, b in (("block_rows", br), ("block_cols", bc)):
@@ -240,11 +253,11 @@ def _value_block(value_split: int | None, bd: int) -> int:
     return bd // split
 
 
-def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, solve_tf32: bool = False,
+def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: str | None = None,
                block_rows: int | None = None, block_cols: int | None = None,
                num_warps: int | None = None, value_split: int | None = None) -> torch.Tensor:
     """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
-    ``value_split``: programs per head, each solving d / value_split columns."""
+    ``value_split``: programs per head, each solving d / value_split columns; ``dots``: DOT_PRECISIONS."""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     bv = _value_block(value_split, bd)
@@ -253,12 +266,12 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, solve_t
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if out.numel():
         _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
-                                              TRANSPOSED=transposed, SOLVE_TF32=solve_tf32, BR=br, BC=bc, BD=bd,
+                                              TRANSPOSED=transposed, DOTS=_dots(dots), BR=br, BC=bc, BD=bd,
                                               BV=bv, num_warps=warps)
     return out
 
 
-def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, block_rows: int | None = None,
+def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
              block_cols: int | None = None, num_warps: int | None = None,
              value_split: int | None = None) -> torch.Tensor:
     """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
@@ -270,7 +283,8 @@ def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, block_rows:
     dk = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if dk.numel():
         _key_grad_kernel[(b * h, triton.cdiv(t, br))](kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d),
-                                                      math.sqrt(d), BR=br, BC=bc, BD=bd, num_warps=warps)
+                                                      math.sqrt(d), DOTS=_dots(dots), BR=br, BC=bc, BD=bd,
+                                                      num_warps=warps)
     return dk
 
 
@@ -279,10 +293,10 @@ def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
     return substitute(kr, v, transposed=False, **launch)
 
 
-def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, *, solve_tf32: bool = False,
+def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
                           **launch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dkr, dv)`` by the kernels (fp32), as ``solve_backward_reference``."""
-    dv = substitute(kr, dx, transposed=True, solve_tf32=solve_tf32, **launch)
+    dv = substitute(kr, dx, transposed=True, **launch)
     return key_grad(kr, x, dv, **launch), dv
 
 
