@@ -33,8 +33,12 @@ direction + 0.05-0.2 noise) IEEE 2e-5, TF32 in the Gram 8e-4, TF32 in the solve'
 ``P_ij X_j`` 3e-3, against 1.7e-3 for rounding X to bf16; with independent keys 4e-8 / 5e-6 / 4e-6.
 So TF32 in the solve would double a bf16 run's error and the TF32 Gram add half of it, and both are
 40-150x the fp32 reference's error on fp32 runs: neither is taken. ``dots`` (``DOT_PRECISION``)
-also offers "tf32" for every product and "tf32x3" (split TF32 products, about fp32's accuracy on
-tensor cores), for tools/bench_attention.py and tests/gpu to measure on the GPU.
+also offers "tf32" for every product and "tf32x3" (each fp32 operand split into two TF32 parts,
+three tensor-core products, fp32 accumulation), for tools/bench_attention.py and tests/gpu to
+measure on the GPU. The same CPU emulation for the Gram (T 512, d 64, batch 4, worst of 3 draws,
+relative error of X against fp64): tf32x3 equals IEEE's error (correlated keys with 0.05 / 0.1 /
+0.2 noise: 1.9e-5 / 1.7e-5 / 1.3e-5 both; independent: 3.8e-7 both), where plain TF32 gives 7e-4
+to 8e-4 and 1.2e-4.
 """
 
 from __future__ import annotations
