@@ -35,8 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from neollm.errors import ConfigError
-from neollm.kernels.triton_support import unavailable_reason
+from neollm.kernels.triton_support import KERNEL_IMPLS, resolve_impl, unavailable_reason
 from neollm.precision import compute_dtype
 
 try:
@@ -396,7 +395,7 @@ EPILOGUE_OPS = (torch.ops.neollm.attention_epilogue.default,)
 
 
 # ---- the switch -------------------------------------------------------------------------------
-EPILOGUE_IMPLS = ("auto", "triton", "torch")
+EPILOGUE_IMPLS = KERNEL_IMPLS
 EPILOGUE_IMPL = os.environ.get("NEOLLM_EPILOGUE_IMPL", "torch")
 """Which path the attention epilogue takes (module docstring): "torch" (default), "triton" or "auto".
 Set here or for a whole run by NEOLLM_EPILOGUE_IMPL; an unknown name is an error at the first call."""
@@ -404,14 +403,11 @@ Set here or for a whole run by NEOLLM_EPILOGUE_IMPL; an unknown name is an error
 
 def uses_kernel(impl: str, *tensors: torch.Tensor | None) -> bool:
     """Resolve ``impl`` (one of EPILOGUE_IMPLS) for these tensors: True for the Triton kernels."""
-    if impl not in EPILOGUE_IMPLS:
-        raise ConfigError(f"attention epilogue impl (attention_epilogue.EPILOGUE_IMPL, env NEOLLM_EPILOGUE_IMPL) "
-                          f"must be one of {EPILOGUE_IMPLS}, got {impl!r}")
     present = [t for t in tensors if t is not None]
     reason = kernel_unavailable_reason(present[0].device, tuple(t.dtype for t in present))
-    if impl == "triton" and reason is not None:
-        raise ConfigError(f"NEOLLM_EPILOGUE_IMPL 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
-    return impl == "triton" or (impl == "auto" and reason is None and present[0].is_cuda)
+    return resolve_impl(impl, reason, present[0].is_cuda,
+                        "attention epilogue impl (attention_epilogue.EPILOGUE_IMPL, env NEOLLM_EPILOGUE_IMPL)",
+                        "NEOLLM_EPILOGUE_IMPL")
 
 
 def attention_epilogue(y: torch.Tensor, v: torch.Tensor | None, directions: torch.Tensor | None,

@@ -35,8 +35,7 @@ import os
 
 import torch
 
-from neollm.errors import ConfigError
-from neollm.kernels.triton_support import unavailable_reason
+from neollm.kernels.triton_support import KERNEL_IMPLS, resolve_impl, unavailable_reason
 from neollm.precision import compute_dtype, upcast
 
 try:
@@ -415,7 +414,7 @@ POLYNORM_OPS = (torch.ops.neollm.polynorm_glu.default,)
 
 
 # ---- the switch -------------------------------------------------------------------------------
-POLYNORM_IMPLS = ("auto", "triton", "torch")
+POLYNORM_IMPLS = KERNEL_IMPLS
 POLYNORM_IMPL = os.environ.get("NEOLLM_POLYNORM_IMPL", "torch")
 """Which path the PolyNorm MLP takes (module docstring): "torch" (default), "triton" or "auto".
 Set here or for a whole run by NEOLLM_POLYNORM_IMPL; an unknown name is an error at the first call."""
@@ -423,13 +422,8 @@ Set here or for a whole run by NEOLLM_POLYNORM_IMPL; an unknown name is an error
 
 def uses_kernel(impl: str, g: torch.Tensor, u: torch.Tensor) -> bool:
     """Resolve ``impl`` (one of POLYNORM_IMPLS) for these tensors: True for the Triton kernels."""
-    if impl not in POLYNORM_IMPLS:
-        raise ConfigError(f"polynorm impl (polynorm_glu.POLYNORM_IMPL, env NEOLLM_POLYNORM_IMPL) must be one of "
-                          f"{POLYNORM_IMPLS}, got {impl!r}")
-    reason = kernel_unavailable_reason(g.device, (g.dtype, u.dtype))
-    if impl == "triton" and reason is not None:
-        raise ConfigError(f"NEOLLM_POLYNORM_IMPL 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
-    return impl == "triton" or (impl == "auto" and reason is None and g.is_cuda)
+    return resolve_impl(impl, kernel_unavailable_reason(g.device, (g.dtype, u.dtype)), g.is_cuda,
+                        "polynorm impl (polynorm_glu.POLYNORM_IMPL, env NEOLLM_POLYNORM_IMPL)", "NEOLLM_POLYNORM_IMPL")
 
 
 def polynorm_glu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

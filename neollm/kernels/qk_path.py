@@ -47,8 +47,7 @@ import os
 
 import torch
 
-from neollm.errors import ConfigError
-from neollm.kernels.triton_support import unavailable_reason
+from neollm.kernels.triton_support import KERNEL_IMPLS, resolve_impl, unavailable_reason
 from neollm.model import attention_ops
 from neollm.model.rope import apply_rope
 from neollm.precision import compute_dtype
@@ -374,7 +373,7 @@ QK_PATH_OPS = (torch.ops.neollm.qk_path.default,)
 
 
 # ---- the switch -------------------------------------------------------------------------------
-QK_PATH_IMPLS = ("auto", "triton", "torch")
+QK_PATH_IMPLS = KERNEL_IMPLS
 QK_PATH_IMPL = os.environ.get("NEOLLM_QK_PATH_IMPL", "torch")
 """Which path the attention's q and k take (module docstring): "torch" (default), "triton" or
 "auto". Set here or for a whole run by NEOLLM_QK_PATH_IMPL; an unknown name is an error at the first
@@ -383,13 +382,8 @@ call."""
 
 def uses_kernel(impl: str, x: torch.Tensor) -> bool:
     """Resolve ``impl`` (one of QK_PATH_IMPLS) for tensors like x: True for the Triton kernels."""
-    if impl not in QK_PATH_IMPLS:
-        raise ConfigError(f"q/k path impl (qk_path.QK_PATH_IMPL, env NEOLLM_QK_PATH_IMPL) must be one of "
-                          f"{QK_PATH_IMPLS}, got {impl!r}")
-    reason = kernel_unavailable_reason(x.device, (x.dtype,))
-    if impl == "triton" and reason is not None:
-        raise ConfigError(f"NEOLLM_QK_PATH_IMPL 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
-    return impl == "triton" or (impl == "auto" and reason is None and x.is_cuda)
+    return resolve_impl(impl, kernel_unavailable_reason(x.device, (x.dtype,)), x.is_cuda,
+                        "q/k path impl (qk_path.QK_PATH_IMPL, env NEOLLM_QK_PATH_IMPL)", "NEOLLM_QK_PATH_IMPL")
 
 
 def qk_path(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, rope: torch.Tensor,

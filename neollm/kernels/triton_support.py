@@ -1,6 +1,7 @@
 """Where the project's Triton kernels can run: a CUDA tensor, or any tensor under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``, how the CPU tests run them), in a dtype whose statistics fp32
-holds (fp64 stays on the PyTorch references). One rule for the fused loss, LUCID and PolyNorm GLU."""
+holds (fp64 stays on the PyTorch references). One rule for the fused loss, LUCID and PolyNorm GLU, and one
+for resolving a kernel switch ("auto" | "triton" | "torch": LUCID, PolyNorm GLU, q/k path, epilogue)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import importlib.util
 import os
 
 import torch
+
+from neollm.errors import ConfigError
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: the check runs in every forward
@@ -26,3 +29,19 @@ def unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...]) ->
     if any(dt not in KERNEL_DTYPES for dt in dtypes):
         return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
     return None
+
+
+KERNEL_IMPLS = ("auto", "triton", "torch")
+
+
+def resolve_impl(impl: str, reason: str | None, on_cuda: bool, switch: str, short: str) -> bool:
+    """True when a kernel switch set to ``impl`` (one of KERNEL_IMPLS) takes the Triton kernels for
+    tensors the kernels cannot serve for ``reason`` (None: they can) and that are ``on_cuda`` or not:
+    "triton" always (an error if they cannot run), "auto" on CUDA where they can, "torch" never.
+    ``switch`` names the setting in full (module attribute and environment variable), ``short`` in the
+    'cannot run' error."""
+    if impl not in KERNEL_IMPLS:
+        raise ConfigError(f"{switch} must be one of {KERNEL_IMPLS}, got {impl!r}")
+    if impl == "triton" and reason is not None:
+        raise ConfigError(f"{short} 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
+    return impl == "triton" or (impl == "auto" and reason is None and on_cuda)

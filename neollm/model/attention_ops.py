@@ -15,8 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from neollm.errors import ConfigError
 from neollm.kernels import lucid as lucid_kernels
+from neollm.kernels.triton_support import KERNEL_IMPLS, resolve_impl
 from neollm.precision import compute_dtype
 
 
@@ -102,7 +102,7 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
         return lucid_kernels.preconditioner(rms_normalize(k, eps))
 
 
-LUCID_IMPLS = ("auto", "triton", "torch")
+LUCID_IMPLS = KERNEL_IMPLS
 LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "torch")
 """Which implementation ``lucid_values`` runs when not told: "triton" (the fused kernels of
 neollm/kernels/lucid.py: CUDA, fp32/bf16/fp16), "torch" (the same op with the PyTorch reference:
@@ -115,13 +115,9 @@ NEOLLM_LUCID_IMPL; an unknown name is an error at the first LUCID call."""
 
 def lucid_uses_kernel(impl: str, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Resolve ``impl`` (one of LUCID_IMPLS) for these keys / values: True for the Triton kernels."""
-    if impl not in LUCID_IMPLS:
-        raise ConfigError(f"lucid_impl (attention_ops.LUCID_IMPL, env NEOLLM_LUCID_IMPL) must be one of "
-                          f"{LUCID_IMPLS}, got {impl!r}")
     reason = lucid_kernels.kernel_unavailable_reason(k.device, (compute_dtype(k), v.dtype), k.shape[-1])
-    if impl == "triton" and reason is not None:
-        raise ConfigError(f"lucid_impl 'triton' cannot run: {reason}; set it to 'auto' or 'torch'")
-    return impl == "triton" or (impl == "auto" and reason is None and k.is_cuda)
+    return resolve_impl(impl, reason, k.is_cuda, "lucid_impl (attention_ops.LUCID_IMPL, env NEOLLM_LUCID_IMPL)",
+                        "lucid_impl")
 
 
 def lucid_values(k: torch.Tensor, v: torch.Tensor, eps: float, impl: str | None = None) -> torch.Tensor:
