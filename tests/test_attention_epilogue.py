@@ -152,15 +152,15 @@ def test_impl_switch_is_validated(monkeypatch):
         attn(x, rope)
     monkeypatch.setattr(ep, "EPILOGUE_IMPL", "auto")
     attn(x, rope)  # auto on the CPU: the unfused path
-    assert ep.EPILOGUE_IMPL == "auto" and os.environ.get("NEOLLM_EPILOGUE_IMPL", "torch") in ep.EPILOGUE_IMPLS
+    assert ep.EPILOGUE_IMPL == "auto" and os.environ.get("NEOLLM_EPILOGUE_IMPL", "auto") in ep.EPILOGUE_IMPLS
 
 
-def test_impl_default_is_torch_and_comes_from_the_environment():
-    """"torch" unless NEOLLM_EPILOGUE_IMPL says otherwise (read at import; a fresh process)."""
+def test_impl_default_is_auto_and_comes_from_the_environment():
+    """"auto" unless NEOLLM_EPILOGUE_IMPL says otherwise (read at import; a fresh process)."""
     if "NEOLLM_EPILOGUE_IMPL" not in os.environ:
-        assert ep.EPILOGUE_IMPL == "torch"
+        assert ep.EPILOGUE_IMPL == "auto"
     code = "from neollm.kernels import attention_epilogue as e; print(e.EPILOGUE_IMPL)"
-    assert fresh_python(code, NEOLLM_EPILOGUE_IMPL="auto").strip() == "auto"
+    assert fresh_python(code, NEOLLM_EPILOGUE_IMPL="torch").strip() == "torch"
 
 
 def test_triton_kernels_under_the_interpreter():

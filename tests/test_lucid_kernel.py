@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -107,9 +108,16 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
 
 
 def test_impl_default_comes_from_the_environment():
-    """NEOLLM_LUCID_IMPL sets the default for a whole run (read at import, in a fresh process)."""
+    """NEOLLM_LUCID_IMPL (default "auto") and NEOLLM_LUCID_DOTS (default "tf32x3") set the kernels'
+    defaults for a whole run (read at import, in a fresh process)."""
     code = "from neollm.model import attention_ops as o; print(o.LUCID_IMPL)"
     assert fresh_python(code, NEOLLM_LUCID_IMPL="torch").strip() == "torch"
+    if "NEOLLM_LUCID_IMPL" not in os.environ:
+        assert ops.LUCID_IMPL == "auto"
+    code = "from neollm.kernels import lucid as l; print(l.DOT_PRECISION)"
+    assert fresh_python(code, NEOLLM_LUCID_DOTS="ieee").strip() == "ieee"
+    if "NEOLLM_LUCID_DOTS" not in os.environ:
+        assert lucid.DOT_PRECISION == "tf32x3"
 
 
 def test_triton_kernels_under_the_interpreter():

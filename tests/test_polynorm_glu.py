@@ -139,10 +139,10 @@ def _mlp(**changes) -> MLP:
 
 
 def test_mlp_with_the_switch_unset_is_the_unfused_module():
-    """The default ("torch") keeps the MLP bit for bit what it was: down(PolyNorm(gate) * up)."""
-    assert pg.POLYNORM_IMPL == os.environ.get("NEOLLM_POLYNORM_IMPL", "torch")
+    """The default ("auto") keeps a CPU MLP bit for bit the unfused module: down(PolyNorm(gate) * up)."""
+    assert pg.POLYNORM_IMPL == os.environ.get("NEOLLM_POLYNORM_IMPL", "auto")
     if "NEOLLM_POLYNORM_IMPL" not in os.environ:
-        assert pg.POLYNORM_IMPL == "torch"
+        assert pg.POLYNORM_IMPL == "auto"
     mlp = _mlp(polynorm_exclusive=True)
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
     m = mlp.fan(x)

@@ -170,10 +170,10 @@ def test_attention_takes_the_op_in_one_compiled_graph(kernels_as_reference):
 
 
 def test_attention_with_the_switch_unset_runs_the_unfused_path():
-    """The default ("torch") takes the op nowhere: the attention is the present path."""
-    assert qp.QK_PATH_IMPL == os.environ.get("NEOLLM_QK_PATH_IMPL", "torch")
+    """The default ("auto") takes the op only on CUDA: on the CPU the attention is the unfused path."""
+    assert qp.QK_PATH_IMPL == os.environ.get("NEOLLM_QK_PATH_IMPL", "auto")
     if "NEOLLM_QK_PATH_IMPL" not in os.environ:
-        assert qp.QK_PATH_IMPL == "torch"
+        assert qp.QK_PATH_IMPL == "auto"
         assert not _attention().fuses_qk(torch.randn(1, 2, 64))
 
 

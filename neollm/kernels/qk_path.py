@@ -32,13 +32,16 @@ Backward, for the upstream gradient ``g_t = dL/dout_t``:
 ``backward_reference`` is the same in PyTorch, checked against autograd in fp64
 (tests/test_qk_path.py).
 
-Switch: ``QK_PATH_IMPL`` (environment ``NEOLLM_QK_PATH_IMPL``) = "torch" (default: the attention
-runs ``attention_ops.seednorm``, ``rope.apply_rope`` and ``attention_ops.momentum_shift`` as
-before), "triton" (the kernels; CUDA, fp32/bf16/fp16; an error elsewhere) or "auto" (the kernels
-where they can run, on CUDA). The attention takes the op only with ``seednorm_qk`` on (q and k then
+Switch: ``QK_PATH_IMPL`` (environment ``NEOLLM_QK_PATH_IMPL``) = "auto" (default: the kernels
+where they can run, on CUDA), "torch" (the attention runs ``attention_ops.seednorm``,
+``rope.apply_rope`` and ``attention_ops.momentum_shift``) or "triton" (the kernels; CUDA,
+fp32/bf16/fp16; an error elsewhere). The attention takes the op only with ``seednorm_qk`` on (q and k then
 get SeeDNorm, never the plain QK RMSNorm) and only in ``forward``: decoding (``Attention.step``)
-keeps the unfused path. The kernels are untimed (written without a GPU; tools/bench_qk_path.py
-measures them): the default stays "torch" until they are.
+keeps the unfused path. The default is "auto": neollm_135m's real trainer on an H100 ran 1.18x faster with the four
+technique kernels (LUCID, PolyNorm GLU, q/k path, epilogue) than with the references, and 1.04x with
+the three besides LUCID (BENCHMARKS.md, 2026-12-05).
+Alone (tools/bench_qk_path.py, H100) the op's forward + backward took 2.04 ms against the compiled
+reference's 1.38: its share of the trainer's gain is not measured apart.
 """
 
 from __future__ import annotations
@@ -374,10 +377,10 @@ QK_PATH_OPS = (torch.ops.neollm.qk_path.default,)
 
 # ---- the switch -------------------------------------------------------------------------------
 QK_PATH_IMPLS = KERNEL_IMPLS
-QK_PATH_IMPL = os.environ.get("NEOLLM_QK_PATH_IMPL", "torch")
-"""Which path the attention's q and k take (module docstring): "torch" (default), "triton" or
-"auto". Set here or for a whole run by NEOLLM_QK_PATH_IMPL; an unknown name is an error at the first
-call."""
+QK_PATH_IMPL = os.environ.get("NEOLLM_QK_PATH_IMPL", "auto")
+"""Which path this op takes (module docstring): "auto" (the default: the Triton kernels on CUDA
+where they can run, else the PyTorch reference), "torch" or "triton". Set here or for a whole run by
+NEOLLM_QK_PATH_IMPL; an unknown name is an error at the first call."""
 
 
 def uses_kernel(impl: str, x: torch.Tensor) -> bool:

@@ -23,8 +23,8 @@ Order of operations (each step only when its switch is on)
 7. XSA (``xsa``): remove y's component along the token's own v.
 8. directional routing (``directional_routing``).
 9. output gate (``attention_output_gate``).
-   Steps 7-9 are one function, neollm.kernels.attention_epilogue (opt-in Triton kernels,
-   ``NEOLLM_EPILOGUE_IMPL``).
+   Steps 7-9 are one function, neollm.kernels.attention_epilogue (Triton kernels on CUDA by
+   default, ``NEOLLM_EPILOGUE_IMPL``).
 10. ``out = Wo y``.
 
 Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8, Hkv=4, d=64, cost)
@@ -67,8 +67,8 @@ Techniques (paper, formula, interpretation, extra params per layer at D=512, H=8
   the kernel (after norm, RoPE and momentum), ``P = tril(exp(K_rn K_rn^T / sqrt(d) - sqrt(d)))``
   (unit diagonal since ||k_rn||^2 = d; off-diagonal entries in (0, 1] by Cauchy-Schwarz, so the
   exp never overflows), ``X = P^-1 v`` in fp32 by the custom op ``neollm::lucid_solve``
-  (attention_ops.lucid_values: the PyTorch reference by default, opt-in Triton kernels that never
-  form P; backward keeps only X and the normalised keys), then ``O = SDPA(q, k, X)``. Causal (P
+  (attention_ops.lucid_values: Triton kernels that never form P on CUDA by default, the PyTorch
+  reference elsewhere or with NEOLLM_LUCID_IMPL=torch; backward keeps only X and the normalised keys), then ``O = SDPA(q, k, X)``. Causal (P
   lower-triangular). No params. Cost per KV head: a [T,d]x[d,T] Gram (2*T^2*d FLOPs) + a
   triangular solve (T^2*d FLOPs); flops.py counts these FLOPs.
 * XSA — arXiv 2603.09078. ``z_i = y_i - <y_i, v_i> / (||v_i||^2 + eps) * v_i`` per head, v_i the

@@ -103,13 +103,13 @@ def lucid_preconditioner(k: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 LUCID_IMPLS = KERNEL_IMPLS
-LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "torch")
+LUCID_IMPL = os.environ.get("NEOLLM_LUCID_IMPL", "auto")
 """Which implementation ``lucid_values`` runs when not told: "triton" (the fused kernels of
 neollm/kernels/lucid.py: CUDA, fp32/bf16/fp16), "torch" (the same op with the PyTorch reference:
-P formed in HBM, cuBLAS triangular solves) or "auto" (triton where it can run, else torch).
-The default is "torch": the one whole-step measurement of the kernels so far was slower than the
-reference's earlier steps (BENCHMARKS.md, 2026-12-04); the kernels are opt-in until tuned.
-Set here, or for a whole run (trainer, tools/bench.py) by the environment variable
+P formed in HBM, cuBLAS triangular solves) or "auto" (the default: triton where it can run, else
+torch). With tf32x3 products (lucid.DOT_PRECISION) the four technique kernels together ran
+neollm_135m's real trainer 1.18x faster than the references (H100, BENCHMARKS.md 2026-12-05); with
+IEEE products LUCID's kernels alone were 0.92x. Set here, or for a whole run (trainer, tools/bench.py) by the environment variable
 NEOLLM_LUCID_IMPL; an unknown name is an error at the first LUCID call."""
 
 

@@ -37,7 +37,7 @@ def _value_and_grads(k, v, dx, impl, autocast=False):
     return (x, *torch.autograd.grad(x, (k, v), dx))
 
 
-@pytest.mark.parametrize("dots", ["ieee", "tf32x3"])  # lucid.DOT_PRECISION: the default, and its candidate
+@pytest.mark.parametrize("dots", ["ieee", "tf32x3"])  # lucid.DOT_PRECISION: IEEE, and the default
 @pytest.mark.parametrize("keys", ["independent", "correlated"])
 @pytest.mark.parametrize("batch", [2, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
