@@ -1,4 +1,5 @@
-"""Where a measurement came from: the git commit of the code and the device it ran on.
+"""Where a measurement came from: the git commit of the code, the device it ran on and the
+``NEOLLM_*`` switches set in the environment.
 
 Benchmark and ablation reports start with these so every number names its commit and device.
 """
@@ -30,6 +31,12 @@ def git_commit() -> str:
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
     return commit
+
+
+def neollm_environment() -> dict[str, str]:
+    """The ``NEOLLM_*`` variables set for this run but the commit (kernel switches such as
+    ``NEOLLM_LUCID_IMPL``): a report that names them can be told apart from one with the defaults."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NEOLLM_") and k != "NEOLLM_COMMIT"}
 
 
 def device_name() -> str:

@@ -69,3 +69,22 @@ def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path
         assert row["name"] == "debug" and row["tok_per_s"] > 0 and row["local_batch_size"] == 1
     assert rows["trainer"]["intervals"] == 1 and rows["trainer"]["peak_gib"] >= 0
     assert rows["trainer"]["first_step_s"] > 0 and rows["bench"]["first_step_s"] > 0
+
+
+def test_bench_trainer_refuses_a_kept_folder_that_holds_a_run(tmp_path, capsys):
+    """--keep on a folder with a metrics.jsonl would append this run to it (and the report would read
+    the old run's steps where this one's are missing): refused before anything runs."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "metrics.jsonl").write_text('{"step": 1, "throughput(tps)": 1.0}\n')
+    assert load_tool("bench_trainer").main(["--config", "train_configs/debug.toml", "--keep", str(kept)]) == 2
+    assert "already holds a run's metrics.jsonl" in capsys.readouterr().err
+
+
+def test_reports_name_the_neollm_switches_set(monkeypatch):
+    from neollm.provenance import neollm_environment
+
+    monkeypatch.setenv("NEOLLM_LUCID_IMPL", "torch")
+    monkeypatch.setenv("NEOLLM_COMMIT", "abc123")
+    env = neollm_environment()
+    assert env["NEOLLM_LUCID_IMPL"] == "torch" and "NEOLLM_COMMIT" not in env

@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
 
     from neollm.bench.trainer import measure, summary
+    from neollm.errors import ConfigError
 
-    report = measure(opts, "python tools/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    try:
+        report = measure(opts, "python tools/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(summary(report, opts.ngpu))
     if opts.out:
         opts.out.parent.mkdir(parents=True, exist_ok=True)

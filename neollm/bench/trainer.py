@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 from neollm.config_check import parse_config
+from neollm.errors import ConfigError
 from neollm.monitor import read_metrics_jsonl
-from neollm.provenance import REPO, device_name, git_commit
+from neollm.provenance import REPO, device_name, git_commit, neollm_environment
 
 
 def steady_state(metrics: dict[str, dict[int, float]], skip: int) -> tuple[float, float, int]:
@@ -76,6 +77,9 @@ def measure(opts, command: str) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dump = opts.keep or Path(tmp) / "run"
+        if (dump / "metrics.jsonl").exists():
+            raise ConfigError(f"--keep {dump} already holds a run's metrics.jsonl, which this run would "
+                              "append to: name a new folder or delete it")
         metrics = read_metrics_jsonl(run_trainer(opts.config, opts.steps, opts.log_freq, opts.ngpu,
                                                  opts.overrides, dump))
         tps, peak, intervals = steady_state(metrics, skip)
@@ -93,14 +97,15 @@ def measure(opts, command: str) -> dict:
                              "peak_gib": r["peak_gib"], "first_step_s": r.get("first_step_s"), "ngpu": 1, "steps": opts.bench_steps,
                              "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
     return {"device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "config": opts.config, "overrides": opts.overrides, "command": command,
-            "rows": rows}
+            "commit": git_commit(), "environment": neollm_environment(), "config": opts.config,
+            "overrides": opts.overrides, "command": command, "rows": rows}
 
 
 def summary(report: dict, ngpu: int) -> str:
     """The report as printed: provenance, a markdown table, and the trainer's share of bench's tok/s."""
     rows = report["rows"]
-    lines = [f"\n{report['device']}, {report['date']}, commit {report['commit']}",
+    env = " ".join(f"{k}={v}" for k, v in report.get("environment", {}).items())
+    lines = [f"\n{report['device']}, {report['date']}, commit {report['commit']}" + (f", {env}" if env else ""),
              "| name | source | GPUs | tok/s | peak GiB | first step s |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         first = r.get("first_step_s")
