@@ -225,6 +225,40 @@ def test_shuffled_shards_resume_exactly_with_a_new_order_each_pass(corpus, token
         check_data(make_job("local_text", corpus["local_text"], "--data.shuffle_documents"))
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
+def test_shard_workers_deal_out_the_batches_of_a_loader_without_workers(corpus, tokenizer, shuffle):
+    """With 2 dataloader workers each rank's batches are exactly those without workers (the workers
+    take whole micro-batches of one stream in turn), so a step's sequences do not depend on the
+    number of workers (a worker per block of documents made each batch one block's)."""
+    extra = ("--data.shuffle_documents", "--data.shuffle_seed", "5") if shuffle else ()
+    for rank in range(2):
+        alone, _ = take(build(make_job("shards", corpus["shards"], *extra), tokenizer, rank), 12)
+        dealt, _ = take(build(make_job("shards", corpus["shards"], *extra, *WORKERS), tokenizer, rank), 12)
+        assert all(torch.equal(a, b) for a, b in zip(alone, dealt)), rank
+
+
+def test_shard_workers_refuse_another_split_at_resume(corpus, tokenizer):
+    """A position saved by 2 workers taking micro-batches of 2 is refused by a run with micro-batches of
+    1; a worker's state without the split (saved when each worker read its own block of documents)
+    is refused with the way out, in the worker that loads it."""
+    from neollm.data.shards import TokenShardDataset, TokenShards
+    from neollm.errors import ConfigError
+
+    loader = build(make_job("shards", corpus["shards"], *WORKERS), tokenizer, 0)
+    take(loader, 3)
+    state = loader.state_dict()
+    resumed = build(make_job("shards", corpus["shards"], *WORKERS, "--training.local_batch_size", "1"), tokenizer, 0)
+    with pytest.raises(Exception, match="for 2 dataloader workers taking micro-batches of 2"):
+        resumed.load_state_dict(state)
+        take(resumed, 1)
+    ds = TokenShardDataset(TokenShards(corpus["shards"]), 8, local_batch_size=2)
+    old = {k: v for k, v in ds.state_dict().items() if k != "workers"}
+    ds.load_state_dict(old)  # without workers the old and new positions mean the same
+    ds._workers = lambda: (1, 2)  # as in the second of two workers
+    with pytest.raises(ConfigError, match="exclude_from_loading dataloader"):
+        ds.load_state_dict(old)
+
+
 @pytest.mark.parametrize("workers", [False, True], ids=["no_workers", "2_workers"])
 def test_interleaved_ranks_split_one_stream_the_same_way_for_any_rank_count(corpus, tokenizer, workers):
     """[data] interleave_ranks: 1, 2 and 4 ranks get the same global batches (window i of the one

@@ -101,7 +101,8 @@ def build_dataset(name: str, path: str | None, tokenizer: Any, job_config: JobCo
                                  max_doc_tokens=limit, name=key, restart_each_pass=validation,
                                  shuffle_seed=None if validation else shuffle_seed(job_config, key),
                                  interleave=not validation and interleave_ranks(job_config, key),
-                                 local_batch_size=job_config.training.local_batch_size)
+                                 local_batch_size=(job_config.validation if validation
+                                                   else job_config.training).local_batch_size)
     data = apply_holdout(key, data, job_config, source.sample_processor, f"{section} dataset")
     loader_config = (job_config.validation if validation else job_config.training).dataloader
     return NeoLLMTextDataset(key, data, source.sample_processor, tokenizer, seq_len, dp_rank,

@@ -13,11 +13,13 @@
 
 ``[training] dataset = "shards"`` reads the ``train`` split (``shards_validation``: the
 ``validation`` split) of the folder ``[training] dataset_path`` with ``np.memmap``.
-:class:`TokenShardDataset` gives each data-parallel rank (and each dataloader worker within a
-rank) a contiguous, disjoint range of documents, packs them into ``seq_len + 1`` windows exactly
-as torchtitan's HuggingFaceTextDataset packs text (so the same documents give the same batches
-either way), and checkpoints its position as (epoch, document, offset in document): a resumed
-run continues with the very next token.
+:class:`TokenShardDataset` gives each data-parallel rank a contiguous, disjoint range of documents
+(or, interleaved, every window ``r`` of ``W``), packs them into ``seq_len + 1`` windows exactly as
+torchtitan's HuggingFaceTextDataset packs text (so the same documents give the same batches either
+way), deals the rank's stream out to its dataloader workers a whole micro-batch each in turn (so the
+batches, and each step's sequences, are those of a loader without workers, whatever their number),
+and checkpoints its position as (epoch, document, offset in document, window): a resumed run
+continues with the very next token.
 """
 
 from __future__ import annotations
@@ -223,11 +225,16 @@ def load_shards(path: str, split: str = "train") -> TokenShards:
 class TokenShardDataset(IterableDataset, Stateful):
     """Packed ``seq_len + 1`` windows over this rank's (and worker's) documents of a split.
 
-    Rank ``r`` of ``W`` reads documents ``contiguous_range(N, W, r)``; with dataloader workers,
-    worker ``w`` of ``K`` reads ``contiguous_range`` ``w`` of ``K`` of that range. The state is
-    the position of the next token: ``epoch`` (passes over the range so far), ``doc`` (index in
-    the range) and ``offset`` (tokens of that document already used), so a resumed iterator
-    yields exactly the windows the uninterrupted one would have. ``restart_each_pass``: every
+    Rank ``r`` of ``W`` reads documents ``contiguous_range(N, W, r)``. With ``K`` dataloader workers,
+    worker ``w`` walks the same packed stream and keeps the rank's windows whose micro-batch number
+    (``j // local_batch_size``) is ``w`` mod ``K``: the loader takes whole batches from its workers in
+    turn, so the batches come out in stream order, as without workers. (Giving each worker its own
+    contiguous block of documents instead made every micro-batch, and with one micro-batch per step every
+    step, come from one block: on a corpus stored source by source, alternate steps of one source.) The
+    state is the position of the next token: ``epoch`` (passes over the range so far), ``doc`` (index
+    in the range), ``offset`` (tokens of that document already used) and ``window`` (the stream's
+    windows packed so far, kept or not), so a resumed iterator yields exactly the windows the
+    uninterrupted one would have. ``restart_each_pass``: every
     ``iter()`` starts at the first document (validation: each evaluation sees the same batches).
 
     ``shuffle_seed`` (``[data] shuffle_documents``): each pass reads the range's documents in a
@@ -238,10 +245,7 @@ class TokenShardDataset(IterableDataset, Stateful):
     ranks pack the same stream (same order, same permutation), and rank ``r`` of ``W`` keeps
     windows ``r, r + W, r + 2W, ...``: global window ``i`` of a step's ``W x B`` goes to one rank
     whatever ``W`` is, so the set of sequences per optimizer step does not depend on the number
-    of ranks. With ``K`` dataloader workers, worker ``w`` keeps the rank's windows whose local
-    batch number (``j // local_batch_size``) is ``w`` mod ``K``: the loader takes whole batches
-    from its workers in turn, so the rank's batches come out in stream order. ``window`` (the
-    stream's windows packed so far, kept or not) joins the state.
+    of ranks; the workers split the rank's windows by micro-batches as above.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1,
@@ -270,17 +274,11 @@ class TokenShardDataset(IterableDataset, Stateful):
         self._offset = 0
         self._window = 0
 
-    def _worker_range(self) -> tuple[int, int]:
-        lo, hi = self.rank_range
+    @staticmethod
+    def _workers() -> tuple[int, int]:
+        """(this dataloader worker's id, number of workers); (0, 1) in the main process."""
         info = get_worker_info()
-        if info is None or info.num_workers == 1 or self.interleave:
-            return lo, hi
-        a, b = contiguous_range(hi - lo, info.num_workers, info.id)
-        if a == b:
-            raise ConfigError(
-                f"token shards: this rank has {hi - lo} documents, fewer than the "
-                f"{info.num_workers} dataloader workers: lower [training.dataloader] num_workers")
-        return lo + a, lo + b
+        return (0, 1) if info is None else (info.id, info.num_workers)
 
     def _tokens(self, i: int) -> np.ndarray:
         return truncate_document(self.shards.document(i), self.max_doc_tokens, self.eos_id)
@@ -294,15 +292,16 @@ class TokenShardDataset(IterableDataset, Stateful):
 
     def _keeps(self) -> Callable[[int], bool]:
         """Which windows of the packed stream this rank (and worker) yields."""
-        if not self.interleave:
-            return lambda i: True
+        worker, workers = self._workers()
         rank, world, batch = self.dp_rank, self.dp_world_size, self.local_batch_size
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return lambda i: i % world == rank and (i // world // batch) % workers == worker
+        if self.interleave:
+            return lambda i: i % world == rank and (i // world // batch) % workers == worker
+        if workers == 1:
+            return lambda i: True
+        return lambda i: (i // batch) % workers == worker
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        lo, hi = self._worker_range()
+        lo, hi = self.rank_range
         n = hi - lo
         if self.restart_each_pass:
             self._epoch, self._doc, self._offset, self._window = 0, 0, 0, 0
@@ -340,6 +339,8 @@ class TokenShardDataset(IterableDataset, Stateful):
                  "documents": self.shards.num_documents, "rank_range": list(self.rank_range)}
         if self.interleave:
             state["interleave"] = [self._window, self.dp_rank, self.dp_world_size, self.local_batch_size]
+        else:  # the stream's window count and how it was dealt out to the workers
+            state["workers"] = [self._window, self._workers()[1], self.local_batch_size]
         if self.shuffle_seed is not None:
             state["shuffle_seed"] = self.shuffle_seed
         return state
@@ -371,7 +372,30 @@ class TokenShardDataset(IterableDataset, Stateful):
                 f"the checkpoint's data position is for {split(saved_split)}, but this run reads "
                 f"{split(now)}: resume with the same [data] interleave_ranks, number of data-parallel "
                 "ranks and [training] local_batch_size")
+        window = saved_split[0] if self.interleave else self._check_workers(state_dict.get("workers"))
         self._epoch = int(state_dict["epoch"])
         self._doc = int(state_dict["doc"])
         self._offset = int(state_dict["offset"])
-        self._window = int(saved_split[0]) if self.interleave else 0
+        self._window = int(window)
+
+    def _check_workers(self, saved: list[int] | None) -> int:
+        """The saved window count, after checking that this run deals the stream out to its workers
+        as the saved one did (no saved split: a checkpoint from before the batch-wise split, when each
+        of several workers read its own block of documents: its positions mean nothing here)."""
+        workers = self._workers()[1]
+        if saved is None:
+            if workers > 1:
+                raise ConfigError(
+                    f"the checkpoint's data position is one of {workers} dataloader workers' positions in "
+                    "their own blocks of documents (NeoLLM before the workers shared one stream); this "
+                    "version cannot continue it: resume with the code that wrote it, or keep the model and "
+                    "optimizer and start the data over with --checkpoint.exclude_from_loading dataloader")
+            return 0
+        window, saved_workers, saved_batch = saved
+        if workers > 1 and (saved_workers, saved_batch) != (workers, self.local_batch_size):
+            raise ConfigError(
+                f"the checkpoint's data position is for {saved_workers} dataloader workers taking micro-batches "
+                f"of {saved_batch}, but this run has {workers} workers and micro-batches of "
+                f"{self.local_batch_size}: resume with the same [training.dataloader] num_workers and "
+                "[training] local_batch_size")
+        return window
