@@ -60,12 +60,15 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
 # Launch configuration: rows per block (the diagonal solve's size: a sequential step per row, on
 # [BLOCK_ROWS x d / VALUE_SPLIT] tiles), the column chunk of the off-diagonal products, warps, and
 # programs per (batch, head) in the substitutions, each solving d / VALUE_SPLIT columns (256
-# programs at 64 x 4 heads would fill an H100's 132 SMs only twice). Not yet measured: chosen as
-# the middle of tools/bench_attention.py --lucid-op-only's sweep, which reports each one's time.
+# programs at 64 x 4 heads would fill an H100's 132 SMs only twice). From tools/bench_attention.py
+# --lucid-op-only's sweep on an H100 (B 64, Hkv 4, T 512, d 64; BENCHMARKS.md 2026-12-05): 32 / 64 /
+# 4 warps / one program per head took 0.61 + 1.51 ms forward + backward in tf32x3 products (IEEE 1.01
+# + 3.91), against 1.51 + 2.39 (IEEE 1.80 + 4.70) for two programs per head, the earlier untimed
+# default; the best in tf32x3, 16 / 32 / 2 warps / 2 programs, took 0.54 + 1.40 but 1.71 + 4.66 in IEEE.
 BLOCK_ROWS = 32
 BLOCK_COLS = 64
 NUM_WARPS = 4
-VALUE_SPLIT = 2
+VALUE_SPLIT = 1
 
 
 # ---- the reference --------------------------------------------------------------------------
