@@ -28,7 +28,21 @@ def unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...]) ->
         return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
     if any(dt not in KERNEL_DTYPES for dt in dtypes):
         return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
+    if device.type == "cuda":
+        old = _older_than_ampere(torch.cuda.current_device() if device.index is None else device.index)
+        if old:
+            return f"{old} is older than Ampere (compute capability < 8.0)"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _older_than_ampere(index: int) -> str:
+    """The name of GPU ``index`` if it predates Ampere, else "": bf16 and TF32 (LUCID's default tf32x3
+    products) need Ampere or later, and the kernels are checked on Hopper (tests/gpu). A constant to
+    torch.compile, so the check in a compiled block's forward breaks no graph."""
+    if torch.cuda.get_device_capability(index) >= (8, 0):
+        return ""
+    return torch.cuda.get_device_name(index)
 
 
 KERNEL_IMPLS = ("auto", "triton", "torch")
