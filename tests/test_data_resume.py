@@ -225,6 +225,32 @@ def test_shuffled_shards_resume_exactly_with_a_new_order_each_pass(corpus, token
         check_data(make_job("local_text", corpus["local_text"], "--data.shuffle_documents"))
 
 
+def test_text_workers_take_every_kth_document(corpus, tokenizer, monkeypatch):
+    """Local text with 2 dataloader workers: the loader's first two batches (one from each worker)
+    start at documents 0 and 1, neighbours as without workers (a block per worker started the second
+    at document 15, half the corpus away); a worker's position saved by the block split is refused."""
+    from neollm.data.text import NeoLLMTextDataset
+    from neollm.errors import ConfigError
+
+    word_ids = {tokenizer.encode(f" {w}")[0]: i for i, w in enumerate(WORDS)}
+    batches, _ = take(build(make_job("local_text", corpus["local_text"], *WORKERS), tokenizer, 0, world=1), 2)
+    docs = [{word_ids[t] for t in b.flatten().tolist() if t in word_ids} for b in batches]
+    assert docs == [{0}, {1}]
+    loader = build(make_job("local_text", corpus["local_text"], *WORKERS), tokenizer, 0)
+    take(loader, 3)
+    state = loader.state_dict()
+    resumed = build(make_job("local_text", corpus["local_text"], *WORKERS), tokenizer, 0)
+    resumed.load_state_dict(state)
+    take(resumed, 1)  # this version's own positions resume
+    dataset = resumed.dataset
+    assert isinstance(dataset, NeoLLMTextDataset)
+    old = {"token_buffer": [], "sample_idx": 3}
+    dataset.load_state_dict(old)  # outside a worker (no workers): the positions mean the same
+    monkeypatch.setattr("neollm.data.text.get_worker_info", lambda: type("Worker", (), {"id": 0, "num_workers": 2}))
+    with pytest.raises(ConfigError, match="exclude_from_loading dataloader"):
+        dataset.load_state_dict(old)
+
+
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in_order", "shuffled"])
 def test_shard_workers_deal_out_the_batches_of_a_loader_without_workers(corpus, tokenizer, shuffle):
     """With 2 dataloader workers each rank's batches are exactly those without workers (the workers

@@ -15,9 +15,12 @@ What :class:`NeoLLMTextDataset` adds:
 
 * dataloader workers (``[training.dataloader] num_workers > 0``): torchtitan would give every
   worker the rank's whole map-style dataset, so each document would be seen once per worker.
-  Here worker ``w`` of ``K`` reads the ``w``-th contiguous block of the rank's documents
-  (streaming datasets split their files across workers themselves). StatefulDataLoader saves and
-  restores one state per worker.
+  Here worker ``w`` of ``K`` reads the rank's documents ``w, w + K, w + 2K, ...``, so the workers'
+  batches, which the loader takes in turn, hold neighbouring documents as a loader without workers
+  would (a contiguous block per worker made every batch one block's: on a corpus stored topic by
+  topic, alternate batches of distant topics). Streaming datasets split their files across workers
+  themselves. StatefulDataLoader saves and restores one state per worker; a worker's state names
+  the split (``document_split``), and one saved by the block split is refused.
 * ``[data] max_doc_tokens_factor``: documents are truncated (packing.DocumentEncoder).
 * streaming + workers: ``datasets`` gives each worker whole files (shards) of the rank's part,
   and a worker without a file would yield nothing, forever (the loader would hang waiting for
@@ -117,7 +120,7 @@ class NeoLLMTextDataset(HuggingFaceTextDataset):
     def _get_data_iter(self):
         info = get_worker_info()
         if isinstance(self._data, Dataset) and info is not None and info.num_workers > 1:
-            part = self._data.shard(info.num_workers, info.id, contiguous=True)
+            part = self._data.shard(info.num_workers, info.id, contiguous=False)
             if self._sample_idx >= len(part):
                 return iter([])
             return iter(part.skip(self._sample_idx))
@@ -128,7 +131,22 @@ class NeoLLMTextDataset(HuggingFaceTextDataset):
         the next document right after the yield; in a dataloader worker the state is pickled later
         by the queue's feeder thread, so under CPU load the saved buffer held tokens of batches not
         yet trained on and a resume repeated them (a streamed 2-worker resume test failed in CI)."""
-        return copy.deepcopy(super().state_dict())
+        state = copy.deepcopy(super().state_dict())
+        if isinstance(self._data, Dataset):
+            state["document_split"] = "strided"
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        info = get_worker_info()
+        if (isinstance(self._data, Dataset) and info is not None and info.num_workers > 1
+                and state_dict.get("document_split") != "strided"):
+            raise ConfigError(
+                f"the checkpoint's data position is one of {info.num_workers} dataloader workers' positions "
+                f"in their own blocks of {self.dataset_name}'s documents (NeoLLM before the workers took "
+                "every K-th document); this version cannot continue it: resume with the code that wrote "
+                "it, or keep the model and optimizer and start the data over with "
+                "--checkpoint.exclude_from_loading dataloader")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "document_split"})
 
     def __iter__(self):
         if self.restart_each_pass:
