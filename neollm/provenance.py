@@ -1,7 +1,8 @@
 """Where a measurement came from: the git commit of the code, the device it ran on and the
 ``NEOLLM_*`` switches set in the environment.
 
-Benchmark and ablation reports start with these so every number names its commit and device.
+Benchmark and ablation reports name their commit and device; tools/bench_trainer.py's also records the
+``NEOLLM_*`` switches (the kernels' implementations), which change its numbers.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ def test_auto_takes_the_kernels_on_ampere_or_later_only(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert ts.unavailable_reason(cuda, (torch.bfloat16, torch.float32)) is None
         assert ts.resolve_impl("auto", None, True, "switch", "NEOLLM_X_IMPL")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert ts.unavailable_reason(cuda, (torch.bfloat16,), need_ampere=False) is None  # the fused loss on a V100
     assert "fp32/bf16/fp16" in ts.unavailable_reason(cuda, (torch.float64,))
     assert not ts.resolve_impl("auto", None, False, "switch", "NEOLLM_X_IMPL")  # CPU tensors: the reference
     with pytest.raises(ConfigError, match="must be one of"):
@@ -36,8 +38,10 @@ def test_the_device_check_compiles_without_a_graph_break(monkeypatch):
     """The switches resolve inside compiled blocks (fullgraph): the GPU-generation check is a constant."""
     if not ts.TRITON_INSTALLED:
         pytest.skip("Triton is not installed")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    # Opaque to dynamo, so that only the constant-result wrapper keeps the check out of the graph: without
+    # it these calls break the graph and fullgraph=True fails.
+    monkeypatch.setattr(torch.cuda, "get_device_name", torch._dynamo.disable(lambda device=None: "Tesla T4"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", torch._dynamo.disable(lambda device=None: (7, 5)))
 
     def f(x):
         return x + 1 if ts.unavailable_reason(torch.device("cuda", 0), (x.dtype,)) is None else x - 1

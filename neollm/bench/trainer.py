@@ -76,7 +76,7 @@ def measure(opts, command: str) -> dict:
     skip = opts.skip or max(opts.log_freq, opts.steps // 5)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        dump = opts.keep or Path(tmp) / "run"
+        dump = Path(opts.keep).resolve() if opts.keep else Path(tmp) / "run"  # the trainer runs in REPO
         if (dump / "metrics.jsonl").exists():
             raise ConfigError(f"--keep {dump} already holds a run's metrics.jsonl, which this run would "
                               "append to: name a new folder or delete it")

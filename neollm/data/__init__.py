@@ -21,9 +21,11 @@ max_doc_tokens_factor = 4`` truncates every document to 4 x seq_len tokens (seed
 
 Ranks and workers: data-parallel rank r of W reads the r-th contiguous block of documents (for a
 streaming source: whole hub files, or every W-th document); within a rank, dataloader worker w
-of K (``[training.dataloader] num_workers``) reads the w-th block of the rank's documents (for a
-streaming source: whole files of the rank's part, re-sharded by parquet row group when there are
-fewer files than workers, refused when that is not enough: text.fit_stream_to_workers). The GPU
+of K (``[training.dataloader] num_workers``) reads the rank's documents w, w + K, ... for local
+text, keeps the rank's micro-batches w, w + K, ... of one packed stream for shards (so batches come
+out in the order a loader without workers gives), and for a streaming source whole files of the
+rank's part (re-sharded by parquet row group when there are fewer files than workers, refused when
+that is not enough: text.fit_stream_to_workers). The GPU
 configs read with 4 workers, pinned memory and prefetch 4 (2 workers for shards);
 tools/bench_data.py measures each source against what a model consumes.
 Token shards with ``[data] interleave_ranks = true`` instead: every rank walks the same packed
@@ -31,8 +33,8 @@ stream of all documents and keeps windows r, r + W, ... (workers take whole batc
 a step's global batch is the same sequences whatever W is (neollm/data/shards.py).
 
 Exact resume: the dataloader is torchtitan's ParallelAwareDataloader, saved in every checkpoint
-per rank; its dataset state is (epoch, document, offset) for shards, (documents consumed, token
-buffer) for local text, and ``datasets``' own state_dict + token buffer for streaming.
+per rank and worker; its dataset state is (epoch, document, offset, window) for shards, (documents
+consumed, token buffer, the workers' split) for local text, and ``datasets``' own state_dict + token buffer for streaming.
 
 Pre-tokenized training::
 

@@ -223,7 +223,7 @@ def load_shards(path: str, split: str = "train") -> TokenShards:
 
 
 class TokenShardDataset(IterableDataset, Stateful):
-    """Packed ``seq_len + 1`` windows over this rank's (and worker's) documents of a split.
+    """Packed ``seq_len + 1`` windows of a split: this rank's documents, dealt to workers by micro-batch.
 
     Rank ``r`` of ``W`` reads documents ``contiguous_range(N, W, r)``. With ``K`` dataloader workers,
     worker ``w`` walks the same packed stream and keeps the rank's windows whose micro-batch number

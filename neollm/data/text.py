@@ -1,7 +1,8 @@
 """Text sources tokenized on the fly: torchtitan's HuggingFaceTextDataset, plus two things.
 
 torchtitan 0.2.2's ``HuggingFaceTextDataset`` already does what exact resume needs, and NeoLLM
-keeps its packing loop and checkpoint state unchanged (checked in tests/test_data_resume.py):
+keeps its packing loop and checkpoint state (plus the workers' split, below; checked in
+tests/test_data_resume.py):
 
 * map-style ``datasets.Dataset`` (wiki_vital_en, local_text): each data-parallel rank gets a
   contiguous, disjoint block of documents (``split_dataset_by_node`` -> ``Dataset.shard(...,

@@ -49,6 +49,7 @@ import os
 
 import torch
 
+from neollm.errors import ConfigError
 from neollm.kernels.triton_support import unavailable_reason
 
 try:
@@ -245,7 +246,8 @@ On an H100 (tools/bench_attention.py --lucid-op-only, T 512, d 64, fp32 keys, 20
 def _dots(dots: str | None) -> str:
     dots = DOT_PRECISION if dots is None else dots
     if dots not in DOT_PRECISIONS:
-        raise ValueError(f"dots must be one of {DOT_PRECISIONS}, got {dots!r}")
+        raise ConfigError(f"LUCID's dot precision (lucid.DOT_PRECISION, environment variable NEOLLM_LUCID_DOTS) "
+                          f"must be one of {DOT_PRECISIONS}, got {dots!r}")
     return dots
 
 

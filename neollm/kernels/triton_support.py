@@ -20,15 +20,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
-    """Why a Triton kernel cannot serve tensors on ``device`` of these dtypes (None when it can)."""
+def unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, ...], need_ampere: bool = True) -> str | None:
+    """Why a Triton kernel cannot serve tensors on ``device`` of these dtypes (None when it can).
+    ``need_ampere=False`` for a kernel that runs on older GPUs too (the fused loss: fp32 statistics of
+    each row, no TF32 products), so that it keeps serving V100s and T4s as before the technique kernels."""
     if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton)"
     if not (device.type == "cuda" or interpreting()):
         return f"the tensors are on {device}, not CUDA (or run under TRITON_INTERPRET=1)"
     if any(dt not in KERNEL_DTYPES for dt in dtypes):
         return f"dtypes {dtypes}: the kernels take fp32/bf16/fp16 (fp64 runs the reference)"
-    if device.type == "cuda":
+    if need_ampere and device.type == "cuda":
         old = _older_than_ampere(torch.cuda.current_device() if device.index is None else device.index)
         if old:
             return f"{old} is older than Ampere (compute capability < 8.0)"

@@ -42,7 +42,7 @@ def launch_shape(n_cols: int) -> tuple[int, int]:
 def available(logits: torch.Tensor) -> bool:
     """Whether the kernel serves these logits: Triton importable and a CUDA tensor (or Triton's CPU
     interpreter) in a dtype whose statistics fp32 holds (not fp64: the torch path keeps that)."""
-    return unavailable_reason(logits.device, (logits.dtype,)) is None
+    return unavailable_reason(logits.device, (logits.dtype,), need_ampere=False) is None
 
 
 if triton is not None:

@@ -9,9 +9,10 @@ up_proj; product -> column multiplier -> down_proj. The column multiplier is the
 multiplier c (linear.py), and dropout on the product equals dropout on the PolyNorm output (same mask, the
 product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
-PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = triton
-(or auto, on CUDA) computes ``PolyNorm(gate) * up`` as one fused op (neollm/kernels/polynorm_glu.py) when no dropout
-is active; the default, torch, keeps the unfused module below. Parameters and state_dict are the same either way.
+PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = auto
+(the default: on CUDA from Ampere on) or triton computes ``PolyNorm(gate) * up`` as one fused op
+(neollm/kernels/polynorm_glu.py) when no dropout is active; torch keeps the unfused module below.
+Parameters and state_dict are the same either way.
 
 NeoLLM's exact MLP graph (Kitsunp/ml-cross-entropy @ ec32cad: docs/neollm-mlp-cute.md, mlp/reference.py
 ``neollm_mlp_reference``, benchmark/mlp_profile.py ``ReferenceLayer``):
