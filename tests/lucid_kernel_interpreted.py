@@ -44,7 +44,8 @@ def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed:
     return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2), dx
 
 
-def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1, dots=None) -> None:
+def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1, dots=None,
+                  diagonal=None) -> None:
     """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
     k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
     kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
@@ -52,11 +53,12 @@ def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, valu
     dk64, dv64 = lucid.solve_backward_reference(kr64, x64, dx.double())
     x32 = lucid.solve_reference(kr32, v)
     dk32, dv32 = lucid.solve_backward_reference(kr32, x32, dx)
-    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split, dots=dots)
+    launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split, dots=dots,
+                  diagonal=diagonal)
     x = kernels.solve_kernel(kr32, v, **launch)
     dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
     assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
-    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {dtype} {keys}"
+    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {diagonal} {dtype} {keys}"
     for name, got, ref, exact in (("X", x, x32, x64), ("dv", dv, dv32, dv64), ("dkr", dk, dk32, dk64)):
         if dtype != torch.float32 and name == "X":  # as lucid_values returns it
             got, ref = got.to(dtype), ref.to(dtype)
@@ -142,21 +144,36 @@ INJECTED = {
 }
 
 
+INJECTED_INVERSE = {  # the diagonal step by inverted blocks (lucid.DIAGONAL "inverse")
+    "inverse's mask includes the diagonal": [("e, 0.0)\n        inv = ", "e, 0.0)\n        n = n + tl.where("
+                                                 "rr[:, None] == rr[None, :], e, 0.0)\n        inv = ")],
+    "transposed solve applies D^-1, not D^-T": [("dinv = tl.trans(dinv)\n", "dinv = dinv\n")],
+    "inverse read from the wrong block": [("n_blocks + r0 // BR) * BR * BR", "n_blocks + step) * BR * BR")],
+    "inverse skips its first column": [("for c in range(0, BR):\n            inv_row", "for c in range(1, BR):\n            inv_row")],
+}
+
+
 def check_injected_errors_fail() -> None:
     assert_injected_errors_fail(lucid, INJECTED, lambda module: check_kernels(
         module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2))
+    assert_injected_errors_fail(lucid, INJECTED_INVERSE, lambda module: check_kernels(
+        module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2, diagonal="inverse"))
 
 
 if __name__ == "__main__":
-    check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2)  # the mutants' case, unmutated
-    for b, h, t, d, rows, cols, dtype, keys, split in [
-        (2, 2, 128, 32, 32, 64, torch.float32, "independent", 1),
-        (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 2),
-        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4),  # ragged T, d not a power of two
-        (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent", 1),
-        (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1),
+    for diagonal in lucid.DIAGONALS:  # the mutants' case, unmutated
+        check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2, diagonal=diagonal)
+    for b, h, t, d, rows, cols, dtype, keys, split, diagonal in [
+        (2, 2, 128, 32, 32, 64, torch.float32, "independent", 1, "substitute"),
+        (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 2, "substitute"),
+        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4, "substitute"),  # ragged T, d not a power of two
+        (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent", 1, "substitute"),
+        (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1, "substitute"),
+        (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 1, "inverse"),
+        (1, 2, 200, 48, 32, 32, torch.bfloat16, "correlated", 2, "inverse"),  # ragged: padded rows of D^-1
+        (1, 1, 100, 16, 16, 64, torch.float16, "independent", 1, "inverse"),
     ]:
-        check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split)
+        check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split, diagonal=diagonal)
     # every precision of the products launches (the interpreter computes them all in fp32: their
     # accuracy is tests/gpu/test_lucid_gpu.py's)
     for dots in lucid.DOT_PRECISIONS:

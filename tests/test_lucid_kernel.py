@@ -108,8 +108,8 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
 
 
 def test_impl_default_comes_from_the_environment():
-    """NEOLLM_LUCID_IMPL (default "auto") and NEOLLM_LUCID_DOTS (default "tf32x3") set the kernels'
-    defaults for a whole run (read at import, in a fresh process)."""
+    """NEOLLM_LUCID_IMPL (default "auto"), NEOLLM_LUCID_DOTS (default "tf32x3") and NEOLLM_LUCID_DIAGONAL
+    (default "substitute") set the kernels' defaults for a whole run (read at import, in a fresh process)."""
     code = "from neollm.model import attention_ops as o; print(o.LUCID_IMPL)"
     assert fresh_python(code, NEOLLM_LUCID_IMPL="torch").strip() == "torch"
     if "NEOLLM_LUCID_IMPL" not in os.environ:
@@ -118,6 +118,20 @@ def test_impl_default_comes_from_the_environment():
     assert fresh_python(code, NEOLLM_LUCID_DOTS="ieee").strip() == "ieee"
     if "NEOLLM_LUCID_DOTS" not in os.environ:
         assert lucid.DOT_PRECISION == "tf32x3"
+    code = "from neollm.kernels import lucid as l; print(l.DIAGONAL)"
+    assert fresh_python(code, NEOLLM_LUCID_DIAGONAL="inverse").strip() == "inverse"
+    if "NEOLLM_LUCID_DIAGONAL" not in os.environ:
+        assert lucid.DIAGONAL == "substitute"
+
+
+def test_bad_kernel_settings_name_their_variable(monkeypatch):
+    """A wrong NEOLLM_LUCID_DOTS / NEOLLM_LUCID_DIAGONAL value is refused naming the variable."""
+    monkeypatch.setattr(lucid, "DOT_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DOTS\) must be one of \('ieee', 'tf32x3', 'tf32'\), got 'fp8'"):
+        lucid._dots(None)
+    monkeypatch.setattr(lucid, "DIAGONAL", "lu")
+    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DIAGONAL\) must be one of \('substitute', 'inverse'\)"):
+        lucid._diagonal(None)
 
 
 def test_triton_kernels_under_the_interpreter():

@@ -131,9 +131,11 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> lis
     x64 = lucid_kernels.solve_reference(kr.double(), v.double())
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
+    variants = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"), ("ieee", "inverse")]
     for rows_, cols, warps, split in LUCID_CONFIGS:
-        for dots in lucid_kernels.DOT_PRECISIONS:
-            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots)
+        for dots, diagonal in variants:
+            launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,
+                          diagonal=diagonal)
             try:
                 x = lucid_kernels.solve_kernel(kr, v, **launch)
                 dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)
@@ -180,11 +182,11 @@ def markdown(result: dict) -> str:
     for r in result["lucid_op"]:
         lines.append(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
                      f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
-    lines.append("\n| rows | cols | warps | split | dots | fwd ms | bwd ms | rel. err X | dk | dv |\n"
-                 "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("\n| rows | cols | warps | split | dots | diagonal | fwd ms | bwd ms | rel. err X | dk | dv |\n"
+                 "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|")
     for r in result["lucid_configs"]:
         head = (f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['value_split']} | "
-                f"{r['dots']} |")
+                f"{r['dots']} | {r['diagonal']} |")
         if "error" in r:
             lines.append(f"{head} n/a: {r['error']} | | | | |")
         else:

@@ -109,13 +109,43 @@ if triton is not None:
         return tl.exp(s * scale - shift)
 
     @triton.jit
-    def _substitute_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, n_heads, seq_len,
+    def _diagonal_inverse_kernel(k_ptr, k_sb, k_sh, k_st, dinv_ptr, n_heads, seq_len, head_dim, scale, shift,
+                                 DOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """One (batch, head, row block i): ``D_i^-1`` of the diagonal block ``D_i = I + N`` (N strictly
+        lower) by column-wise substitution on the identity, the same arithmetic as the substitution
+        kernel's diagonal step, here for every block at once instead of one block after another.
+        ``dinv``: contiguous fp32 ``[B*H, n_blocks, BR, BR]``; padded rows get identity rows."""
+        pid = tl.program_id(0)
+        blk = tl.program_id(1)
+        batch, head = pid // n_heads, pid % n_heads
+        k_base = k_ptr + batch.to(tl.int64) * k_sb + head.to(tl.int64) * k_sh
+        rr = tl.arange(0, BR)
+        dd = tl.arange(0, BD)
+        rows = blk * BR + rr
+        r_ok = rows < seq_len
+        k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=r_ok[:, None] & (dd < head_dim)[None, :],
+                      other=0.0).to(tl.float32)
+        e = _exp_gram(k_r, k_r, scale, shift, DOTS)
+        n = tl.where((rr[:, None] > rr[None, :]) & r_ok[:, None] & r_ok[None, :], e, 0.0)
+        inv = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
+        for c in range(0, BR):
+            inv_row = tl.sum(tl.where(rr[:, None] == c, inv, 0.0), axis=0)   # solved row c
+            n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)       # column c of N
+            inv -= n_col[:, None] * inv_row[None, :]
+        out = dinv_ptr + (pid.to(tl.int64) * tl.num_programs(1) + blk) * BR * BR
+        tl.store(out + rr[:, None] * BR + rr[None, :], inv)
+
+    @triton.jit
+    def _substitute_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, dinv_ptr, n_heads, seq_len,
                            head_dim, scale, shift, TRANSPOSED: tl.constexpr, DOTS: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                           BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                           INVERSE: tl.constexpr):
         """One (batch, head) and BV of the d value columns (the columns of X are independent
         solves; the programs of one head share only the keys): ``out = P^-1 b`` (forward
         substitution), or with TRANSPOSED ``out = P^-T b`` (back substitution from the last
-        block). ``out`` is a contiguous fp32 ``[B*H, T, d]`` buffer that later row blocks read back."""
+        block). ``out`` is a contiguous fp32 ``[B*H, T, d]`` buffer that later row blocks read back.
+        With INVERSE the diagonal step is one product with ``_diagonal_inverse_kernel``'s ``D_i^-1``
+        (its transpose when TRANSPOSED) instead of BR sequential rank-1 updates."""
         pid = tl.program_id(0)
         vv = tl.program_id(1) * BV + tl.arange(0, BV)
         v_ok = vv < head_dim
@@ -155,21 +185,28 @@ if triton is not None:
                 x_c = tl.load(out_base + cols[:, None] * head_dim + vv[None, :],
                               mask=c_ok[:, None] & v_ok[None, :], other=0.0, cache_modifier=".cg")
                 acc -= tl.dot(e, x_c, input_precision=DOTS)
-            # diagonal block I + N, N strictly lower (upper, transposed): column-wise substitution
-            e = _exp_gram(k_r, k_r, scale, shift, DOTS)
-            if TRANSPOSED:
-                inside = rr[:, None] < rr[None, :]
-            else:
-                inside = rr[:, None] > rr[None, :]
-            n = tl.where(inside & r_ok[:, None] & r_ok[None, :], e, 0.0)
-            for i in range(0, BR):
+            if INVERSE:  # diagonal block: X_i = D_i^-1 acc (P^T's block is D_i^T: its inverse D_i^-T)
+                dinv = tl.load(dinv_ptr + (pid.to(tl.int64) * n_blocks + r0 // BR) * BR * BR
+                               + rr[:, None] * BR + rr[None, :])
                 if TRANSPOSED:
-                    c = BR - 1 - i
+                    dinv = tl.trans(dinv)
+                acc = tl.dot(dinv, acc, input_precision=DOTS)
+            else:
+                # diagonal block I + N, N strictly lower (upper, transposed): column-wise substitution
+                e = _exp_gram(k_r, k_r, scale, shift, DOTS)
+                if TRANSPOSED:
+                    inside = rr[:, None] < rr[None, :]
                 else:
-                    c = i
-                x_row = tl.sum(tl.where(rr[:, None] == c, acc, 0.0), axis=0)    # solved row c
-                n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
-                acc -= n_col[:, None] * x_row[None, :]
+                    inside = rr[:, None] > rr[None, :]
+                n = tl.where(inside & r_ok[:, None] & r_ok[None, :], e, 0.0)
+                for i in range(0, BR):
+                    if TRANSPOSED:
+                        c = BR - 1 - i
+                    else:
+                        c = i
+                    x_row = tl.sum(tl.where(rr[:, None] == c, acc, 0.0), axis=0)    # solved row c
+                    n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
+                    acc -= n_col[:, None] * x_row[None, :]
             tl.store(out_base + rows[:, None] * head_dim + vv[None, :], acc, mask=rv_ok)
             tl.debug_barrier()  # the next row block reads these rows back
 
@@ -243,6 +280,18 @@ On an H100 (tools/bench_attention.py --lucid-op-only, T 512, d 64, fp32 keys, 20
 ``NEOLLM_LUCID_DOTS`` sets it for a whole run (the trainer's ranks included)."""
 
 
+DIAGONALS = ("substitute", "inverse")
+DIAGONAL = os.environ.get("NEOLLM_LUCID_DIAGONAL", "substitute")
+"""The substitutions' diagonal step: "substitute" (the default: each row block's ``D_i = I + N`` solved
+in the one program that walks the head's blocks, BR sequential rank-1 updates per block) or "inverse"
+(``_diagonal_inverse_kernel`` first inverts every diagonal block, all blocks of all heads in parallel,
+and the walk applies each as one product). The profile of 2026-12-06 (BENCHMARKS.md) put the
+substitutions at 14.9 ms of a `neollm_135m` step on an H100, with 256 programs of 16 sequential blocks;
+"inverse" moves the sequential part out of that walk. As accurate in a CPU emulation (fp32 against
+fp64, T 512, d 64, keys a shared direction + 0.05-1.0 noise: 1.8e-5 to 3.5e-7 both ways, rows 32 and
+64); not yet timed on a GPU, hence not the default. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
+
+
 def _dots(dots: str | None) -> str:
     dots = DOT_PRECISION if dots is None else dots
     if dots not in DOT_PRECISIONS:
@@ -266,29 +315,56 @@ def _value_block(value_split: int | None, bd: int) -> int:
     return bd // split
 
 
+def _diagonal(diagonal: str | None) -> bool:
+    diagonal = DIAGONAL if diagonal is None else diagonal
+    if diagonal not in DIAGONALS:
+        raise ConfigError(f"LUCID's diagonal step (lucid.DIAGONAL, environment variable NEOLLM_LUCID_DIAGONAL) "
+                          f"must be one of {DIAGONALS}, got {diagonal!r}")
+    return diagonal == "inverse"
+
+
+def diagonal_inverses(kr: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """``D_i^-1`` of every diagonal block of P for ``kr [B, H, T, d]``: fp32 ``[B*H, n_blocks, BR, BR]``."""
+    b, h, t, d = kr.shape
+    br, _, bd, warps = _launch_config(block_rows, None, num_warps, d)
+    kr, ks = _head_strides(kr)
+    n_blocks = triton.cdiv(t, br)
+    dinv = torch.empty(b * h, n_blocks, br, br, device=kr.device, dtype=torch.float32)
+    if dinv.numel():
+        _diagonal_inverse_kernel[(b * h, n_blocks)](kr, *ks, dinv, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
+                                                    DOTS=_dots(dots), BR=br, BD=bd, num_warps=warps)
+    return dinv
+
+
 def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: str | None = None,
                block_rows: int | None = None, block_cols: int | None = None,
-               num_warps: int | None = None, value_split: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, value_split: int | None = None,
+               diagonal: str | None = None) -> torch.Tensor:
     """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
-    ``value_split``: programs per head, each solving d / value_split columns; ``dots``: DOT_PRECISIONS."""
+    ``value_split``: programs per head, each solving d / value_split columns; ``dots``: DOT_PRECISIONS;
+    ``diagonal``: DIAGONALS."""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     bv = _value_block(value_split, bd)
+    inverse = _diagonal(diagonal)
     kr, ks = _head_strides(kr)
     rhs, rs = _head_strides(rhs)
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if out.numel():
-        _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
-                                              TRANSPOSED=transposed, DOTS=_dots(dots), BR=br, BC=bc, BD=bd,
-                                              BV=bv, num_warps=warps)
+        dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out
+        _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, dinv, h, t, d, 1.0 / math.sqrt(d),
+                                              math.sqrt(d), TRANSPOSED=transposed, DOTS=_dots(dots), BR=br,
+                                              BC=bc, BD=bd, BV=bv, INVERSE=inverse, num_warps=warps)
     return out
 
 
 def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
              block_cols: int | None = None, num_warps: int | None = None,
-             value_split: int | None = None) -> torch.Tensor:
+             value_split: int | None = None, diagonal: str | None = None) -> torch.Tensor:
     """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
-    (``value_split`` is the substitutions'; these programs are per row block and take all of d.)"""
+    (``value_split`` and ``diagonal`` are the substitutions'; these programs are per row block and
+    take all of d.)"""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     kr, ks = _head_strides(kr)

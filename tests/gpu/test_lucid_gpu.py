@@ -37,14 +37,16 @@ def _value_and_grads(k, v, dx, impl, autocast=False):
     return (x, *torch.autograd.grad(x, (k, v), dx))
 
 
+@pytest.mark.parametrize("diagonal", ["substitute", "inverse"])  # lucid.DIAGONAL
 @pytest.mark.parametrize("dots", ["ieee", "tf32x3"])  # lucid.DOT_PRECISION: IEEE, and the default
 @pytest.mark.parametrize("keys", ["independent", "correlated"])
 @pytest.mark.parametrize("batch", [2, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lucid_kernels_match_fp64_within_the_references_error(dtype, batch, keys, dots, monkeypatch):
+def test_lucid_kernels_match_fp64_within_the_references_error(dtype, batch, keys, dots, diagonal, monkeypatch):
     from neollm.kernels import lucid
 
     monkeypatch.setattr(lucid, "DOT_PRECISION", dots)
+    monkeypatch.setattr(lucid, "DIAGONAL", diagonal)
     k, v, dx = _problem(batch, dtype, keys)
     want = _value_and_grads(k.double(), v.double(), dx.double(), "torch")
     ref = _value_and_grads(k, v, dx, "torch")
@@ -52,7 +54,7 @@ def test_lucid_kernels_match_fp64_within_the_references_error(dtype, batch, keys
     for name, g, r, w in zip(("X", "dk", "dv"), got, ref, want):
         assert g.dtype == dtype and g.shape == w.shape
         err, ref_err = rel_err(g, w), rel_err(r, w)
-        print(f"{dtype} B {batch} {keys} dots {dots} {name}: kernel {err:.2e} reference {ref_err:.2e}")
+        print(f"{dtype} B {batch} {keys} dots {dots} {diagonal} {name}: kernel {err:.2e} reference {ref_err:.2e}")
         assert err <= SLACK * ref_err + FLOOR, f"{name}: kernel {err:.2e} vs reference {ref_err:.2e}"
 
 
