@@ -113,12 +113,13 @@ def check_attention() -> None:
         out.square().mean().backward()
         return torch.cat([out.detach().flatten().double()] + [p.grad.flatten().double() for p in module.parameters()])
 
+    original = attention_ops.LUCID_IMPL
     try:
         want = run(torch.float64, "torch")
         ref = run(torch.float32, "torch")
         got = run(torch.float32, "triton")
     finally:
-        attention_ops.LUCID_IMPL = "auto"
+        attention_ops.LUCID_IMPL = original
     err, ref_err = rel_err(got, want), rel_err(ref, want)
     if VERBOSE:
         print(f"attention: error {err:.2e}, reference {ref_err:.2e}")

@@ -137,10 +137,11 @@ def check_mlp() -> None:
         out.square().mean().backward()
         return out.detach().double(), torch.cat([p.grad.flatten().double() for p in module.parameters()])
 
+    original = pg.POLYNORM_IMPL
     try:
         want, ref, got = run("torch", torch.float64), run("torch", torch.float32), run("triton", torch.float32)
     finally:
-        pg.POLYNORM_IMPL = "torch"
+        pg.POLYNORM_IMPL = original
     for name, x_, r, w in zip(("output", "gradients"), got, ref, want):
         err, ref_err = rel_err(x_, w), rel_err(r, w)
         if VERBOSE:

@@ -135,11 +135,12 @@ def check_attention() -> None:
 
     recording = GraphRecorder("aot_eager")
 
+    original = qp.QK_PATH_IMPL
     try:
         want, ref, got = run("torch", torch.float64), run("torch", torch.float32), run("triton", torch.float32)
         compiled = run("triton", torch.float32, torch.compile(att, backend=recording, fullgraph=True))
     finally:
-        qp.QK_PATH_IMPL = "torch"
+        qp.QK_PATH_IMPL = original
     for name, v, r, w in zip(("output", "gradients"), got, ref, want):
         err, ref_err = rel_err(v, w), rel_err(r, w)
         if VERBOSE:
