@@ -149,14 +149,16 @@ INJECTED_INVERSE = {  # the diagonal step by inverted blocks (lucid.DIAGONAL "in
     "inverse's mask includes the diagonal": [("e, 0.0)\n        inv = ", "e, 0.0)\n        n = n + tl.where("
                                                  "rr[:, None] == rr[None, :], e, 0.0)\n        inv = ")],
     "transposed solve applies D^-1, not D^-T": [("dinv = tl.trans(dinv)\n", "dinv = dinv\n")],
-    "inverse read from the wrong block": [("n_blocks + r0 // BR) * BR * BR", "n_blocks + step) * BR * BR")],
-    "inverse skips its first column": [("for c in range(0, BR):\n            inv_row", "for c in range(1, BR):\n            inv_row")],
+    "inverse read from the next block": [("n_blocks + r0 // BR) * BR * BR",
+                                          "n_blocks + (r0 // BR + 1) % n_blocks) * BR * BR")],
+    "inverse skips its first column": [("for c in range(0, BR):\n            inv_row",
+                                        "for c in range(1, BR):\n            inv_row")],
 }
 
 
 def check_injected_errors_fail() -> None:
     assert_injected_errors_fail(lucid, INJECTED, lambda module: check_kernels(
-        module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2))
+        module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2, diagonal="substitute"))
     assert_injected_errors_fail(lucid, INJECTED_INVERSE, lambda module: check_kernels(
         module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2, diagonal="inverse"))
 
@@ -167,7 +169,7 @@ if __name__ == "__main__":
     for b, h, t, d, rows, cols, dtype, keys, split, diagonal in [
         (2, 2, 128, 32, 32, 64, torch.float32, "independent", 1, "substitute"),
         (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 2, "substitute"),
-        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4, "substitute"),  # ragged T, d not a power of two
+        (1, 2, 200, 48, 64, 32, torch.bfloat16, "correlated", 4, "substitute"),  # ragged T, d not 2^k
         (2, 2, 128, 64, 32, 32, torch.bfloat16, "independent", 1, "substitute"),
         (1, 1, 100, 16, 16, 64, torch.float16, "correlated", 1, "substitute"),
         (1, 3, 256, 64, 64, 64, torch.float32, "correlated", 1, "inverse"),
@@ -178,7 +180,8 @@ if __name__ == "__main__":
     # every precision of the products launches (the interpreter computes them all in fp32: their
     # accuracy is tests/gpu/test_lucid_gpu.py's)
     for dots in lucid.DOT_PRECISIONS:
-        check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2, dots=dots)
+        for diagonal in lucid.DIAGONALS:
+            check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2, dots=dots, diagonal=diagonal)
     for dtype in (torch.float32, torch.bfloat16):
         check_lucid_values(dtype)
     check_attention()

@@ -127,7 +127,8 @@ def test_impl_default_comes_from_the_environment():
 def test_bad_kernel_settings_name_their_variable(monkeypatch):
     """A wrong NEOLLM_LUCID_DOTS / NEOLLM_LUCID_DIAGONAL value is refused naming the variable."""
     monkeypatch.setattr(lucid, "DOT_PRECISION", "fp8")
-    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DOTS\) must be one of \('ieee', 'tf32x3', 'tf32'\), got 'fp8'"):
+    with pytest.raises(ConfigError,
+                       match=r"NEOLLM_LUCID_DOTS\) must be one of \('ieee', 'tf32x3', 'tf32'\), got 'fp8'"):
         lucid._dots(None)
     monkeypatch.setattr(lucid, "DIAGONAL", "lu")
     with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DIAGONAL\) must be one of \('substitute', 'inverse'\)"):

@@ -48,3 +48,18 @@ def test_the_device_check_compiles_without_a_graph_break(monkeypatch):
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)), -torch.ones(2))
+
+
+def test_the_fused_loss_asks_for_no_ampere(monkeypatch):
+    """The fused loss kernel keeps serving GPUs older than Ampere: it asks without the technique kernels'
+    Ampere requirement."""
+    loss_kernel = pytest.importorskip("neollm.loss.kernel")
+    seen = {}
+
+    def spy(device, dtypes, need_ampere=True):
+        seen["need_ampere"] = need_ampere
+        return None
+
+    monkeypatch.setattr(loss_kernel, "unavailable_reason", spy)
+    assert loss_kernel.available(torch.zeros(2, 3))
+    assert seen == {"need_ampere": False}

@@ -120,8 +120,9 @@ LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4),
 
 
 def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
-    """The kernels alone on fp32 normalised keys at each launch configuration and each precision of
-    their matrix products (lucid.DOT_PRECISIONS)."""
+    """The kernels alone on fp32 normalised keys at each launch configuration, each precision of their
+    matrix products (lucid.DOT_PRECISIONS) with the default diagonal step, and the inverted diagonal
+    blocks (lucid.DIAGONALS) in tf32x3 and IEEE products."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
         batch, kv_heads, seq, head_dim, device="cuda", generator=g)
@@ -131,7 +132,8 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> lis
     x64 = lucid_kernels.solve_reference(kr.double(), v.double())
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
-    variants = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"), ("ieee", "inverse")]
+    variants = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS]
+    variants += [("tf32x3", "inverse"), ("ieee", "inverse")]
     for rows_, cols, warps, split in LUCID_CONFIGS:
         for dots, diagonal in variants:
             launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,

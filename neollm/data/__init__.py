@@ -34,7 +34,8 @@ a step's global batch is the same sequences whatever W is (neollm/data/shards.py
 
 Exact resume: the dataloader is torchtitan's ParallelAwareDataloader, saved in every checkpoint
 per rank and worker; its dataset state is (epoch, document, offset, window) for shards, (documents
-consumed, token buffer, the workers' split) for local text, and ``datasets``' own state_dict + token buffer for streaming.
+consumed, token buffer, the workers' split) for local text, and ``datasets``' own state_dict + token
+buffer for streaming.
 
 Pre-tokenized training::
 

@@ -19,9 +19,10 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics).
 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is solved in registers by column-wise
-substitution (``BR`` rank-1 updates). The repeated-squaring product form
-``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated keys (entries of N near 1) the
-powers of N grow like binomial coefficients and cancel: in fp32 its relative error against fp64 was
+substitution (``BR`` rank-1 updates), or with ``DIAGONAL = "inverse"`` (``NEOLLM_LUCID_DIAGONAL``)
+applied as ``D_i^-1``, which ``_diagonal_inverse_kernel`` computes for all blocks in parallel first.
+The repeated-squaring product form ``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated
+keys (entries of N near 1) the powers of N grow like binomial coefficients and cancel: in fp32 its relative error against fp64 was
 10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7 (BR = 64, d = 64, keys = a
 shared direction + noise; the solution itself stays the size of V).
 

@@ -1,7 +1,8 @@
 """Where the project's Triton kernels can run: a CUDA tensor, or any tensor under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``, how the CPU tests run them), in a dtype whose statistics fp32
-holds (fp64 stays on the PyTorch references). One rule for the fused loss, LUCID and PolyNorm GLU, and one
-for resolving a kernel switch ("auto" | "triton" | "torch": LUCID, PolyNorm GLU, q/k path, epilogue)."""
+holds (fp64 stays on the PyTorch references), from Ampere on for the technique kernels (the fused
+loss runs on older GPUs too). One rule for the fused loss and the technique kernels, and one for
+resolving a kernel switch ("auto" | "triton" | "torch": LUCID, PolyNorm GLU, q/k path, epilogue)."""
 
 from __future__ import annotations
 
