@@ -146,13 +146,12 @@ INJECTED = {
 
 
 INJECTED_INVERSE = {  # the diagonal step by inverted blocks (lucid.DIAGONAL "inverse")
-    "inverse's mask includes the diagonal": [("e, 0.0)\n        inv = ", "e, 0.0)\n        n = n + tl.where("
-                                                 "rr[:, None] == rr[None, :], e, 0.0)\n        inv = ")],
+    "inverse's mask includes the diagonal": [("inside = rr[:, None] > rr[None, :]",
+                                              "inside = rr[:, None] >= rr[None, :]")],
     "transposed solve applies D^-1, not D^-T": [("dinv = tl.trans(dinv)\n", "dinv = dinv\n")],
     "inverse read from the next block": [("n_blocks + r0 // BR) * BR * BR",
                                           "n_blocks + (r0 // BR + 1) % n_blocks) * BR * BR")],
-    "inverse skips its first column": [("for c in range(0, BR):\n            inv_row",
-                                        "for c in range(1, BR):\n            inv_row")],
+    "inverse skips its first column": [("for i in range(0, BR):", "for i in range(1, BR):")],
 }
 
 

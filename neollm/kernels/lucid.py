@@ -22,9 +22,9 @@ The diagonal block ``D_i = I + N`` (``N`` strictly lower) is solved in registers
 substitution (``BR`` rank-1 updates), or with ``DIAGONAL = "inverse"`` (``NEOLLM_LUCID_DIAGONAL``)
 applied as ``D_i^-1``, which ``_diagonal_inverse_kernel`` computes for all blocks in parallel first.
 The repeated-squaring product form ``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated
-keys (entries of N near 1) the powers of N grow like binomial coefficients and cancel: in fp32 its relative error against fp64 was
-10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7 (BR = 64, d = 64, keys = a
-shared direction + noise; the solution itself stays the size of V).
+keys (entries of N near 1) the powers of N grow like binomial coefficients and cancel: in fp32 its
+relative error against fp64 was 10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7
+(BR = 64, d = 64, keys = a shared direction + noise; the solution itself stays the size of V).
 
 Precision: by default every ``tl.dot`` is "tf32x3" (``DOT_PRECISION``, below: measured on an H100 as
 accurate as IEEE fp32 and 2.7x faster); the reasoning that first chose ``input_precision="ieee"``: The reference with bf16
@@ -110,11 +110,32 @@ if triton is not None:
         return tl.exp(s * scale - shift)
 
     @triton.jit
+    def _diagonal_solve(k_r, r_ok, rhs, rr, scale, shift, DOTS: tl.constexpr, BR: tl.constexpr,
+                        TRANSPOSED: tl.constexpr):
+        """``D^-1 rhs`` (``D^-T rhs`` if TRANSPOSED) for the diagonal block ``D = I + N`` of the rows
+        ``k_r`` (N strictly lower; upper when transposed): column-wise substitution, BR rank-1 updates."""
+        e = _exp_gram(k_r, k_r, scale, shift, DOTS)
+        if TRANSPOSED:
+            inside = rr[:, None] < rr[None, :]
+        else:
+            inside = rr[:, None] > rr[None, :]
+        n = tl.where(inside & r_ok[:, None] & r_ok[None, :], e, 0.0)
+        for i in range(0, BR):
+            if TRANSPOSED:
+                c = BR - 1 - i
+            else:
+                c = i
+            x_row = tl.sum(tl.where(rr[:, None] == c, rhs, 0.0), axis=0)    # solved row c
+            n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
+            rhs -= n_col[:, None] * x_row[None, :]
+        return rhs
+
+    @triton.jit
     def _diagonal_inverse_kernel(k_ptr, k_sb, k_sh, k_st, dinv_ptr, n_heads, seq_len, head_dim, scale, shift,
                                  DOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
         """One (batch, head, row block i): ``D_i^-1`` of the diagonal block ``D_i = I + N`` (N strictly
-        lower) by column-wise substitution on the identity, the same arithmetic as the substitution
-        kernel's diagonal step, here for every block at once instead of one block after another.
+        lower): the substitution kernel's diagonal step (``_diagonal_solve``) on the identity, here for
+        every block at once instead of one block after another.
         ``dinv``: contiguous fp32 ``[B*H, n_blocks, BR, BR]``; padded rows get identity rows."""
         pid = tl.program_id(0)
         blk = tl.program_id(1)
@@ -126,13 +147,8 @@ if triton is not None:
         r_ok = rows < seq_len
         k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=r_ok[:, None] & (dd < head_dim)[None, :],
                       other=0.0).to(tl.float32)
-        e = _exp_gram(k_r, k_r, scale, shift, DOTS)
-        n = tl.where((rr[:, None] > rr[None, :]) & r_ok[:, None] & r_ok[None, :], e, 0.0)
-        inv = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
-        for c in range(0, BR):
-            inv_row = tl.sum(tl.where(rr[:, None] == c, inv, 0.0), axis=0)   # solved row c
-            n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)       # column c of N
-            inv -= n_col[:, None] * inv_row[None, :]
+        identity = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
+        inv = _diagonal_solve(k_r, r_ok, identity, rr, scale, shift, DOTS, BR, False)
         out = dinv_ptr + (pid.to(tl.int64) * tl.num_programs(1) + blk) * BR * BR
         tl.store(out + rr[:, None] * BR + rr[None, :], inv)
 
@@ -192,22 +208,8 @@ if triton is not None:
                 if TRANSPOSED:
                     dinv = tl.trans(dinv)
                 acc = tl.dot(dinv, acc, input_precision=DOTS)
-            else:
-                # diagonal block I + N, N strictly lower (upper, transposed): column-wise substitution
-                e = _exp_gram(k_r, k_r, scale, shift, DOTS)
-                if TRANSPOSED:
-                    inside = rr[:, None] < rr[None, :]
-                else:
-                    inside = rr[:, None] > rr[None, :]
-                n = tl.where(inside & r_ok[:, None] & r_ok[None, :], e, 0.0)
-                for i in range(0, BR):
-                    if TRANSPOSED:
-                        c = BR - 1 - i
-                    else:
-                        c = i
-                    x_row = tl.sum(tl.where(rr[:, None] == c, acc, 0.0), axis=0)    # solved row c
-                    n_col = tl.sum(tl.where(rr[None, :] == c, n, 0.0), axis=1)      # column c of N
-                    acc -= n_col[:, None] * x_row[None, :]
+            else:  # diagonal block I + N, N strictly lower (upper, transposed)
+                acc = _diagonal_solve(k_r, r_ok, acc, rr, scale, shift, DOTS, BR, TRANSPOSED)
             tl.store(out_base + rows[:, None] * head_dim + vv[None, :], acc, mask=rv_ok)
             tl.debug_barrier()  # the next row block reads these rows back
 
@@ -290,7 +292,9 @@ and the walk applies each as one product). The profile of 2026-12-06 (BENCHMARKS
 substitutions at 14.9 ms of a `neollm_135m` step on an H100, with 256 programs of 16 sequential blocks;
 "inverse" moves the sequential part out of that walk. As accurate in a CPU emulation (fp32 against
 fp64, T 512, d 64, keys a shared direction + 0.05-1.0 noise: 1.8e-5 to 3.5e-7 both ways, rows 32 and
-64); not yet timed on a GPU, hence not the default. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
+64); not yet timed on a GPU, hence not the default. The backward's transposed solve inverts the blocks
+again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), as the op keeps only X
+and the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
 def _dots(dots: str | None) -> str:
