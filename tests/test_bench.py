@@ -110,9 +110,9 @@ def test_bench_scaling_batch_sizes_follow_set_overrides():
     from neollm.bench import scaling
 
     config = Path("train_configs/ablation_135m.toml")
-    assert scaling.read_batch(config) == (64, 8)
-    assert scaling.read_batch(config, ["training.local_batch_size=64", "compile.enable=true"]) == (64, 64)
-    assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 8)
+    assert scaling.read_batch(config) == (64, 64)
+    assert scaling.read_batch(config, ["training.local_batch_size=8", "compile.enable=true"]) == (64, 8)
+    assert scaling.read_batch(config, ["training.global_batch_size=128"]) == (128, 64)
     assert scaling.read_batch(config, ["training.local-batch-size=16"]) == (64, 16)  # torchtitan's other spelling
 
 
