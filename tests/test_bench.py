@@ -296,3 +296,22 @@ def test_provenance_names_the_commit_given_for_a_copied_tree(monkeypatch):
     assert here == "unknown" or here.split()[0].isalnum() and len(here.split()[0]) == 40
     monkeypatch.setenv("NEOLLM_COMMIT", "f2263d9")
     assert git_commit() == "f2263d9"
+
+
+def test_profile_host_summary_counts_launches_waits_and_copies_per_step():
+    """The host side of a GPU profile: launches, waits and copies per step, the costliest ops first."""
+    from types import SimpleNamespace as Event
+
+    from neollm.bench.throughput import host_summary
+
+    events = [Event(key="cudaLaunchKernel", count=600, self_cpu_time_total=3000.0),
+              Event(key="cuLaunchKernelEx", count=300, self_cpu_time_total=1500.0),
+              Event(key="cudaStreamSynchronize", count=6, self_cpu_time_total=9000.0),
+              Event(key="cudaMemcpyAsync", count=3, self_cpu_time_total=30.0),
+              Event(key="neollm::lucid_solve", count=36, self_cpu_time_total=1800.0)]
+    text = host_summary(events, steps=3, row_limit=2)
+    assert text.splitlines()[0] == ("host per step: 300 kernel launches (1.5 ms), 2 waits on the device "
+                                    "(3.0 ms), 1 memcpy calls (0.0 ms)")
+    top = text.splitlines()[2:]
+    assert len(top) == 2 and "cudaStreamSynchronize" in top[0] and "cudaLaunchKernel" in top[1]
+    assert top[0].split()[:4] == ["3.00", "ms", "2", "calls"]

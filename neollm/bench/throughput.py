@@ -123,6 +123,32 @@ def build_llama3(vocab: int, seq: int, device: torch.device, compile_backend: st
     return model, flops, step
 
 
+# CUDA runtime/driver calls that launch a kernel, and those that make the host wait for the device
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaGraphLaunch")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_summary(averages, steps: int, row_limit: int = 25) -> str:
+    """What the host does per step: kernel launches, waits on the device, device-to-host copies
+    (``cudaMemcpyAsync``: a ``.item()`` or ``.cpu()`` waits for the device too) and the ops that
+    spend the most host time. Where kernels fill much less than the wall time, this says why."""
+    def per_step(names) -> tuple[float, float]:
+        hits = [e for e in averages if e.key in names]
+        return (sum(e.count for e in hits) / steps, sum(e.self_cpu_time_total for e in hits) / 1e3 / steps)
+
+    launches, launch_ms = per_step(LAUNCH_CALLS)
+    syncs, sync_ms = per_step(SYNC_CALLS)
+    copies, copy_ms = per_step(("cudaMemcpyAsync", "cudaMemcpy"))
+    lines = [f"host per step: {launches:.0f} kernel launches ({launch_ms:.1f} ms), {syncs:.0f} waits on "
+             f"the device ({sync_ms:.1f} ms), {copies:.0f} memcpy calls ({copy_ms:.1f} ms)",
+             "ops by host (self CPU) time per step:"]
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:row_limit]
+    lines += [f"  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms  {e.count / steps:7.0f} calls  {e.key[:90]}"
+              for e in top]
+    return "\n".join(lines) + "\n"
+
+
 def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40,
                   trace: Path | None = None) -> str:
     """The kernels that take the time: torch.profiler over ``steps`` calls of ``step_fn``.
@@ -152,7 +178,7 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
         kernel_ms = sum(e.self_device_time_total for e in averages
                         if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / steps
         head = (f"per step: {kernel_ms:.1f} ms of kernels (summed, overlap not removed) in "
-                f"{wall_ms:.1f} ms wall (profiler on)\n")
+                f"{wall_ms:.1f} ms wall (profiler on)\n" + host_summary(averages, steps) + "\n")
     else:
         head = f"per step: {wall_ms:.1f} ms wall (profiler on)\n"
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
