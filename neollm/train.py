@@ -30,7 +30,7 @@ from torchtitan.train import Trainer, main
 
 from neollm.errors import ConfigError
 from neollm.faults import BadLossError, LossGuard, NeoLLMCheckpointManager, PendingChecks, RNGState
-from neollm import monitor
+from neollm import handover, monitor
 from neollm.run_checks import check_model_choice, fit_batch_to_ranks, guard_from_config, loss_settings
 
 
@@ -375,6 +375,7 @@ class NeoLLMTrainer(Trainer):
         result = super().train()
         self._settle_loss_checks()
         self._finished = True  # close() then waits for every rank before the process group goes
+        handover.release()  # trained, validated, saved: the next run of a grid may take the GPU
         return result
 
     def _wait_for_all_ranks(self) -> None:
@@ -474,10 +475,11 @@ def leave_without_finalizing() -> None:
 
 def run() -> None:
     try:
+        handover.wait_for_gate()  # imports done, GPU untouched (tools/ablate.py --prestart)
         main(NeoLLMTrainer)
         if _LEAVE_WITHOUT_FINALIZING:
             leave_without_finalizing()
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, handover.GateAbandoned) as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -367,7 +367,7 @@ def test_budget_warmup_and_runs_per_gpu(tmp_path):
     assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TRITON_CACHE_DIR"].endswith("triton")
 
 
-def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0):
+def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0, teardown_s=0.0):
     """tools/ablate.py's scheduler with the trainer replaced: each run sleeps a little, writes its
     result as a real one would, and records how many runs were in flight with it."""
     import threading
@@ -375,21 +375,32 @@ def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0):
 
     from neollm.ablation import runner, schedule
 
-    state = {"active": 0, "max": 0, "order": [], "env": {}}
+    from neollm import handover
+
+    state = {"active": 0, "max": 0, "order": [], "env": {}, "gated": {}, "trains": {}, "exits": {}, "began": {}}
     lock = threading.Lock()
 
     def fake_run(variant, dump, argv, ngpu, folder, summarize, extra=None, env=None, keep_checkpoints=True):
         done = runner.finished(dump, argv)
         if done is not None:
             return done, False
+        began = clock.monotonic()
+        handover.wait_for_gate(env, poll_s=0.01)  # as neollm/train.py does, then trains
         with lock:
             state["active"] += 1
             state["max"] = max(state["max"], state["active"])
             state["order"].append(variant.name)
             state["env"][variant.name] = env.get("CUDA_VISIBLE_DEVICES")
+            state["gated"][variant.name] = handover.START_GATE in env
+            state["trains"][variant.name] = [clock.monotonic()]
         clock.sleep(0.3)
         with lock:
             state["active"] -= 1
+            state["trains"][variant.name].append(clock.monotonic())
+        handover.release(env)
+        clock.sleep(teardown_s)  # the process's exit
+        state["exits"][variant.name] = clock.monotonic()
+        state["began"][variant.name] = began
         loss = 4.0 + 0.01 * len(state["order"])
         result = {"final_step": 2, "tokens": 128, "final_val_loss": loss, "best_val_loss": loss,
                   "final_train_loss": loss, "tps_median": 1000.0, "peak_memory_gib": peak,
@@ -463,3 +474,51 @@ def test_run_time_estimate_scales_training_with_the_runs_on_the_gpu():
     both = alone + [run("c", 900.0), run("a", 999.0, resumed=True)]
     assert estimate_seconds("a", both) == pytest.approx(150.0)
     assert estimate_seconds("d", both) == pytest.approx(900.0)
+
+
+def test_prestart_hands_the_gpu_over_while_the_last_run_exits(ablate, monkeypatch, tmp_path):
+    """--prestart (default): the next run starts while one trains, waits at its gate, and trains once the
+    other has released the GPU: before that one's process has exited when a measured peak says both
+    fit in memory, after it otherwise (the first run). Its wait is not counted as its wall time."""
+    state = fake_grid(ablate, monkeypatch, tmp_path, teardown_s=0.6)
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--parallel", "1", *TINY]
+    assert ablate.main(argv) == 0
+    order = state["order"]
+    assert order == ["base", "layer_pattern=A", "layer_pattern=D"] and state["max"] == 1
+    assert state["gated"] == {"base": False, "layer_pattern=A": True, "layer_pattern=D": True}
+    trains, exits, began = state["trains"], state["exits"], state["began"]
+    assert began["layer_pattern=A"] < trains["base"][1] and began["layer_pattern=D"] < trains["layer_pattern=A"][1]
+    assert trains["layer_pattern=A"][0] >= exits["base"]  # no peak measured yet: after the exit
+    assert trains["layer_pattern=A"][1] <= trains["layer_pattern=D"][0] < exits["layer_pattern=A"]  # 10 GiB fits
+    runs = {r["variant"]["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert "waited_s" not in runs["base"] and all(runs[name]["waited_s"] > 0.2 for name in order[1:])
+    assert all(r.get("runs_sharing_gpu", 1) == 1 for r in runs.values())
+
+    state = fake_grid(ablate, monkeypatch, tmp_path, teardown_s=0.2)
+    assert ablate.main([*argv[:3], str(tmp_path / "grid2"), *argv[4:], "--no-prestart"]) == 0
+    assert not any(state["gated"].values()) and state["order"] == order
+    assert all(state["trains"][after][0] >= state["exits"][before] for before, after in zip(order, order[1:]))
+
+
+def test_start_gate_waits_for_its_file_and_gives_up_without_its_opener(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from neollm import handover
+
+    assert handover.wait_for_gate({}) == 0.0
+    gate = tmp_path / "run.gate"
+    threading.Timer(0.3, gate.touch).start()
+    assert handover.wait_for_gate({handover.START_GATE: f"{gate}:{os.getpid()}"}, poll_s=0.01) >= 0.25
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with pytest.raises(handover.GateAbandoned, match="has ended"):
+        handover.wait_for_gate({handover.START_GATE: f"{tmp_path / 'never.gate'}:{gone.stdout.strip()}"}, poll_s=0.01)
+    with pytest.raises(ValueError, match="PATH:PID"):
+        handover.wait_for_gate({handover.START_GATE: str(gate)})
+    done = tmp_path / "sub" / "run.released"
+    handover.release({handover.RELEASE_FILE: str(done), "RANK": "1"})
+    assert not done.exists()  # rank 0 writes it
+    handover.release({handover.RELEASE_FILE: str(done)})
+    assert done.is_file()

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no run that would end after SECONDS from now (estimated from the finished "
                         "runs of its group, else of the grid, and the runs that would share its GPU); "
                         "rerun to continue")
+    p.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
+                   help="on one GPU (group): start the next run while the GPU is busy; it imports and waits "
+                        "at a gate, which opens once a run has finished training and memory allows "
+                        "(saves its ~12 s start-up and the previous run's ~12 s exit per run)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's checkpoints (default: removed once its result is written)")
     p.add_argument("--max-runs", type=int, help="stop after starting this many runs (rerun to continue)")

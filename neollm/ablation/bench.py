@@ -12,10 +12,12 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
 
+from neollm import handover
 from neollm.ablation import grid, report, runner, schedule
 from neollm.errors import ConfigError
 from neollm.provenance import device_name, git_commit
@@ -240,13 +242,26 @@ class Devices:
         """Runs on the GPU the next run would get, itself included."""
         return 1 + min(len(names) for names in self.active.values())
 
-    def take(self, name: str) -> tuple[int, dict[str, str]]:
-        """(group, environment) for a run starting now."""
-        group = min(self.active, key=lambda g: len(self.active[g]))
+    def take(self, name: str, group: int | None = None) -> tuple[int, dict[str, str]]:
+        """(group, environment) for a run starting now (on ``group``, else the least loaded)."""
+        if group is None:
+            group = min(self.active, key=lambda g: len(self.active[g]))
         self.active[group].add(name)
+        return group, self.environment(group)
+
+    def environment(self, group: int) -> dict[str, str]:
         if not self.groups:
-            return group, {}
-        return group, {"CUDA_VISIBLE_DEVICES": ",".join(str(group * self.ngpu + i) for i in range(self.ngpu))}
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(group * self.ngpu + i) for i in range(self.ngpu))}
+
+    def room_for_one_more(self) -> bool:
+        """Whether a run starting now fits beside the runs still holding memory on the one GPU
+        group (nvidia-smi's free memory against the largest measured peak); True without a GPU."""
+        if not self.gpus:
+            return True
+        free = schedule.gpu_memory_gib()
+        need = max(self.peaks, default=0.0) * schedule.MEMORY_MARGIN + schedule.PROCESS_OVERHEAD_GIB
+        return bool(free) and bool(self.peaks) and min(f for _, f in free[:self.ngpu]) >= need
 
     def release(self, group: int, name: str) -> None:
         self.active[group].discard(name)
@@ -295,13 +310,14 @@ def run(opts, argv: list[str]) -> int:
     lock = threading.Lock()
     sharing: dict[str, dict] = {}  # run name -> its extra (runs_sharing_gpu updated while in flight)
 
-    def one(v: grid.Variant, run_argv: list[str], group: int, run_env: dict[str, str]):
+    def one(v: grid.Variant, run_argv: list[str], group: int, run_env: dict[str, str], gated: bool = False):
         dump = opts.out / v.dirname
         info = checked[v.name]
         try:
             dump.mkdir(parents=True, exist_ok=True)
             (dump / "model_args.json").write_text(json.dumps(info["model_args"], indent=2))
-            print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log", flush=True)
+            early = " (started early: waits for the GPU once imported)" if gated else ""
+            print(f"[start] {v.name}: {v.what} (seed {v.seed}) -> {dump}/train.log{early}", flush=True)
             extra = sharing[v.name]
             threads = {} if "OMP_NUM_THREADS" in os.environ else {  # the CPU cores split between the runs
                 "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, devices.limit() * opts.ngpu)))}
@@ -330,10 +346,89 @@ def run(opts, argv: list[str]) -> int:
     if opts.max_runs is not None:
         missing += [v.name for v, _ in queue[opts.max_runs:]]
         queue = queue[:opts.max_runs]
+    # --prestart (one GPU group): the next run starts while the GPU is busy and waits, imported, at its
+    # gate (neollm/handover.py); the gate opens when a training run has released the GPU (written its
+    # release file after its last validation and checkpoint) and memory allows, or has exited
+    prestart = opts.prestart and devices.groups <= 1
+    handover_dir = opts.out / ".handover"
     in_flight: dict[concurrent.futures.Future, grid.Variant] = {}
+    files: dict[str, tuple] = {}  # run name -> (its gate, its release file)
+    waiting: dict[str, float] = {}  # prestarted runs behind a shut gate -> when they started
+    released: set[str] = set()  # runs in flight that no longer use the GPU (tearing down)
+    started_at: dict[str, float] = {}
+
+    def mark_sharing(group: int) -> None:
+        on_gpu = devices.active[group]
+        for name in on_gpu:  # every run on this GPU now shares it with len(on_gpu) runs
+            sharing[name]["runs_sharing_gpu"] = max(sharing[name].get("runs_sharing_gpu", 1), len(on_gpu))
+
+    def training() -> int:
+        return sum(1 for v in in_flight.values() if v.name not in waiting and v.name not in released)
+
+    def gpu_free(for_waiting_run: bool = False) -> bool:
+        """Room for one more run on the GPU (for one of the waiting runs, or a new one): a free slot,
+        and the memory of runs still tearing down."""
+        return (training() + len(waiting) - for_waiting_run < devices.limit()
+                and (not released or devices.room_for_one_more()))
+
+    def start(v: grid.Variant, run_argv: list[str], gated: bool) -> None:
+        extra_env: dict[str, str] = {}
+        if prestart:
+            gate, done = handover_dir / f"{v.dirname}.gate", handover_dir / f"{v.dirname}.released"
+            for stale in (gate, done):
+                stale.unlink(missing_ok=True)
+            files[v.name] = (gate, done)
+            extra_env[handover.RELEASE_FILE] = str(done)
+            if gated:
+                extra_env[handover.START_GATE] = f"{gate}:{os.getpid()}"
+        with lock:
+            sharing[v.name] = {k: checked[v.name][k] for k in
+                               ("params", "params_non_embedding", "same_network_as_reference")
+                               if k in checked[v.name]}
+            started_at[v.name] = time.monotonic()
+            if gated:
+                group, run_env = 0, devices.environment(0)
+                waiting[v.name] = started_at[v.name]
+            else:
+                group, run_env = devices.take(v.name)
+                mark_sharing(group)
+        in_flight[pool.submit(one, v, run_argv, group, {**run_env, **extra_env}, gated)] = v
+
+    def poll_handover() -> None:
+        for v in in_flight.values():
+            if v.name in files and v.name not in waiting and v.name not in released and files[v.name][1].exists():
+                released.add(v.name)
+                with lock:
+                    devices.release(0, v.name)
+        for name in list(waiting):
+            if not gpu_free(for_waiting_run=True):
+                continue
+            del waiting[name]
+            handover.open_gate(files[name][0])
+            with lock:
+                sharing[name]["waited_s"] = round(time.monotonic() - started_at[name], 2)
+                devices.take(name, 0)
+                mark_sharing(0)
+            print(f"    {name}: the GPU is free; trains now (started {sharing[name]['waited_s']:.0f} s early)",
+                  flush=True)
+
+    def fits_after_current(v: grid.Variant) -> bool:
+        """Whether a run started now but training only after the runs on the GPU end fits the budget."""
+        if opts.time_budget is None:
+            return True
+        now = time.monotonic()
+        ahead = [schedule.estimate_seconds(u.group, known) for u in in_flight.values()]
+        if any(e is None for e in ahead):
+            return False
+        delay = max((e - (now - started_at[u.name]) for e, u in zip(ahead, in_flight.values())), default=0.0)
+        fits, estimate = _fits(v, known, started, opts.time_budget - max(0.0, delay), 1)
+        return fits and estimate is not None
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
         while queue or in_flight:
-            while queue and not failure and len(in_flight) < devices.limit():
+            if prestart:
+                poll_handover()
+            while queue and not failure and gpu_free():
                 v, run_argv = queue.pop(0)
                 fits, estimate = _fits(v, known, started, opts.time_budget, devices.next_load())
                 if not fits:
@@ -341,21 +436,19 @@ def run(opts, argv: list[str]) -> int:
                           f"(about {estimate:.0f} s; {time.monotonic() - started:.0f} s spent)", flush=True)
                     missing.append(v.name)
                     continue
-                with lock:
-                    group, run_env = devices.take(v.name)
-                    on_gpu = devices.active[group]
-                    sharing[v.name] = {k: checked[v.name][k] for k in
-                                       ("params", "params_non_embedding", "same_network_as_reference")
-                                       if k in checked[v.name]}
-                    for name in on_gpu:  # every run on this GPU now shares it with len(on_gpu) runs
-                        sharing[name]["runs_sharing_gpu"] = max(sharing[name].get("runs_sharing_gpu", 1),
-                                                                len(on_gpu))
-                in_flight[pool.submit(one, v, run_argv, group, run_env)] = v
+                start(v, run_argv, gated=False)
+            if (prestart and queue and not failure and not waiting and in_flight
+                    and fits_after_current(queue[0][0])):
+                v, run_argv = queue.pop(0)
+                start(v, run_argv, gated=True)
             if not in_flight:
                 break
-            finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+            finished, _ = concurrent.futures.wait(in_flight, timeout=0.5 if prestart else None,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 v = in_flight.pop(future)
+                released.discard(v.name)
+                waiting.pop(v.name, None)
                 try:
                     result = future.result()
                 except runner.RunFailed as error:
@@ -370,6 +463,7 @@ def run(opts, argv: list[str]) -> int:
                     devices.peaks.append(result["peak_memory_gib"])
                 write_report()
         missing += [v.name for v, _ in queue]  # left after a failure
+    shutil.rmtree(handover_dir, ignore_errors=True)  # every run's gate and release file: all ended
     if not any(r["variant"]["reference"] for r in results.values()):
         print("no finished reference run yet: rerun the same command to continue", file=sys.stderr)
         return 1 if failure else 0

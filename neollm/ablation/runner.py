@@ -95,8 +95,10 @@ def run_variant(variant: Variant, dump: Path, argv: list[str], ngpu: int, checkp
                             stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RunFailed(f"variant {variant.name} failed (exit {rc}); see {log}:\n{_error_lines(log)}")
-    result = {**summarize(dump), **(extra or {}), "argv": argv, "variant": asdict(variant),
-              "processes": ngpu, "wall_s": time.time() - start, "resumed": resuming,
+    extra = dict(extra or {})
+    waited = float(extra.get("waited_s", 0.0))  # ready early, behind its gate (neollm/handover.py)
+    result = {**summarize(dump), **extra, "argv": argv, "variant": asdict(variant),
+              "processes": ngpu, "wall_s": time.time() - start - waited, "resumed": resuming,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_atomic(dump / MARKER, json.dumps(result, indent=2, default=str))
     if not keep_checkpoints:  # the result is the curve; checkpoints would fill the disk over a grid
