@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 START_GATE = "NEOLLM_START_GATE"
+ABORT = "abort"
 RELEASE_FILE = "NEOLLM_RELEASE_FILE"
 
 
@@ -48,6 +49,9 @@ def wait_for_gate(environ=os.environ, poll_s: float = 0.2) -> float:
         if not _alive(owner):
             raise GateAbandoned(f"{START_GATE}: process {owner}, which was to open {gate}, has ended")
         time.sleep(poll_s)
+    if gate.read_text().strip() == ABORT:
+        raise GateAbandoned(f"{START_GATE}: {gate} was closed for good (the grid stopped: a failed run or "
+                            "its time budget); rerun the grid to train this variant")
     waited = time.monotonic() - start
     if environ.get("RANK", "0") == "0":
         print(f"[handover] waited {waited:.1f} s for the GPU", file=sys.stderr, flush=True)
@@ -58,10 +62,16 @@ def release(environ=os.environ) -> None:
     """Write ``NEOLLM_RELEASE_FILE`` (rank 0): this run no longer needs its GPU time."""
     path = environ.get(RELEASE_FILE)
     if path and environ.get("RANK", "0") == "0":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).touch()
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).touch()
+        except OSError as error:  # the run itself has finished: only the hand-over waits for its exit
+            print(f"[handover] could not write {path}: {error}", file=sys.stderr, flush=True)
 
 
-def open_gate(path: Path) -> None:
+def open_gate(path: Path, abort: bool = False) -> None:
+    """Let the run waiting at ``path`` go on: to train, or (``abort``) to exit without touching the GPU."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(ABORT if abort else "open")
+    tmp.replace(path)  # whole, so the waiting run never reads half of it

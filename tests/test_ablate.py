@@ -367,7 +367,7 @@ def test_budget_warmup_and_runs_per_gpu(tmp_path):
     assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TRITON_CACHE_DIR"].endswith("triton")
 
 
-def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0, teardown_s=0.0):
+def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0, teardown_s=0.0, fail=()):
     """tools/ablate.py's scheduler with the trainer replaced: each run sleeps a little, writes its
     result as a real one would, and records how many runs were in flight with it."""
     import threading
@@ -385,7 +385,13 @@ def fake_grid(ablate, monkeypatch, tmp_path, wall_s=100.0, peak=10.0, teardown_s
         if done is not None:
             return done, False
         began = clock.monotonic()
-        handover.wait_for_gate(env, poll_s=0.01)  # as neollm/train.py does, then trains
+        try:
+            handover.wait_for_gate(env, poll_s=0.01)  # as neollm/train.py does, then trains
+        except handover.GateAbandoned as error:  # the trainer exits 2; the runner reports that so
+            raise runner.RunFailed(str(error)) from None
+        if variant.name in fail:
+            clock.sleep(0.3)
+            raise runner.RunFailed(f"{variant.name} failed")
         with lock:
             state["active"] += 1
             state["max"] = max(state["max"], state["active"])
@@ -515,6 +521,10 @@ def test_start_gate_waits_for_its_file_and_gives_up_without_its_opener(tmp_path)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     with pytest.raises(handover.GateAbandoned, match="has ended"):
         handover.wait_for_gate({handover.START_GATE: f"{tmp_path / 'never.gate'}:{gone.stdout.strip()}"}, poll_s=0.01)
+    closed = tmp_path / "closed.gate"
+    handover.open_gate(closed, abort=True)
+    with pytest.raises(handover.GateAbandoned, match="closed for good"):
+        handover.wait_for_gate({handover.START_GATE: f"{closed}:{os.getpid()}"}, poll_s=0.01)
     with pytest.raises(ValueError, match="PATH:PID"):
         handover.wait_for_gate({handover.START_GATE: str(gate)})
     done = tmp_path / "sub" / "run.released"
@@ -522,3 +532,15 @@ def test_start_gate_waits_for_its_file_and_gives_up_without_its_opener(tmp_path)
     assert not done.exists()  # rank 0 writes it
     handover.release({handover.RELEASE_FILE: str(done)})
     assert done.is_file()
+
+
+def test_prestart_sends_the_waiting_run_away_when_a_run_fails(ablate, monkeypatch, tmp_path, capsys):
+    """A failed run stops the grid: the run waiting at its gate leaves without training (no hang)."""
+    state = fake_grid(ablate, monkeypatch, tmp_path, fail={"base"})
+    out = tmp_path / "grid"
+    argv = ["--config", DEBUG, "--out", str(out), "--vary", "layer_pattern=A,D", "--parallel", "1", *TINY]
+    assert ablate.main(argv) == 1
+    assert state["order"] == [] and state["gated"] == {}
+    err = capsys.readouterr()
+    assert "layer_pattern=A: not started, a run failed" in err.out and "base failed" in err.err
+    assert not (out / ".handover").exists()

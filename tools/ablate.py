@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs of its group, else of the grid, and the runs that would share its GPU); "
                         "rerun to continue")
     p.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
-                   help="on one GPU (group): start the next run while the GPU is busy; it imports and waits "
+                   help="with --parallel 1 on one GPU (group): start the next run while the GPU is busy; it imports and waits "
                         "at a gate, which opens once a run has finished training and memory allows "
                         "(saves its ~12 s start-up and the previous run's ~12 s exit per run)")
     p.add_argument("--keep-checkpoints", action="store_true",

@@ -349,13 +349,14 @@ def run(opts, argv: list[str]) -> int:
     # --prestart (one GPU group): the next run starts while the GPU is busy and waits, imported, at its
     # gate (neollm/handover.py); the gate opens when a training run has released the GPU (written its
     # release file after its last validation and checkpoint) and memory allows, or has exited
-    prestart = opts.prestart and devices.groups <= 1
+    prestart = opts.prestart and devices.groups <= 1 and devices.fixed == 1
     handover_dir = opts.out / ".handover"
     in_flight: dict[concurrent.futures.Future, grid.Variant] = {}
     files: dict[str, tuple] = {}  # run name -> (its gate, its release file)
     waiting: dict[str, float] = {}  # prestarted runs behind a shut gate -> when they started
     released: set[str] = set()  # runs in flight that no longer use the GPU (tearing down)
     started_at: dict[str, float] = {}
+    closed: set[str] = set()  # prestarted runs sent away from their gate (failure, budget)
 
     def mark_sharing(group: int) -> None:
         on_gpu = devices.active[group]
@@ -400,8 +401,19 @@ def run(opts, argv: list[str]) -> int:
                 released.add(v.name)
                 with lock:
                     devices.release(0, v.name)
+        done = {v.name for future, v in in_flight.items() if future.done()}
         for name in list(waiting):
+            if name in done:  # ended at its gate; the loop collects it
+                continue
+            if failure:  # the grid stops: the waiting run leaves without training
+                close_gate(name, "a run failed")
+                continue
             if not gpu_free(for_waiting_run=True):
+                continue
+            fits, estimate = _fits(next(v for v in in_flight.values() if v.name == name), known, started,
+                                   opts.time_budget, 1)
+            if not fits:
+                close_gate(name, f"it would end after --time-budget {opts.time_budget:.0f} s (about {estimate:.0f} s)")
                 continue
             del waiting[name]
             handover.open_gate(files[name][0])
@@ -411,6 +423,17 @@ def run(opts, argv: list[str]) -> int:
                 mark_sharing(0)
             print(f"    {name}: the GPU is free; trains now (started {sharing[name]['waited_s']:.0f} s early)",
                   flush=True)
+
+    def close_gate(name: str, why: str) -> None:
+        del waiting[name]
+        closed.add(name)
+        missing.append(name)
+        handover.open_gate(files[name][0], abort=True)
+        print(f"    {name}: not started, {why}", flush=True)
+
+    def close_all_gates() -> None:
+        for name in list(waiting):
+            close_gate(name, "the grid stopped")
 
     def fits_after_current(v: grid.Variant) -> bool:
         """Whether a run started now but training only after the runs on the GPU end fits the budget."""
@@ -425,43 +448,48 @@ def run(opts, argv: list[str]) -> int:
         return fits and estimate is not None
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
-        while queue or in_flight:
-            if prestart:
-                poll_handover()
-            while queue and not failure and gpu_free():
-                v, run_argv = queue.pop(0)
-                fits, estimate = _fits(v, known, started, opts.time_budget, devices.next_load())
-                if not fits:
-                    print(f"    {v.name}: not started, it would end after --time-budget {opts.time_budget:.0f} s "
-                          f"(about {estimate:.0f} s; {time.monotonic() - started:.0f} s spent)", flush=True)
-                    missing.append(v.name)
-                    continue
-                start(v, run_argv, gated=False)
-            if (prestart and queue and not failure and not waiting and in_flight
-                    and fits_after_current(queue[0][0])):
-                v, run_argv = queue.pop(0)
-                start(v, run_argv, gated=True)
-            if not in_flight:
-                break
-            finished, _ = concurrent.futures.wait(in_flight, timeout=0.5 if prestart else None,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                v = in_flight.pop(future)
-                released.discard(v.name)
-                waiting.pop(v.name, None)
-                try:
-                    result = future.result()
-                except runner.RunFailed as error:
-                    print(f"error: {error}", file=sys.stderr)
-                    failure.append(error)
-                    missing.append(v.name)
-                    continue
-                print(f"    {v.name}: done in {result['wall_s']:.0f} s", flush=True)
-                results[v.name] = result
-                known.append(result)
-                if result.get("peak_memory_gib"):
-                    devices.peaks.append(result["peak_memory_gib"])
-                write_report()
+        try:
+            while queue or in_flight:
+                if prestart:
+                    poll_handover()
+                while queue and not failure and gpu_free():
+                    v, run_argv = queue.pop(0)
+                    fits, estimate = _fits(v, known, started, opts.time_budget, devices.next_load())
+                    if not fits:
+                        print(f"    {v.name}: not started, it would end after --time-budget {opts.time_budget:.0f} s "
+                              f"(about {estimate:.0f} s; {time.monotonic() - started:.0f} s spent)", flush=True)
+                        missing.append(v.name)
+                        continue
+                    start(v, run_argv, gated=False)
+                if (prestart and queue and not failure and not waiting and in_flight
+                        and fits_after_current(queue[0][0])):
+                    v, run_argv = queue.pop(0)
+                    start(v, run_argv, gated=True)
+                if not in_flight:
+                    break
+                finished, _ = concurrent.futures.wait(in_flight, timeout=0.5 if prestart else None,
+                                                      return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    v = in_flight.pop(future)
+                    released.discard(v.name)
+                    waiting.pop(v.name, None)
+                    try:
+                        result = future.result()
+                    except runner.RunFailed as error:
+                        if v.name in closed:  # sent away from its gate, as it was told
+                            continue
+                        print(f"error: {error}", file=sys.stderr)
+                        failure.append(error)
+                        missing.append(v.name)
+                        continue
+                    print(f"    {v.name}: done in {result['wall_s']:.0f} s", flush=True)
+                    results[v.name] = result
+                    known.append(result)
+                    if result.get("peak_memory_gib"):
+                        devices.peaks.append(result["peak_memory_gib"])
+                    write_report()
+        finally:  # an error here must not leave a prestarted run waiting at its gate (and the pool with it)
+            close_all_gates()
         missing += [v.name for v, _ in queue]  # left after a failure
     shutil.rmtree(handover_dir, ignore_errors=True)  # every run's gate and release file: all ended
     if not any(r["variant"]["reference"] for r in results.values()):
