@@ -315,3 +315,22 @@ def test_profile_host_summary_counts_launches_waits_and_copies_per_step():
     top = text.splitlines()[2:]
     assert len(top) == 2 and "cudaStreamSynchronize" in top[0] and "cudaLaunchKernel" in top[1]
     assert top[0].split()[:4] == ["3.00", "ms", "2", "calls"]
+
+
+def test_bench_attention_narrows_lucid_sweep_and_refuses_bad_choices(capsys):
+    from neollm.bench import attention
+
+    assert attention.parse_lucid_configs("32,64,4,1; 64,64,8,2") == [(32, 64, 4, 1), (64, 64, 8, 2)]
+    assert attention.parse_lucid_variants("tf32x3:inverse,ieee:substitute") == [("tf32x3", "inverse"),
+                                                                                ("ieee", "substitute")]
+    assert len(attention.lucid_variants()) == 5
+    for bad in ("32,64,4", "32,64,0,1", "a,b,c,d"):
+        with pytest.raises(ValueError, match="ROWS,COLS,WARPS,SPLIT"):
+            attention.parse_lucid_configs(bad)
+    for bad in ("tf32x3", "fp16:inverse", "tf32:solve"):
+        with pytest.raises(ValueError, match="PRODUCTS:DIAGONAL"):
+            attention.parse_lucid_variants(bad)
+    tool = load_tool("bench_attention")
+    with pytest.raises(SystemExit):
+        tool.main(["--lucid-variants", "tf32x3:bogus"])
+    assert "PRODUCTS:DIAGONAL" in capsys.readouterr().err

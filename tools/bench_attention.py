@@ -37,15 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lucid-op-only", action="store_true", help="only part 3 (LUCID's op and kernel configurations)")
+    p.add_argument("--lucid-configs", metavar="R,C,W,S;...",
+                   help="only these launch configurations (rows, column chunk, warps, programs per head) "
+                        "in part 3, e.g. '32,64,4,1' (default: the whole sweep, minutes)")
+    p.add_argument("--lucid-variants", metavar="DOTS:DIAGONAL,...",
+                   help="only these (products, diagonal step) pairs, e.g. 'tf32x3:substitute,tf32x3:inverse'")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
+    try:
+        configs = attention.parse_lucid_configs(opts.lucid_configs) if opts.lucid_configs else None
+        variants = attention.parse_lucid_variants(opts.lucid_variants) if opts.lucid_variants else None
+    except ValueError as err:
+        p.error(str(err))
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times GPU kernels: no CUDA device is visible")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if not opts.lucid_op_only:
         result.update(attention.sdpa_and_lucid(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim))
         print(attention.markdown(result))
-    part = attention.lucid_op(opts.batch, opts.seq, opts.kv_heads, opts.head_dim)
+    part = attention.lucid_op(opts.batch, opts.seq, opts.kv_heads, opts.head_dim, configs, variants)
     result.update(part)
     print(attention.markdown(part))
     if opts.json:

@@ -119,10 +119,18 @@ LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4),
                  (32, 32, 4, 4), (16, 64, 4, 1), (16, 64, 2, 4), (16, 32, 2, 2), (128, 64, 8, 2)]
 
 
-def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> list[dict]:
-    """The kernels alone on fp32 normalised keys at each launch configuration, each precision of their
-    matrix products (lucid.DOT_PRECISIONS) with the default diagonal step, and the inverted diagonal
-    blocks (lucid.DIAGONALS) in tf32x3 and IEEE products."""
+def lucid_variants() -> list[tuple[str, str]]:
+    """(products, diagonal step) pairs: each precision (lucid.DOT_PRECISIONS) with the default diagonal
+    step, and the inverted diagonal blocks (lucid.DIAGONALS) in tf32x3 and IEEE products."""
+    return [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"), ("ieee", "inverse")]
+
+
+def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
+                      configs: list[tuple[int, int, int, int]] | None = None,
+                      variants: list[tuple[str, str]] | None = None) -> list[dict]:
+    """The kernels alone on fp32 normalised keys at each launch configuration (default LUCID_CONFIGS)
+    and each (products, diagonal) variant (default lucid_variants()). Every pair compiles its own
+    kernels (~3 s each on an H100): the whole default grid takes minutes, a chosen pair seconds."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
         batch, kv_heads, seq, head_dim, device="cuda", generator=g)
@@ -132,10 +140,8 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int) -> lis
     x64 = lucid_kernels.solve_reference(kr.double(), v.double())
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
-    variants = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS]
-    variants += [("tf32x3", "inverse"), ("ieee", "inverse")]
-    for rows_, cols, warps, split in LUCID_CONFIGS:
-        for dots, diagonal in variants:
+    for rows_, cols, warps, split in configs or LUCID_CONFIGS:
+        for dots, diagonal in variants or lucid_variants():
             launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,
                           diagonal=diagonal)
             try:
@@ -158,10 +164,36 @@ def sdpa_and_lucid(batch: int, seq: int, heads: int, kv_heads: int, head_dim: in
                 lucid=lucid_rows(batch, seq, kv_heads, head_dim))
 
 
-def lucid_op(batch: int, seq: int, kv_heads: int, head_dim: int) -> dict:
+def lucid_op(batch: int, seq: int, kv_heads: int, head_dim: int,
+             configs: list[tuple[int, int, int, int]] | None = None,
+             variants: list[tuple[str, str]] | None = None) -> dict:
     """Part 3: LUCID's op (Triton and PyTorch) and the kernels' launch configurations."""
     return dict(lucid_op=lucid_op_rows(batch, seq, kv_heads, head_dim),
-                lucid_configs=lucid_config_rows(batch, seq, kv_heads, head_dim))
+                lucid_configs=lucid_config_rows(batch, seq, kv_heads, head_dim, configs, variants))
+
+
+def parse_lucid_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """``"32,64,4,1;64,64,4,1"`` -> [(rows, column chunk, warps, programs per head), ...]."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        fields = item.split(",")
+        if len(fields) != 4 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"LUCID launch configuration {item!r}: want four positive integers "
+                             "ROWS,COLS,WARPS,SPLIT (e.g. 32,64,4,1)")
+        out.append(tuple(int(f) for f in fields))
+    return out
+
+
+def parse_lucid_variants(text: str) -> list[tuple[str, str]]:
+    """``"tf32x3:substitute,tf32x3:inverse"`` -> [(products, diagonal), ...], each checked."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        dots, _, diagonal = item.partition(":")
+        if dots not in lucid_kernels.DOT_PRECISIONS or diagonal not in lucid_kernels.DIAGONALS:
+            raise ValueError(f"LUCID variant {item!r}: want PRODUCTS:DIAGONAL with products one of "
+                             f"{lucid_kernels.DOT_PRECISIONS} and diagonal one of {lucid_kernels.DIAGONALS}")
+        out.append((dots, diagonal))
+    return out
 
 
 def markdown(result: dict) -> str:
