@@ -109,7 +109,7 @@ def test_impl_switch_is_validated_and_auto_takes_the_reference_off_cuda(monkeypa
 
 def test_impl_default_comes_from_the_environment():
     """NEOLLM_LUCID_IMPL (default "auto"), NEOLLM_LUCID_DOTS (default "tf32x3") and NEOLLM_LUCID_DIAGONAL
-    (default "substitute") set the kernels' defaults for a whole run (read at import, in a fresh process)."""
+    (default "inverse") set the kernels' defaults for a whole run (read at import, in a fresh process)."""
     code = "from neollm.model import attention_ops as o; print(o.LUCID_IMPL)"
     assert fresh_python(code, NEOLLM_LUCID_IMPL="torch").strip() == "torch"
     if "NEOLLM_LUCID_IMPL" not in os.environ:
@@ -119,9 +119,9 @@ def test_impl_default_comes_from_the_environment():
     if "NEOLLM_LUCID_DOTS" not in os.environ:
         assert lucid.DOT_PRECISION == "tf32x3"
     code = "from neollm.kernels import lucid as l; print(l.DIAGONAL)"
-    assert fresh_python(code, NEOLLM_LUCID_DIAGONAL="inverse").strip() == "inverse"
+    assert fresh_python(code, NEOLLM_LUCID_DIAGONAL="substitute").strip() == "substitute"
     if "NEOLLM_LUCID_DIAGONAL" not in os.environ:
-        assert lucid.DIAGONAL == "substitute"
+        assert lucid.DIAGONAL == "inverse"
 
 
 def test_bad_kernel_settings_name_their_variable(monkeypatch):

@@ -284,17 +284,16 @@ On an H100 (tools/bench_attention.py --lucid-op-only, T 512, d 64, fp32 keys, 20
 
 
 DIAGONALS = ("substitute", "inverse")
-DIAGONAL = os.environ.get("NEOLLM_LUCID_DIAGONAL", "substitute")
-"""The substitutions' diagonal step: "substitute" (the default: each row block's ``D_i = I + N`` solved
-in the one program that walks the head's blocks, BR sequential rank-1 updates per block) or "inverse"
-(``_diagonal_inverse_kernel`` first inverts every diagonal block, all blocks of all heads in parallel,
-and the walk applies each as one product). The profile of 2026-12-06 (BENCHMARKS.md) put the
-substitutions at 14.9 ms of a `neollm_135m` step on an H100, with 256 programs of 16 sequential blocks;
-"inverse" moves the sequential part out of that walk. As accurate in a CPU emulation (fp32 against
-fp64, T 512, d 64, keys a shared direction + 0.05-1.0 noise: 1.8e-5 to 3.5e-7 both ways, rows 32 and
-64); not yet timed on a GPU, hence not the default. The backward's transposed solve inverts the blocks
-again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), as the op keeps only X
-and the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
+DIAGONAL = os.environ.get("NEOLLM_LUCID_DIAGONAL", "inverse")
+"""The substitutions' diagonal step: "inverse" (the default: ``_diagonal_inverse_kernel`` first inverts
+every diagonal block, all blocks of all heads in parallel, and the walk applies each as one product) or
+"substitute" (each row block's ``D_i = I + N`` solved in the one program that walks the head's blocks, BR
+sequential rank-1 updates per block). On an H100 (tools/bench_attention.py --lucid-op-only, T 512, d 64,
+4 KV heads, rows 32, tf32x3; BENCHMARKS.md 2026-12-06 fifteenth session) "inverse" took 0.479 + 1.352 ms
+forward + backward at batch 64 against 0.615 + 1.490, and 0.209 + 0.310 against 0.377 + 0.495 at batch 8,
+with the same error against fp64 (X 5.7e-6, dK 8.7e-6). The backward's transposed solve inverts the blocks
+again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), as the op keeps only X and
+the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
 def _dots(dots: str | None) -> str:
