@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     try:
-        configs = attention.parse_lucid_configs(opts.lucid_configs) if opts.lucid_configs else None
-        variants = attention.parse_lucid_variants(opts.lucid_variants) if opts.lucid_variants else None
+        configs = None if opts.lucid_configs is None else attention.parse_lucid_configs(opts.lucid_configs)
+        variants = None if opts.lucid_variants is None else attention.parse_lucid_variants(opts.lucid_variants)
     except ValueError as err:
         p.error(str(err))
     if not torch.cuda.is_available():

@@ -119,17 +119,17 @@ LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4),
                  (32, 32, 4, 4), (16, 64, 4, 1), (16, 64, 2, 4), (16, 32, 2, 2), (128, 64, 8, 2)]
 
 
-def lucid_variants() -> list[tuple[str, str]]:
-    """(products, diagonal step) pairs: each precision (lucid.DOT_PRECISIONS) with the default diagonal
-    step, and the inverted diagonal blocks (lucid.DIAGONALS) in tf32x3 and IEEE products."""
-    return [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"), ("ieee", "inverse")]
+# (products, diagonal step): each precision (lucid.DOT_PRECISIONS) with the substitution diagonal step,
+# and the inverted diagonal blocks (lucid.DIAGONALS, the default) in tf32x3 and IEEE products
+LUCID_VARIANTS = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"),
+                                                                                    ("ieee", "inverse")]
 
 
 def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
                       configs: list[tuple[int, int, int, int]] | None = None,
                       variants: list[tuple[str, str]] | None = None) -> list[dict]:
     """The kernels alone on fp32 normalised keys at each launch configuration (default LUCID_CONFIGS)
-    and each (products, diagonal) variant (default lucid_variants()). Every pair compiles its own
+    and each (products, diagonal) variant (default LUCID_VARIANTS). Every pair compiles its own
     kernels (~3 s each on an H100): the whole default grid takes minutes, a chosen pair seconds."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
@@ -140,8 +140,8 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
     x64 = lucid_kernels.solve_reference(kr.double(), v.double())
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
-    for rows_, cols, warps, split in configs or LUCID_CONFIGS:
-        for dots, diagonal in variants or lucid_variants():
+    for rows_, cols, warps, split in LUCID_CONFIGS if configs is None else configs:
+        for dots, diagonal in LUCID_VARIANTS if variants is None else variants:
             launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,
                           diagonal=diagonal)
             try:
@@ -181,6 +181,8 @@ def parse_lucid_configs(text: str) -> list[tuple[int, int, int, int]]:
             raise ValueError(f"LUCID launch configuration {item!r}: want four positive integers "
                              "ROWS,COLS,WARPS,SPLIT (e.g. 32,64,4,1)")
         out.append(tuple(int(f) for f in fields))
+    if not out:
+        raise ValueError(f"no LUCID launch configuration in {text!r}: want ROWS,COLS,WARPS,SPLIT[;...]")
     return out
 
 
@@ -193,6 +195,8 @@ def parse_lucid_variants(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"LUCID variant {item!r}: want PRODUCTS:DIAGONAL with products one of "
                              f"{lucid_kernels.DOT_PRECISIONS} and diagonal one of {lucid_kernels.DIAGONALS}")
         out.append((dots, diagonal))
+    if not out:
+        raise ValueError(f"no LUCID variant in {text!r}: want PRODUCTS:DIAGONAL[,...]")
     return out
 
 

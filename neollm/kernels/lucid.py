@@ -18,9 +18,10 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
   triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics).
 
-The diagonal block ``D_i = I + N`` (``N`` strictly lower) is solved in registers by column-wise
-substitution (``BR`` rank-1 updates), or with ``DIAGONAL = "inverse"`` (``NEOLLM_LUCID_DIAGONAL``)
-applied as ``D_i^-1``, which ``_diagonal_inverse_kernel`` computes for all blocks in parallel first.
+The diagonal block ``D_i = I + N`` (``N`` strictly lower) is applied as ``D_i^-1``, which
+``_diagonal_inverse_kernel`` computes for all blocks in parallel first (``DIAGONAL = "inverse"``, the
+default, ``NEOLLM_LUCID_DIAGONAL``), or with "substitute" solved in registers by column-wise
+substitution (``BR`` rank-1 updates) inside the walk.
 The repeated-squaring product form ``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated
 keys (entries of N near 1) the powers of N grow like binomial coefficients and cancel: in fp32 its
 relative error against fp64 was 10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7
