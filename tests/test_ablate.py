@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, load_tool, require_prepared_assets
 
 from neollm.ablation import bench
+from neollm.errors import ConfigError
 
 DEBUG = "train_configs/debug.toml"
 TINY = ["--steps", "2", "--val-freq", "1", "--val-steps", "1", "--set", "training.seq_len=32",
@@ -88,6 +89,18 @@ def test_vary_changes_only_the_mixer(ablate):
     new = param_names(jobs["layer_pattern=A"][1]) - param_names(base_args)
     assert {n.split(".mixer.")[0] for n in gone | new} == {"layers.0", "layers.2"}
     assert "layers.0.mixer.A_log" in gone and "layers.0.mixer.wq.weight" in new
+
+
+def test_seeds_for_repeats_only_the_named_variants(ablate):
+    runs = plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds", "0,1,2",
+                "--seeds-for=layer_pattern=D", *TINY)
+    assert [(v.name, v.seed) for v, _ in runs] == [
+        ("base", 0), ("base@seed1", 1), ("base@seed2", 2), ("layer_pattern=A", 0),
+        ("layer_pattern=D", 0), ("layer_pattern=D@seed1", 1), ("layer_pattern=D@seed2", 2)]
+    assert {v.group for v, _ in runs if v.name.startswith("layer_pattern=D")} == {"layer_pattern=D"}
+    with pytest.raises(ConfigError, match=r"--seeds-for names \['-mea'\].*layer_pattern=A"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds", "0,1",
+             "--seeds-for=-mea", *TINY)
 
 
 def test_leave_one_out_and_add_one_touch_one_technique(ablate, tmp_path):

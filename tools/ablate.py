@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated [debug] seeds: the reference runs at each (to measure "
                                    "the noise), the other variants at the first (default: the config's seed)")
     p.add_argument("--seeds-all", action="store_true", help="run every variant at every seed")
+    p.add_argument("--seeds-for", metavar="NAMES",
+                   help="comma-separated variants also run at every seed (e.g. --seeds-for=-mea,-simplegpt: "
+                        "settle deltas near the noise threshold)")
     p.add_argument("--val-freq", type=int, help="validate every N steps (default: config's, else steps/10)")
     p.add_argument("--val-steps", type=int, help="validation batches per evaluation (default: config's, else 10)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

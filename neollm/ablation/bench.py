@@ -76,7 +76,8 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
         raise ConfigError(f"variant names repeat: {names}")
 
     seeds = _seeds(opts.seeds, base_job)
-    variants = grid.with_seeds(variants, seeds, opts.seeds_all)
+    repeated = [n for n in (opts.seeds_for or "").split(",") if n]
+    variants = grid.with_seeds(variants, seeds, opts.seeds_all, repeated)
     validation = _validation_cli(opts, base_job)
     freq = int(validation["validation.freq"])
     for v in variants:

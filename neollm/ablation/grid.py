@@ -246,12 +246,20 @@ def add_one(base, skipped: list[str] | None = None) -> list[Variant]:
     return variants
 
 
-def with_seeds(variants: list[Variant], seeds: list[int], every_variant: bool) -> list[Variant]:
-    """Each variant at seeds[0]; the reference (or, with every_variant, all) also at seeds[1:]."""
+def with_seeds(variants: list[Variant], seeds: list[int], every_variant: bool,
+               repeated: list[str] | None = None) -> list[Variant]:
+    """Each variant at seeds[0]; the reference, the variants named in ``repeated`` (or, with
+    every_variant, all) also at seeds[1:], so a delta near the noise threshold can be settled
+    without rerunning the whole grid at every seed."""
+    repeated = set(repeated or ())
+    unknown = sorted(repeated - {v.name for v in variants})
+    if unknown:
+        raise ConfigError(f"--seeds-for names {unknown}, not variants of this grid; choose from "
+                          f"{[v.name for v in variants if not v.reference]}")
     out = []
     for v in variants:
         for i, seed in enumerate(seeds):
-            if i and not (v.reference or every_variant):
+            if i and not (v.reference or every_variant or v.name in repeated):
                 continue
             name = v.name if i == 0 else f"{v.name}@seed{seed}"
             out.append(dataclasses.replace(v, name=name, seed=seed, group=v.name))
