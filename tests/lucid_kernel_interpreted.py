@@ -45,7 +45,7 @@ def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed:
 
 
 def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1, dots=None,
-                  diagonal=None) -> None:
+                  diagonal=None, solve="walk") -> None:
     """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
     k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
     kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
@@ -54,11 +54,11 @@ def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, valu
     x32 = lucid.solve_reference(kr32, v)
     dk32, dv32 = lucid.solve_backward_reference(kr32, x32, dx)
     launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split, dots=dots,
-                  diagonal=diagonal)
+                  diagonal=diagonal, solve=solve)
     x = kernels.solve_kernel(kr32, v, **launch)
     dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
     assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
-    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {diagonal} {dtype} {keys}"
+    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {diagonal} {solve} {dtype} {keys}"
     for name, got, ref, exact in (("X", x, x32, x64), ("dv", dv, dv32, dv64), ("dkr", dk, dk32, dk64)):
         if dtype != torch.float32 and name == "X":  # as lucid_values returns it
             got, ref = got.to(dtype), ref.to(dtype)
@@ -148,11 +148,41 @@ INJECTED = {
 INJECTED_INVERSE = {  # the diagonal step by inverted blocks (lucid.DIAGONAL "inverse")
     "inverse's mask includes the diagonal": [("inside = rr[:, None] > rr[None, :]",
                                               "inside = rr[:, None] >= rr[None, :]")],
-    "transposed solve applies D^-1, not D^-T": [("dinv = tl.trans(dinv)\n", "dinv = dinv\n")],
+    "transposed solve applies D^-1, not D^-T": [("                    dinv = tl.trans(dinv)\n",
+                                                 "                    dinv = dinv\n")],
     "inverse read from the next block": [("n_blocks + r0 // BR) * BR * BR",
                                           "n_blocks + (r0 // BR + 1) % n_blocks) * BR * BR")],
     "inverse skips its first column": [("for i in range(0, BR):", "for i in range(1, BR):")],
 }
+
+
+INJECTED_LOOKBACK = {  # one program per row block, each taking the earlier blocks as published (lucid.SOLVE)
+    "lookback skips the last earlier block": [("for s in range(0, step):", "for s in range(0, step - 1):")],
+    "transposed lookback reads the blocks in forward order": [("                j = n_blocks - 1 - s\n",
+                                                               "                j = s\n")],
+    "lookback's transposed block uses D^-1": [("            dinv = tl.trans(dinv)\n        acc = tl.dot(dinv, acc, input_precision=DOTS)\n        acc = tl.where(",
+                                               "            dinv = dinv\n        acc = tl.dot(dinv, acc, input_precision=DOTS)\n        acc = tl.where(")],
+}
+
+
+def check_lookback_stall_gives_nan() -> None:
+    """A block whose earlier block never publishes (its program skipped: the ticket starts past it)
+    gives NaN rows after max_spin polls instead of waiting forever; the blocks that need nothing
+    unpublished stay finite."""
+    k, v, _ = problem(1, 2, 96, 16, torch.float32, "independent", seed=3)
+    kr = rms_normalize(k, EPS)
+    kr, ks = lucid._head_strides(kr)
+    v, vs = lucid._head_strides(v)
+    b, h, t, d = kr.shape
+    br, n_blocks = 32, 3
+    dinv = lucid.diagonal_inverses(kr, block_rows=br)
+    out = torch.zeros(b, h, t, d)
+    sync = torch.zeros(b * h * n_blocks + 1, dtype=torch.int32)
+    sync[-1] = b * h  # the tickets of block 0 are taken: no program solves it
+    lucid._lookback_kernel[((n_blocks - 1) * b * h,)](kr, *ks, v, *vs, out, dinv, sync, sync[-1:], h, b * h, t, d,
+                                                       0.25, 4.0, 3, TRANSPOSED=False, DOTS="ieee", BR=br, BD=16)
+    assert out[:, :, br:].isnan().all() and not out[:, :, :br].isnan().any(), "a stalled block must give NaN rows"
+    assert (sync[:-1].view(b * h, n_blocks)[:, 1:] == 1).all(), "every block that ran publishes its flag"
 
 
 def check_injected_errors_fail() -> None:
@@ -160,6 +190,8 @@ def check_injected_errors_fail() -> None:
         module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2, diagonal="substitute"))
     assert_injected_errors_fail(lucid, INJECTED_INVERSE, lambda module: check_kernels(
         module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", value_split=2, diagonal="inverse"))
+    assert_injected_errors_fail(lucid, INJECTED_LOOKBACK, lambda module: check_kernels(
+        module, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", diagonal="inverse", solve="lookback"))
 
 
 if __name__ == "__main__":
@@ -176,11 +208,21 @@ if __name__ == "__main__":
         (1, 1, 100, 16, 16, 64, torch.float16, "independent", 1, "inverse"),
     ]:
         check_kernels(lucid, b, h, t, d, rows, cols, dtype, keys, split, diagonal=diagonal)
+    for b, h, t, d, rows, dtype, keys in [  # the look-back solve: one program per row block
+        (1, 2, 128, 32, 32, torch.float32, "correlated"),  # the mutants' case, unmutated
+        (2, 3, 256, 64, 64, torch.float32, "independent"),
+        (1, 2, 200, 48, 32, torch.bfloat16, "correlated"),  # ragged T, d not 2^k
+        (1, 1, 100, 16, 16, torch.float16, "correlated"),
+    ]:
+        check_kernels(lucid, b, h, t, d, rows, rows, dtype, keys, diagonal="inverse", solve="lookback")
+    check_lookback_stall_gives_nan()
     # every precision of the products launches (the interpreter computes them all in fp32: their
     # accuracy is tests/gpu/test_lucid_gpu.py's)
     for dots in lucid.DOT_PRECISIONS:
         for diagonal in lucid.DIAGONALS:
             check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", 2, dots=dots, diagonal=diagonal)
+        check_kernels(lucid, 1, 2, 128, 32, 32, 32, torch.float32, "correlated", dots=dots, diagonal="inverse",
+                      solve="lookback")
     for dtype in (torch.float32, torch.bfloat16):
         check_lucid_values(dtype)
     check_attention()

@@ -321,13 +321,14 @@ def test_bench_attention_narrows_lucid_sweep_and_refuses_bad_choices(capsys):
     from neollm.bench import attention
 
     assert attention.parse_lucid_configs("32,64,4,1; 64,64,8,2") == [(32, 64, 4, 1), (64, 64, 8, 2)]
-    assert attention.parse_lucid_variants("tf32x3:inverse,ieee:substitute") == [("tf32x3", "inverse"),
-                                                                                ("ieee", "substitute")]
-    assert len(attention.LUCID_VARIANTS) == 5
+    assert attention.parse_lucid_variants("tf32x3:inverse,ieee:substitute,tf32x3:inverse:lookback") == [
+        ("tf32x3", "inverse", "walk"), ("ieee", "substitute", "walk"), ("tf32x3", "inverse", "lookback")]
+    assert len(attention.LUCID_VARIANTS) == 6
     for bad in ("32,64,4", "32,64,0,1", "a,b,c,d", ";", ""):
         with pytest.raises(ValueError, match="ROWS,COLS,WARPS,SPLIT"):
             attention.parse_lucid_configs(bad)
-    for bad in ("tf32x3", "fp16:inverse", "tf32:solve", ",", ""):
+    for bad in ("tf32x3", "fp16:inverse", "tf32:solve", ",", "", "tf32x3:substitute:lookback",
+                "tf32x3:inverse:scan", "tf32x3:inverse:walk:x"):
         with pytest.raises(ValueError, match="PRODUCTS:DIAGONAL"):
             attention.parse_lucid_variants(bad)
     tool = load_tool("bench_attention")

@@ -122,6 +122,10 @@ def test_impl_default_comes_from_the_environment():
     assert fresh_python(code, NEOLLM_LUCID_DIAGONAL="substitute").strip() == "substitute"
     if "NEOLLM_LUCID_DIAGONAL" not in os.environ:
         assert lucid.DIAGONAL == "inverse"
+    code = "from neollm.kernels import lucid as l; print(l.SOLVE)"
+    assert fresh_python(code, NEOLLM_LUCID_SOLVE="lookback").strip() == "lookback"
+    if "NEOLLM_LUCID_SOLVE" not in os.environ:
+        assert lucid.SOLVE == "walk"
 
 
 def test_bad_kernel_settings_name_their_variable(monkeypatch):
@@ -133,6 +137,12 @@ def test_bad_kernel_settings_name_their_variable(monkeypatch):
     monkeypatch.setattr(lucid, "DIAGONAL", "lu")
     with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DIAGONAL\) must be one of \('substitute', 'inverse'\)"):
         lucid._diagonal(None)
+    monkeypatch.setattr(lucid, "SOLVE", "scan")
+    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_SOLVE\) must be one of \('walk', 'lookback'\)"):
+        lucid._solve(None, True)
+    with pytest.raises(ConfigError, match="lookback' solve applies inverted diagonal blocks: set NEOLLM_LUCID_DIAGONAL"):
+        lucid._solve("lookback", False)
+    assert lucid._solve("lookback", True) and not lucid._solve("walk", False)
 
 
 def test_triton_kernels_under_the_interpreter():

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lucid-configs", metavar="R,C,W,S;...",
                    help="only these launch configurations (rows, column chunk, warps, programs per head) "
                         "in part 3, e.g. '32,64,4,1' (default: the whole sweep, minutes)")
-    p.add_argument("--lucid-variants", metavar="DOTS:DIAGONAL,...",
-                   help="only these (products, diagonal step) pairs, e.g. 'tf32x3:substitute,tf32x3:inverse'")
+    p.add_argument("--lucid-variants", metavar="DOTS:DIAGONAL[:SOLVE],...",
+                   help="only these (products, diagonal step, solve) variants, e.g. "
+                        "'tf32x3:substitute,tf32x3:inverse,tf32x3:inverse:lookback' (solve default: walk)")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     try:

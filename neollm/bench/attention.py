@@ -119,17 +119,18 @@ LUCID_CONFIGS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 4),
                  (32, 32, 4, 4), (16, 64, 4, 1), (16, 64, 2, 4), (16, 32, 2, 2), (128, 64, 8, 2)]
 
 
-# (products, diagonal step): each precision (lucid.DOT_PRECISIONS) with the substitution diagonal step,
-# and the inverted diagonal blocks (lucid.DIAGONALS, the default) in tf32x3 and IEEE products
-LUCID_VARIANTS = [(dots, "substitute") for dots in lucid_kernels.DOT_PRECISIONS] + [("tf32x3", "inverse"),
-                                                                                    ("ieee", "inverse")]
+# (products, diagonal step, solve): each precision (lucid.DOT_PRECISIONS) with the substitution diagonal
+# step, the inverted diagonal blocks (lucid.DIAGONALS, the default) in tf32x3 and IEEE products, and the
+# look-back solve (lucid.SOLVES) in tf32x3
+LUCID_VARIANTS = ([(dots, "substitute", "walk") for dots in lucid_kernels.DOT_PRECISIONS]
+                  + [("tf32x3", "inverse", "walk"), ("ieee", "inverse", "walk"), ("tf32x3", "inverse", "lookback")])
 
 
 def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
                       configs: list[tuple[int, int, int, int]] | None = None,
-                      variants: list[tuple[str, str]] | None = None) -> list[dict]:
+                      variants: list[tuple[str, str, str]] | None = None) -> list[dict]:
     """The kernels alone on fp32 normalised keys at each launch configuration (default LUCID_CONFIGS)
-    and each (products, diagonal) variant (default LUCID_VARIANTS). Every pair compiles its own
+    and each (products, diagonal, solve) variant (default LUCID_VARIANTS). Every pair compiles its own
     kernels (~3 s each on an H100): the whole default grid takes minutes, a chosen pair seconds."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
@@ -141,9 +142,9 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
     rows = []
     for rows_, cols, warps, split in LUCID_CONFIGS if configs is None else configs:
-        for dots, diagonal in LUCID_VARIANTS if variants is None else variants:
+        for dots, diagonal, solve in LUCID_VARIANTS if variants is None else variants:
             launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,
-                          diagonal=diagonal)
+                          diagonal=diagonal, solve=solve)
             try:
                 x = lucid_kernels.solve_kernel(kr, v, **launch)
                 dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)
@@ -166,7 +167,7 @@ def sdpa_and_lucid(batch: int, seq: int, heads: int, kv_heads: int, head_dim: in
 
 def lucid_op(batch: int, seq: int, kv_heads: int, head_dim: int,
              configs: list[tuple[int, int, int, int]] | None = None,
-             variants: list[tuple[str, str]] | None = None) -> dict:
+             variants: list[tuple[str, str, str]] | None = None) -> dict:
     """Part 3: LUCID's op (Triton and PyTorch) and the kernels' launch configurations."""
     return dict(lucid_op=lucid_op_rows(batch, seq, kv_heads, head_dim),
                 lucid_configs=lucid_config_rows(batch, seq, kv_heads, head_dim, configs, variants))
@@ -186,17 +187,22 @@ def parse_lucid_configs(text: str) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def parse_lucid_variants(text: str) -> list[tuple[str, str]]:
-    """``"tf32x3:substitute,tf32x3:inverse"`` -> [(products, diagonal), ...], each checked."""
+def parse_lucid_variants(text: str) -> list[tuple[str, str, str]]:
+    """``"tf32x3:substitute,tf32x3:inverse:lookback"`` -> [(products, diagonal, solve), ...], each
+    checked; the solve defaults to "walk"."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        dots, _, diagonal = item.partition(":")
-        if dots not in lucid_kernels.DOT_PRECISIONS or diagonal not in lucid_kernels.DIAGONALS:
-            raise ValueError(f"LUCID variant {item!r}: want PRODUCTS:DIAGONAL with products one of "
-                             f"{lucid_kernels.DOT_PRECISIONS} and diagonal one of {lucid_kernels.DIAGONALS}")
-        out.append((dots, diagonal))
+        fields = item.split(":")
+        dots, diagonal, solve = (fields + ["walk"] if len(fields) == 2 else fields + ["", "", ""])[:3]
+        if (len(fields) not in (2, 3) or dots not in lucid_kernels.DOT_PRECISIONS
+                or diagonal not in lucid_kernels.DIAGONALS or solve not in lucid_kernels.SOLVES
+                or (solve == "lookback" and diagonal != "inverse")):
+            raise ValueError(f"LUCID variant {item!r}: want PRODUCTS:DIAGONAL[:SOLVE] with products one of "
+                             f"{lucid_kernels.DOT_PRECISIONS}, diagonal one of {lucid_kernels.DIAGONALS} and "
+                             f"solve one of {lucid_kernels.SOLVES} (lookback needs the inverse diagonal)")
+        out.append((dots, diagonal, solve))
     if not out:
-        raise ValueError(f"no LUCID variant in {text!r}: want PRODUCTS:DIAGONAL[,...]")
+        raise ValueError(f"no LUCID variant in {text!r}: want PRODUCTS:DIAGONAL[:SOLVE][,...]")
     return out
 
 
@@ -220,11 +226,11 @@ def markdown(result: dict) -> str:
     for r in result["lucid_op"]:
         lines.append(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
                      f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
-    lines.append("\n| rows | cols | warps | split | dots | diagonal | fwd ms | bwd ms | rel. err X | dk | dv |\n"
-                 "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    lines.append("\n| rows | cols | warps | split | dots | diagonal | solve | fwd ms | bwd ms | rel. err X | dk | dv |\n"
+                 "|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
     for r in result["lucid_configs"]:
         head = (f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['value_split']} | "
-                f"{r['dots']} | {r['diagonal']} |")
+                f"{r['dots']} | {r['diagonal']} | {r['solve']} |")
         if "error" in r:
             lines.append(f"{head} n/a: {r['error']} | | | | |")
         else:

@@ -15,6 +15,10 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   columns): the columns of X are independent solves.
 * backward, ``dV = P^-T dX``: the same kernel transposed: block back substitution from the last
   block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed).
+* ``SOLVE = "lookback"`` (opt-in, ``NEOLLM_LUCID_SOLVE``; ``_lookback_kernel``): both substitutions with one
+  program per row block instead of one walk per head; a block subtracts each earlier block's
+  ``P_ij X_j`` as soon as that block's program publishes ``X_j`` (a flag per block, acquire/release),
+  so a head's blocks overlap: at micro-batch 8 the walk has only 32 programs for an H100's 132 SMs.
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
   triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics).
 
@@ -215,6 +219,68 @@ if triton is not None:
             tl.debug_barrier()  # the next row block reads these rows back
 
     @triton.jit
+    def _lookback_kernel(k_ptr, k_sb, k_sh, k_st, b_ptr, b_sb, b_sh, b_st, out_ptr, dinv_ptr, flag_ptr, ticket_ptr,
+                         n_heads, n_bh, seq_len, head_dim, scale, shift, max_spin, TRANSPOSED: tl.constexpr,
+                         DOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """One row block i of one (batch, head), all d columns: ``X_i = D_i^-1 (b_i - sum_j P_ij X_j)``
+        over the blocks j solved before it (j < i; j > i with TRANSPOSED, ``P^-T``), each taken as soon
+        as its program has published it (one flag per block), so the blocks of a head overlap instead of
+        one program walking them all. A program takes its (block, head) from a ticket counter, in order
+        of block then head: every block it waits on belongs to a program that took its ticket earlier,
+        is running or done, and needs nothing later, so no start order of the hardware can deadlock.
+        A wait past ``max_spin`` polls (a scheduling fault) gives NaN rows, which the trainer's loss
+        guard stops on, instead of a hung GPU. ``flag``/``ticket``: zeroed int32 (B*H*n_blocks, 1)."""
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        step = ticket // n_bh
+        pid = ticket % n_bh
+        n_blocks = tl.cdiv(seq_len, BR)
+        if TRANSPOSED:
+            blk = n_blocks - 1 - step
+        else:
+            blk = step
+        batch, head = pid // n_heads, pid % n_heads
+        k_base = k_ptr + batch.to(tl.int64) * k_sb + head.to(tl.int64) * k_sh
+        b_base = b_ptr + batch.to(tl.int64) * b_sb + head.to(tl.int64) * b_sh
+        out_base = out_ptr + pid.to(tl.int64) * seq_len * head_dim
+        flags = flag_ptr + pid.to(tl.int64) * n_blocks
+        rr = tl.arange(0, BR)
+        dd = tl.arange(0, BD)
+        d_ok = dd < head_dim
+        rows = blk * BR + rr
+        r_ok = rows < seq_len
+        rd_ok = r_ok[:, None] & d_ok[None, :]
+        k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
+        acc = tl.load(b_base + rows[:, None] * b_st + dd[None, :], mask=rd_ok, other=0.0).to(tl.float32)
+        stalled = 0
+        for s in range(0, step):  # the blocks solved before this one, in the order they finish
+            if TRANSPOSED:
+                j = n_blocks - 1 - s
+            else:
+                j = s
+            ready = tl.atomic_add(flags + j, 0, sem="acquire")
+            spins = 0
+            while (ready == 0) & (spins < max_spin):
+                ready = tl.atomic_add(flags + j, 0, sem="acquire")
+                spins += 1
+            stalled = tl.maximum(stalled, (ready == 0).to(tl.int32))
+            cols = j * BR + rr
+            c_ok = cols < seq_len
+            cd_ok = c_ok[:, None] & d_ok[None, :]
+            k_c = tl.load(k_base + cols[:, None] * k_st + dd[None, :], mask=cd_ok, other=0.0).to(tl.float32)
+            e = tl.where(c_ok[None, :], _exp_gram(k_r, k_c, scale, shift, DOTS), 0.0)
+            x_c = tl.load(out_base + cols[:, None] * head_dim + dd[None, :], mask=cd_ok, other=0.0,
+                          cache_modifier=".cg")
+            acc -= tl.dot(e, x_c, input_precision=DOTS)
+        dinv = tl.load(dinv_ptr + (pid.to(tl.int64) * n_blocks + blk) * BR * BR + rr[:, None] * BR + rr[None, :])
+        if TRANSPOSED:
+            dinv = tl.trans(dinv)
+        acc = tl.dot(dinv, acc, input_precision=DOTS)
+        acc = tl.where(stalled != 0, float("nan"), acc)
+        tl.store(out_base + rows[:, None] * head_dim + dd[None, :], acc, mask=rd_ok)
+        tl.debug_barrier()  # every thread's rows stored before the flag says so
+        tl.atomic_xchg(flags + blk, 1, sem="release")
+
+    @triton.jit
     def _key_grad_kernel(k_ptr, k_sb, k_sh, k_st, x_ptr, dv_ptr, dk_ptr, n_heads, seq_len, head_dim,
                          scale, shift, DOTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
         """One (batch, head, row block i): ``dkr_i = scale * sum_j (dS_ij + dS_ji) kr_j`` with
@@ -297,6 +363,31 @@ again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), a
 the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
+SOLVES = ("walk", "lookback")
+SOLVE = os.environ.get("NEOLLM_LUCID_SOLVE", "walk")
+"""How the substitutions run: "walk" (the default: one program per (batch, head) walks its row blocks one
+after another, ``_substitute_kernel``) or "lookback" (one program per row block, ``_lookback_kernel``:
+a block starts on the blocks before it as they are published, so a head's blocks overlap; at
+micro-batch 8 the walk has only 32 programs for 132 SMs). "lookback" applies the inverted diagonal
+blocks (``DIAGONAL`` "inverse"). Not yet timed on a GPU. ``NEOLLM_LUCID_SOLVE`` sets it for a run."""
+
+MAX_SPIN = 1 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 24
+"""Polls of one block's flag before ``_lookback_kernel`` gives up on it (NaN rows): far above any real wait
+on a GPU; one under Triton's CPU interpreter, which runs the programs one after another, so a flag not
+set when a program looks never will be."""
+
+
+def _solve(solve: str | None, inverse: bool) -> bool:
+    solve = SOLVE if solve is None else solve
+    if solve not in SOLVES:
+        raise ConfigError(f"LUCID's solve (lucid.SOLVE, environment variable NEOLLM_LUCID_SOLVE) must be one of "
+                          f"{SOLVES}, got {solve!r}")
+    if solve == "lookback" and not inverse:
+        raise ConfigError("LUCID's 'lookback' solve applies inverted diagonal blocks: set NEOLLM_LUCID_DIAGONAL="
+                          "inverse (or NEOLLM_LUCID_SOLVE=walk for the substitution diagonal step)")
+    return solve == "lookback"
+
+
 def _dots(dots: str | None) -> str:
     dots = DOT_PRECISION if dots is None else dots
     if dots not in DOT_PRECISIONS:
@@ -345,18 +436,26 @@ def diagonal_inverses(kr: torch.Tensor, *, dots: str | None = None, block_rows: 
 def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: str | None = None,
                block_rows: int | None = None, block_cols: int | None = None,
                num_warps: int | None = None, value_split: int | None = None,
-               diagonal: str | None = None) -> torch.Tensor:
+               diagonal: str | None = None, solve: str | None = None) -> torch.Tensor:
     """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
-    ``value_split``: programs per head, each solving d / value_split columns; ``dots``: DOT_PRECISIONS;
-    ``diagonal``: DIAGONALS."""
+    ``value_split``: programs per head, each solving d / value_split columns (the walk's); ``dots``:
+    DOT_PRECISIONS; ``diagonal``: DIAGONALS; ``solve``: SOLVES."""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     bv = _value_block(value_split, bd)
     inverse = _diagonal(diagonal)
+    lookback = _solve(solve, inverse)
     kr, ks = _head_strides(kr)
     rhs, rs = _head_strides(rhs)
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
-    if out.numel():
+    if out.numel() and lookback:
+        dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps)
+        n_blocks = triton.cdiv(t, br)
+        sync = torch.zeros(b * h * n_blocks + 1, device=kr.device, dtype=torch.int32)  # flags, then the ticket
+        _lookback_kernel[(n_blocks * b * h,)](kr, *ks, rhs, *rs, out, dinv, sync, sync[-1:], h, b * h, t, d,
+                                              1.0 / math.sqrt(d), math.sqrt(d), MAX_SPIN, TRANSPOSED=transposed,
+                                              DOTS=_dots(dots), BR=br, BD=bd, num_warps=warps)
+    elif out.numel():
         dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out
         _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, dinv, h, t, d, 1.0 / math.sqrt(d),
                                               math.sqrt(d), TRANSPOSED=transposed, DOTS=_dots(dots), BR=br,
@@ -366,10 +465,11 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
 
 def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
              block_cols: int | None = None, num_warps: int | None = None,
-             value_split: int | None = None, diagonal: str | None = None) -> torch.Tensor:
+             value_split: int | None = None, diagonal: str | None = None,
+             solve: str | None = None) -> torch.Tensor:
     """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
-    (``value_split`` and ``diagonal`` are the substitutions'; these programs are per row block and
-    take all of d.)"""
+    (``value_split``, ``diagonal`` and ``solve`` are the substitutions'; these programs are per row
+    block and take all of d.)"""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     kr, ks = _head_strides(kr)

@@ -37,7 +37,7 @@ def _value_and_grads(k, v, dx, impl, autocast=False):
     return (x, *torch.autograd.grad(x, (k, v), dx))
 
 
-@pytest.mark.parametrize("diagonal", ["substitute", "inverse"])  # lucid.DIAGONAL
+@pytest.mark.parametrize("diagonal", ["substitute", "inverse", "inverse+lookback"])  # lucid.DIAGONAL, lucid.SOLVE
 @pytest.mark.parametrize("dots", ["ieee", "tf32x3"])  # lucid.DOT_PRECISION: IEEE, and the default
 @pytest.mark.parametrize("keys", ["independent", "correlated"])
 @pytest.mark.parametrize("batch", [2, 64])
@@ -46,7 +46,9 @@ def test_lucid_kernels_match_fp64_within_the_references_error(dtype, batch, keys
     from neollm.kernels import lucid
 
     monkeypatch.setattr(lucid, "DOT_PRECISION", dots)
+    diagonal, _, solve = diagonal.partition("+")
     monkeypatch.setattr(lucid, "DIAGONAL", diagonal)
+    monkeypatch.setattr(lucid, "SOLVE", solve or "walk")
     k, v, dx = _problem(batch, dtype, keys)
     want = _value_and_grads(k.double(), v.double(), dx.double(), "torch")
     ref = _value_and_grads(k, v, dx, "torch")
