@@ -103,6 +103,56 @@ def test_seeds_for_repeats_only_the_named_variants(ablate):
              "--seeds-for=-mea", *TINY)
 
 
+def test_equal_time_scales_each_variants_steps_by_its_measured_speed(ablate, tmp_path):
+    """--equal-time GRID: every variant trains the reference's seconds with its whole schedule, its
+    steps = the reference's x its tok/s / the reference's in GRID (rounded to the validation interval),
+    the warm-up at the same fraction; GRIDs whose speeds are not each run's own are refused."""
+    from neollm.ablation import report
+
+    def run(name, tps, group=None, reference=False, sharing=1):
+        return {"variant": {"name": name, "group": group or name, "reference": reference}, "tps_median": tps,
+                "runs_sharing_gpu": sharing}
+
+    grid_dir = tmp_path / "measured"
+    grid_dir.mkdir()
+    runs = [run("base", 1000.0, reference=True), run("base@seed1", 1020.0, "base", True),
+            run("layer_pattern=A", 1515.0), run("layer_pattern=D", 380.0)]
+    (grid_dir / "results.json").write_text(json.dumps({"runs": runs}))
+    planned = plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds", "0,1", "--steps", "40",
+                   "--val-freq", "4", "--equal-time", str(grid_dir))
+    jobs = {v.name: job_and_args(ablate, argv)[0] for v, argv in planned}
+    # the reference's speed is its seeds' mean, 1010: A 1.50x -> 60 steps, D 0.376x -> 15.0 -> 16 (a multiple of 4)
+    assert {n: (j.training.steps, j.lr_scheduler.warmup_steps) for n, j in jobs.items()} == {
+        "base": (40, 5), "base@seed1": (40, 5), "layer_pattern=A": (60, 8), "layer_pattern=D": (16, 2)}
+    assert "60 steps (1.50x the reference's tok/s)" in next(v.what for v, _ in planned if v.name == "layer_pattern=A")
+    # the report says so, and its verdict column names the delta an equal-time grid measures
+    opts = ablate.build_parser().parse_args(["--config", DEBUG, "--out", "x", "--vary", "layer_pattern=A",
+                                             "--equal-time", str(grid_dir)])
+    head = bench.header(opts, [], jobs["base"], "1")
+    assert "40 steps times its tok/s" in head["equal time"]
+
+    def finished(name, loss, reference=False):
+        return {"variant": {"name": name, "group": name, "reference": reference, "what": "", "seed": 0},
+                "params": 1, "tokens": 1000, "final_val_loss": loss, "best_val_loss": loss, "tps_median": 100.0,
+                "peak_memory_gib": 1.0, "val_curve": [[1, 1000, loss]]}
+
+    results = [finished("base", 3.0, True), finished("layer_pattern=A", 2.9)]
+    for header, label in ((head, "delta at equal time (whole schedules)"), ({}, "delta at equal tokens")):
+        report.write_markdown(tmp_path / "r.md", header, results, report.significance(results), [])
+        assert f"| variant | seeds | {label} |" in (tmp_path / "r.md").read_text()
+    (grid_dir / "results.json").write_text(json.dumps({"runs": runs[:3]}))
+    with pytest.raises(ConfigError, match=r"no finished run of layer_pattern=D there.*'layer_pattern=A'"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--steps", "40", "--val-freq", "4",
+             "--equal-time", str(grid_dir))
+    (grid_dir / "results.json").write_text(json.dumps({"runs": [*runs[:3], run("layer_pattern=D", 380.0, sharing=2)]}))
+    with pytest.raises(ConfigError, match="layer_pattern=D shared a GPU.*--parallel 1"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--steps", "40", "--val-freq", "4",
+             "--equal-time", str(grid_dir))
+    with pytest.raises(ConfigError, match="results.json not found"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A", "--steps", "40", "--equal-time",
+             str(tmp_path / "none"))
+
+
 def test_leave_one_out_and_add_one_touch_one_technique(ablate, tmp_path):
     config = techniques_toml(tmp_path)
     loo = {v.name: job_and_args(ablate, argv) for v, argv in plan(ablate, "--config", config, "--leave-one-out", *TINY)}

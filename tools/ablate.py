@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-for", metavar="NAMES",
                    help="comma-separated variants also run at every seed (e.g. --seeds-for=-mea,-simplegpt: "
                         "settle deltas near the noise threshold)")
+    p.add_argument("--equal-time", type=Path, metavar="GRID",
+                   help="train each variant for the reference's seconds: its steps scaled by its tok/s over the "
+                        "reference's in the finished grid GRID (a folder with results.json, run with --parallel 1; "
+                        "use another --out). Pick a --val-freq that rounds the steps finely")
     p.add_argument("--val-freq", type=int, help="validate every N steps (default: config's, else steps/10)")
     p.add_argument("--val-steps", type=int, help="validation batches per evaluation (default: config's, else 10)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

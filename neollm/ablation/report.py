@@ -83,6 +83,25 @@ def _mean_curve(runs: list[dict]) -> list[tuple[float, float]] | None:
             for step in sorted(steps)]
 
 
+def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
+    """({group: mean tok/s over its finished runs}, the reference's group) of a grid's results.json,
+    for ``ablate --equal-time``; refused when a run shared its GPU (its tok/s is not its own)."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: give the folder of a grid that has finished runs")
+    runs = json.loads(path.read_text())["runs"]
+    shared = sorted(r["variant"]["name"] for r in runs if (r.get("runs_sharing_gpu") or 1) > 1)
+    if shared:
+        raise ValueError(f"{path}: {', '.join(shared)} shared a GPU, so their tok/s are not their own speeds: "
+                         "take the speeds from a grid run with --parallel 1")
+    refs = {r["variant"].get("group") or r["variant"]["name"] for r in runs if r["variant"]["reference"]}
+    if len(refs) != 1:
+        raise ValueError(f"{path}: no finished reference run to scale the others' speeds by")
+    speeds = {name: statistics.fmean(run_tps(r) for r in group) for name, group in _groups(runs).items()
+              if all(run_tps(r) for r in group)}
+    return speeds, refs.pop()
+
+
 def _groups(results: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in results:
@@ -171,8 +190,10 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
             f"{_fmt(tps, ',.0f')} | {_fmt(r['tokens'] / tps if tps else None, ',.0f')} | "
             f"{_fmt(r['peak_memory_gib'], '.2f')} | {r.get('runs_sharing_gpu') or 1} |")
     if sig["verdicts"]:
+        # an --equal-time grid trains each variant for the reference's seconds, each with its whole schedule
+        delta_label = "delta at equal time (whole schedules)" if "equal time" in header else "delta at equal tokens"
         lines += ["", "## Verdicts", "",
-                  "| variant | seeds | delta at equal tokens | noise threshold | quality | time per token vs ref "
+                  f"| variant | seeds | {delta_label} | noise threshold | quality | time per token vs ref "
                   "| peak mem GiB | delta at equal time (s) | time |",
                   "|---|---:|---:|---:|---|---:|---:|---:|---|"]
         for name, v in sig["verdicts"].items():

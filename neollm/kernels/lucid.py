@@ -277,7 +277,7 @@ if triton is not None:
         acc = tl.dot(dinv, acc, input_precision=DOTS)
         acc = tl.where(stalled != 0, float("nan"), acc)
         tl.store(out_base + rows[:, None] * head_dim + dd[None, :], acc, mask=rd_ok)
-        tl.debug_barrier()  # every thread's rows stored before the flag says so
+        tl.debug_barrier()  # every thread's rows stored before the flag says so (Triton 3.6 adds no barrier itself)
         tl.atomic_xchg(flags + blk, 1, sem="release")
 
     @triton.jit
@@ -454,7 +454,10 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
         sync = torch.zeros(b * h * n_blocks + 1, device=kr.device, dtype=torch.int32)  # flags, then the ticket
         _lookback_kernel[(n_blocks * b * h,)](kr, *ks, rhs, *rs, out, dinv, sync, sync[-1:], h, b * h, t, d,
                                               1.0 / math.sqrt(d), math.sqrt(d), MAX_SPIN, TRANSPOSED=transposed,
-                                              DOTS=_dots(dots), BR=br, BD=bd, num_warps=warps)
+                                              DOTS=_dots(dots), BR=br, BD=bd, num_warps=warps,
+                                              # no software pipelining: a prefetch of the next block's rows
+                                              # would be issued before that block's flag is acquired
+                                              num_stages=1)
     elif out.numel():
         dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out
         _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, dinv, h, t, d, 1.0 / math.sqrt(d),
