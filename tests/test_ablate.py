@@ -101,6 +101,12 @@ def test_seeds_for_repeats_only_the_named_variants(ablate):
     with pytest.raises(ConfigError, match=r"--seeds-for names \['-mea'\].*layer_pattern=A"):
         plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds", "0,1",
              "--seeds-for=-mea", *TINY)
+    with pytest.raises(ConfigError, match="give two or more"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds-for=layer_pattern=D", *TINY)
+    # a variant of two --vary axes has a comma in its name: given whole, it is taken whole
+    runs = plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--vary", "gpas=true", "--seeds", "0,1",
+                "--seeds-for", "layer_pattern=A,gpas=true", *TINY)
+    assert [v.name for v, _ in runs if v.seed == 1] == ["base@seed1", "layer_pattern=A,gpas=true@seed1"]
 
 
 def test_equal_time_scales_each_variants_steps_by_its_measured_speed(ablate, tmp_path):
@@ -109,27 +115,32 @@ def test_equal_time_scales_each_variants_steps_by_its_measured_speed(ablate, tmp
     the warm-up at the same fraction; GRIDs whose speeds are not each run's own are refused."""
     from neollm.ablation import report
 
-    def run(name, tps, group=None, reference=False, sharing=1):
+    def run(name, tps, group=None, reference=False, sharing=1, tokens_per_step=1000):
         return {"variant": {"name": name, "group": group or name, "reference": reference}, "tps_median": tps,
-                "runs_sharing_gpu": sharing}
+                "runs_sharing_gpu": sharing, "final_step": 40, "tokens": 40 * tokens_per_step}
 
     grid_dir = tmp_path / "measured"
     grid_dir.mkdir()
     runs = [run("base", 1000.0, reference=True), run("base@seed1", 1020.0, "base", True),
-            run("layer_pattern=A", 1515.0), run("layer_pattern=D", 380.0)]
+            run("layer_pattern=A", 1515.0), run("layer_pattern=D", 380.0, tokens_per_step=500)]
     (grid_dir / "results.json").write_text(json.dumps({"runs": runs}))
     planned = plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--seeds", "0,1", "--steps", "40",
-                   "--val-freq", "4", "--equal-time", str(grid_dir))
+                   "--val-freq", "4", "--equal-time", str(grid_dir), out=tmp_path / "equal")
     jobs = {v.name: job_and_args(ablate, argv)[0] for v, argv in planned}
-    # the reference's speed is its seeds' mean, 1010: A 1.50x -> 60 steps, D 0.376x -> 15.0 -> 16 (a multiple of 4)
+    # speeds in steps per second: the reference 1.01 (its seeds' mean), A 1.515 (1.50x -> 60 steps), D at
+    # half the tokens per step 0.76 (0.752x -> 30.1 -> 32, a multiple of 4); warm-ups 5/40 of each
     assert {n: (j.training.steps, j.lr_scheduler.warmup_steps) for n, j in jobs.items()} == {
-        "base": (40, 5), "base@seed1": (40, 5), "layer_pattern=A": (60, 8), "layer_pattern=D": (16, 2)}
-    assert "60 steps (1.50x the reference's tok/s)" in next(v.what for v, _ in planned if v.name == "layer_pattern=A")
+        "base": (40, 5), "base@seed1": (40, 5), "layer_pattern=A": (60, 8), "layer_pattern=D": (32, 4)}
+    assert "60 steps = 1.50x the reference's (speed 1.50x)" in next(
+        v.what for v, _ in planned if v.name == "layer_pattern=A")
+    with pytest.raises(ConfigError, match="another --out than GRID"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A", "--steps", "40", "--equal-time",
+             str(grid_dir), out=grid_dir)
     # the report says so, and its verdict column names the delta an equal-time grid measures
     opts = ablate.build_parser().parse_args(["--config", DEBUG, "--out", "x", "--vary", "layer_pattern=A",
                                              "--equal-time", str(grid_dir)])
     head = bench.header(opts, [], jobs["base"], "1")
-    assert "40 steps times its tok/s" in head["equal time"]
+    assert "40 steps times its steps per second" in head["equal time"]
 
     def finished(name, loss, reference=False):
         return {"variant": {"name": name, "group": name, "reference": reference, "what": "", "seed": 0},
@@ -148,6 +159,10 @@ def test_equal_time_scales_each_variants_steps_by_its_measured_speed(ablate, tmp
     with pytest.raises(ConfigError, match="layer_pattern=D shared a GPU.*--parallel 1"):
         plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A,D", "--steps", "40", "--val-freq", "4",
              "--equal-time", str(grid_dir))
+    (grid_dir / "results.json").write_text(json.dumps({"runs": [{**runs[0], "tps_median": None}, *runs[2:]]}))
+    with pytest.raises(ConfigError, match="the reference base has no measured speed"):
+        plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A", "--steps", "40", "--equal-time",
+             str(grid_dir))
     with pytest.raises(ConfigError, match="results.json not found"):
         plan(ablate, "--config", DEBUG, "--vary", "layer_pattern=A", "--steps", "40", "--equal-time",
              str(tmp_path / "none"))

@@ -49,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated [debug] seeds: the reference runs at each (to measure "
                                    "the noise), the other variants at the first (default: the config's seed)")
     p.add_argument("--seeds-all", action="store_true", help="run every variant at every seed")
-    p.add_argument("--seeds-for", metavar="NAMES",
+    p.add_argument("--seeds-for", metavar="NAMES", action="append",
                    help="comma-separated variants also run at every seed (e.g. --seeds-for=-mea,-simplegpt: "
-                        "settle deltas near the noise threshold)")
+                        "settle deltas near the noise threshold); repeat it for a name holding commas")
     p.add_argument("--equal-time", type=Path, metavar="GRID",
-                   help="train each variant for the reference's seconds: its steps scaled by its tok/s over the "
-                        "reference's in the finished grid GRID (a folder with results.json, run with --parallel 1; "
+                   help="train each variant for the reference's seconds: its steps scaled by its steps per second over "
+                        "the reference's in the finished grid GRID (a folder with results.json, run with --parallel 1; "
                         "use another --out). Pick a --val-freq that rounds the steps finely")
     p.add_argument("--val-freq", type=int, help="validate every N steps (default: config's, else steps/10)")
     p.add_argument("--val-steps", type=int, help="validation batches per evaluation (default: config's, else 10)")

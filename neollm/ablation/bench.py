@@ -76,12 +76,11 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
         raise ConfigError(f"variant names repeat: {names}")
 
     seeds = _seeds(opts.seeds, base_job)
-    repeated = [n for n in (opts.seeds_for or "").split(",") if n]
-    variants = grid.with_seeds(variants, seeds, opts.seeds_all, repeated)
+    variants = grid.with_seeds(variants, seeds, opts.seeds_all, opts.seeds_for)
     validation = _validation_cli(opts, base_job)
     freq = int(validation["validation.freq"])
     if opts.equal_time:
-        variants = _equal_time(variants, opts.equal_time, base_job, freq)
+        variants = _equal_time(variants, opts.equal_time, base_job, freq, opts.out)
     for v in variants:
         steps = v.cli.get("training.steps")
         if steps is not None and (not steps.isdigit() or int(steps) % freq):
@@ -99,33 +98,43 @@ def plan(opts) -> list[tuple[grid.Variant, list[str]]]:
     return runs
 
 
-def _equal_time(variants: list[grid.Variant], source, base_job, freq: int) -> list[grid.Variant]:
+def _equal_time(variants: list[grid.Variant], source, base_job, freq: int, out) -> list[grid.Variant]:
     """The variants with their steps for the reference's training seconds: the reference's steps times
-    each variant's tok/s over the reference's, as the finished grid in ``source`` measured them, rounded
-    to the validation interval; the warm-up keeps its fraction. So each variant's whole LR schedule
-    fits the same seconds, where the report's interpolated equal-time delta cuts the slower run short."""
+    each variant's steps per second over the reference's, as the finished grid in ``source`` measured
+    them, rounded to the validation interval; the warm-up keeps its fraction. So each variant's whole LR
+    schedule fits the same seconds, where the report's interpolated equal-time delta cuts the slower run
+    short."""
+    from pathlib import Path
+
+    if Path(source).resolve() == Path(out).resolve():
+        raise ConfigError("--equal-time GRID: write the equal-time grid to another --out than GRID")
     try:
         speeds, ref_group = report.grid_speeds(source)
     except ValueError as error:
         raise ConfigError(f"--equal-time: {error}") from None
     steps, warmup = base_job.training.steps, base_job.lr_scheduler.warmup_steps
-    out = []
+    result = []
     for v in variants:
         if v.reference:
-            out.append(v)
+            result.append(v)
             continue
-        if "training.steps" in v.cli:
-            raise ConfigError(f"variant {v.name} sets its own training.steps: --equal-time sets every variant's")
+        own = sorted(k for k in ("training.steps", "lr_scheduler.warmup_steps") if k in v.cli)
+        if own:
+            raise ConfigError(f"variant {v.name} sets its own {', '.join(own)}: --equal-time sets every variant's")
         if v.group not in speeds:
             raise ConfigError(f"--equal-time {source}: no finished run of {v.group} there to take its speed from "
                               f"(it has {sorted(speeds)}): finish it in that grid, or leave it out of this one")
         ratio = speeds[v.group] / speeds[ref_group]
         n = max(freq, round(steps * ratio / freq) * freq)
-        out.append(dataclasses.replace(
-            v, what=f"{v.what}; {n} steps ({ratio:.2f}x the reference's tok/s)",
+        if abs(n / (steps * ratio) - 1) > 0.02:
+            print(f"note: {v.name} trains {n} steps for the reference's {steps} x {ratio:.3f} = {steps * ratio:.1f}: "
+                  f"{100 * (n / (steps * ratio) - 1):+.1f}% off equal time (a finer --val-freq rounds closer)",
+                  file=sys.stderr)
+        result.append(dataclasses.replace(
+            v, what=f"{v.what}; {n} steps = {n / steps:.2f}x the reference's (speed {ratio:.2f}x)",
             cli={**v.cli, "training.steps": str(n),
                  "lr_scheduler.warmup_steps": str(schedule.scaled_warmup(warmup, steps, n))}))
-    return out
+    return result
 
 
 def _steps(opts, job, common_cli: dict[str, str]) -> int | None:
@@ -212,10 +221,10 @@ def header(opts, argv: list[str], job, parallel_text: str) -> dict:
                       f"{job.validation.freq} steps on {job.validation.steps} batches, "
                       + ("compiled" if job.compile.enable else "eager"),
             "runs at once": parallel_text,
-            **({"equal time": f"each variant trains the reference's {job.training.steps} steps times its tok/s over "
-                              f"the reference's in {opts.equal_time} (rounded to the validation interval), so every "
+            **({"equal time": f"each variant trains the reference's {job.training.steps} steps times its steps per second "
+                              f"over the reference's in {opts.equal_time} (rounded to the validation interval), so every "
                               "run takes the reference's training seconds with its whole LR schedule"}
-               if opts.equal_time else {})}
+               if getattr(opts, "equal_time", None) else {})}
 
 
 def mark_same_networks(runs, checked: dict) -> None:

@@ -251,8 +251,12 @@ def with_seeds(variants: list[Variant], seeds: list[int], every_variant: bool,
     """Each variant at seeds[0]; the reference, the variants named in ``repeated`` (or, with
     every_variant, all) also at seeds[1:], so a delta near the noise threshold can be settled
     without rerunning the whole grid at every seed."""
-    repeated = set(repeated or ())
-    unknown = sorted(repeated - {v.name for v in variants})
+    names = {v.name for v in variants}
+    # a name may hold commas (a variant of several --vary axes): whole names first, then the parts
+    repeated = {part for item in repeated or () for part in ([item] if item in names else item.split(",")) if part}
+    if repeated and len(seeds) < 2:
+        raise ConfigError("--seeds-for repeats variants at the other --seeds: give two or more (e.g. --seeds 0,1,2)")
+    unknown = sorted(repeated - names)
     if unknown:
         raise ConfigError(f"--seeds-for names {unknown}, not variants of this grid; choose from "
                           f"{[v.name for v in variants if not v.reference]}")

@@ -84,22 +84,34 @@ def _mean_curve(runs: list[dict]) -> list[tuple[float, float]] | None:
 
 
 def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
-    """({group: mean tok/s over its finished runs}, the reference's group) of a grid's results.json,
-    for ``ablate --equal-time``; refused when a run shared its GPU (its tok/s is not its own)."""
+    """({group: mean training steps per second over its finished runs}, the reference's group) of a
+    grid's results.json, for ``ablate --equal-time`` (steps, not tokens, so a variant with another
+    batch is scaled right); refused when a run shared its GPU (its speed is not its own)."""
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: give the folder of a grid that has finished runs")
-    runs = json.loads(path.read_text())["runs"]
-    shared = sorted(r["variant"]["name"] for r in runs if (r.get("runs_sharing_gpu") or 1) > 1)
+    data = json.loads(path.read_text())
+    at_once = str(data.get("header", {}).get("runs at once", "1")).split()[0]  # runs before the field existed
+    runs = data["runs"]
+    shared = sorted(r["variant"]["name"] for r in runs
+                    if (r.get("runs_sharing_gpu") or (int(at_once) if at_once.isdigit() else 1)) > 1)
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} shared a GPU, so their tok/s are not their own speeds: "
                          "take the speeds from a grid run with --parallel 1")
     refs = {r["variant"].get("group") or r["variant"]["name"] for r in runs if r["variant"]["reference"]}
     if len(refs) != 1:
         raise ValueError(f"{path}: no finished reference run to scale the others' speeds by")
-    speeds = {name: statistics.fmean(run_tps(r) for r in group) for name, group in _groups(runs).items()
-              if all(run_tps(r) for r in group)}
-    return speeds, refs.pop()
+
+    def steps_per_s(r: dict) -> float | None:
+        tps = run_tps(r)
+        return tps * r["final_step"] / r["tokens"] if tps and r.get("tokens") and r.get("final_step") else None
+
+    speeds = {name: statistics.fmean(steps_per_s(r) for r in group) for name, group in _groups(runs).items()
+              if all(steps_per_s(r) for r in group)}
+    ref = refs.pop()
+    if ref not in speeds:
+        raise ValueError(f"{path}: the reference {ref} has no measured speed (tok/s) to scale the others' by")
+    return speeds, ref
 
 
 def _groups(results: list[dict]) -> dict[str, list[dict]]:
@@ -205,7 +217,8 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
     if missing:
         lines += ["", f"Not finished yet (rerun the same command to continue): {', '.join(missing)}"]
     lines += ["", "Plots: val_loss.png (validation loss vs tokens), val_loss_time.png (vs training seconds), "
-              "delta.png (deltas at equal tokens and at equal time; shaded: the noise threshold of a "
+              f"delta.png ({'final deltas' if 'equal time' in header else 'deltas at equal tokens'} and at equal "
+              "time; shaded: the noise threshold of a "
               "one-seed variant).", ""]
     path.write_text("\n".join(lines))
 
@@ -237,7 +250,7 @@ def _curves_plot(out: Path, name: str, results: list[dict], x_of, xlabel: str, t
     return out / name
 
 
-def plot(out: Path, results: list[dict], sig: dict) -> list[Path]:
+def plot(out: Path, results: list[dict], sig: dict, equal_time: bool = False) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +275,8 @@ def plot(out: Path, results: list[dict], sig: dict) -> list[Path]:
     tokens = [sig["verdicts"][n]["delta"] for n in names]
     timed = [sig["verdicts"][n]["delta_equal_time"] for n in names]
     ax.bar([i - width / 2 for i in range(len(names))], tokens, width,
-           color=["tab:red" if d > 0 else "tab:green" for d in tokens], label="at equal tokens")
+           color=["tab:red" if d > 0 else "tab:green" for d in tokens],
+           label="final (equal time, whole schedules)" if equal_time else "at equal tokens")
     if any(d is not None for d in timed):
         ax.bar([i + width / 2 for i in range(len(names))], [d or 0.0 for d in timed], width, color="none",
                edgecolor=["tab:red" if (d or 0) > 0 else "tab:green" for d in timed], hatch="//",
@@ -292,7 +306,7 @@ def write_report(out: Path, header: dict, results: list[dict], missing: list[str
     tmp = out / f".results.md.tmp{os.getpid()}"
     write_markdown(tmp, header, results, sig, missing)
     tmp.replace(out / "results.md")
-    return [out / "results.json", out / "results.md", *plot(out, results, sig)]
+    return [out / "results.json", out / "results.md", *plot(out, results, sig, "equal time" in header)]
 
 
 def rejudge(folder: Path) -> list[Path]:
