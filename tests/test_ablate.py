@@ -311,6 +311,25 @@ def test_equal_time_verdict_and_the_technique_reading():
     assert slow["reading"] == "y: helps; not worth its time"
 
 
+def test_within_noise_verdicts_say_how_many_seeds_would_resolve_them(tmp_path):
+    from neollm.ablation import report, stats
+
+    def run(name, loss, reference=False, group=None):
+        return {"variant": {"name": name, "group": group or name, "reference": reference, "what": "", "seed": 0},
+                "params": 1, "tokens": 1000, "final_val_loss": loss, "best_val_loss": loss, "tps_median": 100.0,
+                "peak_memory_gib": 1.0, "val_curve": [[1, 1000, loss]]}
+
+    results = [run("base", 3.0, True), run("base@seed1", 3.02, True, "base"), run("base@seed2", 3.01, True, "base"),
+               run("-a", 3.03), run("-b", 3.5)]
+    sig = report.significance(results)
+    near, far = sig["verdicts"]["-a"], sig["verdicts"]["-b"]
+    assert near["quality"] == "within noise" and far["quality"] == "hurts" and far["seeds_to_resolve"] is None
+    assert near["seeds_to_resolve"] == stats.required_seeds(0.02, 0.01) == 4  # t(6) 2.45 x 0.01 x sqrt(1/2) < 0.02
+    report.write_markdown(tmp_path / "r.md", {}, results, sig, [])
+    assert "a: within noise; even at equal time (judged by its removal); 4 seeds a side would resolve a delta of " \
+           "+0.020\n" in (tmp_path / "r.md").read_text()
+
+
 def test_bad_requests_are_one_clear_error(ablate, tmp_path, capsys):
     from neollm.errors import ConfigError
 

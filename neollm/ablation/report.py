@@ -164,6 +164,9 @@ def significance(results: list[dict]) -> dict:
         for r in runs:
             rows[r["variant"]["name"]] = {"delta": r["final_val_loss"] - mean, "significant": quality}
     sd = statistics.stdev(ref) if len(ref) > 1 else None
+    for verdict in verdicts.values():  # how many seeds a side would tell a delta of this size from noise
+        verdict["seeds_to_resolve"] = (stats.required_seeds(verdict["delta"], sd)
+                                       if sd and verdict["quality"] == "within noise" else None)
     return {"reference_mean": mean, "reference_seeds": len(ref), "sd": sd,
             "spread": max(ref) - min(ref) if len(ref) > 1 else None, "rows": rows, "verdicts": verdicts}
 
@@ -174,6 +177,15 @@ def _fmt(value, spec: str) -> str:
 
 def _sharing(results: list[dict]) -> int:
     return max((r.get("runs_sharing_gpu") or 1 for r in results), default=1)
+
+
+def _resolve_hint(verdict: dict) -> str:
+    """For a delta within noise: the seeds a side that would resolve one of its size (stats.required_seeds)."""
+    if verdict.get("quality") != "within noise" or not verdict.get("delta"):
+        return ""
+    n = verdict.get("seeds_to_resolve")
+    return (f"; {n} seeds a side would resolve a delta of {verdict['delta']:+.3f}" if n
+            else f"; a delta of {verdict['delta']:+.3f} is below what 64 seeds a side resolve")
 
 
 def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, missing: list[str]) -> None:
@@ -213,7 +225,8 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
                 f"| {name} | {v['runs']} | {v['delta']:+.4f} | {_fmt(v['threshold'], '.4f')} | {v['quality']} | "
                 f"{_fmt(v['time_per_token_vs_ref'], '.2f')}x | {_fmt(v['peak_memory_gib'], '.2f')} | "
                 f"{_fmt(v['delta_equal_time'], '+.4f')} ({_fmt(v['equal_time_s'], ',.0f')}) | {v['time']} |")
-        lines += ["", "One line per technique:", ""] + [f"- {v['reading']}" for v in sig["verdicts"].values()]
+        lines += ["", "One line per technique:", ""] + [f"- {v['reading']}" + _resolve_hint(v)
+                                                       for v in sig["verdicts"].values()]
     if missing:
         lines += ["", f"Not finished yet (rerun the same command to continue): {', '.join(missing)}"]
     lines += ["", "Plots: val_loss.png (validation loss vs tokens), val_loss_time.png (vs training seconds), "
