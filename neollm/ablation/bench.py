@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 from neollm import handover
 from neollm.ablation import grid, report, runner, schedule
@@ -104,8 +105,6 @@ def _equal_time(variants: list[grid.Variant], source, base_job, freq: int, out) 
     them, rounded to the validation interval; the warm-up keeps its fraction. So each variant's whole LR
     schedule fits the same seconds, where the report's interpolated equal-time delta cuts the slower run
     short."""
-    from pathlib import Path
-
     if Path(source).resolve() == Path(out).resolve():
         raise ConfigError("--equal-time GRID: write the equal-time grid to another --out than GRID")
     try:

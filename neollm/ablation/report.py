@@ -90,11 +90,8 @@ def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: give the folder of a grid that has finished runs")
-    data = json.loads(path.read_text())
-    at_once = str(data.get("header", {}).get("runs at once", "1")).split()[0]  # runs before the field existed
-    runs = data["runs"]
-    shared = sorted(r["variant"]["name"] for r in runs
-                    if (r.get("runs_sharing_gpu") or (int(at_once) if at_once.isdigit() else 1)) > 1)
+    runs = _recorded_runs(json.loads(path.read_text()))
+    shared = sorted(r["variant"]["name"] for r in runs if (r.get("runs_sharing_gpu") or 1) > 1)
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} shared a GPU, so their tok/s are not their own speeds: "
                          "take the speeds from a grid run with --parallel 1")
@@ -128,6 +125,7 @@ def significance(results: list[dict]) -> dict:
         raise ValueError("no finished reference run to compare against")
     ref = [r["final_val_loss"] for r in ref_runs]
     mean = statistics.fmean(ref)
+    sd = statistics.stdev(ref) if len(ref) > 1 else None
     ref_curve = _mean_curve(ref_runs)
     ref_tps = [run_tps(r) for r in ref_runs]
     ref_tps_mean = statistics.fmean(ref_tps) if all(ref_tps) else None
@@ -160,13 +158,11 @@ def significance(results: list[dict]) -> dict:
                            time="time not judged (runs shared a GPU)" if shared
                            else stats.time_verdict(equal["delta"], threshold))
         verdict["reading"] = stats.technique_reading(name, quality, verdict["time"])
+        # how many seeds a side would tell a delta of this size from noise
+        verdict["seeds_to_resolve"] = stats.required_seeds(delta, sd) if sd and quality == "within noise" else None
         verdicts[name] = verdict
         for r in runs:
             rows[r["variant"]["name"]] = {"delta": r["final_val_loss"] - mean, "significant": quality}
-    sd = statistics.stdev(ref) if len(ref) > 1 else None
-    for verdict in verdicts.values():  # how many seeds a side would tell a delta of this size from noise
-        verdict["seeds_to_resolve"] = (stats.required_seeds(verdict["delta"], sd)
-                                       if sd and verdict["quality"] == "within noise" else None)
     return {"reference_mean": mean, "reference_seeds": len(ref), "sd": sd,
             "spread": max(ref) - min(ref) if len(ref) > 1 else None, "rows": rows, "verdicts": verdicts}
 
@@ -190,6 +186,7 @@ def _resolve_hint(verdict: dict) -> str:
 
 def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, missing: list[str]) -> None:
     lines = ["# Ablation results", ""]
+    equal_time = "equal time" in header  # an --equal-time grid: each variant the reference's seconds, whole schedules
     lines += [f"- {key}: `{value}`" if key in ("command", "config", "git commit") else f"- {key}: {value}"
               for key, value in header.items()]
     sd, spread = sig["sd"], sig["spread"]
@@ -214,8 +211,7 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
             f"{_fmt(tps, ',.0f')} | {_fmt(r['tokens'] / tps if tps else None, ',.0f')} | "
             f"{_fmt(r['peak_memory_gib'], '.2f')} | {r.get('runs_sharing_gpu') or 1} |")
     if sig["verdicts"]:
-        # an --equal-time grid trains each variant for the reference's seconds, each with its whole schedule
-        delta_label = "delta at equal time (whole schedules)" if "equal time" in header else "delta at equal tokens"
+        delta_label = "delta at equal time (whole schedules)" if equal_time else "delta at equal tokens"
         lines += ["", "## Verdicts", "",
                   f"| variant | seeds | {delta_label} | noise threshold | quality | time per token vs ref "
                   "| peak mem GiB | delta at equal time (s) | time |",
@@ -230,7 +226,7 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
     if missing:
         lines += ["", f"Not finished yet (rerun the same command to continue): {', '.join(missing)}"]
     lines += ["", "Plots: val_loss.png (validation loss vs tokens), val_loss_time.png (vs training seconds), "
-              f"delta.png ({'final deltas' if 'equal time' in header else 'deltas at equal tokens'} and at equal "
+              f"delta.png ({'final deltas' if equal_time else 'deltas at equal tokens'} and at equal "
               "time; shaded: the noise threshold of a "
               "one-seed variant).", ""]
     path.write_text("\n".join(lines))
@@ -328,14 +324,20 @@ def rejudge(folder: Path) -> list[Path]:
     recorded GPU sharing take it from the header's "runs at once"."""
     folder = Path(folder)
     data = json.loads((folder / "results.json").read_text())
-    shared = str(data["header"].get("runs at once", "1")).split()[0]
+    return write_report(folder, data["header"], _recorded_runs(data), data.get("missing", []))
+
+
+def _recorded_runs(data: dict) -> list[dict]:
+    """A results.json's runs without their verdict fields; runs written before the report recorded
+    GPU sharing take it from the header's "runs at once"."""
+    shared = str(data.get("header", {}).get("runs at once", "1")).split()[0]
     runs = []
     for run in data["runs"]:
         run = {k: v for k, v in run.items() if k not in ("delta", "significant")}
         if "runs_sharing_gpu" not in run and shared.isdigit():
             run["runs_sharing_gpu"] = int(shared)
         runs.append(run)
-    return write_report(folder, data["header"], runs, data.get("missing", []))
+    return runs
 
 
 if __name__ == "__main__":
