@@ -125,7 +125,7 @@ def test_impl_default_comes_from_the_environment():
     code = "from neollm.kernels import lucid as l; print(l.SOLVE)"
     assert fresh_python(code, NEOLLM_LUCID_SOLVE="lookback").strip() == "lookback"
     if "NEOLLM_LUCID_SOLVE" not in os.environ:
-        assert lucid.SOLVE == "walk"
+        assert lucid.SOLVE == "auto"
 
 
 def test_bad_kernel_settings_name_their_variable(monkeypatch):
@@ -138,11 +138,23 @@ def test_bad_kernel_settings_name_their_variable(monkeypatch):
     with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_DIAGONAL\) must be one of \('substitute', 'inverse'\)"):
         lucid._diagonal(None)
     monkeypatch.setattr(lucid, "SOLVE", "scan")
-    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_SOLVE\) must be one of \('walk', 'lookback'\)"):
+    with pytest.raises(ConfigError, match=r"NEOLLM_LUCID_SOLVE\) must be one of \('auto', 'walk', 'lookback'\)"):
         lucid._solve(None, True)
     with pytest.raises(ConfigError, match="lookback' solve applies inverted diagonal blocks: set NEOLLM_LUCID_DIAGONAL"):
         lucid._solve("lookback", False)
     assert lucid._solve("lookback", True) and not lucid._solve("walk", False)
+
+
+def test_auto_solve_looks_back_only_where_the_walks_leave_sms_idle(monkeypatch):
+    """"auto" (the default) takes the look-back solve when the walk's programs (batch x KV heads x value
+    splits) are no more than the device's SMs: an H100 (132) at batch 8, 16, 32 x 4 heads, not at 64."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda", 0)
+    assert [lucid._solve("auto", True, b * 4, cuda) for b in (8, 16, 32, 33, 34, 64)] == [True] * 4 + [False] * 2
+    assert not lucid._solve("auto", False, 32, cuda)  # the substitution diagonal step has no look-back
+    assert not lucid._solve("auto", True, 32, torch.device("cpu"))  # Triton's interpreter: the walk
+    assert lucid._solve("lookback", True, 512, cuda) and not lucid._solve("walk", True, 32, cuda)
 
 
 def test_triton_kernels_under_the_interpreter():

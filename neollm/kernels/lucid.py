@@ -15,8 +15,9 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   columns): the columns of X are independent solves.
 * backward, ``dV = P^-T dX``: the same kernel transposed: block back substitution from the last
   block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed).
-* ``SOLVE = "lookback"`` (opt-in, ``NEOLLM_LUCID_SOLVE``; ``_lookback_kernel``): both substitutions with one
-  program per row block instead of one walk per head; a block subtracts each earlier block's
+* ``SOLVE = "lookback"`` (``NEOLLM_LUCID_SOLVE``; chosen by the default "auto" when the walks would not
+  fill the GPU; ``_lookback_kernel``): both substitutions with one program per row block instead of one
+  walk per head; a block subtracts each earlier block's
   ``P_ij X_j`` as soon as that block's program publishes ``X_j`` (a flag per block, acquire/release),
   so a head's blocks overlap: at micro-batch 8 the walk has only 32 programs for an H100's 132 SMs.
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
@@ -363,13 +364,18 @@ again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), a
 the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
-SOLVES = ("walk", "lookback")
-SOLVE = os.environ.get("NEOLLM_LUCID_SOLVE", "walk")
-"""How the substitutions run: "walk" (the default: one program per (batch, head) walks its row blocks one
-after another, ``_substitute_kernel``) or "lookback" (one program per row block, ``_lookback_kernel``:
-a block starts on the blocks before it as they are published, so a head's blocks overlap; at
-micro-batch 8 the walk has only 32 programs for 132 SMs). "lookback" applies the inverted diagonal
-blocks (``DIAGONAL`` "inverse"). Not yet timed on a GPU. ``NEOLLM_LUCID_SOLVE`` sets it for a run."""
+SOLVES = ("auto", "walk", "lookback")
+SOLVE = os.environ.get("NEOLLM_LUCID_SOLVE", "auto")
+"""How the substitutions run: "walk" (one program per (batch, head) walks its row blocks one after
+another, ``_substitute_kernel``), "lookback" (one program per row block, ``_lookback_kernel``: a block
+starts on the blocks before it as they are published, so a head's blocks overlap; needs ``DIAGONAL``
+"inverse") or "auto" (the default): "lookback" when the walk would have no more programs than the GPU
+has SMs, else "walk". On an H100 (132 SMs; tools/bench_attention.py --lucid-op-only, T 512, d 64, 4 KV
+heads, rows 32, tf32x3; BENCHMARKS.md, seventeenth session) lookback against walk, forward + backward:
+0.093 + 0.200 ms vs 0.211 + 0.314 at batch 8 (32 walks), 0.136 + 0.354 vs 0.228 + 0.439 at 16 (64),
+0.254 + 0.689 vs 0.289 + 0.708 at 32 (128), but 0.531 + 1.420 vs 0.478 + 1.350 at 64 (256 walks, where
+the walk already fills the GPU). In the trainer at micro-batch 8 (CUDA graphs) lookback gave 190.4k tok/s
+against 169.2k. ``NEOLLM_LUCID_SOLVE`` sets it for a run."""
 
 MAX_SPIN = 1 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 24
 """Polls of one block's flag before ``_lookback_kernel`` gives up on it (NaN rows): far above any real wait
@@ -377,7 +383,9 @@ on a GPU; one under Triton's CPU interpreter, which runs the programs one after 
 set when a program looks never will be."""
 
 
-def _solve(solve: str | None, inverse: bool) -> bool:
+def _solve(solve: str | None, inverse: bool, walks: int = 0, device: torch.device | None = None) -> bool:
+    """Whether to run the look-back solve; "auto" picks it when the ``walks`` programs of the walk would
+    not fill the SMs of ``device`` (a CUDA device; elsewhere, e.g. Triton's interpreter, the walk)."""
     solve = SOLVE if solve is None else solve
     if solve not in SOLVES:
         raise ConfigError(f"LUCID's solve (lucid.SOLVE, environment variable NEOLLM_LUCID_SOLVE) must be one of "
@@ -385,6 +393,9 @@ def _solve(solve: str | None, inverse: bool) -> bool:
     if solve == "lookback" and not inverse:
         raise ConfigError("LUCID's 'lookback' solve applies inverted diagonal blocks: set NEOLLM_LUCID_DIAGONAL="
                           "inverse (or NEOLLM_LUCID_SOLVE=walk for the substitution diagonal step)")
+    if solve == "auto":
+        return (inverse and device is not None and device.type == "cuda"
+                and walks <= torch.cuda.get_device_properties(device).multi_processor_count)
     return solve == "lookback"
 
 
@@ -444,7 +455,7 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     bv = _value_block(value_split, bd)
     inverse = _diagonal(diagonal)
-    lookback = _solve(solve, inverse)
+    lookback = _solve(solve, inverse, b * h * (bd // bv), kr.device)
     kr, ks = _head_strides(kr)
     rhs, rs = _head_strides(rhs)
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
