@@ -641,3 +641,25 @@ def test_prestart_sends_the_waiting_run_away_when_a_run_fails(ablate, monkeypatc
     err = capsys.readouterr()
     assert "layer_pattern=A: not started, a run failed" in err.out and "base failed" in err.err
     assert not (out / ".handover").exists()
+
+
+def test_the_stack_grid_of_the_docs_builds_what_it_says():
+    """docs/ablations/stack_10m/variants.toml: its "plain" is the plain flavor (add-one's reference), its
+    "add_one_helpers" is plain with exactly the four switches add-one found helping, and every variant
+    of each committed variants file builds (a typo in a field name would fail here, not on the GPU)."""
+    from neollm.ablation import grid
+    from neollm.model.args import FLAVORS
+
+    base = FLAVORS["neollm_135m"]
+    built = {}
+    for path in sorted((REPO / "docs" / "ablations").glob("*/variants.toml")):
+        for v in grid.variants_from_toml(path):  # __post_init__ checks each combination
+            built[(path.parent.name, v.name)] = dataclasses.replace(base, **grid._checked(base, v.model, v.name))
+    stack = {name: args for (folder, name), args in built.items() if folder == "stack_10m"}
+    assert set(stack) == {"plain", "add_one_helpers", "no_simplegpt", "lean"}
+    assert stack["plain"] == FLAVORS["plain"]
+    assert changed_fields(stack["add_one_helpers"], FLAVORS["plain"]) == {
+        "seednorm_qk", "affine_scaled_attention", "xsa", "fan_ratio"}
+    assert changed_fields(stack["no_simplegpt"], base) == {"simplegpt"}
+    assert changed_fields(stack["lean"], base) == {
+        "simplegpt", "lucid", "directional_routing", "attention_output_gate", "learnable_multipliers"}
