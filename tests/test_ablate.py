@@ -643,16 +643,18 @@ def test_prestart_sends_the_waiting_run_away_when_a_run_fails(ablate, monkeypatc
     assert not (out / ".handover").exists()
 
 
-def test_the_stack_grid_of_the_docs_builds_what_it_says():
-    """docs/ablations/stack_10m/variants.toml: its "plain" is the plain flavor (add-one's reference), its
-    "add_one_helpers" is plain with exactly the four switches add-one found helping, and every variant
-    of each committed variants file builds (a typo in a field name would fail here, not on the GPU)."""
+def test_the_docs_variant_files_build_what_they_say():
+    """docs/ablations/stack_10m and pairs_10m (grids set up for the next GPU jobs): "plain" is the plain
+    flavor (add-one's reference), "add_one_helpers" plain with exactly the four switches add-one found
+    helping, each pair exactly its two switches (with their settings) on plain; and every variant of
+    each committed variants file builds (a typo in a field name fails here, not on the GPU)."""
     from neollm.ablation import grid
     from neollm.model.args import FLAVORS
 
-    base = FLAVORS["neollm_135m"]
+    bases = {"pairs_10m": FLAVORS["plain"]}  # run with --set model.flavor=plain; the others on the TOML's neollm_135m
     built = {}
     for path in sorted((REPO / "docs" / "ablations").glob("*/variants.toml")):
+        base = bases.get(path.parent.name, FLAVORS["neollm_135m"])
         for v in grid.variants_from_toml(path):  # __post_init__ checks each combination
             built[(path.parent.name, v.name)] = dataclasses.replace(base, **grid._checked(base, v.model, v.name))
     stack = {name: args for (folder, name), args in built.items() if folder == "stack_10m"}
@@ -660,6 +662,16 @@ def test_the_stack_grid_of_the_docs_builds_what_it_says():
     assert stack["plain"] == FLAVORS["plain"]
     assert changed_fields(stack["add_one_helpers"], FLAVORS["plain"]) == {
         "seednorm_qk", "affine_scaled_attention", "xsa", "fan_ratio"}
-    assert changed_fields(stack["no_simplegpt"], base) == {"simplegpt"}
-    assert changed_fields(stack["lean"], base) == {
+    assert changed_fields(stack["no_simplegpt"], FLAVORS["neollm_135m"]) == {"simplegpt"}
+    assert changed_fields(stack["lean"], FLAVORS["neollm_135m"]) == {
         "simplegpt", "lucid", "directional_routing", "attention_output_gate", "learnable_multipliers"}
+    pairs = {name: changed_fields(args, FLAVORS["plain"]) for (folder, name), args in built.items()
+             if folder == "pairs_10m"}
+    simplegpt_mlp = {"simplegpt", "simplegpt_scope"}
+    assert pairs == {"mea_seednorm_qk": {"mea", "seednorm_qk"},
+                     "ffn_fan_simplegpt": {"ffn_fan_ratio"} | simplegpt_mlp,
+                     "lns_simplegpt": {"layernorm_scaling"} | simplegpt_mlp,
+                     "polynorm_simplegpt": {"mlp_type"} | simplegpt_mlp,
+                     "author_mlp": {"ffn_fan_ratio", "mlp_type", "learnable_multipliers"}}
+    for name in ("ffn_fan_simplegpt", "author_mlp"):  # at neollm_135m's values
+        assert built[("pairs_10m", name)].ffn_fan_ratio == FLAVORS["neollm_135m"].ffn_fan_ratio
