@@ -658,7 +658,10 @@ def test_the_docs_variant_files_build_what_they_say():
         for v in grid.variants_from_toml(path):  # __post_init__ checks each combination
             built[(path.parent.name, v.name)] = dataclasses.replace(base, **grid._checked(base, v.model, v.name))
     stack = {name: args for (folder, name), args in built.items() if folder == "stack_10m"}
-    assert set(stack) == {"plain", "add_one_helpers", "no_simplegpt", "lean"}
+    assert set(stack) == {"plain", "add_one_helpers", "no_simplegpt", "lean", "simplegpt_paper_embeddings", "untied"}
+    assert changed_fields(stack["simplegpt_paper_embeddings"], FLAVORS["neollm_135m"]) == {
+        "embedding_init_std", "tie_embeddings"}
+    assert changed_fields(stack["untied"], FLAVORS["neollm_135m"]) == {"tie_embeddings"}
     assert stack["plain"] == FLAVORS["plain"]
     assert changed_fields(stack["add_one_helpers"], FLAVORS["plain"]) == {
         "seednorm_qk", "affine_scaled_attention", "xsa", "fan_ratio"}

@@ -284,3 +284,19 @@ def test_flops_per_token_match_torch_flop_counter():
         counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
         assert set(counts) == {"aten.mm", "aten.bmm"}, counts  # projections + head; attention scores/mix
         assert counter.get_total_flops() == training_flops_per_token(model, args, seq) * 2 * seq
+
+
+def test_embedding_init_std_sets_the_token_embeddings_scale():
+    """embedding_init_std (SimpleGPT's N(0, 1) embeddings with an untied head); 0 keeps init_std."""
+    def embedding_std(**changes):
+        args = dataclasses.replace(FLAVORS["debug"], **changes)
+        torch.manual_seed(0)
+        model = NeoLLM(args)
+        model.init_weights()
+        return model.tok_embeddings.weight.std().item(), model.head_weight().std().item()
+
+    assert embedding_std() == pytest.approx((0.02, 0.02), rel=0.05)
+    emb, head = embedding_std(embedding_init_std=1.0, tie_embeddings=False)
+    assert emb == pytest.approx(1.0, rel=0.05) and head == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ConfigError, match="embedding_init_std must be >= 0"):
+        dataclasses.replace(FLAVORS["debug"], embedding_init_std=-1.0)

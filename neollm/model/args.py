@@ -52,6 +52,10 @@ class NeoLLMModelArgs(BaseModelArgs):
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    embedding_init_std: float = 0.0
+    """Std of the token embeddings at init; 0 = ``init_std``. SimpleGPT's code (Ocram7/SimpleGPT) draws
+    them N(0, 1), unit RMS like each SimpleNormed output, with an untied head: ``embedding_init_std=1.0``
+    with ``tie_embeddings=false`` (a tied head would start with logits ~sqrt(dim) wide)."""
 
     # mixers: one character per layer, tiled over n_layers ("A" attention; others: neollm.model.mixers)
     layer_pattern: str = "A"
@@ -190,6 +194,8 @@ class NeoLLMModelArgs(BaseModelArgs):
             fail(f"rwkv_backend must be 'auto', 'fla' or 'torch', got {self.rwkv_backend!r}")
         if self.rnn_hidden_dim < 0:
             fail(f"rnn_hidden_dim must be >= 0 (0 = sized like an attention layer), got {self.rnn_hidden_dim}")
+        if self.embedding_init_std < 0:
+            fail(f"embedding_init_std must be >= 0 (0 = init_std), got {self.embedding_init_std}")
         if self.gdn_backend not in ("auto", "fla", "torch"):
             fail(f"gdn_backend must be 'auto', 'fla' or 'torch', got {self.gdn_backend!r}")
         gdn_v = self.gdn_head_dim * self.gdn_expand_v

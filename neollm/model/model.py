@@ -52,7 +52,8 @@ class NeoLLM(ModelProtocol):
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Fill the weights after ``to_empty`` (the trainer builds the model on ``meta``)."""
         self.init_buffers(buffer_device)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=self.model_args.init_std)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0,
+                        std=self.model_args.embedding_init_std or self.model_args.init_std)
         for block in self.layers.values():
             block.init_weights()
         self.norm.reset_parameters()

@@ -10,7 +10,8 @@ from neollm.model.args import FLAVORS, NeoLLMModelArgs
 
 SHAPE_FIELDS = {
     "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
-    "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings", "init_std", "layer_pattern",
+    "max_seq_len", "norm_eps", "rope_theta", "tie_embeddings", "init_std", "embedding_init_std",
+    "layer_pattern",
     "gdn_num_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "gdn_backend",
     "gla_gate_low_rank_dim", "mamba2_expand", "mamba2_head_dim", "mamba2_state_size",
 }
