@@ -141,6 +141,12 @@ def test_equal_time_scales_each_variants_steps_by_its_measured_speed(ablate, tmp
                                              "--equal-time", str(grid_dir)])
     head = bench.header(opts, [], jobs["base"], "1")
     assert "40 steps times its steps per second" in head["equal time"]
+    with pytest.MonkeyPatch.context() as env:  # the job's kernel switches are part of its record
+        for name in [k for k in os.environ if k.startswith("NEOLLM_") and k != "NEOLLM_COMMIT"]:
+            env.delenv(name)
+        assert "environment" not in bench.header(opts, [], jobs["base"], "1")
+        env.setenv("NEOLLM_LUCID_DIAGONAL", "substitute")
+        assert bench.header(opts, [], jobs["base"], "1")["environment"] == "NEOLLM_LUCID_DIAGONAL=substitute"
 
     def finished(name, loss, reference=False):
         return {"variant": {"name": name, "group": name, "reference": reference, "what": "", "seed": 0},

@@ -67,6 +67,8 @@ def test_the_committed_10m_grids_read_together(tmp_path, capsys):
     assert rows["mea"]["reading"] == rows["ffn_fan_ratio"]["reading"] == "needs the stack: hurts alone, helps inside it"
     assert rows["fan_ratio"]["reading"] == "helps alone and in the stack"
     assert rows["simplegpt"]["reading"] == "hurts alone and in the stack"
+    assert "kernel switches (last job of each grid): leave-one-out NEOLLM_LUCID_DIAGONAL=substitute, add-one defaults" \
+        in out.read_text()
     assert out.read_text() == (docs / "joint_10m.md").read_text().replace(
         "docs/ablations/", str(docs) + "/")  # the committed table is this tool's output
     assert tool.main(["--leave-one-out", str(docs / "add_one_10m"), "--add-one", str(docs / "add_one_10m")]) == 2

@@ -21,7 +21,7 @@ from pathlib import Path
 from neollm import handover
 from neollm.ablation import grid, report, runner, schedule
 from neollm.errors import ConfigError
-from neollm.provenance import device_name, git_commit
+from neollm.provenance import device_name, git_commit, neollm_environment
 
 
 def parse_job(argv: list[str]):
@@ -220,6 +220,8 @@ def header(opts, argv: list[str], job, parallel_text: str) -> dict:
                       f"{job.validation.freq} steps on {job.validation.steps} batches, "
                       + ("compiled" if job.compile.enable else "eager"),
             "runs at once": parallel_text,
+            # kernel switches (NEOLLM_LUCID_DIAGONAL, ...) set for this job: they change speeds and rounding
+            **({"environment": " ".join(f"{k}={v}" for k, v in env.items())} if (env := neollm_environment()) else {}),
             **({"equal time": f"each variant trains the reference's {job.training.steps} steps times its steps per second "
                               f"over the reference's in {opts.equal_time} (rounded to the validation interval), so every "
                               "run takes the reference's training seconds with its whole LR schedule"}

@@ -82,6 +82,8 @@ def joint(leave_one_out: Path, add_one: Path) -> dict:
     rows.sort(key=lambda r: (r["alone_delta"] + r["stack_delta"]))
     return {"leave_one_out": str(leave_one_out), "add_one": str(add_one),
             "budget": loo["header"].get("budget"), "config": loo["header"].get("config"),
+            "environments": {"leave_one_out": loo["header"].get("environment"),
+                             "add_one": add["header"].get("environment")},
             "references": {"stack": loo["reference"]["reference_mean"], "plain": add["reference"]["reference_mean"]},
             "only_in_one": sorted(set(added) ^ set(removed)), "rows": rows}
 
@@ -97,6 +99,8 @@ def markdown(result: dict) -> str:
         "",
         f"- leave-one-out: `{result['leave_one_out']}`; add-one: `{result['add_one']}`",
         f"- config: `{result['config']}`; budget: {result['budget']}",
+        *([f"- kernel switches (last job of each grid): leave-one-out {envs['leave_one_out'] or 'defaults'}, "
+           f"add-one {envs['add_one'] or 'defaults'}"] if any((envs := result.get("environments", {})).values()) else []),
         f"- references: the full stack {refs['stack']:.4f}, `plain` {refs['plain']:.4f} "
         f"(stack minus plain {refs['stack'] - refs['plain']:+.4f})",
         "- effect = the switch's change of the final validation loss (negative: it helps): alone, the add-one "
