@@ -7,33 +7,37 @@ their own reference and noise threshold; a switch is read from the pair:
 * its effect alone: the add-one delta (negative: the switch lowers the loss, it helps);
 * its effect in the stack: minus the leave-one-out delta (removing a switch that helps raises the
   loss), so both columns read "negative helps";
-* the reading: "helps alone and in the stack", "helps alone, not in the stack" (what it gives is
-  already given by the others), "needs the stack" (hurts or does nothing alone, helps inside),
-  "hurts in the stack" and so on, from the two quality verdicts.
+* the reading, from the two quality verdicts: "helps alone and in the stack", "needs the stack: hurts
+  alone, helps inside it", "helps alone; unresolved in the stack" and so on. "Unresolved" is a delta
+  within its grid's noise threshold, not a measured zero (the two grids' thresholds can differ
+  several-fold); "noise unknown" is a grid without a seed spread (one reference seed).
 
-Both grids must share a budget (tokens per run, warm-up, validation) and a config; a pair that does
-not is refused, since deltas at different budgets are not comparable.
+Both grids must share a config, a budget (tokens per run, warm-up, validation) and their ``--set``
+changes; a pair that does not is refused, since its deltas are not comparable. Commits and kernel
+switches may differ (the table names them).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from neollm.errors import ConfigError
 
-# (effect alone, effect in the stack) -> reading; each effect is "helps", "hurts" or "none"
-READINGS = {
-    ("helps", "helps"): "helps alone and in the stack",
-    ("helps", "none"): "helps alone, not in the stack",
-    ("helps", "hurts"): "helps alone, hurts in the stack",
-    ("none", "helps"): "needs the stack: helps only inside it",
-    ("hurts", "helps"): "needs the stack: hurts alone, helps inside it",
-    ("none", "none"): "no effect either way at this budget",
-    ("hurts", "none"): "hurts alone, not in the stack",
-    ("none", "hurts"): "hurts in the stack",
-    ("hurts", "hurts"): "hurts alone and in the stack",
-}
+_ALONE = {"helps": "helps alone", "hurts": "hurts alone", "unresolved": "unresolved alone",
+          "unknown": "noise unknown alone"}
+_STACK = {"helps": "helps in the stack", "hurts": "hurts in the stack", "unresolved": "unresolved in the stack",
+          "unknown": "noise unknown in the stack"}
+
+
+def reading(alone: str, stack: str) -> str:
+    """One line from the two effects ("helps", "hurts", "unresolved" or "unknown")."""
+    if alone == stack and alone in ("helps", "hurts"):
+        return f"{alone} alone and in the stack"
+    if stack == "helps" and alone in ("hurts", "unresolved"):
+        return f"needs the stack: {_ALONE[alone]}, helps inside it"
+    return f"{_ALONE[alone]}; {_STACK[stack]}"
 
 
 def _load(folder: Path, what: str) -> dict:
@@ -45,23 +49,34 @@ def _load(folder: Path, what: str) -> dict:
 
 def _effect(quality: str, delta_means_removal: bool) -> str:
     """A verdict's quality as the switch's effect: in a leave-one-out grid "hurts" means removing
-    the switch hurts, so the switch helps."""
+    the switch hurts, so the switch helps. "within noise" is unresolved; anything else (one reference
+    seed, a no-op control) leaves the noise unknown."""
+    if quality == "within noise":
+        return "unresolved"
     if quality not in ("helps", "hurts"):
-        return "none"
+        return "unknown"
     if delta_means_removal:
         return "helps" if quality == "hurts" else "hurts"
     return quality
+
+
+def _set_changes(header: dict) -> list[str]:
+    """The ``--set KEY=VALUE`` changes of a grid's recorded command (what every variant shares)."""
+    words = shlex.split(header.get("command", ""))
+    return sorted([words[i + 1] for i, word in enumerate(words[:-1]) if word == "--set"]
+                  + [word.split("=", 1)[1] for word in words if word.startswith("--set=")])
 
 
 def joint(leave_one_out: Path, add_one: Path) -> dict:
     """One row per switch found in both grids (``-name`` and ``+name``), with each grid's delta as the
     switch's effect (negative = lowers the loss), its threshold, time per token and the reading."""
     loo, add = _load(leave_one_out, "leave-one-out"), _load(add_one, "add-one")
-    for key in ("config", "budget"):
-        a, b = loo["header"].get(key), add["header"].get(key)
+    pairs = [(key, loo["header"].get(key), add["header"].get(key)) for key in ("config", "budget")]
+    pairs.append(("--set changes", _set_changes(loo["header"]), _set_changes(add["header"])))
+    for key, a, b in pairs:
         if a != b:
             raise ConfigError(f"the two grids differ in {key}: leave-one-out {a!r}, add-one {b!r}; "
-                              "read grids run with the same config and budget together")
+                              "read grids run with the same config, budget and --set changes together")
     removed = {name[1:]: v for name, v in loo["verdicts"].items() if name.startswith("-")}
     added = {name[1:]: v for name, v in add["verdicts"].items() if name.startswith("+")}
     if not removed or not added:
@@ -76,46 +91,48 @@ def joint(leave_one_out: Path, add_one: Path) -> dict:
             "alone_delta": alone["delta"], "alone_threshold": alone["threshold"],
             "alone_time_per_token": alone["time_per_token_vs_ref"],
             "stack_delta": -inside["delta"], "stack_threshold": inside["threshold"],
-            "stack_time_share": (1 - inside["time_per_token_vs_ref"]) if inside["time_per_token_vs_ref"] else None,
-            "alone": effects[0], "stack": effects[1], "reading": READINGS[effects],
+            # time per token the stack saves without the switch (negative: the stack is faster with it)
+            "stack_time_saved": (1 - inside["time_per_token_vs_ref"]) if inside["time_per_token_vs_ref"] else None,
+            "alone": effects[0], "stack": effects[1], "reading": reading(*effects),
         })
     rows.sort(key=lambda r: (r["alone_delta"] + r["stack_delta"]))
+    header = {key: {"leave_one_out": loo["header"].get(field), "add_one": add["header"].get(field)}
+              for key, field in (("commits", "git commit"), ("environments", "environment"))}
     return {"leave_one_out": str(leave_one_out), "add_one": str(add_one),
-            "budget": loo["header"].get("budget"), "config": loo["header"].get("config"),
-            "environments": {"leave_one_out": loo["header"].get("environment"),
-                             "add_one": add["header"].get("environment")},
+            "budget": loo["header"].get("budget"), "config": loo["header"].get("config"), **header,
             "references": {"stack": loo["reference"]["reference_mean"], "plain": add["reference"]["reference_mean"]},
             "only_in_one": sorted(set(added) ^ set(removed)), "rows": rows}
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def _num(value: float | None, spec: str, unit: str = "") -> str:
+    return "" if value is None else format(value, spec) + unit
 
 
 def markdown(result: dict) -> str:
-    refs = result["references"]
+    refs, commits, envs = result["references"], result["commits"], result["environments"]
     lines = [
         "# A technique alone and in the stack",
         "",
-        f"- leave-one-out: `{result['leave_one_out']}`; add-one: `{result['add_one']}`",
+        f"- leave-one-out: `{result['leave_one_out']}` (commit `{commits['leave_one_out']}`, kernel switches "
+        f"{envs['leave_one_out'] or 'the defaults'}); add-one: `{result['add_one']}` (commit "
+        f"`{commits['add_one']}`, kernel switches {envs['add_one'] or 'the defaults'})",
         f"- config: `{result['config']}`; budget: {result['budget']}",
-        *([f"- kernel switches (last job of each grid): leave-one-out {envs['leave_one_out'] or 'defaults'}, "
-           f"add-one {envs['add_one'] or 'defaults'}"] if any((envs := result.get("environments", {})).values()) else []),
         f"- references: the full stack {refs['stack']:.4f}, `plain` {refs['plain']:.4f} "
         f"(stack minus plain {refs['stack'] - refs['plain']:+.4f})",
         "- effect = the switch's change of the final validation loss (negative: it helps): alone, the add-one "
         "delta against `plain`; in the stack, minus the leave-one-out delta (the loss the stack loses without it). "
-        "Each is judged against its own grid's noise threshold",
+        "Each is judged against its own grid's noise threshold; \"unresolved\" is within that threshold, not a "
+        "measured zero",
         "",
         "| switch | effect alone | threshold | time alone vs plain | effect in the stack | threshold "
-        "| share of the stack's time | reading |",
+        "| stack's time saved without it | reading |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
-        share = _num(None if r["stack_time_share"] is None else 100 * r["stack_time_share"], ".0f")
+        saved = None if r["stack_time_saved"] is None else 100 * r["stack_time_saved"]
         lines.append(f"| {r['switch']} | {r['alone_delta']:+.4f} | {_num(r['alone_threshold'], '.4f')} "
-                     f"| {_num(r['alone_time_per_token'], '.2f')}x | {r['stack_delta']:+.4f} "
-                     f"| {_num(r['stack_threshold'], '.4f')} | {share + '%' if share else ''} | {r['reading']} |")
+                     f"| {_num(r['alone_time_per_token'], '.2f', 'x')} | {r['stack_delta']:+.4f} "
+                     f"| {_num(r['stack_threshold'], '.4f')} | {_num(saved, '.0f', '%')} | {r['reading']} |")
     if result["only_in_one"]:
         lines += ["", f"In one grid only (not read): {', '.join(result['only_in_one'])}"]
     return "\n".join(lines) + "\n"
