@@ -93,3 +93,22 @@ def test_lucid_auto_takes_the_kernels_and_compiles_with_inductor():
     got = (x, *torch.autograd.grad(x, (kk, vv), dx))
     for g, e in zip(got, _value_and_grads(k, v, dx, "triton")):
         assert rel_err(g, e) < 1e-2
+
+
+def test_auto_solve_runs_the_lookback_at_small_batches_and_the_walk_at_large(monkeypatch):
+    """SOLVE "auto" (the default): bitwise the look-back's result where batch x KV heads fits the SMs,
+    the walk's where it does not (the two sum their tiles in another order, so their last bits differ)."""
+    from neollm.kernels import lucid
+    from neollm.model.attention_ops import rms_normalize
+
+    monkeypatch.setattr(lucid, "SOLVE", "auto")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, expected in ((max(1, sms // 4 // 2), "lookback"), (sms // 4 + 1, "walk")):
+        k, v, _ = _problem(batch, torch.float32, "correlated", t=256)
+        kr = rms_normalize(k, EPS)
+        launch = dict(diagonal="inverse", dots="tf32x3")
+        for transposed in (False, True):
+            walk, lookback = (lucid.substitute(kr, v, transposed, solve=s, **launch) for s in ("walk", "lookback"))
+            assert not torch.equal(walk, lookback)  # else this problem could not tell which one ran
+            auto = lucid.substitute(kr, v, transposed, **launch)
+            assert torch.equal(auto, lookback if expected == "lookback" else walk), (batch, expected)
