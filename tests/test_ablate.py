@@ -677,7 +677,7 @@ def test_the_docs_variant_files_build_what_they_say():
     pairs = {name: changed_fields(args, FLAVORS["plain"]) for (folder, name), args in built.items()
              if folder == "pairs_10m"}
     simplegpt_mlp = {"simplegpt", "simplegpt_scope"}
-    assert pairs == {"mea_seednorm_qk": {"mea", "seednorm_qk"},
+    assert pairs == {"mea": {"mea"}, "mea_seednorm_qk": {"mea", "seednorm_qk"},
                      "ffn_fan_simplegpt": {"ffn_fan_ratio"} | simplegpt_mlp,
                      "lns_simplegpt": {"layernorm_scaling"} | simplegpt_mlp,
                      "polynorm_simplegpt": {"mlp_type"} | simplegpt_mlp,

@@ -242,6 +242,28 @@ def test_mea_at_init_is_per_head_groupnorm_of_plain_kv():
                                    rtol=1e-10, atol=1e-12)
 
 
+def test_mea_groupnorm_affine_takes_condas_adam_step():
+    """MEA's GroupNorm affine is one flat vector per k and v ([Hkv * d], as nn.GroupNorm(Hkv, Hkv * d) holds
+    it), so Conda, which projects 2-D parameters and scales their step by conda_scale, gives it the plain
+    Adam step: after one step every gain and bias moved by the learning rate (first Adam step: lr * sign(g)).
+    The head-mixing matrices stay 2-D (a linear map over heads): their step is the projected one."""
+    from neollm.optim.conda import Conda
+
+    att = make_attention(perturb=True, mea=True)  # float64
+    x, rope = inputs()
+    att(x, rope).square().mean().backward()
+    names = ("mea_k_weight", "mea_k_bias", "mea_v_weight", "mea_v_bias")
+    assert all(getattr(att, n).shape == (HKV * D_HEAD,) for n in names)
+    before = {n: getattr(att, n).detach().clone() for n in (*names, "mea_k_mix")}
+    lr = 1e-3
+    Conda([getattr(att, n) for n in before], lr=lr, eps=1e-30, weight_decay=0.0, scale=0.25).step()
+    for n in names:
+        moved = (getattr(att, n).detach() - before[n]).abs()
+        assert torch.allclose(moved, torch.full_like(moved, lr), rtol=1e-6), (n, moved.min(), moved.max())
+    mix_moved = (att.mea_k_mix.detach() - before["mea_k_mix"]).abs()
+    assert mix_moved.max() < 0.9 * lr  # projected and scaled by 0.25: not the plain Adam step
+
+
 def test_affine_at_init_is_exactly_plain_attention():
     att = make_attention(perturb=False, affine_scaled_attention=True)
     plain = same_weights_plain(att)

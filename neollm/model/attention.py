@@ -192,8 +192,10 @@ class Attention(nn.Module):
             self.v_norm_weight = vector(d)
         if self.mea:
             self.mea_k_mix, self.mea_v_mix = vector(hkv, hkv), vector(hkv, hkv)
-            self.mea_k_weight, self.mea_k_bias = vector(hkv, d), vector(hkv, d)
-            self.mea_v_weight, self.mea_v_bias = vector(hkv, d), vector(hkv, d)
+            # GroupNorm's affine as nn.GroupNorm(hkv, hkv * d) holds it, one flat vector: Conda gives a 1-D
+            # parameter its Adam step (a 2-D one its projected matrix step at conda_scale)
+            self.mea_k_weight, self.mea_k_bias = vector(hkv * d), vector(hkv * d)
+            self.mea_v_weight, self.mea_v_bias = vector(hkv * d), vector(hkv * d)
         if self.affine:
             self.affine_proj = make_linear(args.dim, h, args, role="attn_affine")
             self.affine_bias = vector(h)
@@ -391,10 +393,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq_len, hkv, d)
         # 2. MEA: head mixing + per-head GroupNorm
         if self.mea:
-            k = ops.head_group_norm(ops.mix_heads(k, self.mea_k_mix), self.mea_k_weight,
-                                    self.mea_k_bias, self.eps)
-            v = ops.head_group_norm(ops.mix_heads(v, self.mea_v_mix), self.mea_v_weight,
-                                    self.mea_v_bias, self.eps)
+            k = ops.head_group_norm(ops.mix_heads(k, self.mea_k_mix), self.mea_k_weight.view(hkv, d),
+                                    self.mea_k_bias.view(hkv, d), self.eps)
+            v = ops.head_group_norm(ops.mix_heads(v, self.mea_v_mix), self.mea_v_weight.view(hkv, d),
+                                    self.mea_v_bias.view(hkv, d), self.eps)
         # 3. QK(V) norm
         if self.seednorm_qk:
             if norm_qk:
