@@ -134,11 +134,22 @@ def _model_keys(keys: dict[str, torch.Size], prefix: str) -> dict[str, torch.Siz
             if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in _NON_MODEL_STATES}
 
 
+# Parameters stored in an older layout that loads by a reshape (same values): MEA's GroupNorm affine was
+# [Hkv, d] per k and v until commit 4ab54bb, one flat [Hkv * d] vector since (Conda's Adam step).
+_FLATTENED = ("mea_k_weight", "mea_k_bias", "mea_v_weight", "mea_v_bias")
+
+
+def _older_layout(name: str, stored: torch.Size, model: torch.Size) -> bool:
+    """Whether a checkpoint's ``stored`` shape of ``name`` is the older layout of the model's shape."""
+    return (name.rsplit(".", 1)[-1] in _FLATTENED and len(stored) == 2 and len(model) == 1
+            and stored[0] * stored[1] == model[0])
+
+
 def _check_shapes(model: NeoLLM, shapes: dict[str, torch.Size], source: Path) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
-    wrong = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v)}"
-             for k, v in expected.items() if k in shapes and tuple(shapes[k]) != tuple(v)]
+    wrong = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v)}" for k, v in expected.items()
+             if k in shapes and tuple(shapes[k]) != tuple(v) and not _older_layout(k, shapes[k], v)]
     if missing or wrong:
         detail = "; ".join(wrong[:5] + ([f"missing {missing[:5]}"] if missing else []))
         raise ValueError(f"checkpoint {source} does not fit this model (wrong flavor or overrides?): {detail}")
@@ -152,21 +163,24 @@ def load_checkpoint(model: NeoLLM, path: str | Path) -> Path:
     if p.is_file():
         sd = _read_file(p)
         _check_shapes(model, {k: v.shape for k, v in sd.items()}, p)
-        model.load_state_dict(sd, strict=True)
+        own = model.state_dict()
+        model.load_state_dict({k: v.reshape(own[k].shape) if k in own else v for k, v in sd.items()}, strict=True)
         return p
     import torch.distributed.checkpoint as dcp
 
     keys = _dcp_keys(p)
     prefix = _model_prefix(keys)
-    _check_shapes(model, _model_keys(keys, prefix), p)
+    stored = _model_keys(keys, prefix)
+    _check_shapes(model, stored, p)
     own = model.state_dict()
-    # DCP loads into the given tensors; read in the checkpoint's dtype (fp32), then copy (casting).
-    target = {prefix + k: torch.empty(v.shape, dtype=torch.float32, device=v.device) for k, v in own.items()}
+    # DCP loads into the given tensors (the checkpoint's shapes); read in the checkpoint's dtype (fp32), then
+    # copy (casting, and reshaping an older layout)
+    target = {prefix + k: torch.empty(stored[k], dtype=torch.float32, device=v.device) for k, v in own.items()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(target, checkpoint_id=str(p))
     for k, v in own.items():
-        v.copy_(target[prefix + k])
+        v.copy_(target[prefix + k].reshape(v.shape))
     return p
 
 

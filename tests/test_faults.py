@@ -137,6 +137,19 @@ def test_metrics_tensorboard_wandb_offline_jsonl_progress_and_plots(reference):
 
 
 @pytest.mark.slow
+def test_resuming_with_another_model_names_the_parameters(reference, tmp_path):
+    """A dump folder resumed with other [model] overrides stops before loading, naming what differs."""
+    dump = tmp_path / "other_model"
+    shutil.copytree(reference[0], dump)
+    result = run_trainer("--job.dump_folder", str(dump), *SMALL[:1], str(STEPS + 2), *SMALL[2:],
+                         "--model.overrides", "mea=true", timeout=300)
+    assert result.returncode != 0
+    assert "holds another model than this run builds (missing from the checkpoint: ['layers.1.mixer.mea_k_bias'" \
+        in result.stdout, result.stdout[-3000:]
+    assert "Resume with the flavor and [model] overrides it was written with" in result.stdout
+
+
+@pytest.mark.slow
 def test_kill9_broken_checkpoints_sigterm_then_resume_bit_identical(reference, tmp_path):
     expected = jsonl_losses(reference[0])
     dump = tmp_path / "run"

@@ -167,6 +167,29 @@ def test_state_dict_file_roundtrip(tmp_path):
         load_model(tmp_path / "model.pt", CASES["plain"])
 
 
+def test_checkpoints_with_meas_older_affine_layout_still_load(tmp_path):
+    """MEA's GroupNorm gains and biases were [Hkv, d] until they became flat [Hkv * d] vectors: a state-dict
+    file or DCP checkpoint in the older layout loads (same values); any other shape change is still refused."""
+    import torch.distributed.checkpoint as dcp
+
+    args = dataclasses.replace(CASES["neollm_135m"], mea=True)
+    model = perturbed(args).float()
+    hkv, d = args.n_kv_heads, args.head_dim
+    old = {k: v.view(hkv, d) if k.rsplit(".", 1)[-1].startswith("mea_") and not k.endswith("_mix") else v
+           for k, v in model.state_dict().items()}
+    assert sum(v.shape == (hkv, d) for v in old.values()) == 4 * args.n_layers
+    torch.save(old, tmp_path / "old.pt")
+    dcp.save({f"model.{k}": v.clone() for k, v in old.items()}, checkpoint_id=str(tmp_path / "step-1"))
+    for source in (tmp_path / "old.pt", tmp_path / "step-1"):
+        loaded = load_model(source, args)
+        for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), (source.name, k)
+    old["layers.0.mixer.mea_k_weight"] = old["layers.0.mixer.mea_k_weight"][:, :-1]  # not a reshape
+    torch.save(old, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit.*mea_k_weight"):
+        load_model(tmp_path / "bad.pt", args)
+
+
 @pytest.mark.slow
 def test_dcp_checkpoint_from_a_real_run(tmp_path, capsys):
     """One tiny trainer run (debug config, 1 step): load its DCP checkpoint, decode, run the CLI."""
