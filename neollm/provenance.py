@@ -7,6 +7,7 @@ Benchmark and ablation reports name their commit and device; tools/bench_trainer
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
@@ -47,3 +48,9 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def record() -> dict[str, object]:
+    """The fields every benchmark JSON names: device, UTC date, commit and the ``NEOLLM_*`` switches."""
+    return {"device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "environment": neollm_environment()}

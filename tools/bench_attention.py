@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
 
 import torch
 
 from neollm.bench import attention
-from neollm.provenance import git_commit, neollm_environment
+from neollm.provenance import record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times GPU kernels: no CUDA device is visible")
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  environment=neollm_environment())
+    result = dict(record(), torch=torch.__version__)
     if not opts.lucid_op_only:
         result.update(attention.sdpa_and_lucid(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim))
         print(attention.markdown(result))

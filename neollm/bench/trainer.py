@@ -5,7 +5,6 @@ metrics.jsonl, then tools/bench.py as a subprocess at the TOML's settings, as re
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 from neollm.config_check import parse_config
 from neollm.errors import ConfigError
 from neollm.monitor import read_metrics_jsonl
-from neollm.provenance import REPO, device_name, git_commit, neollm_environment
+from neollm.provenance import REPO, record
 
 
 def steady_state(metrics: dict[str, dict[int, float]], skip: int) -> tuple[float, float, int]:
@@ -96,9 +95,7 @@ def measure(opts, command: str) -> dict:
                 rows.append({"name": name, "bench_label": r["name"], "source": "bench", "tok_per_s": r["tok_per_s"],
                              "peak_gib": r["peak_gib"], "first_step_s": r.get("first_step_s"), "ngpu": 1, "steps": opts.bench_steps,
                              "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
-    return {"device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "environment": neollm_environment(), "config": opts.config,
-            "overrides": opts.overrides, "command": command, "rows": rows}
+    return {**record(), "config": opts.config, "overrides": opts.overrides, "command": command, "rows": rows}
 
 
 def summary(report: dict, ngpu: int) -> str:
