@@ -145,11 +145,19 @@ def _older_layout(name: str, stored: torch.Size, model: torch.Size) -> bool:
             and stored[0] * stored[1] == model[0])
 
 
+def shape_mismatches(expected: dict[str, tuple], stored: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """How a checkpoint's model parameters (``stored``: name -> shape) differ from a model's (``expected``):
+    (names missing from the checkpoint, "name: checkpoint S vs model M" for shapes that differ, names
+    stored in an older layout that a reshape loads)."""
+    missing = sorted(set(expected) - set(stored))
+    differ = [k for k, v in expected.items() if k in stored and tuple(stored[k]) != tuple(v)]
+    older = [k for k in differ if _older_layout(k, stored[k], expected[k])]
+    wrong = [f"{k}: checkpoint {tuple(stored[k])} vs model {tuple(expected[k])}" for k in differ if k not in older]
+    return missing, wrong, older
+
+
 def _check_shapes(model: NeoLLM, shapes: dict[str, torch.Size], source: Path) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    wrong = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(v)}" for k, v in expected.items()
-             if k in shapes and tuple(shapes[k]) != tuple(v) and not _older_layout(k, shapes[k], v)]
+    missing, wrong, _ = shape_mismatches({k: v.shape for k, v in model.state_dict().items()}, shapes)
     if missing or wrong:
         detail = "; ".join(wrong[:5] + ([f"missing {missing[:5]}"] if missing else []))
         raise ValueError(f"checkpoint {source} does not fit this model (wrong flavor or overrides?): {detail}")

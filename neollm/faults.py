@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.tools.logging import logger
 
-from neollm.checkpoint import checkpoint_shapes, checkpoint_steps, read_dcp_metadata, validate_checkpoint
+from neollm.checkpoint import (checkpoint_shapes, checkpoint_steps, read_dcp_metadata, shape_mismatches,
+                               validate_checkpoint)
 from neollm.errors import ConfigError
 
 INJECT_ENV = "NEOLLM_INJECT_BAD_LOSS"
@@ -79,19 +80,16 @@ class NeoLLMCheckpointManager(CheckpointManager):
         if model is None:
             return
         expected = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in model.state_dict().items()}
-        stored = {k: tuple(v) for k, v in checkpoint_shapes(path).items()}
+        stored = checkpoint_shapes(path)
         if not set(expected) & set(stored):
             return  # names this check does not know how to match: DCP's own check decides
-        missing = sorted(set(expected) - set(stored))
-        wrong = [f"{k}: checkpoint {stored[k]} vs model {shape}" for k, shape in expected.items()
-                 if k in stored and stored[k] != shape]
-        if not (missing or wrong):
+        missing, wrong, older = shape_mismatches(expected, stored)
+        if not (missing or wrong or older):  # an older layout loads for inference, but a resume cannot reshape
             return
-        older_mea = any(k.rsplit(".", 1)[-1].startswith("mea_") and len(stored[k]) == 2 and len(shape) == 1
-                        for k, shape in expected.items() if k in stored and stored[k] != shape)
+        wrong += [f"{k}: checkpoint {tuple(stored[k])} vs model {expected[k]}" for k in older]
         hint = (" It was written before MEA's GroupNorm affine became one flat vector (commit 4ab54bb): resume it "
                 "with the code that wrote it; tools/generate.py, tools/evaluate.py and tools/convert_to_hf.py "
-                "load its weights." if older_mea else "")
+                "load its weights." if older else "")
         detail = "; ".join(wrong[:4] + ([f"missing from the checkpoint: {missing[:4]}"] if missing else []))
         raise ConfigError(f"[checkpoint] {path} holds another model than this run builds ({detail}). Resume with "
                           "the flavor and [model] overrides it was written with, or give a new --job.dump_folder."
