@@ -459,8 +459,10 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
     kr, ks = _head_strides(kr)
     rhs, rs = _head_strides(rhs)
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
-    if out.numel() and lookback:
-        dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps)
+    if not out.numel():
+        return out
+    dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out  # the look-back implies inverse
+    if lookback:
         n_blocks = triton.cdiv(t, br)
         sync = torch.zeros(b * h * n_blocks + 1, device=kr.device, dtype=torch.int32)  # flags, then the ticket
         _lookback_kernel[(n_blocks * b * h,)](kr, *ks, rhs, *rs, out, dinv, sync, sync[-1:], h, b * h, t, d,
@@ -469,8 +471,7 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
                                               # no software pipelining: a prefetch of the next block's rows
                                               # would be issued before that block's flag is acquired
                                               num_stages=1)
-    elif out.numel():
-        dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out
+    else:
         _substitute_kernel[(b * h, bd // bv)](kr, *ks, rhs, *rs, out, dinv, h, t, d, 1.0 / math.sqrt(d),
                                               math.sqrt(d), TRANSPOSED=transposed, DOTS=_dots(dots), BR=br,
                                               BC=bc, BD=bd, BV=bv, INVERSE=inverse, num_warps=warps)
