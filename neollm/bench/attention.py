@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from neollm.bench.timing import relative_diff, time_ms
+from neollm.errors import ConfigError
 from neollm.kernels import lucid as lucid_kernels
 from neollm.model import attention_ops as ops
 
@@ -198,12 +199,15 @@ def parse_lucid_variants(text: str) -> list[tuple[str, str, str]]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         fields = item.split(":")
         dots, diagonal, solve = (fields + ["walk"] if len(fields) == 2 else fields + ["", "", ""])[:3]
+        want = (f"want PRODUCTS:DIAGONAL[:SOLVE] with products one of {lucid_kernels.DOT_PRECISIONS}, diagonal "
+                f"one of {lucid_kernels.DIAGONALS} and solve one of {lucid_kernels.SOLVES}")
         if (len(fields) not in (2, 3) or dots not in lucid_kernels.DOT_PRECISIONS
-                or diagonal not in lucid_kernels.DIAGONALS or solve not in lucid_kernels.SOLVES
-                or (solve == "lookback" and diagonal != "inverse")):
-            raise ValueError(f"LUCID variant {item!r}: want PRODUCTS:DIAGONAL[:SOLVE] with products one of "
-                             f"{lucid_kernels.DOT_PRECISIONS}, diagonal one of {lucid_kernels.DIAGONALS} and "
-                             f"solve one of {lucid_kernels.SOLVES} (lookback needs the inverse diagonal)")
+                or diagonal not in lucid_kernels.DIAGONALS):
+            raise ValueError(f"LUCID variant {item!r}: {want}")
+        try:
+            lucid_kernels.check_solve(solve, diagonal == "inverse")
+        except ConfigError as error:
+            raise ValueError(f"LUCID variant {item!r}: {want}; {error}") from None
         out.append((dots, diagonal, solve))
     if not out:
         raise ValueError(f"no LUCID variant in {text!r}: want PRODUCTS:DIAGONAL[:SOLVE][,...]")

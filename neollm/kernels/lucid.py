@@ -386,17 +386,22 @@ set when a program looks never will be."""
 def _solve(solve: str | None, inverse: bool, walks: int = 0, device: torch.device | None = None) -> bool:
     """Whether to run the look-back solve; "auto" picks it when the ``walks`` programs of the walk would
     not fill the SMs of ``device`` (a CUDA device; elsewhere, e.g. Triton's interpreter, the walk)."""
-    solve = SOLVE if solve is None else solve
+    solve = check_solve(SOLVE if solve is None else solve, inverse)
+    if solve == "auto":
+        return (inverse and device is not None and device.type == "cuda"
+                and walks <= torch.cuda.get_device_properties(device).multi_processor_count)
+    return solve == "lookback"
+
+
+def check_solve(solve: str, inverse: bool) -> str:
+    """``solve`` if it names a solve that runs with this diagonal step, else a ConfigError saying what to set."""
     if solve not in SOLVES:
         raise ConfigError(f"LUCID's solve (lucid.SOLVE, environment variable NEOLLM_LUCID_SOLVE) must be one of "
                           f"{SOLVES}, got {solve!r}")
     if solve == "lookback" and not inverse:
         raise ConfigError("LUCID's 'lookback' solve applies inverted diagonal blocks: set NEOLLM_LUCID_DIAGONAL="
                           "inverse (or NEOLLM_LUCID_SOLVE=walk for the substitution diagonal step)")
-    if solve == "auto":
-        return (inverse and device is not None and device.type == "cuda"
-                and walks <= torch.cuda.get_device_properties(device).multi_processor_count)
-    return solve == "lookback"
+    return solve
 
 
 def _dots(dots: str | None) -> str:
