@@ -45,8 +45,10 @@ def problem(b: int, h: int, t: int, d: int, dtype: torch.dtype, keys: str, seed:
 
 
 def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, value_split=1, dots=None,
-                  diagonal=None, solve="walk") -> None:
-    """X, dkr and dv of the kernels against fp64, beside the reference's own error."""
+                  diagonal=None, solve="walk", key_grad_launch=None) -> None:
+    """X, dkr and dv of the kernels against fp64, beside the reference's own error. ``key_grad_launch``:
+    the key gradient's own launch (``lucid.key_grad``'s keywords); unset, the substitutions' rows and
+    column chunk, so that every case also checks the key gradient at its tiles."""
     k, v, dx = problem(b, h, t, d, dtype, keys, seed=t + d)
     kr64, kr32 = rms_normalize(k.double(), EPS), rms_normalize(k, EPS)  # kr32: fp32 (the compute dtype)
     x64 = lucid.solve_reference(kr64, v.double())
@@ -56,9 +58,11 @@ def check_kernels(kernels, b, h, t, d, block_rows, block_cols, dtype, keys, valu
     launch = dict(block_rows=block_rows, block_cols=block_cols, num_warps=4, value_split=value_split, dots=dots,
                   diagonal=diagonal, solve=solve)
     x = kernels.solve_kernel(kr32, v, **launch)
-    dk, dv = kernels.solve_backward_kernel(kr32, x, dx, **launch)
+    key_grad_launch = key_grad_launch or dict(block_rows=block_rows, block_cols=block_cols)
+    dk, dv = kernels.solve_backward_kernel(kr32, x, dx, key_grad_launch, **launch)
     assert x.dtype == dk.dtype == dv.dtype == torch.float32 and x.shape == v.shape
-    what = f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {diagonal} {solve} {dtype} {keys}"
+    what = (f"T {t} d {d} rows {block_rows} cols {block_cols} split {value_split} {diagonal} {solve} {dtype} {keys}"
+            f" key gradient {key_grad_launch}")
     for name, got, ref, exact in (("X", x, x32, x64), ("dv", dv, dv32, dv64), ("dkr", dk, dk32, dk64)):
         if dtype != torch.float32 and name == "X":  # as lucid_values returns it
             got, ref = got.to(dtype), ref.to(dtype)
@@ -216,6 +220,12 @@ if __name__ == "__main__":
     ]:
         check_kernels(lucid, b, h, t, d, rows, rows, dtype, keys, diagonal="inverse", solve="lookback")
     check_lookback_stall_gives_nan()
+    for b, h, t, d, rows, dtype, keys, key_grad_launch in [  # the key gradient at tiles of its own
+        (1, 2, 128, 32, 32, torch.float32, "correlated", dict(block_rows=64, block_cols=32, num_stages=2)),
+        (1, 2, 200, 48, 32, torch.bfloat16, "correlated",  # ragged T, d not 2^k
+         dict(block_rows=16, block_cols=64, num_warps=2, num_stages=3)),
+    ]:
+        check_kernels(lucid, b, h, t, d, rows, rows, dtype, keys, diagonal="inverse", key_grad_launch=key_grad_launch)
     # every precision of the products launches (the interpreter computes them all in fp32: their
     # accuracy is tests/gpu/test_lucid_gpu.py's)
     for dots in lucid.DOT_PRECISIONS:

@@ -335,3 +335,22 @@ def test_bench_attention_narrows_lucid_sweep_and_refuses_bad_choices(capsys):
     with pytest.raises(SystemExit):
         tool.main(["--lucid-variants", "tf32x3:bogus"])
     assert "PRODUCTS:DIAGONAL" in capsys.readouterr().err
+
+
+def test_bench_attention_narrows_the_key_gradient_sweep_and_tables_it(capsys):
+    """Part 4 (LUCID's key-gradient launches): its parser, the tool's refusal of bad text, its table."""
+    from neollm.bench import attention
+
+    assert attention.parse_lucid_key_grad_configs("32,64,4,3; 64,64,8,2;") == [(32, 64, 4, 3), (64, 64, 8, 2)]
+    assert attention.LUCID_KEY_GRAD_CONFIGS[0] == (32, 64, 4, 3)  # the launch before it had its own
+    for bad in ("32,64,4", "32,64,0,3", "a,b,c,d", "32,64,4,3,1", ";", ""):
+        with pytest.raises(ValueError, match="ROWS,COLS,WARPS,STAGES"):
+            attention.parse_lucid_key_grad_configs(bad)
+    tool = load_tool("bench_attention")
+    with pytest.raises(SystemExit):
+        tool.main(["--lucid-key-grad-only", "--lucid-key-grad-configs", "32,64,4"])
+    assert "ROWS,COLS,WARPS,STAGES" in capsys.readouterr().err
+    rows = [dict(block_rows=32, block_cols=64, num_warps=4, num_stages=3, ms=0.912, rel_err_dk=8.7e-6),
+            dict(block_rows=128, block_cols=128, num_warps=8, num_stages=3, error="out of resource: shared memory")]
+    assert attention.markdown(dict(lucid_key_grad=rows)).splitlines()[-2:] == [
+        "| 32 | 64 | 4 | 3 | 0.912 | 8.70e-06 |", "| 128 | 128 | 8 | 3 | n/a: out of resource: shared memory | |"]

@@ -145,6 +145,22 @@ def test_bad_kernel_settings_name_their_variable(monkeypatch):
     assert lucid._solve("lookback", True) and not lucid._solve("walk", False)
 
 
+def test_key_gradient_launch_is_its_own_and_validated():
+    """The key gradient's launch comes from KEY_GRAD_* (not the substitutions' BLOCK_*), passes
+    ``num_stages`` only when set (Triton's own default otherwise), and refuses tiles tl.dot cannot take."""
+    pytest.importorskip("triton")
+    default = dict(BR=lucid.KEY_GRAD_ROWS, BC=lucid.KEY_GRAD_COLS, num_warps=lucid.KEY_GRAD_WARPS)
+    assert lucid.KEY_GRAD_STAGES is None and lucid._key_grad_launch(None, None, None, None) == default
+    assert lucid._key_grad_launch(64, 32, 8, 2) == dict(BR=64, BC=32, num_warps=8, num_stages=2)
+    kr, v = _keys_values(dtype=torch.float32)
+    for bad, match in ((dict(block_rows=48), "block_rows must be a power of two >= 16"),
+                       (dict(block_cols=8), "block_cols must be a power of two >= 16"),
+                       (dict(num_warps=3), "num_warps must be a power of two"),
+                       (dict(num_stages=0), "num_stages must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            lucid.key_grad(kr, v, v, **bad)
+
+
 def test_auto_solve_looks_back_only_where_the_walks_leave_sms_idle(monkeypatch):
     """"auto" (the default) takes the look-back solve when the walk's programs (batch x KV heads x value
     splits) are no more than the device's SMs: an H100 (132) at batch 8, 16, 32 x 4 heads, not at 64."""

@@ -13,9 +13,16 @@
    triangular solves: the path before the kernels), each with its error against fp64 (bf16 inputs,
    bf16 autocast, correlated keys) and peak memory; then the kernels' launch configurations
    (rows per block, column chunk, warps, programs per head; IEEE or TF32 dots in the solve) side by side.
+4. LUCID's key gradient (``--lucid-key-grad-only``): ``lucid.key_grad`` alone (X and dV solved once by
+   the default kernels) at each launch (rows per block, column chunk, warps, software-pipelining stages),
+   its time and its dK error against fp64: its programs are independent, so its tiles are chosen apart
+   from the substitutions'. Seconds per configuration.
+
+``--lucid-op-only`` and ``--lucid-key-grad-only`` pick parts 3 and 4 (both flags: both); neither: all four.
 
     python tools/bench_attention.py --json out.json
     python tools/bench_attention.py --lucid-op-only --json lucid.json
+    python tools/bench_attention.py --lucid-key-grad-only --lucid-key-grad-configs "32,64,4,3;64,64,8,3"
 """
 
 from __future__ import annotations
@@ -44,22 +51,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lucid-variants", metavar="DOTS:DIAGONAL[:SOLVE],...",
                    help="only these (products, diagonal step, solve) variants, e.g. "
                         "'tf32x3:substitute,tf32x3:inverse,tf32x3:inverse:lookback' (solve default: walk)")
+    p.add_argument("--lucid-key-grad-only", action="store_true",
+                   help="only part 4 (the key-gradient kernel's launch configurations; with --lucid-op-only: 3 and 4)")
+    p.add_argument("--lucid-key-grad-configs", metavar="R,C,W,S;...",
+                   help="only these key-gradient launches (rows, column chunk, warps, stages) in part 4, "
+                        "e.g. '32,64,4,3;64,64,8,3' (default: the whole sweep)")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     try:
         configs = None if opts.lucid_configs is None else attention.parse_lucid_configs(opts.lucid_configs)
         variants = None if opts.lucid_variants is None else attention.parse_lucid_variants(opts.lucid_variants)
+        key_grad_configs = (None if opts.lucid_key_grad_configs is None
+                            else attention.parse_lucid_key_grad_configs(opts.lucid_key_grad_configs))
     except ValueError as err:
         p.error(str(err))
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times GPU kernels: no CUDA device is visible")
+    every_part = not (opts.lucid_op_only or opts.lucid_key_grad_only)
+    shape = (opts.batch, opts.seq, opts.kv_heads, opts.head_dim)
     result = dict(record(), torch=torch.__version__)
-    if not opts.lucid_op_only:
+    if every_part:
         result.update(attention.sdpa_and_lucid(opts.batch, opts.seq, opts.heads, opts.kv_heads, opts.head_dim))
         print(attention.markdown(result))
-    part = attention.lucid_op(opts.batch, opts.seq, opts.kv_heads, opts.head_dim, configs, variants)
-    result.update(part)
-    print(attention.markdown(part))
+
+    def show(part: dict) -> None:
+        result.update(part)
+        print(attention.markdown(part))
+
+    if every_part or opts.lucid_op_only:
+        show(attention.lucid_op(*shape, configs, variants))
+    if every_part or opts.lucid_key_grad_only:
+        show(attention.lucid_key_grad(*shape, key_grad_configs))
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=2))
     return 0

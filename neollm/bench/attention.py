@@ -1,5 +1,6 @@
 """Attention-kernel measurements behind tools/bench_attention.py (its docstring says what each part
-measures): SDPA backends, LUCID's preconditioner precision, LUCID's op and kernel launch configurations.
+measures): SDPA backends, LUCID's preconditioner precision, LUCID's op and kernel launch configurations,
+and the launch configurations of LUCID's key-gradient kernel alone.
 """
 
 from __future__ import annotations
@@ -127,12 +128,9 @@ LUCID_VARIANTS = ([(dots, "substitute", "walk") for dots in lucid_kernels.DOT_PR
                   + [("tf32x3", "inverse", "walk"), ("ieee", "inverse", "walk"), ("tf32x3", "inverse", "lookback")])
 
 
-def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
-                      configs: list[tuple[int, int, int, int]] | None = None,
-                      variants: list[tuple[str, str, str]] | None = None) -> list[dict]:
-    """The kernels alone on fp32 normalised keys at each launch configuration (default LUCID_CONFIGS)
-    and each (products, diagonal, solve) variant (default LUCID_VARIANTS). Every pair compiles its own
-    kernels (~3 s each on an H100): the whole default grid takes minutes, a chosen pair seconds."""
+def _lucid_kernel_inputs(batch: int, seq: int, kv_heads: int, head_dim: int):
+    """fp32 normalised correlated keys, bf16 values, an fp32 upstream gradient, and the fp64 reference's
+    X, dK and dV: the kernel sweeps' common problem."""
     g = torch.Generator(device="cuda").manual_seed(3)
     k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", generator=g) + 0.2 * torch.randn(
         batch, kv_heads, seq, head_dim, device="cuda", generator=g)
@@ -141,6 +139,17 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
     dx = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", generator=g)
     x64 = lucid_kernels.solve_reference(kr.double(), v.double())
     dk64, dv64 = lucid_kernels.solve_backward_reference(kr.double(), x64, dx.double())
+    return kr, v, dx, x64, dk64, dv64
+
+
+def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
+                      configs: list[tuple[int, int, int, int]] | None = None,
+                      variants: list[tuple[str, str, str]] | None = None) -> list[dict]:
+    """The kernels alone on fp32 normalised keys at each launch configuration (default LUCID_CONFIGS)
+    and each (products, diagonal, solve) variant (default LUCID_VARIANTS); the backward's key gradient
+    at its own launch (lucid.KEY_GRAD_*, swept by lucid_key_grad_rows). Every pair compiles its own
+    kernels (~3 s each on an H100): the whole default grid takes minutes, a chosen pair seconds."""
+    kr, v, dx, x64, dk64, dv64 = _lucid_kernel_inputs(batch, seq, kv_heads, head_dim)
     rows, timed = [], set()
     for rows_, cols, warps, split in LUCID_CONFIGS if configs is None else configs:
         for dots, diagonal, solve in LUCID_VARIANTS if variants is None else variants:
@@ -164,6 +173,32 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
     return rows
 
 
+# (rows per block, column chunk, warps, software-pipelining stages) of the key gradient alone; the first is
+# its launch before it had its own (the substitutions' tiles and warps, Triton's default 3 stages on CUDA)
+LUCID_KEY_GRAD_CONFIGS = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
+                          (64, 64, 4, 2), (64, 128, 8, 3), (32, 128, 4, 3), (128, 32, 8, 2)]
+
+
+def lucid_key_grad_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
+                        configs: list[tuple[int, int, int, int]] | None = None) -> list[dict]:
+    """``lucid.key_grad`` alone at each (rows, cols, warps, stages) (default LUCID_KEY_GRAD_CONFIGS), on
+    lucid_config_rows' problem with X and dV solved once by the default kernels: its programs are
+    independent, so its tiles are timed apart from the substitutions' walk. Error of dK against fp64."""
+    kr, v, dx, _, dk64, _ = _lucid_kernel_inputs(batch, seq, kv_heads, head_dim)
+    x = lucid_kernels.solve_kernel(kr, v)
+    dv = lucid_kernels.substitute(kr, dx, transposed=True)
+    rows = []
+    for rows_, cols, warps, stages in LUCID_KEY_GRAD_CONFIGS if configs is None else configs:
+        launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, num_stages=stages)
+        try:
+            dk = lucid_kernels.key_grad(kr, x, dv, **launch)
+            rows.append(dict(**launch, ms=time_ms(lambda: lucid_kernels.key_grad(kr, x, dv, **launch)),
+                             rel_err_dk=relative_diff(dk, dk64)))
+        except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result
+            rows.append(dict(**launch, error=str(err).splitlines()[0][:120]))
+    return rows
+
+
 def sdpa_and_lucid(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> dict:
     """Parts 1 and 2: the SDPA backends' rows and LUCID's Gram precision rows."""
     return dict(sdpa=sdpa_rows(batch, seq, heads, kv_heads, head_dim),
@@ -178,18 +213,33 @@ def lucid_op(batch: int, seq: int, kv_heads: int, head_dim: int,
                 lucid_configs=lucid_config_rows(batch, seq, kv_heads, head_dim, configs, variants))
 
 
-def parse_lucid_configs(text: str) -> list[tuple[int, int, int, int]]:
-    """``"32,64,4,1;64,64,4,1"`` -> [(rows, column chunk, warps, programs per head), ...]."""
+def lucid_key_grad(batch: int, seq: int, kv_heads: int, head_dim: int,
+                   configs: list[tuple[int, int, int, int]] | None = None) -> dict:
+    """Part 4: the launch configurations of LUCID's key-gradient kernel alone."""
+    return dict(lucid_key_grad=lucid_key_grad_rows(batch, seq, kv_heads, head_dim, configs))
+
+
+def _parse_launches(text: str, what: str, fields: str, example: str) -> list[tuple[int, ...]]:
+    """``"a,b,c,d;..."`` -> [(a, b, c, d), ...] of positive integers; a ValueError naming ``fields`` else."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
-        fields = item.split(",")
-        if len(fields) != 4 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
-            raise ValueError(f"LUCID launch configuration {item!r}: want four positive integers "
-                             "ROWS,COLS,WARPS,SPLIT (e.g. 32,64,4,1)")
-        out.append(tuple(int(f) for f in fields))
+        values = item.split(",")
+        if len(values) != 4 or not all(f.strip().isdigit() and int(f) > 0 for f in values):
+            raise ValueError(f"{what} {item!r}: want four positive integers {fields} (e.g. {example})")
+        out.append(tuple(int(f) for f in values))
     if not out:
-        raise ValueError(f"no LUCID launch configuration in {text!r}: want ROWS,COLS,WARPS,SPLIT[;...]")
+        raise ValueError(f"no {what} in {text!r}: want {fields}[;...]")
     return out
+
+
+def parse_lucid_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """``"32,64,4,1;64,64,4,1"`` -> [(rows, column chunk, warps, programs per head), ...]."""
+    return _parse_launches(text, "LUCID launch configuration", "ROWS,COLS,WARPS,SPLIT", "32,64,4,1")
+
+
+def parse_lucid_key_grad_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """``"32,64,4,3;64,64,8,3"`` -> [(rows, column chunk, warps, stages), ...] of the key gradient."""
+    return _parse_launches(text, "LUCID key-gradient launch", "ROWS,COLS,WARPS,STAGES", "32,64,4,3")
 
 
 def parse_lucid_variants(text: str) -> list[tuple[str, str, str]]:
@@ -216,21 +266,26 @@ def parse_lucid_variants(text: str) -> list[tuple[str, str, str]]:
 
 def markdown(result: dict) -> str:
     """The markdown tables of the parts in ``result`` (each part's table as the tool prints it)."""
-    lines = []
-    if "sdpa" in result:
-        lines.append("| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|")
-        for r in result["sdpa"]:
-            ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
-            lines.append(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
-        lines.append("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |"
-                     "\n|---|---|---:|---:|---:|")
-        for r in result["lucid"]:
-            ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
-            lines.append(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
-    if "lucid_op" not in result:
-        return "\n".join(lines)
-    lines.append("\n| lucid_values impl | fwd ms | fwd+bwd ms | peak MiB | rel. err X | dk | dv |"
-                 "\n|---|---:|---:|---:|---:|---:|---:|")
+    parts = (("sdpa", _sdpa_markdown), ("lucid_op", _lucid_op_markdown), ("lucid_key_grad", _key_grad_markdown))
+    return "\n".join(line for key, table in parts if key in result for line in table(result))
+
+
+def _sdpa_markdown(result: dict) -> list[str]:
+    lines = ["| SDPA fwd+bwd | ms | max diff vs flash |\n|---|---:|---:|"]
+    for r in result["sdpa"]:
+        ms = "n/a: " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f}"
+        lines.append(f"| {r['case']} | {ms} | {r.get('max_diff_vs_flash', float('nan')):.2e} |")
+    lines.append("\n| LUCID keys | Gram | rel. error of X vs fp64 | max off-diagonal P | fwd+bwd ms |"
+                 "\n|---|---|---:|---:|---:|")
+    for r in result["lucid"]:
+        ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else ""
+        lines.append(f"| {r['keys']} | {r['gram']} | {r['rel_err_x']:.2e} | {r['p_offdiag_max']:.3f} | {ms} |")
+    return lines
+
+
+def _lucid_op_markdown(result: dict) -> list[str]:
+    lines = ["\n| lucid_values impl | fwd ms | fwd+bwd ms | peak MiB | rel. err X | dk | dv |"
+             "\n|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["lucid_op"]:
         lines.append(f"| {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
                      f"{r['rel_err_x']:.2e} | {r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
@@ -244,4 +299,13 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"{head} {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['rel_err_x']:.2e} | "
                          f"{r['rel_err_dk']:.2e} | {r['rel_err_dv']:.2e} |")
-    return "\n".join(lines)
+    return lines
+
+
+def _key_grad_markdown(result: dict) -> list[str]:
+    lines = ["\n| rows | cols | warps | stages | key grad ms | rel. err dk |\n|---:|---:|---:|---:|---:|---:|"]
+    for r in result["lucid_key_grad"]:
+        head = f"| {r['block_rows']} | {r['block_cols']} | {r['num_warps']} | {r['num_stages']} |"
+        tail = f"n/a: {r['error']} | |" if "error" in r else f"{r['ms']:.3f} | {r['rel_err_dk']:.2e} |"
+        lines.append(f"{head} {tail}")
+    return lines

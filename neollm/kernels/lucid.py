@@ -21,7 +21,7 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   ``P_ij X_j`` as soon as that block's program publishes ``X_j`` (a flag per block, acquire/release),
   so a head's blocks overlap: at micro-batch 8 the walk has only 32 programs for an H100's 132 SMs.
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
-  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics).
+  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics; its own launch, KEY_GRAD_*).
 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is applied as ``D_i^-1``, which
 ``_diagonal_inverse_kernel`` computes for all blocks in parallel first (``DIAGONAL = "inverse"``, the
@@ -77,6 +77,17 @@ BLOCK_ROWS = 32
 BLOCK_COLS = 64
 NUM_WARPS = 4
 VALUE_SPLIT = 1
+
+# The key gradient's launch, apart from the substitutions': its programs (one per (batch, head, row block))
+# are independent, with no walk from block to block whose latency bounds the tile size, so larger tiles and
+# software-pipelining stages may pay there. Today's values are the substitutions' (32 / 64 / 4 warps; stages
+# None: Triton's backend default, 3 on CUDA), untimed on their own: a GPU profile (B 64, Hkv 4, T 512, d 64)
+# put the kernel at 0.91 ms a call against a ~0.2 ms compute floor. tools/bench_attention.py
+# --lucid-key-grad-only sweeps them.
+KEY_GRAD_ROWS = 32
+KEY_GRAD_COLS = 64
+KEY_GRAD_WARPS = 4
+KEY_GRAD_STAGES: int | None = None
 
 
 # ---- the reference --------------------------------------------------------------------------
@@ -412,12 +423,30 @@ def _dots(dots: str | None) -> str:
     return dots
 
 
+def _tile(name: str, size: int) -> int:
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {size}")
+    return size
+
+
 def _launch_config(block_rows: int | None, block_cols: int | None, num_warps: int | None, d: int):
-    br, bc = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
-    for name, b in (("block_rows", br), ("block_cols", bc)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {b}")
+    br, bc = _tile("block_rows", block_rows or BLOCK_ROWS), _tile("block_cols", block_cols or BLOCK_COLS)
     return br, bc, max(16, triton.next_power_of_2(d)), num_warps or NUM_WARPS
+
+
+def _key_grad_launch(block_rows: int | None, block_cols: int | None, num_warps: int | None,
+                     num_stages: int | None) -> dict:
+    """``_key_grad_kernel``'s tiles and launch options, each unset one from KEY_GRAD_*; ``num_stages`` is
+    passed only when set, so that the default is Triton's own."""
+    warps = KEY_GRAD_WARPS if num_warps is None else num_warps
+    stages = KEY_GRAD_STAGES if num_stages is None else num_stages
+    if warps < 1 or warps & (warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {warps}")
+    if stages is not None and stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {stages}")
+    launch = dict(BR=_tile("block_rows", KEY_GRAD_ROWS if block_rows is None else block_rows),
+                  BC=_tile("block_cols", KEY_GRAD_COLS if block_cols is None else block_cols), num_warps=warps)
+    return launch if stages is None else dict(launch, num_stages=stages)
 
 
 def _value_block(value_split: int | None, bd: int) -> int:
@@ -483,22 +512,20 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
     return out
 
 
-def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
-             block_cols: int | None = None, num_warps: int | None = None,
-             value_split: int | None = None, diagonal: str | None = None,
-             solve: str | None = None) -> torch.Tensor:
-    """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32.
-    (``value_split``, ``diagonal`` and ``solve`` are the substitutions'; these programs are per row
-    block and take all of d.)"""
+def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str | None = None,
+             block_rows: int | None = None, block_cols: int | None = None, num_warps: int | None = None,
+             num_stages: int | None = None) -> torch.Tensor:
+    """``dkr`` from the solution ``x`` and ``dv = P^-T dX`` (both contiguous fp32): fp32. The launch is its
+    own (unset values from KEY_GRAD_*): its programs are per row block, independent, and take all of d."""
     b, h, t, d = kr.shape
-    br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
+    launch = _key_grad_launch(block_rows, block_cols, num_warps, num_stages)
     kr, ks = _head_strides(kr)
     x, dv = x.contiguous().float(), dv.contiguous().float()
     dk = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if dk.numel():
-        _key_grad_kernel[(b * h, triton.cdiv(t, br))](kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d),
-                                                      math.sqrt(d), DOTS=_dots(dots), BR=br, BC=bc, BD=bd,
-                                                      num_warps=warps)
+        _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d),
+                                                                math.sqrt(d), DOTS=_dots(dots),
+                                                                BD=max(16, triton.next_power_of_2(d)), **launch)
     return dk
 
 
@@ -507,11 +534,13 @@ def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
     return substitute(kr, v, transposed=False, **launch)
 
 
-def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, key_grad_launch: dict | None = None,
                           **launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dkr, dv)`` by the kernels (fp32), as ``solve_backward_reference``."""
+    """``(dkr, dv)`` by the kernels (fp32), as ``solve_backward_reference``. ``launch``: the back
+    substitution's (``substitute``'s keywords); the key gradient shares only its ``dots`` and takes its own
+    launch from ``key_grad_launch`` (``key_grad``'s keywords; unset: KEY_GRAD_*)."""
     dv = substitute(kr, dx, transposed=True, **launch)
-    return key_grad(kr, x, dv, **launch), dv
+    return key_grad(kr, x, dv, **{"dots": launch.get("dots"), **(key_grad_launch or {})}), dv
 
 
 # ---- the op -----------------------------------------------------------------------------------
