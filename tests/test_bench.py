@@ -354,3 +354,37 @@ def test_bench_attention_narrows_the_key_gradient_sweep_and_tables_it(capsys):
             dict(block_rows=128, block_cols=128, num_warps=8, num_stages=3, error="out of resource: shared memory")]
     assert attention.markdown(dict(lucid_key_grad=rows)).splitlines()[-2:] == [
         "| 32 | 64 | 4 | 3 | 0.912 | 8.70e-06 |", "| 128 | 128 | 8 | 3 | n/a: out of resource: shared memory | |"]
+
+
+def test_kernel_launch_sweeps_parse_sizes_and_restore_the_module_constants():
+    """bench_qk_path's --block-t and bench_epilogue's --block-n / --warps: sizes are powers of two, each
+    launch is timed with the module's constants set for forward and backward alike, and restored after."""
+    import argparse
+
+    from neollm.bench import epilogue, qk_path, timing
+    from neollm.kernels import attention_epilogue as ep
+    from neollm.kernels import qk_path as qp
+
+    assert timing.power_of_two_list("16,32,64") == [16, 32, 64]
+    for bad in ("48", "16,,32", "", "0", "a"):
+        with pytest.raises(argparse.ArgumentTypeError, match="powers of two"):
+            timing.power_of_two_list(bad)
+    before = qp.BLOCK_T
+    with pytest.raises(RuntimeError):
+        with timing.module_settings(qp, BLOCK_T=before * 4):
+            assert qp.BLOCK_T == before * 4
+            raise RuntimeError("a launch that fails")
+    assert qp.BLOCK_T == before
+
+    named = {"reference, eager": "ref", "triton": "fused"}
+    assert list(qk_path._launches(named, None)) == [("reference, eager", "ref", {}), ("triton", "fused", {})]
+    assert list(qk_path._launches(named, [16, 64]))[1:] == [("triton, BLOCK_T 16", "fused", dict(BLOCK_T=16)),
+                                                             ("triton, BLOCK_T 64", "fused", dict(BLOCK_T=64))]
+    got = list(epilogue._launches(named, [16, 32], None))[1:]
+    assert got == [(f"triton, BLOCK_N {n}, {ep.NUM_WARPS} warps", "fused", dict(BLOCK_N=n, NUM_WARPS=ep.NUM_WARPS))
+                   for n in (16, 32)]
+    assert [s for _, _, s in epilogue._launches(named, None, [2, 8])][1:] == [
+        dict(BLOCK_N=ep.BLOCK_N, NUM_WARPS=2), dict(BLOCK_N=ep.BLOCK_N, NUM_WARPS=8)]
+    for tool, flag in (("bench_qk_path", "--block-t"), ("bench_epilogue", "--block-n"), ("bench_epilogue", "--warps")):
+        with pytest.raises(SystemExit):
+            load_tool(tool).main([flag, "24"])

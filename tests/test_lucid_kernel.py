@@ -161,6 +161,33 @@ def test_key_gradient_launch_is_its_own_and_validated():
             lucid.key_grad(kr, v, v, **bad)
 
 
+def test_key_gradient_falls_back_to_smaller_tiles_where_its_own_do_not_fit(monkeypatch):
+    """A GPU whose shared memory cannot hold KEY_GRAD_*'s tiles runs the substitutions' smaller tiles (with a
+    warning) rather than failing the step; a launch asked for explicitly (the bench's sweep) still raises."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    launches = []
+
+    class Kernel:  # stands in for _key_grad_kernel: a GPU with 100 KB of shared memory a block
+        def __getitem__(self, grid):
+            def launch(*args, BR, BC, num_warps, **consts):
+                launches.append((grid, BR, BC, num_warps))
+                if BR * BC * num_warps > 32 * 64 * 4:
+                    raise OutOfResources(160_000, 101_376, "shared memory")
+            return launch
+
+    monkeypatch.setattr(lucid, "_key_grad_kernel", Kernel())
+    kr, v = _keys_values(dtype=torch.float32)
+    b, h, t, _ = kr.shape
+    with pytest.warns(UserWarning, match="key gradient: .*shared memory.*smaller tiles 32 / 64 / 4 warps"):
+        lucid.key_grad(kr, v, v)
+    assert launches == [((b * h, -(-t // lucid.KEY_GRAD_ROWS)), lucid.KEY_GRAD_ROWS, lucid.KEY_GRAD_COLS,
+                         lucid.KEY_GRAD_WARPS), ((b * h, -(-t // 32)), 32, 64, 4)]
+    with pytest.raises(OutOfResources):
+        lucid.key_grad(kr, v, v, block_rows=128)
+
+
 def test_auto_solve_looks_back_only_where_the_walks_leave_sms_idle(monkeypatch):
     """"auto" (the default) takes the look-back solve when the walk's programs (batch x KV heads x value
     splits) are no more than the device's SMs: an H100 (132) at batch 8, 16, 32 x 4 heads, not at 64."""

@@ -6,6 +6,7 @@ from the eager reference; the code is neollm/bench/epilogue.py.
 
     python tools/bench_epilogue.py
     python tools/bench_epilogue.py --tokens 32768 --json epilogue.json
+    python tools/bench_epilogue.py --block-n 16,32,64 --warps 2,4,8   # the Triton path at each launch
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from neollm.bench.timing import power_of_two_list
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--directions", type=int, default=4)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--block-n", metavar="N,N,...", type=power_of_two_list,
+                   help="time the Triton path at each of these tokens per program (attention_epilogue.BLOCK_N)")
+    p.add_argument("--warps", metavar="W,W,...", type=power_of_two_list,
+                   help="... and at each of these warps per program (attention_epilogue.NUM_WARPS)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from neollm.bench.epilogue import rows_for, table
 
     results = rows_for(args.tokens, args.heads, args.kv_heads, args.head_dim, args.directions,
-                       getattr(torch, args.dtype), args.steps)
+                       getattr(torch, args.dtype), args.steps, args.block_n, args.warps)
     print(f"{torch.cuda.get_device_name()}, tokens {args.tokens}, heads {args.heads}/{args.kv_heads}, "
           f"d {args.head_dim}, K {args.directions}, {args.dtype}")
     print(table(results))

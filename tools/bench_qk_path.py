@@ -6,6 +6,7 @@ differences from the eager reference; the code is neollm/bench/qk_path.py.
 
     python tools/bench_qk_path.py
     python tools/bench_qk_path.py --momentum-first repeat --json qk_path.json
+    python tools/bench_qk_path.py --block-t 16,32,64,128     # the Triton path at each BLOCK_T
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from neollm.bench.timing import power_of_two_list
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--momentum-first", choices=("zero", "repeat"), default="zero")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--block-t", metavar="N,N,...", type=power_of_two_list,
+                   help="time the Triton path at each of these tokens per program (default: qk_path.BLOCK_T)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from neollm.bench.qk_path import rows_for, table
 
     results = rows_for(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, getattr(torch, args.dtype),
-                       args.momentum_gamma, args.momentum_first, args.steps)
+                       args.momentum_gamma, args.momentum_first, args.steps, args.block_t)
     print(f"{torch.cuda.get_device_name()}, {args.batch} x {args.seq_len} tokens, H {args.heads} / Hkv "
           f"{args.kv_heads}, d {args.head_dim}, {args.dtype}")
     print(table(results))

@@ -277,6 +277,7 @@ def kernel_unavailable_reason(device: torch.device, dtypes: tuple[torch.dtype, .
 
 
 BLOCK_N = 32  # tokens per program (x the KV group's heads, d 64): not yet tuned on a GPU
+NUM_WARPS = 4  # not yet tuned either (tools/bench_epilogue.py --block-n --warps sweeps both)
 
 
 def _gate_kind(gate_logits: torch.Tensor | None) -> int:
@@ -305,7 +306,7 @@ def forward_kernel(y, v, u, route_logits, gate_logits, eps: float) -> torch.Tens
     n, grid, meta = _launch_args(y, v, u, route_logits, gate_logits, eps)
     if out.numel():
         _forward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), out, n, eps,
-                              num_warps=4, **meta)
+                              num_warps=NUM_WARPS, **meta)
     return out
 
 
@@ -321,7 +322,7 @@ def backward_kernel(y, v, u, route_logits, gate_logits, d_out, eps: float):
     parts = None if u is None else torch.empty(grid[0], *u.shape, device=y.device, dtype=torch.float32)
     if dy.numel():
         _backward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), d_out,
-                               dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps, num_warps=4, **meta)
+                               dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps, num_warps=NUM_WARPS, **meta)
     du = None if u is None else parts.sum(0)
     return dy, dv, du, dz, dg
 

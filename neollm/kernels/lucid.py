@@ -21,7 +21,7 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   ``P_ij X_j`` as soon as that block's program publishes ``X_j`` (a flag per block, acquire/release),
   so a head's blocks overlap: at micro-batch 8 the walk has only 32 programs for an H100's 132 SMs.
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
-  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics; its own launch, KEY_GRAD_*).
+  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics; its own, larger tiles: KEY_GRAD_*).
 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is applied as ``D_i^-1``, which
 ``_diagonal_inverse_kernel`` computes for all blocks in parallel first (``DIAGONAL = "inverse"``, the
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -62,6 +63,7 @@ from neollm.kernels.triton_support import unavailable_reason
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
     triton = None
 
@@ -79,14 +81,14 @@ NUM_WARPS = 4
 VALUE_SPLIT = 1
 
 # The key gradient's launch, apart from the substitutions': its programs (one per (batch, head, row block))
-# are independent, with no walk from block to block whose latency bounds the tile size, so larger tiles and
-# software-pipelining stages may pay there. Today's values are the substitutions' (32 / 64 / 4 warps; stages
-# None: Triton's backend default, 3 on CUDA), untimed on their own: a GPU profile (B 64, Hkv 4, T 512, d 64)
-# put the kernel at 0.91 ms a call against a ~0.2 ms compute floor. tools/bench_attention.py
-# --lucid-key-grad-only sweeps them.
-KEY_GRAD_ROWS = 32
+# are independent, with no walk from block to block whose latency bounds the tile size, so larger tiles pay.
+# tools/bench_attention.py --lucid-key-grad-only on an H100 (Hkv 4, T 512, d 64, tf32x3; BENCHMARKS.md
+# 2026-12-07): 128 rows / 64 columns / 8 warps / Triton's default 3 stages took 0.62 ms a call at batch 64
+# (0.68x the substitutions' 32 / 64 / 4: 0.91), 0.158 ms at 16 (0.71x) and 0.082 at 8 (0.72x): the best of
+# the sweep at each batch, the same dK error (8.7e-6 against fp64).
+KEY_GRAD_ROWS = 128
 KEY_GRAD_COLS = 64
-KEY_GRAD_WARPS = 4
+KEY_GRAD_WARPS = 8
 KEY_GRAD_STAGES: int | None = None
 
 
@@ -522,10 +524,21 @@ def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str |
     kr, ks = _head_strides(kr)
     x, dv = x.contiguous().float(), dv.contiguous().float()
     dk = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
-    if dk.numel():
-        _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d),
-                                                                math.sqrt(d), DOTS=_dots(dots),
-                                                                BD=max(16, triton.next_power_of_2(d)), **launch)
+    if not dk.numel():
+        return dk
+    args = (kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d))
+    consts = dict(DOTS=_dots(dots), BD=max(16, triton.next_power_of_2(d)))
+    try:
+        _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](*args, **consts, **launch)
+    except OutOfResources as error:
+        if any(v is not None for v in (block_rows, block_cols, num_warps, num_stages)):
+            raise  # a launch asked for (the bench's sweep) is reported, not replaced
+        # KEY_GRAD_*'s tiles were timed on an H100 (227 KB of shared memory a block); a GPU with less (a
+        # consumer card's ~100 KB) or a larger head dim runs the substitutions' smaller tiles
+        warnings.warn(f"LUCID's key gradient: {error}; running the smaller tiles {BLOCK_ROWS} / {BLOCK_COLS} / "
+                      f"{NUM_WARPS} warps instead of KEY_GRAD_* (slower, same result)", stacklevel=2)
+        launch = dict(BR=BLOCK_ROWS, BC=BLOCK_COLS, num_warps=NUM_WARPS)
+        _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](*args, **consts, **launch)
     return dk
 
 
