@@ -358,11 +358,12 @@ def test_dry_run_prints_one_command_per_variant(ablate, tmp_path, capsys):
     toml.write_text('[variants.attn]\noverrides = ["layer_pattern=A"]\ndescription = "attention only"\n'
                     '[variants.hot]\nset = ["optimizer.lr=1e-2"]\n')
     assert ablate.main(["--config", DEBUG, "--out", str(tmp_path / "o"), "--variants", str(toml), "--dry-run", *TINY]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     commands = [line for line in out.splitlines() if line.startswith("./run_train.sh")]
     assert len(commands) == 3 and "# attn: attention only" in out
     assert "--model.overrides layer_pattern=A" in commands[1] and "--optimizer.lr 1e-2" in commands[2]
     assert not (tmp_path / "o").exists()
+    assert "equals the base config" not in err  # no unnamed variant from an empty --vary
 
 
 @pytest.mark.slow
@@ -650,19 +651,23 @@ def test_prestart_sends_the_waiting_run_away_when_a_run_fails(ablate, monkeypatc
 
 
 def test_the_docs_variant_files_build_what_they_say():
-    """docs/ablations/stack_10m and pairs_10m (grids set up for the next GPU jobs): "plain" is the plain
+    """docs/ablations/stack_10m, pairs_10m and headline_21m (grids for GPU jobs): "plain" is the plain
     flavor (add-one's reference), "add_one_helpers" plain with exactly the four switches add-one found
     helping, each pair exactly its two switches (with their settings) on plain; and every variant of
     each committed variants file builds (a typo in a field name fails here, not on the GPU)."""
     from neollm.ablation import grid
     from neollm.model.args import FLAVORS
 
-    bases = {"pairs_10m": FLAVORS["plain"]}  # run with --set model.flavor=plain; the others on the TOML's neollm_135m
+    # run with --set model.flavor=plain; the others on the TOML's neollm_135m; a variant may set its own flavor
+    bases = {"pairs_10m": "plain", "headline_21m": "plain"}
     built = {}
     for path in sorted((REPO / "docs" / "ablations").glob("*/variants.toml")):
-        base = bases.get(path.parent.name, FLAVORS["neollm_135m"])
         for v in grid.variants_from_toml(path):  # __post_init__ checks each combination
+            base = FLAVORS[v.cli.get("model.flavor", bases.get(path.parent.name, "neollm_135m"))]
             built[(path.parent.name, v.name)] = dataclasses.replace(base, **grid._checked(base, v.model, v.name))
+    headline = {name: args for (folder, name), args in built.items() if folder == "headline_21m"}
+    assert set(headline) == {"neollm_135m", "neollm_110m_hybrid", "fanformer_92m", "plain_four_helpers"}
+    assert all(headline[name] == FLAVORS[name] for name in ("neollm_135m", "neollm_110m_hybrid", "fanformer_92m"))
     stack = {name: args for (folder, name), args in built.items() if folder == "stack_10m"}
     assert set(stack) == {"plain", "add_one_helpers", "no_simplegpt", "lean", "simplegpt_paper_embeddings", "untied"}
     assert changed_fields(stack["simplegpt_paper_embeddings"], FLAVORS["neollm_135m"]) == {
@@ -671,6 +676,7 @@ def test_the_docs_variant_files_build_what_they_say():
     assert stack["plain"] == FLAVORS["plain"]
     assert changed_fields(stack["add_one_helpers"], FLAVORS["plain"]) == {
         "seednorm_qk", "affine_scaled_attention", "xsa", "fan_ratio"}
+    assert headline["plain_four_helpers"] == stack["add_one_helpers"]  # the stack grid's best, at 21M tokens
     assert changed_fields(stack["no_simplegpt"], FLAVORS["neollm_135m"]) == {"simplegpt"}
     assert changed_fields(stack["lean"], FLAVORS["neollm_135m"]) == {
         "simplegpt", "lucid", "directional_routing", "attention_output_gate", "learnable_multipliers"}

@@ -112,7 +112,10 @@ def apply_assignments(assignments: list[str], model: dict, cli: dict) -> None:
 
 
 def vary_grid(specs: list[str]) -> list[Variant]:
-    """``--vary KEY=V1,V2`` (repeatable): the cartesian product, one Variant per combination."""
+    """``--vary KEY=V1,V2`` (repeatable): the cartesian product, one Variant per combination (none without
+    ``--vary``: the product of no axes would be one unnamed variant, the base config itself)."""
+    if not specs:
+        return []
     axes = []
     for spec in specs:
         key, values = parse_assignment(spec)
