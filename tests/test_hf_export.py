@@ -350,3 +350,32 @@ def test_plain_export_loads_into_transformers_llama(tmp_path):
     # head grouping or norm moves logits by orders of magnitude more than this tolerance
     assert ours.std() > 0.05
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+
+
+def test_an_export_in_the_older_mea_layout_still_loads(exported, tmp_path):
+    """An export written while MEA's GroupNorm gains and biases were [Hkv, d] matrices (before 4ab54bb; flat
+    [Hkv * d] since) loads through the Auto class and through convert_from_hf by a reshape: same logits,
+    same weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model, folder, hf = exported["neollm_135m"]
+    old = tmp_path / "old_export"
+    shutil.copytree(folder, old)
+    sd = load_file(str(old / "model.safetensors"))
+    hkv = CASES["neollm_135m"].n_kv_heads
+    flat = [k for k in sd if k.rsplit(".", 1)[-1] in ("mea_k_weight", "mea_k_bias", "mea_v_weight", "mea_v_bias")]
+    assert flat and all(sd[k].dim() == 1 for k in flat)
+    save_file({k: v.reshape(hkv, -1) if k in flat else v for k, v in sd.items()}, str(old / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    again = AutoModelForCausalLM.from_pretrained(str(old), trust_remote_code=True).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+    assert again.generation_config.to_dict() == hf.generation_config.to_dict()
+    _, back = hf_to_dcp(old, tmp_path / "dcp", step=0), load_model(tmp_path / "dcp" / "step-0", CASES["neollm_135m"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

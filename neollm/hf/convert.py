@@ -25,6 +25,7 @@ import torch
 
 from neollm.hf.configuration_neollm import REQUIREMENT, NeoLLMConfig
 from neollm.hf.modeling_neollm import NeoLLMForCausalLM
+from neollm.hf.weights import fit_older_layouts, read_hf_state_dict
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.model import NeoLLM
 
@@ -96,24 +97,6 @@ Model: {args.n_layers} layers, dim {args.dim}, pattern {args.layer_pattern!r}, v
 
 
 # ---- transformers folder -> DCP ---------------------------------------------------------------
-def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The safetensors weights of an exported folder (single file or sharded with an index)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or index) in {folder}")
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        sd.update(load_file(str(folder / name)))
-    return sd
-
-
 def hf_to_neollm_state_dict(folder: str | Path) -> tuple[NeoLLMModelArgs, dict[str, torch.Tensor]]:
     """(model args, NeoLLM state dict with torchtitan's key names) of an exported folder."""
     folder = Path(folder)
@@ -127,6 +110,7 @@ def hf_to_neollm_state_dict(folder: str | Path) -> tuple[NeoLLMModelArgs, dict[s
     sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
     with torch.device("meta"):
         expected = {k: v.shape for k, v in NeoLLM(args).state_dict().items()}
+    sd = fit_older_layouts(sd, expected)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v)}" for k, v in expected.items()
              if k in sd and sd[k].shape != v]

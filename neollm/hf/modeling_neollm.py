@@ -19,11 +19,15 @@ Gated DeltaNet state) use ``neollm.inference``, which takes this model's ``.mode
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from neollm.checkpoint import shape_mismatches
+from neollm.hf.weights import fit_older_layouts, read_hf_state_dict, stored_shapes
 from neollm.model.model import NeoLLM
 
 from .configuration_neollm import NeoLLMConfig
@@ -36,6 +40,27 @@ class NeoLLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _tied_weights_keys = None  # see the module docstring
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader, except that a local export holding a parameter in an older layout (one a
+        reshape loads: neollm/hf/weights.py) is read here and handed over reshaped, as ``state_dict`` with
+        its config (transformers takes a state dict only without a folder) and its generation config."""
+        folder = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        if kwargs.get("state_dict") is not None or folder is None or not (folder / "config.json").is_file():
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.get("config")
+        if not isinstance(config, NeoLLMConfig):
+            config = NeoLLMConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            expected = {f"model.{k}": tuple(v.shape) for k, v in NeoLLM(config.to_model_args()).state_dict().items()}
+        if not shape_mismatches(expected, stored_shapes(folder))[2]:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs.update(config=config, state_dict=fit_older_layouts(read_hf_state_dict(folder), expected))
+        model = super().from_pretrained(None, *model_args, **kwargs)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,0 +1,54 @@
+"""An exported folder's safetensors weights, read back, with older layouts fitted to today's model.
+
+Both loaders of an export use it: ``NeoLLMForCausalLM.from_pretrained`` (transformers) and
+``hf_to_neollm_state_dict`` (tools/convert_from_hf.py). A parameter stored in an older layout that a
+reshape loads (neollm.checkpoint: MEA's GroupNorm affine, [Hkv, d] before commit 4ab54bb) is reshaped,
+so an export written before a layout change keeps loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from neollm.checkpoint import shape_mismatches
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of an exported folder (one file, or the shards its index names)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors (or index) in {folder}")
+
+
+def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The safetensors weights of an exported folder (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        sd.update(load_file(str(path)))
+    return sd
+
+
+def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every stored weight, read from the files' headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def fit_older_layouts(sd: dict[str, torch.Tensor], expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """``sd`` with each parameter stored in an older layout of its ``expected`` shape reshaped to it."""
+    _, _, older = shape_mismatches(expected, {k: tuple(v.shape) for k, v in sd.items()})
+    return {k: v.reshape(expected[k]) if k in older else v for k, v in sd.items()}
