@@ -224,6 +224,7 @@ if __name__ == "__main__":
         (1, 2, 128, 32, 32, torch.float32, "correlated", dict(block_rows=64, block_cols=32, num_stages=2)),
         (1, 2, 200, 48, 32, torch.bfloat16, "correlated",  # ragged T, d not 2^k
          dict(block_rows=16, block_cols=64, num_warps=2, num_stages=3)),
+        (1, 2, 300, 32, 32, torch.float32, "correlated", dict(block_rows=None)),  # KEY_GRAD_*: 3 blocks, ragged
     ]:
         check_kernels(lucid, b, h, t, d, rows, rows, dtype, keys, diagonal="inverse", key_grad_launch=key_grad_launch)
     # every precision of the products launches (the interpreter computes them all in fp32: their

@@ -357,34 +357,29 @@ def test_bench_attention_narrows_the_key_gradient_sweep_and_tables_it(capsys):
 
 
 def test_kernel_launch_sweeps_parse_sizes_and_restore_the_module_constants():
-    """bench_qk_path's --block-t and bench_epilogue's --block-n / --warps: sizes are powers of two, each
-    launch is timed with the module's constants set for forward and backward alike, and restored after."""
+    """bench_qk_path's --block-t and bench_epilogue's --block-n / --warps: sizes are powers of two, the Triton
+    path is measured once per setting with the module's constants set, and they are restored after."""
     import argparse
 
-    from neollm.bench import epilogue, qk_path, timing
-    from neollm.kernels import attention_epilogue as ep
+    from neollm.bench import launch_sweep
     from neollm.kernels import qk_path as qp
 
-    assert timing.power_of_two_list("16,32,64") == [16, 32, 64]
+    assert launch_sweep.power_of_two_list("16,32,64") == [16, 32, 64]
     for bad in ("48", "16,,32", "", "0", "a"):
         with pytest.raises(argparse.ArgumentTypeError, match="powers of two"):
-            timing.power_of_two_list(bad)
+            launch_sweep.power_of_two_list(bad)
     before = qp.BLOCK_T
     with pytest.raises(RuntimeError):
-        with timing.module_settings(qp, BLOCK_T=before * 4):
+        with launch_sweep.module_settings(qp, BLOCK_T=before * 4):
             assert qp.BLOCK_T == before * 4
             raise RuntimeError("a launch that fails")
     assert qp.BLOCK_T == before
 
-    named = {"reference, eager": "ref", "triton": "fused"}
-    assert list(qk_path._launches(named, None)) == [("reference, eager", "ref", {}), ("triton", "fused", {})]
-    assert list(qk_path._launches(named, [16, 64]))[1:] == [("triton, BLOCK_T 16", "fused", dict(BLOCK_T=16)),
-                                                             ("triton, BLOCK_T 64", "fused", dict(BLOCK_T=64))]
-    got = list(epilogue._launches(named, [16, 32], None))[1:]
-    assert got == [(f"triton, BLOCK_N {n}, {ep.NUM_WARPS} warps", "fused", dict(BLOCK_N=n, NUM_WARPS=ep.NUM_WARPS))
-                   for n in (16, 32)]
-    assert [s for _, _, s in epilogue._launches(named, None, [2, 8])][1:] == [
-        dict(BLOCK_N=ep.BLOCK_N, NUM_WARPS=2), dict(BLOCK_N=ep.BLOCK_N, NUM_WARPS=8)]
+    paths = {"reference, eager": "ref", "triton": "fused"}
+    assert list(launch_sweep.launches(paths, [])) == [("reference, eager", "ref", {}), ("triton", "fused", {})]
+    sweep = [dict(BLOCK_N=16, NUM_WARPS=4), dict(BLOCK_N=32, NUM_WARPS=8)]
+    assert list(launch_sweep.launches(paths, sweep))[1:] == [
+        ("triton, BLOCK_N 16, NUM_WARPS 4", "fused", sweep[0]), ("triton, BLOCK_N 32, NUM_WARPS 8", "fused", sweep[1])]
     for tool, flag in (("bench_qk_path", "--block-t"), ("bench_epilogue", "--block-n"), ("bench_epilogue", "--warps")):
         with pytest.raises(SystemExit):
             load_tool(tool).main([flag, "24"])

@@ -354,12 +354,15 @@ def test_plain_export_loads_into_transformers_llama(tmp_path):
 
 def test_an_export_in_the_older_mea_layout_still_loads(exported, tmp_path):
     """An export written while MEA's GroupNorm gains and biases were [Hkv, d] matrices (before 4ab54bb; flat
-    [Hkv * d] since) loads through the Auto class and through convert_from_hf by a reshape: same logits,
-    same weights."""
+    [Hkv * d] since) loads through NeoLLMForCausalLM (and the Auto class with today's modeling file in the
+    folder) and through convert_from_hf by a reshape: same logits, weights and generation config; transformers'
+    own options still work on that path, and a folder without weights still gets transformers' own error."""
     import shutil
 
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
+
+    from neollm.hf import NeoLLMForCausalLM
 
     model, folder, hf = exported["neollm_135m"]
     old = tmp_path / "old_export"
@@ -371,11 +374,21 @@ def test_an_export_in_the_older_mea_layout_still_loads(exported, tmp_path):
     save_file({k: v.reshape(hkv, -1) if k in flat else v for k, v in sd.items()}, str(old / "model.safetensors"),
               metadata={"format": "pt"})
 
-    again = AutoModelForCausalLM.from_pretrained(str(old), trust_remote_code=True).eval()
     ids = tokens()
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, hf(ids).logits)
-    assert again.generation_config.to_dict() == hf.generation_config.to_dict()
+    direct, info = NeoLLMForCausalLM.from_pretrained(str(old), output_loading_info=True)
+    auto = AutoModelForCausalLM.from_pretrained(str(old), trust_remote_code=True)
+    for again in (direct, auto):
+        again.eval()
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, hf(ids).logits)
+        assert again.generation_config.to_dict() == hf.generation_config.to_dict()
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     _, back = hf_to_dcp(old, tmp_path / "dcp", step=0), load_model(tmp_path / "dcp" / "step-0", CASES["neollm_135m"])
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+    empty = tmp_path / "config_only"
+    empty.mkdir()
+    shutil.copy(old / "config.json", empty / "config.json")
+    with pytest.raises(OSError, match="Error no file named model.safetensors, or pytorch_model.bin"):
+        NeoLLMForCausalLM.from_pretrained(str(empty))

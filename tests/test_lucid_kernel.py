@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -149,8 +150,9 @@ def test_key_gradient_launch_is_its_own_and_validated():
     """The key gradient's launch comes from KEY_GRAD_* (not the substitutions' BLOCK_*), passes
     ``num_stages`` only when set (Triton's own default otherwise), and refuses tiles tl.dot cannot take."""
     pytest.importorskip("triton")
-    default = dict(BR=lucid.KEY_GRAD_ROWS, BC=lucid.KEY_GRAD_COLS, num_warps=lucid.KEY_GRAD_WARPS)
+    default = dict(BR=128, BC=64, num_warps=8)  # the H100 sweep's best (BENCHMARKS.md, eighteenth session)
     assert lucid.KEY_GRAD_STAGES is None and lucid._key_grad_launch(None, None, None, None) == default
+    assert (lucid.BLOCK_ROWS, lucid.BLOCK_COLS, lucid.NUM_WARPS) != (128, 64, 8)
     assert lucid._key_grad_launch(64, 32, 8, 2) == dict(BR=64, BC=32, num_warps=8, num_stages=2)
     kr, v = _keys_values(dtype=torch.float32)
     for bad, match in ((dict(block_rows=48), "block_rows must be a power of two >= 16"),
@@ -178,12 +180,18 @@ def test_key_gradient_falls_back_to_smaller_tiles_where_its_own_do_not_fit(monke
             return launch
 
     monkeypatch.setattr(lucid, "_key_grad_kernel", Kernel())
+    monkeypatch.setattr(lucid, "_KEY_GRAD_TOO_LARGE", set())
     kr, v = _keys_values(dtype=torch.float32)
     b, h, t, _ = kr.shape
     with pytest.warns(UserWarning, match="key gradient: .*shared memory.*smaller tiles 32 / 64 / 4 warps"):
         lucid.key_grad(kr, v, v)
-    assert launches == [((b * h, -(-t // lucid.KEY_GRAD_ROWS)), lucid.KEY_GRAD_ROWS, lucid.KEY_GRAD_COLS,
-                         lucid.KEY_GRAD_WARPS), ((b * h, -(-t // 32)), 32, 64, 4)]
+    small = ((b * h, -(-t // 32)), 32, 64, 4)
+    assert launches == [((b * h, -(-t // 128)), 128, 64, 8), small]
+    launches.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next calls go to the smaller tiles at once, without a warning
+        lucid.key_grad(kr, v, v)
+    assert launches == [small]
     with pytest.raises(OutOfResources):
         lucid.key_grad(kr, v, v, block_rows=128)
 

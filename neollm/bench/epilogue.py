@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import forward_backward_costs, module_settings, relative_diff
+from neollm.bench.launch_sweep import launches, module_settings
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import attention_epilogue as ep
 
 EPS = 1e-6
@@ -45,17 +46,6 @@ def paths() -> dict[str, Callable]:
     return {"reference, eager": reference, "reference, torch.compile": torch.compile(reference), "triton": fused}
 
 
-def _launches(named: dict[str, Callable], block_ns: list[int] | None, warps: list[int] | None):
-    """(name, fn, settings): the Triton path once per (BLOCK_N, NUM_WARPS) asked for (else the module's own)."""
-    for name, fn in named.items():
-        if name == "triton" and (block_ns or warps):
-            for bn in block_ns or [ep.BLOCK_N]:
-                for w in warps or [ep.NUM_WARPS]:
-                    yield f"triton, BLOCK_N {bn}, {w} warps", fn, dict(BLOCK_N=bn, NUM_WARPS=w)
-        else:
-            yield name, fn, {}
-
-
 def rows_for(tokens: int, heads: int, kv_heads: int, head_dim: int, directions: int, dtype: torch.dtype,
              steps: int = 20, block_ns: list[int] | None = None, warps: list[int] | None = None) -> list[dict]:
     """One result per path: forward ms, forward + backward ms, peak MiB above the inputs, and the
@@ -64,7 +54,9 @@ def rows_for(tokens: int, heads: int, kv_heads: int, head_dim: int, directions: 
     leaves, d_out = inputs(tokens, heads, kv_heads, head_dim, directions, dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     results, baseline = [], None
-    for name, fn, settings in _launches(paths(), block_ns, warps):
+    sweep = ([dict(BLOCK_N=n, NUM_WARPS=w) for n in block_ns or [ep.BLOCK_N] for w in warps or [ep.NUM_WARPS]]
+             if block_ns or warps else [])
+    for name, fn, settings in launches(paths(), sweep):
         def forward(fn=fn):
             with torch.no_grad(), autocast:
                 return fn(*leaves)
@@ -79,8 +71,11 @@ def rows_for(tokens: int, heads: int, kv_heads: int, head_dim: int, directions: 
             fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
         if baseline is None:
             baseline = (out, grads[0])
-        results.append(dict(path=name, block_n=settings.get("BLOCK_N", ep.BLOCK_N),
-                            num_warps=settings.get("NUM_WARPS", ep.NUM_WARPS), tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        launch = {}
+        if name.startswith("triton"):
+            with module_settings(ep, **settings):
+                launch = dict(block_n=ep.BLOCK_N, num_warps=ep.NUM_WARPS)
+        results.append(dict(path=name, **launch, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                             directions=directions, dtype=str(dtype).removeprefix("torch."),
                             fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,
                             rel_diff_out=relative_diff(out, baseline[0]),

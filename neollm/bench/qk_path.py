@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from neollm.bench.timing import forward_backward_costs, module_settings, relative_diff
+from neollm.bench.launch_sweep import launches, module_settings
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import qk_path as qp
 from neollm.model.rope import rope_cache
 
@@ -43,16 +44,6 @@ def paths(rope: torch.Tensor, momentum_gamma: float, momentum_first: str) -> dic
     return {"reference, eager": reference, "reference, torch.compile": torch.compile(reference), "triton": fused}
 
 
-def _launches(named: dict[str, Callable], block_ts: list[int] | None):
-    """(name, fn, settings): the Triton path once per BLOCK_T asked for (else at the module's own)."""
-    for name, fn in named.items():
-        if name == "triton" and block_ts:
-            for bt in block_ts:
-                yield f"triton, BLOCK_T {bt}", fn, dict(BLOCK_T=bt)
-        else:
-            yield name, fn, {}
-
-
 def rows_for(batch: int, seq_len: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype, momentum_gamma: float,
              momentum_first: str, steps: int = 20, block_ts: list[int] | None = None) -> list[dict]:
     """One result per path for one layer's q and k: forward ms, forward + backward ms, peak MiB above
@@ -61,7 +52,8 @@ def rows_for(batch: int, seq_len: int, heads: int, kv_heads: int, d: int, dtype:
     rope = rope_cache(d, seq_len, 10_000.0, device="cuda")
     problems = (inputs(batch, seq_len, heads, d, dtype), inputs(batch, seq_len, kv_heads, d, dtype, seed=1))
     results, baseline = [], None
-    for name, fn, settings in _launches(paths(rope, momentum_gamma, momentum_first), block_ts):
+    sweep = [dict(BLOCK_T=bt) for bt in block_ts or []]
+    for name, fn, settings in launches(paths(rope, momentum_gamma, momentum_first), sweep):
         def forward(fn=fn):
             with torch.no_grad():
                 return [fn(*leaves) for leaves, _ in problems]
@@ -79,7 +71,11 @@ def rows_for(batch: int, seq_len: int, heads: int, kv_heads: int, d: int, dtype:
             fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
         if baseline is None:
             baseline = (out, dq)
-        results.append(dict(path=name, block_t=settings.get("BLOCK_T", qp.BLOCK_T), batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, d=d,
+        launch = {}
+        if name.startswith("triton"):
+            with module_settings(qp, **settings):  # as launched: at most T's power of two
+                launch = dict(block_t=qp._grid(problems[0][0][0])[1])
+        results.append(dict(path=name, **launch, batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, d=d,
                             dtype=str(dtype).removeprefix("torch."), momentum_gamma=momentum_gamma,
                             momentum_first=momentum_first, fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,
                             rel_diff_out=relative_diff(out, baseline[0]),

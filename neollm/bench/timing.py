@@ -3,8 +3,6 @@ loss.py, polynorm.py, qk_path.py, epilogue.py)."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 
 import torch
 
@@ -41,24 +39,3 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
 
-
-@contextlib.contextmanager
-def module_settings(module, **values):
-    """Set a kernel module's launch constants (e.g. ``BLOCK_T=64``) for a measurement, forward and backward
-    alike (both read them at launch), and restore them after."""
-    old = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(module, name, value)
-
-
-def power_of_two_list(text: str) -> list[int]:
-    """``"16,32,64"`` -> [16, 32, 64] (a kernel's launch sizes to sweep): argparse's ``type=`` for such flags."""
-    sizes = [int(v) for v in text.split(",") if v.strip().isdigit()]
-    if not sizes or len(sizes) != len(text.split(",")) or any(v < 1 or v & (v - 1) for v in sizes):
-        raise argparse.ArgumentTypeError(f"want powers of two separated by commas (e.g. 16,32,64), got {text!r}")
-    return sizes

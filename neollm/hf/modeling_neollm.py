@@ -23,14 +23,36 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import logging as hf_logging
 
 from neollm.checkpoint import shape_mismatches
-from neollm.hf.weights import fit_older_layouts, read_hf_state_dict, stored_shapes
+from neollm.hf.weights import read_stored, stored_shapes
 from neollm.model.model import NeoLLM
 
 from .configuration_neollm import NeoLLMConfig
+
+
+def _older_layout_names(path, kwargs: dict) -> tuple[Path, list[str]] | None:
+    """(folder, names) of the parameters a local export stores in an older layout, when every other one fits
+    (else None: transformers reports what does not fit, and hub ids, variants and other files are its own)."""
+    if path is None or kwargs.get("variant") or kwargs.get("state_dict") is not None:
+        return None
+    folder = Path(path) / kwargs.get("subfolder", "")
+    config = kwargs.get("config")
+    if not (folder / "config.json").is_file() and not isinstance(config, NeoLLMConfig):
+        return None
+    try:
+        stored = stored_shapes(folder)
+    except FileNotFoundError:
+        return None
+    if not isinstance(config, NeoLLMConfig):
+        config = NeoLLMConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        expected = {f"model.{k}": tuple(v.shape) for k, v in NeoLLM(config.to_model_args()).state_dict().items()}
+    missing, wrong, older = shape_mismatches(expected, stored)
+    return (folder, older) if older and not (missing or wrong) else None
 
 
 class NeoLLMPreTrainedModel(PreTrainedModel):
@@ -43,24 +65,29 @@ class NeoLLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' loader, except that a local export holding a parameter in an older layout (one a
-        reshape loads: neollm/hf/weights.py) is read here and handed over reshaped, as ``state_dict`` with
-        its config (transformers takes a state dict only without a folder) and its generation config."""
-        folder = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
-        if kwargs.get("state_dict") is not None or folder is None or not (folder / "config.json").is_file():
+        """transformers' loader. A local export holding parameters in an older layout (one a reshape loads:
+        neollm/hf/weights.py) loads with transformers told to leave those parameters alone (as mismatched),
+        which are then filled from the file, reshaped. The Auto classes run the export's own copy of this
+        file: an export written before such a change loads through this class
+        (``neollm.hf.NeoLLMForCausalLM.from_pretrained``), or by the Auto classes once the installed package's
+        neollm/hf/modeling_neollm.py is copied over the folder's."""
+        found = _older_layout_names(pretrained_model_name_or_path, kwargs)
+        if found is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        config = kwargs.get("config")
-        if not isinstance(config, NeoLLMConfig):
-            config = NeoLLMConfig.from_pretrained(str(folder))
-        with torch.device("meta"):
-            expected = {f"model.{k}": tuple(v.shape) for k, v in NeoLLM(config.to_model_args()).state_dict().items()}
-        if not shape_mismatches(expected, stored_shapes(folder))[2]:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        kwargs.update(config=config, state_dict=fit_older_layouts(read_hf_state_dict(folder), expected))
-        model = super().from_pretrained(None, *model_args, **kwargs)
-        if (folder / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(str(folder))
-        return model
+        folder, names = found
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "newly initialized, shapes did not match" report: filled below
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                             **{**kwargs, "ignore_mismatched_sizes": True})
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        with torch.no_grad():
+            for name, tensor in read_stored(folder, names).items():
+                param = model.get_parameter(name)
+                param.copy_(tensor.reshape(param.shape))
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

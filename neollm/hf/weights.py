@@ -48,6 +48,17 @@ def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def read_stored(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Only the named weights of an exported folder."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k in names})
+    return out
+
+
 def fit_older_layouts(sd: dict[str, torch.Tensor], expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """``sd`` with each parameter stored in an older layout of its ``expected`` shape reshaped to it."""
     _, _, older = shape_mismatches(expected, {k: tuple(v.shape) for k, v in sd.items()})

@@ -322,7 +322,8 @@ def backward_kernel(y, v, u, route_logits, gate_logits, d_out, eps: float):
     parts = None if u is None else torch.empty(grid[0], *u.shape, device=y.device, dtype=torch.float32)
     if dy.numel():
         _backward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), d_out,
-                               dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps, num_warps=NUM_WARPS, **meta)
+                               dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps,
+                               num_warps=NUM_WARPS, **meta)
     du = None if u is None else parts.sum(0)
     return dy, dv, du, dz, dg
 

@@ -21,7 +21,8 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   ``P_ij X_j`` as soon as that block's program publishes ``X_j`` (a flag per block, acquire/release),
   so a head's blocks overlap: at micro-batch 8 the walk has only 32 programs for an H100's 132 SMs.
 * backward, ``dkr = (dS + dS^T) kr / sqrt(d)`` with ``dS = -(dV X^T) * P`` on the strict lower
-  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics; its own, larger tiles: KEY_GRAD_*).
+  triangle (``_key_grad_kernel``, one program per (batch, head, row block), no atomics; its own, larger
+  tiles: KEY_GRAD_*).
 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is applied as ``D_i^-1``, which
 ``_diagonal_inverse_kernel`` computes for all blocks in parallel first (``DIAGONAL = "inverse"``, the
@@ -63,7 +64,6 @@ from neollm.kernels.triton_support import unavailable_reason
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover - Triton ships with CUDA torch builds
     triton = None
 
@@ -528,18 +528,27 @@ def key_grad(kr: torch.Tensor, x: torch.Tensor, dv: torch.Tensor, *, dots: str |
         return dk
     args = (kr, *ks, x, dv, dk, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d))
     consts = dict(DOTS=_dots(dots), BD=max(16, triton.next_power_of_2(d)))
+    asked = any(v is not None for v in (block_rows, block_cols, num_warps, num_stages))
+    key = (kr.device, consts["BD"], consts["DOTS"])
+    if not asked and key in _KEY_GRAD_TOO_LARGE:
+        launch = dict(BR=BLOCK_ROWS, BC=BLOCK_COLS, num_warps=NUM_WARPS)
     try:
         _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](*args, **consts, **launch)
-    except OutOfResources as error:
-        if any(v is not None for v in (block_rows, block_cols, num_warps, num_stages)):
+    except triton.runtime.errors.OutOfResources as error:
+        if asked or key in _KEY_GRAD_TOO_LARGE:
             raise  # a launch asked for (the bench's sweep) is reported, not replaced
-        # KEY_GRAD_*'s tiles were timed on an H100 (227 KB of shared memory a block); a GPU with less (a
-        # consumer card's ~100 KB) or a larger head dim runs the substitutions' smaller tiles
+        # KEY_GRAD_*'s tiles were timed on an H100 (227 KiB of shared memory a block); a GPU with less (a
+        # consumer card's ~100 KiB) or a larger head dim runs the substitutions' smaller tiles from now on
+        _KEY_GRAD_TOO_LARGE.add(key)
         warnings.warn(f"LUCID's key gradient: {error}; running the smaller tiles {BLOCK_ROWS} / {BLOCK_COLS} / "
                       f"{NUM_WARPS} warps instead of KEY_GRAD_* (slower, same result)", stacklevel=2)
         launch = dict(BR=BLOCK_ROWS, BC=BLOCK_COLS, num_warps=NUM_WARPS)
         _key_grad_kernel[(b * h, triton.cdiv(t, launch["BR"]))](*args, **consts, **launch)
     return dk
+
+
+# (device, padded head dim, products) where KEY_GRAD_*'s tiles did not fit: the smaller ones run there directly
+_KEY_GRAD_TOO_LARGE: set[tuple] = set()
 
 
 def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
