@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from neollm.bench.timing import power_of_two_list
+from neollm.bench.launch_sweep import power_of_two_list
 
 
 def main(argv: list[str] | None = None) -> int:
