@@ -690,3 +690,36 @@ def test_the_docs_variant_files_build_what_they_say():
                      "author_mlp": {"ffn_fan_ratio", "mlp_type", "learnable_multipliers"}}
     for name in ("ffn_fan_simplegpt", "author_mlp"):  # at neollm_135m's values
         assert built[("pairs_10m", name)].ffn_fan_ratio == FLAVORS["neollm_135m"].ffn_fan_ratio
+
+
+def test_a_grid_reread_against_another_variant(tmp_path):
+    """neollm.ablation.report --reference: the committed stack grid judged against its three-seed
+    add_one_helpers instead of neollm_135m: deltas are differences of means, the noise comes from the new
+    reference's seeds, and an unknown variant is refused by name."""
+    import statistics
+
+    from neollm.ablation import report
+
+    folder = REPO / "docs" / "ablations" / "stack_10m"
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    loss = {}
+    for r in runs:
+        loss.setdefault(r["variant"].get("group") or r["variant"]["name"], []).append(r["final_val_loss"])
+    report.rereference(folder, "add_one_helpers", tmp_path / "re")
+    data = json.loads((tmp_path / "re" / "results.json").read_text())
+    assert data["reference"]["reference_mean"] == pytest.approx(statistics.fmean(loss["add_one_helpers"]))
+    assert data["reference"]["sd"] == pytest.approx(statistics.stdev(loss["add_one_helpers"]))
+    verdicts = data["verdicts"]
+    assert "add_one_helpers" not in verdicts and set(verdicts) == set(loss) - {"add_one_helpers"}
+    for name, v in verdicts.items():
+        assert v["delta"] == pytest.approx(statistics.fmean(loss[name]) - statistics.fmean(loss["add_one_helpers"]))
+    assert verdicts["base"]["runs"] == 3 and verdicts["base"]["quality"] == "hurts"
+    assert "add_one_helpers (re-read from" in (tmp_path / "re" / "results.md").read_text()
+    with pytest.raises(ValueError, match="no variant 'nope' to take as the reference"):
+        report.rereference(folder, "nope", tmp_path / "x")
+    # the committed re-readings are what the tool writes from the committed grid
+    for ref in ("add_one_helpers", "no_simplegpt"):
+        report.rereference(folder, ref, tmp_path / ref)
+        committed = json.loads((folder / f"vs_{ref}" / "results.json").read_text())
+        fresh = json.loads((tmp_path / ref / "results.json").read_text())
+        assert committed["verdicts"] == fresh["verdicts"], ref

@@ -327,6 +327,23 @@ def rejudge(folder: Path) -> list[Path]:
     return write_report(folder, data["header"], _recorded_runs(data), data.get("missing", []))
 
 
+def rereference(folder: Path, name: str, out: Path) -> list[Path]:
+    """A grid's report re-read against another of its variants (``name``, e.g. one with three seeds) as the
+    reference, written under ``out`` from ``folder``'s results.json alone: the deltas between two
+    variants by the same noise rule, without retraining."""
+    folder, out = Path(folder), Path(out)
+    data = json.loads((folder / "results.json").read_text())
+    runs = _recorded_runs(data)
+    groups = {r["variant"].get("group") or r["variant"]["name"] for r in runs}
+    if name not in groups:
+        raise ValueError(f"{folder}: no variant {name!r} to take as the reference; variants: {sorted(groups)}")
+    for run in runs:
+        run["variant"] = {**run["variant"], "reference": (run["variant"].get("group") or run["variant"]["name"]) == name}
+    out.mkdir(parents=True, exist_ok=True)
+    header = {**data["header"], "reference variant": f"{name} (re-read from {folder}/results.json)"}
+    return write_report(out, header, runs, data.get("missing", []))
+
+
 def _recorded_runs(data: dict) -> list[dict]:
     """A results.json's runs without their verdict fields; runs written before the report recorded
     GPU sharing take it from the header's "runs at once"."""
@@ -343,7 +360,21 @@ def _recorded_runs(data: dict) -> list[dict]:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m neollm.ablation.report FOLDER [FOLDER...]  (rewrites each results.md/json)")
-    for name in sys.argv[1:]:
-        print("\n".join(str(p) for p in rejudge(Path(name))))
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m neollm.ablation.report",
+        description="Rewrite each grid's results.md/json and plots from its results.json; with --reference, "
+                    "write one grid's report against another of its variants into --out instead.")
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--reference", metavar="VARIANT", help="the variant to compare the others against")
+    parser.add_argument("--out", type=Path, help="where the re-referenced report goes (with --reference)")
+    args = parser.parse_args()
+    if args.reference and (args.out is None or len(args.folders) != 1):
+        parser.error("--reference takes one grid folder and an --out folder")
+    try:
+        for folder in args.folders:
+            written = rereference(folder, args.reference, args.out) if args.reference else rejudge(folder)
+            print("\n".join(str(p) for p in written))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
