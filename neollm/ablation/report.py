@@ -95,7 +95,7 @@ def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} shared a GPU, so their tok/s are not their own speeds: "
                          "take the speeds from a grid run with --parallel 1")
-    refs = {r["variant"].get("group") or r["variant"]["name"] for r in runs if r["variant"]["reference"]}
+    refs = {_group(r) for r in runs if r["variant"]["reference"]}
     if len(refs) != 1:
         raise ValueError(f"{path}: no finished reference run to scale the others' speeds by")
 
@@ -111,10 +111,15 @@ def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
     return speeds, ref
 
 
+def _group(run: dict) -> str:
+    """The variant a run belongs to (seed repeats share it)."""
+    return run["variant"].get("group") or run["variant"]["name"]
+
+
 def _groups(results: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(r["variant"].get("group") or r["variant"]["name"], []).append(r)
+        groups.setdefault(_group(r), []).append(r)
     return groups
 
 
@@ -334,11 +339,11 @@ def rereference(folder: Path, name: str, out: Path) -> list[Path]:
     folder, out = Path(folder), Path(out)
     data = json.loads((folder / "results.json").read_text())
     runs = _recorded_runs(data)
-    groups = {r["variant"].get("group") or r["variant"]["name"] for r in runs}
+    groups = {_group(r) for r in runs}
     if name not in groups:
         raise ValueError(f"{folder}: no variant {name!r} to take as the reference; variants: {sorted(groups)}")
     for run in runs:
-        run["variant"] = {**run["variant"], "reference": (run["variant"].get("group") or run["variant"]["name"]) == name}
+        run["variant"] = {**run["variant"], "reference": _group(run) == name}
     out.mkdir(parents=True, exist_ok=True)
     header = {**data["header"], "reference variant": f"{name} (re-read from {folder}/results.json)"}
     return write_report(out, header, runs, data.get("missing", []))
@@ -358,9 +363,8 @@ def _recorded_runs(data: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m neollm.ablation.report",

@@ -69,12 +69,9 @@ def rows_for(tokens: int, heads: int, kv_heads: int, head_dim: int, directions: 
         with module_settings(ep, **settings):
             out, grads = step()
             fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
+            launch = dict(block_n=ep.BLOCK_N, num_warps=ep.NUM_WARPS) if name.startswith("triton") else {}
         if baseline is None:
             baseline = (out, grads[0])
-        launch = {}
-        if name.startswith("triton"):
-            with module_settings(ep, **settings):
-                launch = dict(block_n=ep.BLOCK_N, num_warps=ep.NUM_WARPS)
         results.append(dict(path=name, **launch, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                             directions=directions, dtype=str(dtype).removeprefix("torch."),
                             fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,

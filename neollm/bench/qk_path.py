@@ -69,12 +69,10 @@ def rows_for(batch: int, seq_len: int, heads: int, kv_heads: int, d: int, dtype:
         with module_settings(qp, **settings):
             out, dq = step()
             fwd_ms, step_ms, peak = forward_backward_costs(forward, step, steps)
+            # as launched: at most T's power of two
+            launch = dict(block_t=qp._grid(problems[0][0][0])[1]) if name.startswith("triton") else {}
         if baseline is None:
             baseline = (out, dq)
-        launch = {}
-        if name.startswith("triton"):
-            with module_settings(qp, **settings):  # as launched: at most T's power of two
-                launch = dict(block_t=qp._grid(problems[0][0][0])[1])
         results.append(dict(path=name, **launch, batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, d=d,
                             dtype=str(dtype).removeprefix("torch."), momentum_gamma=momentum_gamma,
                             momentum_first=momentum_first, fwd_ms=fwd_ms, fwd_bwd_ms=step_ms, peak_mib=peak,

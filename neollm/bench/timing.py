@@ -3,7 +3,6 @@ loss.py, polynorm.py, qk_path.py, epilogue.py)."""
 
 from __future__ import annotations
 
-
 import torch
 
 
@@ -38,4 +37,3 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS difference ``||a - b|| / ||b||``, in fp64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
-

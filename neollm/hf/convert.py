@@ -25,7 +25,8 @@ import torch
 
 from neollm.hf.configuration_neollm import REQUIREMENT, NeoLLMConfig
 from neollm.hf.modeling_neollm import NeoLLMForCausalLM
-from neollm.hf.weights import fit_older_layouts, read_hf_state_dict
+from neollm.checkpoint import shape_mismatches
+from neollm.hf.weights import read_hf_state_dict
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.model import NeoLLM
 
@@ -110,14 +111,12 @@ def hf_to_neollm_state_dict(folder: str | Path) -> tuple[NeoLLMModelArgs, dict[s
     sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
     with torch.device("meta"):
         expected = {k: v.shape for k, v in NeoLLM(args).state_dict().items()}
-    sd = fit_older_layouts(sd, expected)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v)}" for k, v in expected.items()
-             if k in sd and sd[k].shape != v]
+    missing, wrong, older = shape_mismatches(expected, {k: v.shape for k, v in sd.items()})
+    unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected or wrong:
         raise ValueError(f"{folder}'s weights do not fit its config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-    return args, {k: sd[k] for k in expected}
+    return args, {k: sd[k].reshape(expected[k]) if k in older else sd[k] for k in expected}
 
 
 def hf_to_dcp(folder: str | Path, out: str | Path, step: int = 0,

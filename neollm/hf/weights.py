@@ -1,9 +1,9 @@
-"""An exported folder's safetensors weights, read back, with older layouts fitted to today's model.
+"""An exported folder's safetensors weights read back: all of them, only their shapes, or only some.
 
 Both loaders of an export use it: ``NeoLLMForCausalLM.from_pretrained`` (transformers) and
-``hf_to_neollm_state_dict`` (tools/convert_from_hf.py). A parameter stored in an older layout that a
-reshape loads (neollm.checkpoint: MEA's GroupNorm affine, [Hkv, d] before commit 4ab54bb) is reshaped,
-so an export written before a layout change keeps loading.
+``hf_to_neollm_state_dict`` (tools/convert_from_hf.py), which reshape a parameter stored in an older layout
+(neollm.checkpoint.shape_mismatches: MEA's GroupNorm affine, [Hkv, d] before commit 4ab54bb), so an export
+written before a layout change keeps loading.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-
-from neollm.checkpoint import shape_mismatches
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -58,8 +56,3 @@ def read_stored(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]
             out.update({k: f.get_tensor(k) for k in f.keys() if k in names})
     return out
 
-
-def fit_older_layouts(sd: dict[str, torch.Tensor], expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """``sd`` with each parameter stored in an older layout of its ``expected`` shape reshaped to it."""
-    _, _, older = shape_mismatches(expected, {k: tuple(v.shape) for k, v in sd.items()})
-    return {k: v.reshape(expected[k]) if k in older else v for k, v in sd.items()}
