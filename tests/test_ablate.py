@@ -336,6 +336,28 @@ def test_within_noise_verdicts_say_how_many_seeds_would_resolve_them(tmp_path):
            "+0.020\n" in (tmp_path / "r.md").read_text()
 
 
+def test_an_equal_time_report_names_runs_that_missed_the_references_seconds(tmp_path):
+    """An --equal-time grid takes its steps from another grid's speeds; a run that trained at another
+    speed here (52 s against 34) is named, one within the tolerance is not, and a grid at equal
+    tokens never gets the list."""
+    from neollm.ablation import report
+
+    def run(name, tokens, tps, reference=False, group=None):
+        return {"variant": {"name": name, "group": group or name, "reference": reference, "what": "", "seed": 0},
+                "params": 1, "tokens": tokens, "final_val_loss": 3.0, "best_val_loss": 3.0, "tps_median": tps,
+                "peak_memory_gib": 1.0, "val_curve": [[1, tokens, 3.0]]}
+
+    results = [run("base", 3400, 100.0, True), run("base@seed1", 3400, 100.0, True, "base"),
+               run("slowed", 5200, 100.0), run("on_time", 3600, 100.0)]
+    assert report.off_equal_time(results) == [("slowed", 52.0, 34.0)]
+    sig = report.significance(results)
+    report.write_markdown(tmp_path / "t.md", {"equal time": "from another grid"}, results, sig, [])
+    text = (tmp_path / "t.md").read_text()
+    assert "- slowed: 52 s against 34 s (1.53x)" in text and " s against " not in text.replace("- slowed: 52 s against", "")
+    report.write_markdown(tmp_path / "e.md", {}, results, sig, [])
+    assert "Off equal time" not in (tmp_path / "e.md").read_text()
+
+
 def test_bad_requests_are_one_clear_error(ablate, tmp_path, capsys):
     from neollm.errors import ConfigError
 

@@ -31,7 +31,8 @@ RULE = ("noise rule: s = standard deviation of the reference's final val loss ov
 TIME_RULE = ("time rule: training seconds = tokens / tok/s (compile and validation excluded); "
              "delta at equal time = variant minus reference validation loss at the shorter run's "
              "training time (linear interpolation on each curve), judged by the same threshold; the "
-             "slower run is then compared before its LR schedule ends, which favours the faster one")
+             "slower run is then compared mid-schedule, which is not where a whole schedule of that length "
+             "ends (at these budgets mid-schedule was lower: docs/ablations.md); --equal-time trains whole schedules")
 
 
 def summarize(dump: Path) -> dict:
@@ -189,6 +190,26 @@ def _resolve_hint(verdict: dict) -> str:
             else f"; a delta of {verdict['delta']:+.3f} is below what 64 seeds a side resolve")
 
 
+EQUAL_TIME_TOLERANCE = 0.10
+
+
+def off_equal_time(results: list[dict]) -> list[tuple[str, float, float]]:
+    """Runs of an --equal-time grid whose training seconds (tokens / tok/s) miss the reference's mean by
+    more than EQUAL_TIME_TOLERANCE: (name, seconds, reference seconds). The steps came from another
+    grid's speeds; a run slowed here (a busy host, another kernel choice) breaks the premise silently."""
+    def seconds(r: dict) -> float | None:
+        tps = run_tps(r)
+        return r["tokens"] / tps if tps else None
+
+    ref = [s for r in results if r["variant"].get("reference") and (s := seconds(r))]
+    if not ref:
+        return []
+    mean = statistics.mean(ref)
+    return [(r["variant"]["name"], s, mean) for r in results
+            if not r["variant"].get("reference") and (s := seconds(r))
+            and abs(s / mean - 1) > EQUAL_TIME_TOLERANCE]
+
+
 def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, missing: list[str]) -> None:
     lines = ["# Ablation results", ""]
     equal_time = "equal time" in header  # an --equal-time grid: each variant the reference's seconds, whole schedules
@@ -228,6 +249,12 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
                 f"{_fmt(v['delta_equal_time'], '+.4f')} ({_fmt(v['equal_time_s'], ',.0f')}) | {v['time']} |")
         lines += ["", "One line per technique:", ""] + [f"- {v['reading']}" + _resolve_hint(v)
                                                        for v in sig["verdicts"].values()]
+    if equal_time and (off := off_equal_time(results)):
+        lines += ["", "Off equal time (training seconds more than "
+                  f"{EQUAL_TIME_TOLERANCE:.0%} from the reference's mean: this run's speed is not the one the "
+                  "source grid measured, so its steps do not fill the reference's seconds; the delta at whole "
+                  "schedules still compares the planned steps):", ""]
+        lines += [f"- {name}: {s:,.0f} s against {ref:,.0f} s ({s / ref:.2f}x)" for name, s, ref in off]
     if missing:
         lines += ["", f"Not finished yet (rerun the same command to continue): {', '.join(missing)}"]
     lines += ["", "Plots: val_loss.png (validation loss vs tokens), val_loss_time.png (vs training seconds), "
