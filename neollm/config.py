@@ -72,6 +72,10 @@ class Optimizer:
     """Conda: the author's Conda_optimizer.py by commit date: "2025-10-26" (first, 'std') or "2026-04-16"
     (latest: m/v bias correction, U for square matrices, cautious weight decay before the step)."""
 
+    conda_precision: str = "ieee"
+    """Conda: the projections' fp32 matmuls on a GPU: "ieee" (the reference's) or "tf32" (tensor cores,
+    ~1e-3 relative error in the update, a faster step; neollm/optim/conda.py)."""
+
 
 @dataclass
 class LRScheduler:

@@ -184,6 +184,66 @@ def test_conda_rejects_an_unknown_version():
         build_neollm_optimizers([Small()], _config("Conda", conda_version="2027"), parallel_dims=None)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_conda_tf32_products_are_set_around_the_projections_only(monkeypatch, foreach):
+    """precision="tf32": the projections run with cuBLAS's fp32 matmuls in TF32, the SVD that builds the
+    basis in IEEE, and the caller's setting is back after the step (compiled model code guards on it).
+    On a CPU the flag changes no arithmetic: the step equals the IEEE one bit for bit."""
+    import neollm.optim.conda as conda
+
+    matmul = torch.backends.cuda.matmul
+    seen = {"svd": set(), "projection": set()}
+    svd, local, batched = torch.linalg.svd, conda.Conda._direction_local, conda.Conda._batched_directions
+
+    def spy_svd(*args, **kwargs):
+        seen["svd"].add(matmul.fp32_precision)
+        return svd(*args, **kwargs)
+
+    def spy_local(*args, **kwargs):
+        seen["projection"].add(matmul.fp32_precision)
+        return local(*args, **kwargs)
+
+    def spy_batched(*args, **kwargs):
+        seen["projection"].add(matmul.fp32_precision)
+        return batched(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy_svd)
+    monkeypatch.setattr(conda.Conda, "_direction_local", staticmethod(spy_local))
+    monkeypatch.setattr(conda.Conda, "_batched_directions", staticmethod(spy_batched))
+    before, matmul.fp32_precision = matmul.fp32_precision, "none"
+    results = {}
+    try:
+        for precision in ("ieee", "tf32"):
+            seen["svd"].clear(), seen["projection"].clear()
+            init, _, _, params = _run_single(lambda ps: Conda(ps, lr=1.0, update_proj_gap=3, foreach=foreach,
+                                                              precision=precision), steps=4)
+            assert seen == {"svd": {"ieee"}, "projection": {precision}}
+            assert matmul.fp32_precision == "none"
+            results[precision] = [p.detach() for p in params]
+    finally:
+        matmul.fp32_precision = before
+    for a, b in zip(*results.values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ieee, tf32"):
+        Conda([nn.Parameter(torch.zeros(2, 2))], precision="bf16")
+
+
+def test_conda_precision_reaches_the_optimizer_from_the_config():
+    from neollm.errors import ConfigError
+
+    optimizers = build_neollm_optimizers([Small()], _config("Conda", conda_precision="tf32"), parallel_dims=None)
+    assert {opt.precision for opt in optimizers.optimizers} == {"tf32"}
+    default = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
+    assert {opt.precision for opt in default.optimizers} == {"ieee"}
+    import neollm  # noqa: F401  (registers the config's NeoLLM sections)
+    from neollm.config_check import check_ranges, parse_config
+
+    job = parse_config(["--job.config_file", "train_configs/debug.toml", "--optimizer.name", "Conda",
+                        "--optimizer.conda_precision", "tf16"])
+    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose 'ieee' or 'tf32'"):
+        check_ranges(job)
+
+
 def test_conda_batched_step_equals_per_tensor_step_with_lagging_tensors():
     """Tensors without a gradient at some steps fall behind in step count: the batched step buckets
     them by step and still equals the per-tensor step."""

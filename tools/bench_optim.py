@@ -3,9 +3,11 @@
 The model's parameters (fp32, on the device) get random gradients; each optimizer is built with
 NeoLLM's parameter groups (no decay on norms, gains, biases) and stepped ``--steps`` times after
 ``--warmup``. Conda recomputes each matrix's SVD basis every ``update_proj_gap`` steps: its table
-shows a plain step and a step that refreshes the bases separately.
+shows a plain step and a step that refreshes the bases separately, and its batched step with the
+projections' products in TF32 (``[optimizer] conda_precision = "tf32"``). ``--vocab`` sets the
+embedding's rows (the ablation TOML trains 64,402; the flavors' default is Qwen3's full vocabulary).
 
-    python tools/bench_optim.py --flavor neollm_135m
+    python tools/bench_optim.py --flavor neollm_135m --vocab 64402 --json benchmarks/optim.json
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
 import neollm  # noqa: F401
@@ -24,6 +28,7 @@ from neollm.model.model import NeoLLM
 from neollm.optim.ademamix import AdEMAMix
 from neollm.optim.conda import Conda
 from neollm.optim.param_groups import build_param_groups
+from neollm.provenance import record
 
 
 def candidates(device: torch.device) -> dict:
@@ -35,6 +40,8 @@ def candidates(device: torch.device) -> dict:
                                                   t_alpha=5000, t_beta3=5000, foreach=True),
         # the two step paths named explicitly: the default batches on CUDA only
         "Conda batched (foreach, no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=True),
+        "Conda batched, TF32 products (no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=True,
+                                                                 precision="tf32"),
         "Conda per tensor (for-loop, no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=False),
         "Conda (SVD refresh every step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1),
     }
@@ -55,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flavor", default="neollm_135m", choices=sorted(FLAVORS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--vocab", type=int, help="embedding rows (default: the flavor's vocabulary)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     opts = p.parse_args(argv)
     device = torch.device(opts.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.device("meta"):
-        model = NeoLLM(FLAVORS[opts.flavor])
+        args = FLAVORS[opts.flavor]
+        model = NeoLLM(dataclasses.replace(args, vocab_size=opts.vocab) if opts.vocab else args)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
@@ -81,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {ms:.2f} |", flush=True)
         del optimizer
     if opts.json:
-        opts.json.write_text(json.dumps(rows, indent=2))
+        opts.json.write_text(json.dumps(dict(record(), flavor=opts.flavor, parameters=total,
+                                             command="python tools/bench_optim.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                             rows=rows), indent=2))
     return 0
 
 

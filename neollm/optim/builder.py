@@ -7,7 +7,7 @@ Differences from torchtitan's ``build_optimizers``:
   one group and so also decays norm gains, biases and scalar technique parameters (pulling
   e.g. RMSNorm gains towards 0): a known deficiency this builder fixes for AdamW too;
 * ``[optimizer] name`` may also be "AdEMAMix" (extra keys beta3, alpha, t_alpha, t_beta3) or
-  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias, conda_version); see neollm/config.py.
+  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias, conda_version, conda_precision); see neollm/config.py.
 
 The container is a torchtitan ``OptimizersContainer`` (one optimizer per model part), so
 checkpointing (DCP ``get/set_optimizer_state_dict``, flattened) and the LR schedulers work
@@ -89,6 +89,7 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
             "version": _conda_version(config),
+            "precision": getattr(config, "conda_precision", "ieee"),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }
