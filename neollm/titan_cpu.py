@@ -84,7 +84,33 @@ def patch_torchtitan_for_cpu() -> None:
             module.device_module = device_module
     # DeviceMemoryMonitor's default argument was bound to "cuda:0" at import.
     tt_metrics.DeviceMemoryMonitor.__init__.__defaults__ = ("cpu",)
+    tt_profiling.torch = _torch_with_cpu_profiler()
     _patched = True
+
+
+class _Delegate(types.ModuleType):
+    """A module that answers every attribute it lacks from ``target``."""
+
+    def __init__(self, target: types.ModuleType) -> None:
+        super().__init__(target.__name__)
+        self._target = target
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+
+def _torch_with_cpu_profiler() -> types.ModuleType:
+    """``torch`` as torchtitan's [profiling] sees it on the CPU: it asks for [CPU, the GPU's activity],
+    the second None without a GPU, which torch.profiler refuses; this profiler drops the None."""
+    profiler = _Delegate(torch.profiler)
+
+    def profile(*args, activities=None, **kwargs):
+        return torch.profiler.profile(*args, activities=[a for a in activities or () if a is not None], **kwargs)
+
+    profiler.profile = profile
+    shim = _Delegate(torch)
+    shim.profiler = profiler
+    return shim
 
 
 def force_sum_reduction(model: nn.Module) -> None:

@@ -42,6 +42,40 @@ def test_first_step_seconds_from_step_one_throughput():
     assert first_step_seconds({"throughput(tps)": {10: 2e5}}, 32768) is None
 
 
+def test_a_trace_says_where_a_steps_time_goes():
+    """neollm/bench/trace.py on a hand-made trace of two 10 ms steps: kernels on two streams overlapping
+    (counted once), a memcpy, the optimizer's kernels found through their launches' correlation ids
+    (a runtime launch and a driver launch, as Triton's), and the top kernels per step."""
+    from neollm.bench import trace
+
+    def span(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [span("user_annotation", "ProfilerStep#5", 0, 10_000), span("user_annotation", "ProfilerStep#6", 10_000, 10_000)]
+    for base in (0, 10_000):
+        events += [
+            span("kernel", "gemm", base + 1_000, 4_000, correlation=base + 1),
+            span("kernel", "rmsnorm", base + 3_000, 1_000, correlation=base + 2),  # inside gemm's interval
+            span("gpu_memcpy", "Memcpy HtoD", base + 5_000, 500, correlation=base + 3),
+            span("user_annotation", "Optimizer.step#Conda.step", base + 6_000, 3_000),
+            span("cuda_runtime", "cudaLaunchKernel", base + 6_100, 10, correlation=base + 4),
+            span("cuda_driver", "cuLaunchKernel", base + 6_200, 10, correlation=base + 5),
+            span("cuda_runtime", "cudaLaunchKernel", base + 500, 10, correlation=base + 1),
+            span("kernel", "adam_foreach", base + 6_300, 800, correlation=base + 4),
+            span("kernel", "triton_proj", base + 7_200, 1_200, correlation=base + 5),
+        ]
+    events.append({"ph": "i", "cat": "kernel", "name": "marker", "ts": 0})  # not a complete event: ignored
+    s = trace.summarize([e for e in events if e.get("ph") == "X"], top=2)
+    assert s["steps"] == 2 and s["wall_ms"] == 10.0
+    assert s["gpu_busy_ms"] == 4.0 + 0.5 + 0.8 + 1.2 and s["gpu_idle_ms"] == 10.0 - 6.5
+    assert s["gpu_kernels_per_step"] == 5 and s["optimizer_host_ms"] == 3.0 and s["optimizer_gpu_ms"] == 2.0
+    assert [(k["name"], k["calls_per_step"], k["ms_per_step"]) for k in s["top_kernels"]] == [
+        ("gemm", 1, 4.0), ("triton_proj", 1, 1.2)]
+    assert "GPU busy 6.50 ms (65%)" in trace.text(s)
+    with pytest.raises(ValueError, match="no ProfilerStep# spans"):
+        trace.summarize(events[2:])
+
+
 def test_steady_state_leaves_out_the_warm_up_steps():
     from neollm.bench.trainer import steady_state  # tools/bench_trainer.py's reading of metrics.jsonl
 
@@ -50,6 +84,7 @@ def test_steady_state_leaves_out_the_warm_up_steps():
     assert steady_state(metrics, skip=2) == (110.0, 2.0, 2)
     with pytest.raises(RuntimeError, match="no throughput after step 6"):
         steady_state(metrics, skip=6)
+    assert steady_state(metrics, skip=2, until=5) == (100.0, 2.0, 1)  # --profile: the last intervals left out
 
 
 @pytest.mark.slow
@@ -57,7 +92,7 @@ def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path
     require_prepared_assets()
     out = tmp_path / "trainer.json"
     assert load_tool("bench_trainer").main([
-        "--config", "train_configs/debug.toml", "--steps", "4", "--log-freq", "2", "--skip", "2",
+        "--config", "train_configs/debug.toml", "--steps", "8", "--log-freq", "2", "--skip", "2", "--profile",
         "--bench-steps", "1", "--bench-warmup", "1", "--out", str(out), "--",
         "--training.seq_len", "32", "--training.global_batch_size", "1",
         "--training.local_batch_size", "1"]) == 0
@@ -67,8 +102,12 @@ def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path
     assert set(rows) == {"trainer", "bench"}
     for row in rows.values():
         assert row["name"] == "debug" and row["tok_per_s"] > 0 and row["local_batch_size"] == 1
-    assert rows["trainer"]["intervals"] == 1 and rows["trainer"]["peak_gib"] >= 0
+    assert rows["trainer"]["intervals"] == 1 and rows["trainer"]["peak_gib"] >= 0  # steps 3-4; 6-8 profiled
     assert rows["trainer"]["first_step_s"] > 0 and rows["bench"]["first_step_s"] > 0
+    # --profile: torch.profiler's two active steps, the optimizer's annotation found (no GPU: no kernels)
+    profile = rows["trainer"]["profile"]
+    assert profile["steps"] == 2 and profile["wall_ms"] > 0 and profile["gpu_busy_ms"] == 0
+    assert 0 < profile["optimizer_host_ms"] < profile["wall_ms"]
 
 
 def test_bench_trainer_refuses_a_kept_folder_that_holds_a_run(tmp_path, capsys):

@@ -7,7 +7,9 @@ second per GPU) over the log intervals after the first ``--skip`` steps (compila
 times the number of GPUs; peak memory is the largest ``memory/max_active(GiB)``. Then runs
 ``tools/bench.py --json`` for the TOML's flavor at its local batch, seq_len, vocabulary, loss and
 compile settings. Writes JSON rows ``{name, source: "trainer" | "bench", tok_per_s, peak_gib, first_step_s}``
-with device, date and commit (neollm/provenance.py).
+with device, date and commit (neollm/provenance.py). ``--profile`` also records the run's last three steps with
+torch.profiler and adds where a step's time goes (wall, GPU busy and idle, the optimizer's host and GPU time, the
+top kernels: neollm/bench/trace.py) to the trainer's row; the mean tok/s then leaves those steps' intervals out.
 
     python tools/bench_trainer.py --config train_configs/neollm_135m.toml --steps 150 \\
         --out benchmarks/trainer_neollm_135m.json -- --training.dataset shards \\
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="", help="row name (default: the TOML's flavor)")
     p.add_argument("--out", type=Path, help="JSON file to write (e.g. benchmarks/trainer_<flavor>.json)")
     p.add_argument("--keep", type=Path, help="dump folder to keep (default: a temporary one)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the run's last 3 steps (torchtitan's [profiling]) and print where "
+                        "a step's time goes (neollm/bench/trace.py); tok/s leaves those steps' intervals out")
     p.add_argument("overrides", nargs="*", help="--section.key value overrides for the trainer (after --)")
     opts = p.parse_args(argv)
 

@@ -12,17 +12,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+from neollm.bench import trace
 from neollm.config_check import parse_config
 from neollm.errors import ConfigError
 from neollm.monitor import read_metrics_jsonl
 from neollm.provenance import REPO, record
 
 
-def steady_state(metrics: dict[str, dict[int, float]], skip: int) -> tuple[float, float, int]:
-    """(mean tok/s per GPU over the log steps after ``skip``, peak active GiB, intervals used)."""
-    tps = {s: v for s, v in metrics.get("throughput(tps)", {}).items() if s > skip}
+PROFILED_STEPS = 3  # torch.profiler's warm-up step and two active ones, the run's last
+
+
+def steady_state(metrics: dict[str, dict[int, float]], skip: int,
+                 until: int | None = None) -> tuple[float, float, int]:
+    """(mean tok/s per GPU over the log steps after ``skip`` and up to ``until``, peak active GiB,
+    intervals used)."""
+    tps = {s: v for s, v in metrics.get("throughput(tps)", {}).items() if s > skip and (until is None or s <= until)}
     if not tps:
-        raise RuntimeError(f"metrics.jsonl has no throughput after step {skip}: raise --steps or lower --skip")
+        raise RuntimeError(f"metrics.jsonl has no throughput after step {skip}"
+                           + (f" up to step {until} (the profiled steps left out)" if until is not None else "")
+                           + ": raise --steps or lower --skip")
     peaks = metrics.get("memory/max_active(GiB)", {}).values()
     return sum(tps.values()) / len(tps), max(peaks, default=float("nan")), len(tps)
 
@@ -44,6 +52,16 @@ def run_trainer(config: str, steps: int, log_freq: int, ngpu: int, overrides: li
     if result.returncode != 0:
         raise RuntimeError(f"the trainer failed (exit {result.returncode}): {' '.join(cmd)}")
     return dump / "metrics.jsonl"
+
+
+def profile_overrides(steps: int) -> list[str]:
+    """torchtitan's [profiling] for one trace of the run's last PROFILED_STEPS steps (its schedule waits
+    profile_freq - warm-up - active steps, then records; the trace is written at step profile_freq)."""
+    if steps < PROFILED_STEPS:
+        raise ConfigError(f"--profile needs --steps >= {PROFILED_STEPS}")
+    return ["--profiling.enable_profiling", "--profiling.save_traces_folder", "profile_traces",
+            "--profiling.profile_freq", str(steps), "--profiling.profiler_warmup", "1",
+            "--profiling.profiler_active", str(PROFILED_STEPS - 1)]
 
 
 def run_bench(job, flavor: str, steps: int, warmup: int, out: Path) -> list[dict]:
@@ -79,9 +97,10 @@ def measure(opts, command: str) -> dict:
         if (dump / "metrics.jsonl").exists():
             raise ConfigError(f"--keep {dump} already holds a run's metrics.jsonl, which this run would "
                               "append to: name a new folder or delete it")
-        metrics = read_metrics_jsonl(run_trainer(opts.config, opts.steps, opts.log_freq, opts.ngpu,
-                                                 opts.overrides, dump))
-        tps, peak, intervals = steady_state(metrics, skip)
+        profile = getattr(opts, "profile", False)
+        overrides = [*opts.overrides, *(profile_overrides(opts.steps) if profile else [])]
+        metrics = read_metrics_jsonl(run_trainer(opts.config, opts.steps, opts.log_freq, opts.ngpu, overrides, dump))
+        tps, peak, intervals = steady_state(metrics, skip, opts.steps - PROFILED_STEPS if profile else None)
         batch = job.training.global_batch_size
         batch = batch if batch > 0 else job.training.local_batch_size * opts.ngpu  # -1: one micro-batch per GPU
         step_tokens = batch * job.training.seq_len // opts.ngpu
@@ -90,6 +109,8 @@ def measure(opts, command: str) -> dict:
                      "first_step_s": None if first is None else round(first, 1),
                      "ngpu": opts.ngpu, "steps": opts.steps, "skipped_steps": skip, "intervals": intervals,
                      "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
+        if profile:
+            rows[-1]["profile"] = trace.summarize(trace.load_events(trace.latest_trace(dump / "profile_traces")))
         if not opts.no_bench:
             for r in run_bench(job, flavor, opts.bench_steps, opts.bench_warmup, Path(tmp) / "bench.json"):
                 rows.append({"name": name, "bench_label": r["name"], "source": "bench", "tok_per_s": r["tok_per_s"],
@@ -108,6 +129,7 @@ def summary(report: dict, ngpu: int) -> str:
         first = r.get("first_step_s")
         lines.append(f"| {r['name']} | {r['source']} | {r['ngpu']} | {r['tok_per_s']:,.0f} | {r['peak_gib']:.2f} | "
                      f"{'' if first is None else first} |")
+    lines += [trace.text(r["profile"]) for r in rows if r.get("profile")]
     bench = [r for r in rows if r["source"] == "bench"]
     if bench and bench[0]["tok_per_s"] > 0:
         lines.append(f"trainer / bench: {rows[0]['tok_per_s'] / ngpu / bench[0]['tok_per_s']:.1%} (per GPU)")

@@ -1,0 +1,104 @@
+"""Where a profiled training step's time goes, read from a torch.profiler chrome trace (torchtitan's
+``[profiling]`` traces; ``tools/bench_trainer.py --profile`` takes one and prints this).
+
+A host-bound step shows as GPU idle time: wall time per step (torch.profiler's ``ProfilerStep#N``
+spans) against the union of the GPU's kernel, copy and set intervals in the profiled steps. The
+optimizer's share is the host span of its ``Optimizer.step#...`` annotation and the GPU time of the
+kernels launched inside it (matched to their launch by the trace's ``correlation`` ids), since the
+optimizer's steps run outside the compiled model and any CUDA graph of it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")  # cudaLaunchKernel, cuLaunchKernel (Triton), graph launches
+OPTIMIZER_PREFIX = "Optimizer.step#"
+
+
+def load_events(path: str | Path) -> list[dict]:
+    """The complete ("X") events of a chrome trace file (.json or .json.gz)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        data = json.load(handle)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the (start, end) intervals (overlaps, e.g. two streams, counted once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def _inside(ts: float, spans: list[tuple[float, float]]) -> bool:
+    return any(start <= ts <= stop for start, stop in spans)
+
+
+def summarize(events: list[dict], top: int = 15) -> dict:
+    """Per profiled step (ms): wall, GPU busy, GPU idle; the optimizer's host span and kernel time;
+    the ``top`` kernels by GPU time (calls and ms per step)."""
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")]
+    if not steps:
+        raise ValueError("the trace has no ProfilerStep# spans: profile with a torch.profiler schedule "
+                         "(torchtitan's [profiling] does)")
+    n = len(steps)
+    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    wall_us = sum(e["dur"] for e in steps)
+    busy_us = _union_length([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+
+    optimizer = [(e["ts"], e["ts"] + e["dur"]) for e in events
+                 if e.get("cat") == "user_annotation" and e["name"].startswith(OPTIMIZER_PREFIX)]
+    launched_in_optimizer = {e["args"]["correlation"] for e in events
+                             if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})
+                             and _inside(e["ts"], optimizer)}
+    optimizer_gpu_us = sum(e["dur"] for e in gpu if e.get("args", {}).get("correlation") in launched_in_optimizer)
+
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in gpu:
+        by_name[e["name"]].append(e["dur"])
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    ms = 1e-3 / n
+    return {
+        "steps": n,
+        "wall_ms": wall_us * ms,
+        "gpu_busy_ms": busy_us * ms,
+        "gpu_idle_ms": max(wall_us - busy_us, 0.0) * ms,
+        "gpu_kernels_per_step": len(gpu) / n,
+        "optimizer_host_ms": sum(stop - start for start, stop in optimizer) * ms,
+        "optimizer_gpu_ms": optimizer_gpu_us * ms,
+        "top_kernels": [{"name": name, "calls_per_step": len(durs) / n, "ms_per_step": sum(durs) * ms}
+                        for name, durs in ranked],
+    }
+
+
+def text(summary: dict) -> str:
+    """The summary as printed: one line of totals, the optimizer, then the top kernels."""
+    s = summary
+    share = s["gpu_busy_ms"] / s["wall_ms"] if s["wall_ms"] else 0.0
+    lines = [f"profile, per step over {s['steps']} steps: wall {s['wall_ms']:.2f} ms, GPU busy {s['gpu_busy_ms']:.2f} ms "
+             f"({share:.0%}), idle {s['gpu_idle_ms']:.2f} ms, {s['gpu_kernels_per_step']:.0f} GPU events",
+             f"optimizer step: host {s['optimizer_host_ms']:.2f} ms, its kernels {s['optimizer_gpu_ms']:.2f} ms on the GPU",
+             "| kernel | calls / step | ms / step |", "|---|---:|---:|"]
+    lines += [f"| {k['name'][:90]} | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |" for k in s["top_kernels"]]
+    return "\n".join(lines)
+
+
+def latest_trace(folder: str | Path, rank: int = 0) -> Path:
+    """The last ``iteration_N/rank{rank}_trace.json`` torchtitan wrote under ``folder``."""
+    found = sorted(Path(folder).glob(f"iteration_*/rank{rank}_trace.json*"),
+                   key=lambda p: int(p.parent.name.split("_")[-1]))
+    if not found:
+        raise FileNotFoundError(f"no iteration_*/rank{rank}_trace.json under {folder}: was [profiling] on, and did "
+                                "the run reach profile_freq steps?")
+    return found[-1]
