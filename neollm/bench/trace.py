@@ -2,7 +2,7 @@
 ``[profiling]`` traces; ``tools/bench_trainer.py --profile`` takes one and prints this).
 
 A host-bound step shows as GPU idle time: wall time per step (torch.profiler's ``ProfilerStep#N``
-spans) against the union of the GPU's kernel, copy and set intervals in the profiled steps. The
+spans) against the union of the GPU's kernel, copy and set intervals within those spans. The
 optimizer's share is the host span of its ``Optimizer.step#...`` annotation and the GPU time of the
 kernels launched inside it (matched to their launch by the trace's ``correlation`` ids), since the
 optimizer's steps run outside the compiled model and any CUDA graph of it.
@@ -41,6 +41,12 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _clipped(intervals: list[tuple[float, float]], spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of ``intervals`` inside ``spans`` (the host runs ahead of the GPU: kernels of the warm-up
+    step may run into the first profiled step, the last step's after its span)."""
+    return [(max(a, s), min(b, e)) for a, b in intervals for s, e in spans if min(b, e) > max(a, s)]
+
+
 def _inside(ts: float, spans: list[tuple[float, float]]) -> bool:
     return any(start <= ts <= stop for start, stop in spans)
 
@@ -54,9 +60,11 @@ def summarize(events: list[dict], top: int = 15) -> dict:
                          "(torchtitan's [profiling] does)")
     n = len(steps)
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    step_spans = [(e["ts"], e["ts"] + e["dur"]) for e in steps]
     wall_us = sum(e["dur"] for e in steps)
-    busy_us = _union_length([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+    busy_us = _union_length(_clipped([(e["ts"], e["ts"] + e["dur"]) for e in gpu], step_spans))
 
+    # nested: torchtitan's container is an Optimizer too, its step's span holds Conda's (or AdamW's)
     optimizer = [(e["ts"], e["ts"] + e["dur"]) for e in events
                  if e.get("cat") == "user_annotation" and e["name"].startswith(OPTIMIZER_PREFIX)]
     launched_in_optimizer = {e["args"]["correlation"] for e in events
@@ -75,7 +83,7 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         "gpu_busy_ms": busy_us * ms,
         "gpu_idle_ms": max(wall_us - busy_us, 0.0) * ms,
         "gpu_kernels_per_step": len(gpu) / n,
-        "optimizer_host_ms": sum(stop - start for start, stop in optimizer) * ms,
+        "optimizer_host_ms": _union_length(optimizer) * ms,
         "optimizer_gpu_ms": optimizer_gpu_us * ms,
         "top_kernels": [{"name": name, "calls_per_step": len(durs) / n, "ms_per_step": sum(durs) * ms}
                         for name, durs in ranked],

@@ -60,6 +60,16 @@ def _conda_version(config) -> str:
     return version
 
 
+def _conda_precision(config) -> str:
+    from neollm.optim.conda import PRECISIONS
+
+    precision = getattr(config, "conda_precision", PRECISIONS[0])
+    if precision not in PRECISIONS:
+        raise ConfigError(f"[optimizer] conda_precision {precision!r} is unknown: choose {' or '.join(PRECISIONS)} "
+                          "(IEEE fp32 or TF32 tensor-core products in Conda's projections)")
+    return precision
+
+
 def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
     """The optimizer class and its constructor arguments for an ``[optimizer]`` config."""
     name = config.name
@@ -89,7 +99,7 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
             "version": _conda_version(config),
-            "precision": getattr(config, "conda_precision", "ieee"),
+            "precision": _conda_precision(config),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }

@@ -67,7 +67,8 @@ alone 40%). "ieee" (the default, as the reference runs under PyTorch's defaults)
 fp32; "tf32" lets cuBLAS use TF32 tensor cores for them (inputs rounded to 10 mantissa bits, fp32
 accumulation: ~1e-3 relative error in the direction, below the bf16 noise of the gradients it
 projects, for ~8x the H100's fp32 rate). The SVD that builds the basis stays IEEE; the flag is set
-only around the products and restored, so compiled model code never sees it change. No effect on a CPU.
+for the optimizer step only and restored after it, so compiled model code never sees it change. No
+effect on a CPU.
 
 State per parameter: ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq`` (parameter-sized)
 and, for matrices, ``projector`` (the basis). All are tensors, so DCP checkpoints them.
@@ -87,12 +88,16 @@ from torch.optim import Optimizer
 
 
 VERSIONS = ("2025-10-26", "2026-04-16")
+"""The author's Conda_optimizer.py versions on offer, by commit date (see the module docstring)."""
 PRECISIONS = ("ieee", "tf32")
+"""The projections' fp32 matmul precisions on offer (see the module docstring)."""
 
 
 @contextlib.contextmanager
 def fp32_products(precision: str):
-    """cuBLAS's fp32 matmuls in ``precision`` ("ieee" or "tf32") inside, the previous setting after."""
+    """cuBLAS's fp32 matmuls in ``precision`` ("ieee" or "tf32") inside, the previous setting after.
+    It sets torch's new ``fp32_precision`` flag: code run inside must not read the legacy
+    ``torch.backends.cuda.matmul.allow_tf32``, which torch then refuses as a mix of the two APIs."""
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     matmul.fp32_precision = precision
@@ -100,7 +105,6 @@ def fp32_products(precision: str):
         yield
     finally:
         matmul.fp32_precision = before
-"""The author's Conda_optimizer.py versions on offer, by commit date (see the module docstring)."""
 
 
 def svd_basis(matrix: torch.Tensor, right: bool | None = None) -> torch.Tensor:
