@@ -235,7 +235,7 @@ def test_conda_precision_reaches_the_optimizer_from_the_config():
     assert {opt.precision for opt in optimizers.optimizers} == {"tf32"}
     default = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
     assert {opt.precision for opt in default.optimizers} == {"ieee"}
-    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose ieee or tf32"):
+    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose one of ieee, tf32"):
         build_neollm_optimizers([Small()], _config("Conda", conda_precision="tf16"), parallel_dims=None)
     import neollm  # noqa: F401  (registers the config's NeoLLM sections)
     from neollm.config_check import check_ranges, parse_config

@@ -28,6 +28,8 @@ from torchtitan.distributed import ParallelDims
 
 from neollm.errors import ConfigError
 from neollm.optim.ademamix import AdEMAMix
+from neollm.optim.conda import PRECISIONS as CONDA_PRECISIONS
+from neollm.optim.conda import VERSIONS as CONDA_VERSIONS
 from neollm.optim.conda import Conda
 from neollm.optim.param_groups import build_param_groups
 
@@ -50,24 +52,12 @@ class NeoLLMOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, optimizer_kwargs)
 
 
-def _conda_version(config) -> str:
-    from neollm.optim.conda import VERSIONS
-
-    version = getattr(config, "conda_version", VERSIONS[0])
-    if version not in VERSIONS:
-        raise ConfigError(f"[optimizer] conda_version {version!r} is unknown: choose one of {', '.join(VERSIONS)} "
-                          "(the author's Conda_optimizer.py by commit date; neollm/optim/conda.py)")
-    return version
-
-
-def _conda_precision(config) -> str:
-    from neollm.optim.conda import PRECISIONS
-
-    precision = getattr(config, "conda_precision", PRECISIONS[0])
-    if precision not in PRECISIONS:
-        raise ConfigError(f"[optimizer] conda_precision {precision!r} is unknown: choose {' or '.join(PRECISIONS)} "
-                          "(IEEE fp32 or TF32 tensor-core products in Conda's projections)")
-    return precision
+def _conda_choice(config, key: str, choices: tuple[str, ...], what: str) -> str:
+    """``[optimizer] <key>``, one of ``choices`` (the first by default), or a ConfigError saying what to pick."""
+    value = getattr(config, key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"[optimizer] {key} {value!r} is unknown: choose one of {', '.join(choices)} ({what})")
+    return value
 
 
 def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
@@ -98,8 +88,10 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "correct_bias": getattr(config, "conda_correct_bias", True),
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
-            "version": _conda_version(config),
-            "precision": _conda_precision(config),
+            "version": _conda_choice(config, "conda_version", CONDA_VERSIONS, "the author's Conda_optimizer.py "
+                                     "by commit date; neollm/optim/conda.py"),
+            "precision": _conda_choice(config, "conda_precision", CONDA_PRECISIONS,
+                                       "IEEE fp32 or TF32 tensor-core products in Conda's projections"),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }
