@@ -276,15 +276,10 @@ def check_ranges(job_config) -> None:
     for key in ("beta1", "beta2"):
         value = getattr(o, key)
         need(finite(value) and 0 <= value < 1, f"[optimizer] {key} must be in [0, 1), got {value}")
-    from neollm.optim.conda import PRECISIONS as CONDA_PRECISIONS
-    from neollm.optim.conda import VERSIONS as CONDA_VERSIONS
+    from neollm.optim.builder import CONDA_SETTINGS, conda_setting
 
-    conda_version = getattr(o, "conda_version", CONDA_VERSIONS[0])
-    need(conda_version in CONDA_VERSIONS, f"[optimizer] conda_version {conda_version!r} is unknown: choose one of "
-         f"{', '.join(map(repr, CONDA_VERSIONS))} (the author's Conda_optimizer.py by commit date)")
-    conda_precision = getattr(o, "conda_precision", CONDA_PRECISIONS[0])
-    need(conda_precision in CONDA_PRECISIONS, f"[optimizer] conda_precision {conda_precision!r} is unknown: choose "
-         f"{' or '.join(map(repr, CONDA_PRECISIONS))} (IEEE fp32 or TF32 tensor-core products in the projections)")
+    for key in CONDA_SETTINGS:
+        conda_setting(o, key)
     need(t.steps > 0, f"[training] steps must be positive, got {t.steps}")
     need(t.seq_len > 0, f"[training] seq_len must be positive, got {t.seq_len}")
     cp = job_config.parallelism.context_parallel_degree

@@ -242,7 +242,7 @@ def test_conda_precision_reaches_the_optimizer_from_the_config():
 
     job = parse_config(["--job.config_file", "train_configs/debug.toml", "--optimizer.name", "Conda",
                         "--optimizer.conda_precision", "tf16"])
-    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose 'ieee' or 'tf32'"):
+    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose one of ieee, tf32"):
         check_ranges(job)
 
 

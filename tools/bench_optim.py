@@ -13,12 +13,11 @@ embedding's rows (the ablation TOML trains 64,402; the flavors' default is Qwen3
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-
-import dataclasses
 
 import torch
 

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from neollm.ablation import stats
-from neollm.ablation.runner import write_atomic
+from neollm.ablation.runner import variant_group, write_atomic
 from neollm.monitor import read_metrics_jsonl
 
 VAL, TRAIN = "validation_metrics/loss", "loss_metrics/global_avg_loss"
@@ -66,6 +66,12 @@ def run_tps(run: dict) -> float | None:
     return None if not tps else tps * run.get("processes", 1)
 
 
+def train_seconds(run: dict) -> float | None:
+    """The run's training seconds: its tokens over its tok/s (compile and validation excluded)."""
+    tps = run_tps(run)
+    return run["tokens"] / tps if tps else None
+
+
 def seconds_curve(run: dict) -> list[tuple[float, float]] | None:
     """(training seconds, val loss): tokens / the run's tok/s at every validation point."""
     tps = run_tps(run)
@@ -96,7 +102,7 @@ def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
     if shared:
         raise ValueError(f"{path}: {', '.join(shared)} shared a GPU, so their tok/s are not their own speeds: "
                          "take the speeds from a grid run with --parallel 1")
-    refs = {_group(r) for r in runs if r["variant"]["reference"]}
+    refs = {variant_group(r) for r in runs if r["variant"]["reference"]}
     if len(refs) != 1:
         raise ValueError(f"{path}: no finished reference run to scale the others' speeds by")
 
@@ -112,15 +118,10 @@ def grid_speeds(folder: Path) -> tuple[dict[str, float], str]:
     return speeds, ref
 
 
-def _group(run: dict) -> str:
-    """The variant a run belongs to (seed repeats share it)."""
-    return run["variant"].get("group") or run["variant"]["name"]
-
-
 def _groups(results: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(_group(r), []).append(r)
+        groups.setdefault(variant_group(r), []).append(r)
     return groups
 
 
@@ -197,16 +198,12 @@ def off_equal_time(results: list[dict]) -> list[tuple[str, float, float]]:
     """Runs of an --equal-time grid whose training seconds (tokens / tok/s) miss the reference's mean by
     more than EQUAL_TIME_TOLERANCE: (name, seconds, reference seconds). The steps came from another
     grid's speeds; a run slowed here (a busy host, another kernel choice) breaks the premise silently."""
-    def seconds(r: dict) -> float | None:
-        tps = run_tps(r)
-        return r["tokens"] / tps if tps else None
-
-    ref = [s for r in results if r["variant"].get("reference") and (s := seconds(r))]
+    ref = [s for r in results if r["variant"].get("reference") and (s := train_seconds(r))]
     if not ref:
         return []
     mean = statistics.mean(ref)
     return [(r["variant"]["name"], s, mean) for r in results
-            if not r["variant"].get("reference") and (s := seconds(r))
+            if not r["variant"].get("reference") and (s := train_seconds(r))
             and abs(s / mean - 1) > EQUAL_TIME_TOLERANCE]
 
 
@@ -234,7 +231,7 @@ def write_markdown(path: Path, header: dict, results: list[dict], sig: dict, mis
         lines.append(
             f"| {v['name']} | {v['what']} | {v['seed']} | {r['params']:,} | {r['tokens']:,} | "
             f"{r['final_val_loss']:.4f} | {r['best_val_loss']:.4f} | {row['delta']:+.4f} | "
-            f"{_fmt(tps, ',.0f')} | {_fmt(r['tokens'] / tps if tps else None, ',.0f')} | "
+            f"{_fmt(tps, ',.0f')} | {_fmt(train_seconds(r), ',.0f')} | "
             f"{_fmt(r['peak_memory_gib'], '.2f')} | {r.get('runs_sharing_gpu') or 1} |")
     if sig["verdicts"]:
         delta_label = "delta at equal time (whole schedules)" if equal_time else "delta at equal tokens"
@@ -366,11 +363,11 @@ def rereference(folder: Path, name: str, out: Path) -> list[Path]:
     folder, out = Path(folder), Path(out)
     data = json.loads((folder / "results.json").read_text())
     runs = _recorded_runs(data)
-    groups = {_group(r) for r in runs}
+    groups = {variant_group(r) for r in runs}
     if name not in groups:
         raise ValueError(f"{folder}: no variant {name!r} to take as the reference; variants: {sorted(groups)}")
     for run in runs:
-        run["variant"] = {**run["variant"], "reference": _group(run) == name}
+        run["variant"] = {**run["variant"], "reference": variant_group(run) == name}
     out.mkdir(parents=True, exist_ok=True)
     header = {**data["header"], "reference variant": f"{name} (re-read from {folder}/results.json)"}
     return write_report(out, header, runs, data.get("missing", []))

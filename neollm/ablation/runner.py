@@ -39,6 +39,11 @@ class RunFailed(RuntimeError):
     """A variant's trainer exited with an error (the message names the variant and its log)."""
 
 
+def variant_group(run: dict) -> str:
+    """The variant a stored run belongs to (seed repeats share it)."""
+    return run["variant"].get("group") or run["variant"]["name"]
+
+
 def has_checkpoint(dump: Path, folder: str = "checkpoint") -> bool:
     return any((d / ".metadata").is_file() for d in (dump / folder).glob("step-*"))
 

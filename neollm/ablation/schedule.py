@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from neollm.ablation.runner import variant_group
 from neollm.errors import ConfigError
 
 # a process's CUDA context and allocator slack, beyond what torch reports as reserved
@@ -83,7 +84,7 @@ def estimate_seconds(group: str, finished: list[dict], runs_on_gpu: int = 1) -> 
     scale with the runs sharing the GPU, as if the GPU were shared evenly (an upper bound when
     small runs overlap), the rest (start-up, compilation, validation) does not; the largest."""
     whole = [r for r in finished if not r.get("resumed") and r.get("wall_s")]
-    same = [r for r in whole if (r["variant"].get("group") or r["variant"]["name"]) == group]
+    same = [r for r in whole if variant_group(r) == group]
 
     def estimate(r: dict) -> float:
         tps = (r.get("tps_median") or 0) * r.get("processes", 1)

@@ -97,7 +97,7 @@ def measure(opts, command: str) -> dict:
         if (dump / "metrics.jsonl").exists():
             raise ConfigError(f"--keep {dump} already holds a run's metrics.jsonl, which this run would "
                               "append to: name a new folder or delete it")
-        profile = getattr(opts, "profile", False)
+        profile = opts.profile
         overrides = [*opts.overrides, *(profile_overrides(opts.steps) if profile else [])]
         metrics = read_metrics_jsonl(run_trainer(opts.config, opts.steps, opts.log_freq, opts.ngpu, overrides, dump))
         tps, peak, intervals = steady_state(metrics, skip, opts.steps - PROFILED_STEPS if profile else None)

@@ -52,8 +52,16 @@ class NeoLLMOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, optimizer_kwargs)
 
 
-def _conda_choice(config, key: str, choices: tuple[str, ...], what: str) -> str:
-    """``[optimizer] <key>``, one of ``choices`` (the first by default), or a ConfigError saying what to pick."""
+CONDA_SETTINGS = {
+    "conda_version": (CONDA_VERSIONS, "the author's Conda_optimizer.py by commit date; neollm/optim/conda.py"),
+    "conda_precision": (CONDA_PRECISIONS, "IEEE fp32 or TF32 tensor-core products in Conda's projections"),
+}
+
+
+def conda_setting(config, key: str) -> str:
+    """``[optimizer] <key>`` of CONDA_SETTINGS, one of its choices (the first by default), or a ConfigError
+    saying what to pick (preflight's check_ranges and the builder both ask here)."""
+    choices, what = CONDA_SETTINGS[key]
     value = getattr(config, key, choices[0])
     if value not in choices:
         raise ConfigError(f"[optimizer] {key} {value!r} is unknown: choose one of {', '.join(choices)} ({what})")
@@ -88,10 +96,8 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "correct_bias": getattr(config, "conda_correct_bias", True),
             "update_proj_gap": getattr(config, "conda_update_proj_gap", 500),
             "scale": getattr(config, "conda_scale", 0.25),
-            "version": _conda_choice(config, "conda_version", CONDA_VERSIONS, "the author's Conda_optimizer.py "
-                                     "by commit date; neollm/optim/conda.py"),
-            "precision": _conda_choice(config, "conda_precision", CONDA_PRECISIONS,
-                                       "IEEE fp32 or TF32 tensor-core products in Conda's projections"),
+            "version": conda_setting(config, "conda_version"),
+            "precision": conda_setting(config, "conda_precision"),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }
