@@ -65,8 +65,10 @@ Products (``precision``, TOML ``[optimizer] conda_precision``): the projections 
 per matrix per step (g P^T, m P^T, n P), ~245 GFLOP a step for NeoLLM-135M (the 64,402 x 512 embedding
 alone 40%). "ieee" (the default, as the reference runs under PyTorch's defaults) computes them in IEEE
 fp32; "tf32" lets cuBLAS use TF32 tensor cores for them (inputs rounded to 10 mantissa bits, fp32
-accumulation: ~1e-3 relative error in the direction, below the bf16 noise of the gradients it
-projects, for ~8x the H100's fp32 rate). The SVD that builds the basis stays IEEE; the flag is set
+accumulation: a relative error of order 1e-3 in the direction by that rounding, below the bf16 noise of
+the gradients it projects; the H100's data sheet gives TF32 tensor cores ~7x its fp32 rate. Neither the
+error nor the speed is measured yet: tests/gpu/test_conda_gpu.py bounds the error below 1e-2,
+tools/bench_optim.py times the step). The SVD that builds the basis stays IEEE; the flag is set
 for the optimizer step only and restored after it, so compiled model code never sees it change. No
 effect on a CPU.
 
