@@ -9,7 +9,8 @@ times the number of GPUs; peak memory is the largest ``memory/max_active(GiB)``.
 compile settings. Writes JSON rows ``{name, source: "trainer" | "bench", tok_per_s, peak_gib, first_step_s}``
 with device, date and commit (neollm/provenance.py). ``--profile`` also records the run's last three steps with
 torch.profiler and adds where a step's time goes (wall, GPU busy and idle, the optimizer's host and GPU time, the
-top kernels: neollm/bench/trace.py) to the trainer's row; the mean tok/s then leaves those steps' intervals out.
+top kernels: neollm/bench/trace.py) to the trainer's row; the mean tok/s then leaves those steps' intervals out,
+but the profiler slows the whole run (the row says ``profiler_attached``): take speeds from a run without it.
 
     python tools/bench_trainer.py --config train_configs/neollm_135m.toml --steps 150 \\
         --out benchmarks/trainer_neollm_135m.json -- --training.dataset shards \\

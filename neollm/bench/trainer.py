@@ -110,6 +110,10 @@ def measure(opts, command: str) -> dict:
                      "ngpu": opts.ngpu, "steps": opts.steps, "skipped_steps": skip, "intervals": intervals,
                      "local_batch_size": job.training.local_batch_size, "seq_len": job.training.seq_len})
         if profile:
+            # torch.profiler attached from the first step slows the steps it does not record too
+            # (H100, neollm_135m at micro-batch 64: 159k tok/s against 291k without; BENCHMARKS.md,
+            # twentieth session): this tok/s is not the trainer's speed.
+            rows[-1]["profiler_attached"] = True
             rows[-1]["profile"] = trace.summarize(trace.load_events(trace.latest_trace(dump / "profile_traces")))
         if not opts.no_bench:
             for r in run_bench(job, flavor, opts.bench_steps, opts.bench_warmup, Path(tmp) / "bench.json"):
@@ -127,7 +131,9 @@ def summary(report: dict, ngpu: int) -> str:
              "| name | source | GPUs | tok/s | peak GiB | first step s |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         first = r.get("first_step_s")
-        lines.append(f"| {r['name']} | {r['source']} | {r['ngpu']} | {r['tok_per_s']:,.0f} | {r['peak_gib']:.2f} | "
+        attached = " (profiler attached: not the trainer's speed, time it without --profile)" \
+            if r.get("profiler_attached") else ""
+        lines.append(f"| {r['name']} | {r['source']} | {r['ngpu']} | {r['tok_per_s']:,.0f}{attached} | {r['peak_gib']:.2f} | "
                      f"{'' if first is None else first} |")
     lines += [trace.text(r["profile"]) for r in rows if r.get("profile")]
     bench = [r for r in rows if r["source"] == "bench"]

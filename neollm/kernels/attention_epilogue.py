@@ -173,10 +173,10 @@ if triton is not None:
         return 1.0 / (1.0 + tl.exp(-x))
 
     @triton.jit
-    def _forward_kernel(y_ptr, v_ptr, u_ptr, z_ptr, g_ptr, out_ptr, n_rows, eps,
-                        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-                        XSA: tl.constexpr, ROUTING: tl.constexpr, GATE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _epilogue_forward_kernel(y_ptr, v_ptr, u_ptr, z_ptr, g_ptr, out_ptr, n_rows, eps,
+                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                                 XSA: tl.constexpr, ROUTING: tl.constexpr, GATE: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Rows [pid_n * BLOCK_N, ...) of the tokens, the query heads of KV head pid_j.
         GATE: 0 none, 1 elementwise, 2 one per head."""
         pid_n = tl.program_id(0)
@@ -207,10 +207,10 @@ if triton is not None:
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _backward_kernel(y_ptr, v_ptr, u_ptr, z_ptr, g_ptr, dout_ptr, dy_ptr, dv_ptr, dz_ptr, dg_ptr, du_part_ptr,
-                         n_rows, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-                         XSA: tl.constexpr, ROUTING: tl.constexpr, GATE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _epilogue_backward_kernel(y_ptr, v_ptr, u_ptr, z_ptr, g_ptr, dout_ptr, dy_ptr, dv_ptr, dz_ptr, dg_ptr, du_part_ptr,
+                                  n_rows, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+                                  XSA: tl.constexpr, ROUTING: tl.constexpr, GATE: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """The same rows and heads: dy, dv (summed over the group), dz, dg, and this block's du partial
         sums ``du_part[pid_n, h, k, :]``."""
         pid_n = tl.program_id(0)
@@ -305,8 +305,8 @@ def forward_kernel(y, v, u, route_logits, gate_logits, eps: float) -> torch.Tens
     out = torch.empty_like(y)
     n, grid, meta = _launch_args(y, v, u, route_logits, gate_logits, eps)
     if out.numel():
-        _forward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), out, n, eps,
-                              num_warps=NUM_WARPS, **meta)
+        _epilogue_forward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), out, n, eps,
+                                       num_warps=NUM_WARPS, **meta)
     return out
 
 
@@ -321,9 +321,9 @@ def backward_kernel(y, v, u, route_logits, gate_logits, d_out, eps: float):
     # every (block, head, direction) row is written by its program: no zero fill needed
     parts = None if u is None else torch.empty(grid[0], *u.shape, device=y.device, dtype=torch.float32)
     if dy.numel():
-        _backward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), d_out,
-                               dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps,
-                               num_warps=NUM_WARPS, **meta)
+        _epilogue_backward_kernel[grid](y, _or(v, y), _or(u, y), _or(route_logits, y), _or(gate_logits, y), d_out,
+                                        dy, _or(dv, dy), _or(dz, dy), _or(dg, dy), _or(parts, dy), n, eps,
+                                        num_warps=NUM_WARPS, **meta)
     du = None if u is None else parts.sum(0)
     return dy, dv, du, dz, dg
 

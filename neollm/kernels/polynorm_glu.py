@@ -171,8 +171,8 @@ if triton is not None:
         return r * (dy - y * (tl.sum(dy * y, axis=0) / n_cols))
 
     @triton.jit
-    def _forward_kernel(g_ptr, u_ptr, out_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, n_cols, eps, proj_eps,
-                        EXCLUSIVE: tl.constexpr, BLOCK: tl.constexpr):
+    def _polynorm_glu_forward_kernel(g_ptr, u_ptr, out_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, n_cols, eps, proj_eps,
+                                     EXCLUSIVE: tl.constexpr, BLOCK: tl.constexpr):
         """One row: the three norms (and projections), the combination, the product with u."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -222,8 +222,8 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + cols, (p * u).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _backward_kernel(g_ptr, u_ptr, dy_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, dg_ptr, du_ptr, part_ptr,
-                         n_cols, proj_eps, EXCLUSIVE: tl.constexpr, BLOCK: tl.constexpr):
+    def _polynorm_glu_backward_kernel(g_ptr, u_ptr, dy_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, dg_ptr, du_ptr, part_ptr,
+                                      n_cols, proj_eps, EXCLUSIVE: tl.constexpr, BLOCK: tl.constexpr):
         """One row: dg, du, and the row's partial sums for dweight, dbias, dlogits (6 fp32)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -321,8 +321,8 @@ def forward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias:
     lg = w if logits is None else logits.contiguous()
     if out.numel():
         block, warps = _launch(n)
-        _forward_kernel[(g2.shape[0],)](g2, u2, out, stats, w, b, lg, n, eps, proj_eps,
-                                        EXCLUSIVE=logits is not None, BLOCK=block, num_warps=warps)
+        _polynorm_glu_forward_kernel[(g2.shape[0],)](g2, u2, out, stats, w, b, lg, n, eps, proj_eps,
+                                                     EXCLUSIVE=logits is not None, BLOCK=block, num_warps=warps)
     return out.view(g.shape), stats
 
 
@@ -339,8 +339,8 @@ def backward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
     lg = w if logits is None else logits.contiguous()
     if dg.numel():
         block, warps = _launch(n)
-        _backward_kernel[(g2.shape[0],)](g2, u2, dy2, stats.contiguous(), w, b, lg, dg, du, partials, n, proj_eps,
-                                         EXCLUSIVE=logits is not None, BLOCK=block, num_warps=warps)
+        _polynorm_glu_backward_kernel[(g2.shape[0],)](g2, u2, dy2, stats.contiguous(), w, b, lg, dg, du, partials, n, proj_eps,
+                                                      EXCLUSIVE=logits is not None, BLOCK=block, num_warps=warps)
     return dg.view(g.shape), du.view(u.shape), partials.sum(0)
 
 

@@ -175,9 +175,9 @@ if triton is not None:
         return t, rows, cols, ok_c, (t < T)[:, None] & ok_c[None, :]
 
     @triton.jit
-    def _forward_kernel(x_ptr, rope_ptr, g_ptr, a_ptr, b_ptr, out_ptr, stats_ptr, T, H, half, eps, mg,
-                        MOMENTUM: tl.constexpr, REPEAT_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+    def _qk_path_forward_kernel(x_ptr, rope_ptr, g_ptr, a_ptr, b_ptr, out_ptr, stats_ptr, T, H, half, eps, mg,
+                                MOMENTUM: tl.constexpr, REPEAT_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_H: tl.constexpr):
         """BLOCK_T tokens of one (batch, head): SeeDNorm, RoPE, momentum (previous rows recomputed)."""
         t, rows, cols, ok_c, ok = _tile(T, H, half, BLOCK_T, BLOCK_H)
         g1, g2 = _param_halves(g_ptr, cols, ok_c, half)
@@ -201,9 +201,9 @@ if triton is not None:
         tl.store(stats_ptr + rows * 2 + 1, s, mask=ok_t)
 
     @triton.jit
-    def _backward_kernel(x_ptr, rope_ptr, g_ptr, a_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, part_ptr, T, H, half,
-                         mg, MOMENTUM: tl.constexpr, REPEAT_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
+    def _qk_path_backward_kernel(x_ptr, rope_ptr, g_ptr, a_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, part_ptr, T, H, half,
+                                 mg, MOMENTUM: tl.constexpr, REPEAT_FIRST: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_H: tl.constexpr):
         """BLOCK_T tokens of one (batch, head): dx, and the tile's sums of dgamma, dalpha, dbeta."""
         t, rows, cols, ok_c, ok = _tile(T, H, half, BLOCK_T, BLOCK_H)
         offs = rows[:, None] * (2 * half) + cols[None, :]
@@ -284,9 +284,9 @@ def forward_kernel(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, be
     stats = torch.empty(xc.numel() // d, N_STATS, device=x.device, dtype=torch.float32)
     if out.numel():
         grid, block_t, block_h = _grid(xc)
-        _forward_kernel[grid](xc, rope.contiguous(), gamma.contiguous(), alpha.contiguous(), beta.contiguous(), out,
-                              stats, seq_len, heads, d // 2, eps, momentum_gamma,
-                              **_flags(momentum_gamma, momentum_first), BLOCK_T=block_t, BLOCK_H=block_h)
+        _qk_path_forward_kernel[grid](xc, rope.contiguous(), gamma.contiguous(), alpha.contiguous(), beta.contiguous(), out,
+                                      stats, seq_len, heads, d // 2, eps, momentum_gamma,
+                                      **_flags(momentum_gamma, momentum_first), BLOCK_T=block_t, BLOCK_H=block_h)
     return out, stats
 
 
@@ -301,9 +301,9 @@ def backward_kernel(x: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, b
         return dx, torch.zeros(N_PARAM_GRADS, d, device=x.device, dtype=torch.float32)
     grid, block_t, block_h = _grid(xc)
     partials = torch.empty(grid[0] * grid[1], N_PARAM_GRADS, d, device=x.device, dtype=torch.float32)
-    _backward_kernel[grid](xc, rope.contiguous(), gamma.contiguous(), alpha.contiguous(), beta.contiguous(),
-                           stats.contiguous(), dout.contiguous(), dx, partials, seq_len, heads, d // 2, momentum_gamma,
-                           **_flags(momentum_gamma, momentum_first), BLOCK_T=block_t, BLOCK_H=block_h)
+    _qk_path_backward_kernel[grid](xc, rope.contiguous(), gamma.contiguous(), alpha.contiguous(), beta.contiguous(),
+                                   stats.contiguous(), dout.contiguous(), dx, partials, seq_len, heads, d // 2, momentum_gamma,
+                                   **_flags(momentum_gamma, momentum_first), BLOCK_T=block_t, BLOCK_H=block_h)
     return dx, partials.sum(0)
 
 
