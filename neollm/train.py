@@ -56,6 +56,30 @@ def zero_grads_in_place(parameters) -> None:
         torch._foreach_zero_(grads)
 
 
+def accumulate_grads(params, grads) -> None:
+    """``p.grad += g`` for every parameter that got a gradient, in one foreach add.
+
+    Autograd's own accumulation launches one add kernel per parameter and micro-batch: for
+    NeoLLM-135M at micro-batch 8 of 64 that is 3,952 small adds a step (~8.5 ms of GPU time and as
+    many launches in the profile, BENCHMARKS.md twentieth session). A parameter without a
+    gradient yet takes ``g`` itself where ``g`` is laid out like it, as autograd does (else a copy:
+    e.g. the gradient of ``p.sum()`` is an expanded view, which cannot be added into in place);
+    unused ones (``g`` None) keep theirs."""
+    import torch
+
+    targets, increments = [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        else:
+            targets.append(p.grad)
+            increments.append(g)
+    if targets:
+        torch._foreach_add_(targets, increments)
+
+
 class NeoLLMTrainer(Trainer):
     def __init__(self, job_config: JobConfig) -> None:
         import neollm  # noqa: F401  (registers the spec and datasets, CPU patch)
@@ -79,6 +103,14 @@ class NeoLLMTrainer(Trainer):
         self.grads_in_place = job_config.compile.enable and getattr(job_config.compile, "mode", "") == "reduce-overhead"
         if self.grads_in_place:
             logger.info("[compile] mode reduce-overhead: gradients are zeroed in place, not dropped (CUDA graphs)")
+        # One process, several micro-batches (or CUDA graphs, which zero in place and add every
+        # micro-batch): gradients from autograd.grad, summed by one foreach add (accumulate_grads).
+        # Data-parallel wrappers hook autograd's own accumulation, so they keep backward().
+        self.foreach_accumulation = self.parallel_dims.world_size == 1 and (
+            self.gradient_accumulation_steps > 1 or self.grads_in_place)
+        self._grad_params: list | None = None
+        if self.foreach_accumulation:
+            logger.info("one process: each micro-batch's gradients are added to .grad by one foreach add")
 
     # ------------------------------------------------------------ fault tolerance
 
@@ -96,14 +128,34 @@ class NeoLLMTrainer(Trainer):
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         self._sync_ddp_gradients_only_on_last_microbatch()
-        loss = super().forward_backward_step(
-            input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
-        )
+        if self.foreach_accumulation:
+            loss = self._forward_backward_foreach(input_dict, labels, global_valid_tokens)
+        else:
+            loss = super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
         # Under [compile] mode "reduce-overhead" the loss is a CUDA-graph output that the next
         # micro-batch's replay overwrites (H200, micro-batch 8 of 64: "accessing tensor output of
         # CUDAGraphs that has been overwritten"): keep a copy, one scalar kernel.
         loss = loss.detach().clone()
         self._step_losses.append(loss)
+        return loss
+
+    def _forward_backward_foreach(self, input_dict, labels, global_valid_tokens):
+        """torchtitan 0.2.2's forward/backward (its non-pipeline branch) on one process, with the
+        gradients taken by ``torch.autograd.grad`` and summed into ``.grad`` by accumulate_grads."""
+        import torch
+
+        if self._grad_params is None:
+            self._grad_params = [p for p in self.model_parts[0].parameters() if p.requires_grad]
+        inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(input_dict, labels)
+        with self.train_context():
+            with self.maybe_enable_amp:
+                pred = self.model_parts[0](inputs, **extra_inputs, **extra_kwargs)
+                loss = self.loss_fn(pred, labels) / global_valid_tokens
+            del pred  # before the backward, as torchtitan does, for the memory peak
+            grads = torch.autograd.grad(loss, self._grad_params, allow_unused=True)
+        accumulate_grads(self._grad_params, grads)
         return loss
 
     def _sync_ddp_gradients_only_on_last_microbatch(self) -> None:

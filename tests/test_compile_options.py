@@ -135,3 +135,55 @@ def test_gradients_zeroed_in_place_accumulate_like_fresh_ones():
     frozen.grad = None
     zero_grads_in_place(model.parameters())
     assert frozen.grad is None  # frozen parameters get no gradient
+
+
+def test_foreach_accumulation_equals_autograd_accumulation():
+    """neollm.train.accumulate_grads (the one-process trainer's micro-batch sum): gradients from
+    autograd.grad added by one foreach add equal autograd's own accumulation over two micro-batches,
+    both from dropped and from in-place-zeroed gradients; a parameter the loss does not reach keeps
+    no gradient, and in-place gradients stay the tensors the parameters own."""
+    from neollm.train import accumulate_grads, zero_grads_in_place
+
+    torch.manual_seed(0)
+    model = NeoLLM(ARGS)
+    model.init_weights()
+    model.double()
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    model.register_parameter("unused", unused)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = [torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+    model.zero_grad(set_to_none=True)
+    for tokens in batches:
+        model(tokens, tokens).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "unused" not in reference
+
+    for zero in ("drop", "in place"):
+        if zero == "drop":
+            model.zero_grad(set_to_none=True)
+        else:
+            zero_grads_in_place(params)
+        owned = {n: p.grad for n, p in model.named_parameters()}
+        for tokens in batches:
+            accumulate_grads(params, torch.autograd.grad(model(tokens, tokens), params, allow_unused=True))
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert set(got) == set(reference) | ({"unused"} if zero == "in place" else set()), zero
+        for name, grad in reference.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-12, atol=1e-14, msg=f"{zero}: {name}")
+            if zero == "in place":
+                assert got[name] is owned[name], name
+        if zero == "in place":
+            assert not unused.grad.any()
+
+
+def test_foreach_accumulation_copies_a_first_gradient_laid_out_unlike_its_parameter():
+    """The gradient of ``p.sum()`` is an expanded view (stride 0): taken as ``.grad`` it could not be
+    added into in place, so accumulate_grads copies it, as autograd's accumulation does."""
+    from neollm.train import accumulate_grads
+
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    for _ in range(2):
+        accumulate_grads([p], torch.autograd.grad(p.sum(), [p]))
+    assert p.grad.stride() == p.stride()
+    assert torch.equal(p.grad, torch.full((3, 4), 2.0))

@@ -101,6 +101,28 @@ def test_fused_loss_trains_like_the_chunked_one_under_fsdp(tmp_path):
         assert abs(losses["fused"][step] - value) < 1e-4 * max(1.0, abs(value)), (step, losses)
 
 
+def test_one_process_accumulation_by_foreach_add_takes_the_steps_of_one_micro_batch(tmp_path):
+    """One process with 4 micro-batches of 1 (gradients by autograd.grad, summed by one foreach add
+    each: neollm.train.accumulate_grads) against one micro-batch of 4 (autograd's own backward):
+    the same sequences and initial weights, so the same gradient norm at step 1 and the same losses."""
+    grad_norm = __import__("re").compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*(\S+)")
+    foreach_line = "added to .grad by one foreach add"
+    runs = {}
+    for local in ("1", "4"):
+        result = run_trainer("--training.steps", "3", "--job.dump_folder", str(tmp_path / local),
+                             "--checkpoint.no-enable", "--training.global_batch_size", "4",
+                             "--training.local_batch_size", local)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert (foreach_line in result.stdout) == (local == "1"), local
+        norms = {int(s): float(g) for s, g in grad_norm.findall(result.stdout)}
+        runs[local] = (losses_by_step(result.stdout), norms)
+    (acc_losses, acc_norms), (one_losses, one_norms) = runs["1"], runs["4"]
+    assert sorted(acc_losses) == [1, 2, 3] and sorted(acc_norms) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert acc_norms[step] == pytest.approx(one_norms[step], rel=1e-4), (step, runs)
+        assert acc_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5), (step, runs)
+
+
 def test_ddp_with_gradient_accumulation_takes_the_same_steps(tmp_path):
     """DDP (replicate 2, shard 1) sums the replicas' gradients; with two micro-batches per rank the
     gradients are reduced once, after both, so the run equals the one with one micro-batch of two
