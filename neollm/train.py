@@ -34,14 +34,18 @@ from neollm import handover, monitor
 from neollm.run_checks import check_model_choice, fit_batch_to_ranks, guard_from_config, loss_settings
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes whose compiled graphs run as CUDA graphs (their outputs are overwritten by the next replay)."""
+
+
 def zero_grads_in_place(parameters) -> None:
     """Zero every trainable parameter's gradient in place, creating zeros where there is none.
 
-    For CUDA graphs ([compile] mode "reduce-overhead") with gradient accumulation: a gradient that
-    autograd finds missing is taken as ``.grad`` without a copy, and under CUDA graphs it is a graph
-    output that the next micro-batch's replay overwrites (H200, ``plain`` at micro-batch 8 of 64:
-    "accessing tensor output of CUDAGraphs that has been overwritten", at the tied embedding's
-    gradient). Gradients that exist are accumulated into in place, so no graph output is kept."""
+    For CUDA graphs ([compile] mode "reduce-overhead" or "max-autotune") with gradient accumulation:
+    a gradient that autograd finds missing is taken as ``.grad`` without a copy, and under CUDA graphs
+    it is a graph output that the next micro-batch's replay overwrites (H200, ``plain`` at micro-batch
+    8 of 64: "accessing tensor output of CUDAGraphs that has been overwritten", at the tied
+    embedding's gradient). Gradients that exist are accumulated into in place, so no graph output is kept."""
     import torch
 
     grads = []
@@ -54,6 +58,12 @@ def zero_grads_in_place(parameters) -> None:
             grads.append(p.grad)
     if grads:
         torch._foreach_zero_(grads)
+
+
+def same_layout(a, b) -> bool:
+    """Equal strides in every dimension longer than 1 (a stride there means nothing), as autograd's
+    layout rule for a gradient it keeps."""
+    return all(x == y for x, y, n in zip(a.stride(), b.stride(), b.shape) if n > 1)
 
 
 def accumulate_grads(params, grads) -> None:
@@ -72,7 +82,7 @@ def accumulate_grads(params, grads) -> None:
         if g is None:
             continue
         if p.grad is None:
-            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            p.grad = g if same_layout(g, p) else torch.empty_like(p).copy_(g)
         else:
             targets.append(p.grad)
             increments.append(g)
@@ -100,9 +110,10 @@ class NeoLLMTrainer(Trainer):
             part.loss_settings = settings
         self._install_fault_tolerance(guard)
         self._install_monitor()
-        self.grads_in_place = job_config.compile.enable and getattr(job_config.compile, "mode", "") == "reduce-overhead"
+        mode = getattr(job_config.compile, "mode", "")
+        self.grads_in_place = job_config.compile.enable and mode in CUDA_GRAPH_MODES
         if self.grads_in_place:
-            logger.info("[compile] mode reduce-overhead: gradients are zeroed in place, not dropped (CUDA graphs)")
+            logger.info(f"[compile] mode {mode}: gradients are zeroed in place, not dropped (CUDA graphs)")
         # One process, several micro-batches (or CUDA graphs, which zero in place and add every
         # micro-batch): gradients from autograd.grad, summed by one foreach add (accumulate_grads).
         # Data-parallel wrappers hook autograd's own accumulation, so they keep backward().
@@ -261,7 +272,7 @@ class NeoLLMTrainer(Trainer):
         self.gc_handler.collect("Collecting the first step's compile garbage")
 
     def _zero_grads(self) -> None:
-        """Drop the gradients, or under [compile] mode "reduce-overhead" zero them in place
+        """Drop the gradients, or under CUDA graphs (CUDA_GRAPH_MODES) zero them in place
         (zero_grads_in_place says why)."""
         if self.grads_in_place:
             zero_grads_in_place(p for part in self.model_parts for p in part.parameters())

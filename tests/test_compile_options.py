@@ -180,10 +180,13 @@ def test_foreach_accumulation_equals_autograd_accumulation():
 def test_foreach_accumulation_copies_a_first_gradient_laid_out_unlike_its_parameter():
     """The gradient of ``p.sum()`` is an expanded view (stride 0): taken as ``.grad`` it could not be
     added into in place, so accumulate_grads copies it, as autograd's accumulation does."""
-    from neollm.train import accumulate_grads
+    from neollm.train import accumulate_grads, same_layout
 
     p = torch.nn.Parameter(torch.ones(3, 4))
     for _ in range(2):
         accumulate_grads([p], torch.autograd.grad(p.sum(), [p]))
     assert p.grad.stride() == p.stride()
     assert torch.equal(p.grad, torch.full((3, 4), 2.0))
+    # strides of length-1 dimensions do not count; a transposed layout does
+    assert same_layout(torch.empty(4, 1).t(), torch.empty(1, 4))
+    assert not same_layout(torch.empty(4, 3).t(), torch.empty(3, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -16,6 +17,23 @@ GC_AFTER_FIRST_STEP = "[GC] Collecting the first step's compile garbage"  # NeoL
 @pytest.fixture(autouse=True)
 def _assets():
     require_prepared_assets()
+
+
+GRAD_NORM = re.compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*(\S+)")
+
+
+def losses_and_norms(output: str) -> tuple[dict[int, float], dict[int, float]]:
+    """A run's training losses and gradient norms by step."""
+    return losses_by_step(output), {int(s): float(g) for s, g in GRAD_NORM.findall(output)}
+
+
+def _assert_same_steps(runs: dict, a: str, b: str) -> None:
+    """Runs ``a`` and ``b`` (losses_and_norms) took the same 3 steps: norms within 1e-4, losses 1e-5."""
+    (a_losses, a_norms), (b_losses, b_norms) = runs[a], runs[b]
+    assert sorted(a_losses) == [1, 2, 3] and sorted(a_norms) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert a_norms[step] == pytest.approx(b_norms[step], rel=1e-4), (step, runs)
+        assert a_losses[step] == pytest.approx(b_losses[step], rel=1e-5, abs=1e-5), (step, runs)
 
 
 def _train(dump, steps: int, interval: int, ngpu: int = 1, *extra: str):
@@ -105,7 +123,6 @@ def test_one_process_accumulation_by_foreach_add_takes_the_steps_of_one_micro_ba
     """One process with 4 micro-batches of 1 (gradients by autograd.grad, summed by one foreach add
     each: neollm.train.accumulate_grads) against one micro-batch of 4 (autograd's own backward):
     the same sequences and initial weights, so the same gradient norm at step 1 and the same losses."""
-    grad_norm = __import__("re").compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*(\S+)")
     foreach_line = "added to .grad by one foreach add"
     runs = {}
     for local in ("1", "4"):
@@ -114,20 +131,14 @@ def test_one_process_accumulation_by_foreach_add_takes_the_steps_of_one_micro_ba
                              "--training.local_batch_size", local)
         assert result.returncode == 0, result.stdout[-4000:]
         assert (foreach_line in result.stdout) == (local == "1"), local
-        norms = {int(s): float(g) for s, g in grad_norm.findall(result.stdout)}
-        runs[local] = (losses_by_step(result.stdout), norms)
-    (acc_losses, acc_norms), (one_losses, one_norms) = runs["1"], runs["4"]
-    assert sorted(acc_losses) == [1, 2, 3] and sorted(acc_norms) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert acc_norms[step] == pytest.approx(one_norms[step], rel=1e-4), (step, runs)
-        assert acc_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5), (step, runs)
+        runs[local] = losses_and_norms(result.stdout)
+    _assert_same_steps(runs, "1", "4")
 
 
 def test_ddp_with_gradient_accumulation_takes_the_same_steps(tmp_path):
     """DDP (replicate 2, shard 1) sums the replicas' gradients; with two micro-batches per rank the
     gradients are reduced once, after both, so the run equals the one with one micro-batch of two
     (same initial weights and sequences per rank): same gradient norm at step 1, same losses."""
-    grad_norm = __import__("re").compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*(\S+)")
     ddp = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
     runs = {}
     for local in ("1", "2"):
@@ -137,13 +148,8 @@ def test_ddp_with_gradient_accumulation_takes_the_same_steps(tmp_path):
         assert result.returncode == 0, result.stdout[-4000:]
         assert "dp_replicate=2, dp_shard=1" in result.stdout
         assert f"gradient accumulation steps {2 // int(local)}" in result.stdout
-        norms = {int(s): float(g) for s, g in grad_norm.findall(result.stdout)}
-        runs[local] = (losses_by_step(result.stdout), norms)
-    (acc_losses, acc_norms), (one_losses, one_norms) = runs["1"], runs["2"]
-    assert sorted(acc_losses) == [1, 2, 3] and sorted(acc_norms) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert acc_norms[step] == pytest.approx(one_norms[step], rel=1e-4), (step, runs)
-        assert acc_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5), (step, runs)
+        runs[local] = losses_and_norms(result.stdout)
+    _assert_same_steps(runs, "1", "2")
 
 
 @pytest.mark.slow

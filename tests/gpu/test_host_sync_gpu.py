@@ -55,7 +55,8 @@ def test_pending_loss_checks_do_not_wait_for_the_device():
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_whole_model_compile_with_cuda_graphs_trains_like_eager(micro_batches, flavor):
     """Whole-model CUDA graphs ([compile] mode "reduce-overhead", scope "model") train like eager, with
-    gradients zeroed as the trainer does under that mode (neollm.train.zero_grads_in_place). With two
+    gradients zeroed and summed as the one-process trainer does under that mode
+    (neollm.train.zero_grads_in_place, accumulate_grads). With two
     micro-batches per step and set_to_none zeroing, the second replay overwrote the first one's
     gradients ("accessing tensor output of CUDAGraphs that has been overwritten", H200, 2026-12-05).
     `plain` passed on an H100 (2026-12-05); the card's flavor (its technique kernels inside the graphs)
@@ -63,7 +64,7 @@ def test_whole_model_compile_with_cuda_graphs_trains_like_eager(micro_batches, f
     from neollm.model.args import FLAVORS
     from neollm.model.model import NeoLLM
     from neollm.parallelize import compile_model_for_training
-    from neollm.train import zero_grads_in_place
+    from neollm.train import accumulate_grads, zero_grads_in_place
 
     if flavor == "plain":
         args = dataclasses.replace(FLAVORS["plain"], n_layers=2, vocab_size=1024, max_seq_len=128)
@@ -82,12 +83,13 @@ def test_whole_model_compile_with_cuda_graphs_trains_like_eager(micro_batches, f
         batches = [torch.randint(0, 1024, (4, 128), device="cuda", generator=gen) for _ in range(micro_batches)]
         losses = []
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(4):
-            zero_grads_in_place(model.parameters())
+            zero_grads_in_place(params)
             step_loss = 0.0
-            for tokens in batches:
+            for tokens in batches:  # as the one-process trainer: autograd.grad, one foreach add
                 loss = model(tokens, tokens)
-                loss.backward()
+                accumulate_grads(params, torch.autograd.grad(loss, params, allow_unused=True))
                 step_loss += loss.detach().clone()
             opt.step()
             losses.append(float(step_loss))
