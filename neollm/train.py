@@ -119,7 +119,9 @@ class NeoLLMTrainer(Trainer):
         # Data-parallel wrappers hook autograd's own accumulation, so they keep backward().
         self.foreach_accumulation = self.parallel_dims.world_size == 1 and (
             self.gradient_accumulation_steps > 1 or self.grads_in_place)
-        self._grad_params: list | None = None
+        # The parameters whose gradients it takes (a checkpoint loads into them in place, later)
+        self._grad_params = [p for part in self.model_parts for p in part.parameters()
+                             if p.requires_grad] if self.foreach_accumulation else []
         if self.foreach_accumulation:
             logger.info("one process: each micro-batch's gradients are added to .grad by one foreach add")
 
@@ -145,7 +147,7 @@ class NeoLLMTrainer(Trainer):
             loss = super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
-        # Under [compile] mode "reduce-overhead" the loss is a CUDA-graph output that the next
+        # Under CUDA graphs (CUDA_GRAPH_MODES) the loss is a CUDA-graph output that the next
         # micro-batch's replay overwrites (H200, micro-batch 8 of 64: "accessing tensor output of
         # CUDAGraphs that has been overwritten"): keep a copy, one scalar kernel.
         loss = loss.detach().clone()
@@ -157,8 +159,6 @@ class NeoLLMTrainer(Trainer):
         gradients taken by ``torch.autograd.grad`` and summed into ``.grad`` by accumulate_grads."""
         import torch
 
-        if self._grad_params is None:
-            self._grad_params = [p for p in self.model_parts[0].parameters() if p.requires_grad]
         inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(input_dict, labels)
         with self.train_context():
             with self.maybe_enable_amp:
