@@ -23,7 +23,8 @@ from torch import Tensor
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.model import NeoLLM, build_model
 
-__all__ = ["STEP_FOLDER", "read_dcp_metadata", "validate_checkpoint", "checkpoint_steps", "resolve_checkpoint",
+__all__ = ["STEP_FOLDER", "read_dcp_metadata", "validate_checkpoint", "holds_training_state", "checkpoint_steps",
+           "resolve_checkpoint",
            "checkpoint_shapes", "load_checkpoint", "load_model"]
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
@@ -57,6 +58,15 @@ def validate_checkpoint(path: str) -> str | None:
         if size < end:
             return f"{name} is truncated ({size} bytes, {end} expected)"
     return None
+
+
+def holds_training_state(path: str) -> bool:
+    """Whether a valid checkpoint folder can resume training (torchtitan's full save: step, optimizer,
+    data position) rather than only hold the model (``[checkpoint] last_save_model_only``'s final save,
+    or an HF export)."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return False
+    return any(k.startswith("train_state.") for k in read_dcp_metadata(path).state_dict_metadata)
 
 
 def checkpoint_steps(folder: str) -> list[int]:

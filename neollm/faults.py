@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.tools.logging import logger
 
-from neollm.checkpoint import (checkpoint_shapes, checkpoint_steps, read_dcp_metadata, shape_mismatches,
-                               validate_checkpoint)
+from neollm.checkpoint import (checkpoint_shapes, checkpoint_steps, holds_training_state, read_dcp_metadata,
+                               shape_mismatches, validate_checkpoint)
 from neollm.errors import ConfigError
 
 INJECT_ENV = "NEOLLM_INJECT_BAD_LOSS"
@@ -69,8 +69,39 @@ class NeoLLMCheckpointManager(CheckpointManager):
                 return False
         self._resolved_step = step
         if self.enable and step not in (-1, 0):
-            self._check_model_fits(self._create_checkpoint_id(step))
+            path = self._create_checkpoint_id(step)
+            if not holds_training_state(path):
+                return self._resume_from_model_only(step, path)
+            self._check_model_fits(path)
         return super().load(step)
+
+    final_step: int | None = None
+    """The run's ``training.steps`` (set by the trainer)."""
+
+    def _resume_from_model_only(self, step: int, path: str) -> bool:
+        """The newest (or named) checkpoint holds only the model: the final save of a run with
+        ``[checkpoint] last_save_model_only = true``. At or past ``training.steps`` the run has
+        finished (it was stopped after its last save, before it exited): mark the step reached and
+        train nothing, as torchtitan does with a full final checkpoint; the weights are not loaded,
+        since no step uses them. Before it, stop with what to do instead (no optimizer, schedule or
+        data position to resume from), never train on from a half-restored state."""
+        if self.final_step is not None and step >= self.final_step:
+            logger.warning(f"{path} is this run's final checkpoint (model only): training finished at step "
+                           f"{step} of {self.final_step}; nothing to train")
+            train_state = self.states["train_state"]
+            train_state.load_state_dict({**train_state.state_dict(), "step": step})
+            return True
+        full = [s for s in checkpoint_steps(self.folder)
+                if s < step and validate_checkpoint(self._create_checkpoint_id(s)) is None
+                and holds_training_state(self._create_checkpoint_id(s))]
+        earlier = (f"; or resume the newest full checkpoint with --checkpoint.load_step {full[-1]}" if full
+                   else "")
+        raise ConfigError(
+            f"[checkpoint] {path} holds only the model (the final save of a {step}-step run with "
+            f"[checkpoint] last_save_model_only = true), so training cannot resume from it to step "
+            f"{self.final_step} (no optimizer, schedule or data position). Train on from its weights in a new "
+            f"--job.dump_folder with --checkpoint.initial_load_path {path} --checkpoint.initial_load_model_only"
+            f"{earlier}")
 
     def _check_model_fits(self, path: str) -> None:
         """Refuse, naming the parameters, a checkpoint whose model parameters differ in name or shape from

@@ -133,6 +133,7 @@ class NeoLLMTrainer(Trainer):
         self.checkpointer.states["rng"] = RNGState()
         self.checkpointer.states["loss_guard"] = guard
         self.checkpointer.before_save = self._settle_loss_checks
+        self.checkpointer.final_step = self.job_config.training.steps
         self.loss_guard = guard
         self.pending_checks = PendingChecks()
         self._step_losses: list = []

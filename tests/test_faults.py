@@ -149,6 +149,48 @@ def test_resuming_with_another_model_names_the_parameters(reference, tmp_path):
     assert "Resume with the flavor and [model] overrides it was written with" in result.stdout
 
 
+def model_only_copy(full: Path) -> None:
+    """Rewrite the full checkpoint ``full`` in place as the model-only final save of
+    ``[checkpoint] last_save_model_only = true`` (torchtitan's flat model keys alone)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = full.parent / "flat.pt"
+    dcp_to_torch_save(str(full), str(flat))
+    state = torch.load(flat, weights_only=False)
+    model = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.split(".")[0] not in
+             ("optimizer", "lr_scheduler", "dataloader", "train_state", "rng", "loss_guard")}
+    assert "tok_embeddings.weight" in model and len(model) < len(state)
+    shutil.rmtree(full)
+    flat.unlink()
+    dcp.save(model, checkpoint_id=str(full), no_dist=True)
+
+
+@pytest.mark.slow
+def test_a_model_only_final_checkpoint_ends_a_rerun_or_says_how_to_train_on(reference, tmp_path):
+    """A run stopped after its final model-only save (before it exited) is finished: the same
+    command again trains nothing and exits 0 (it crashed in DCP's load, "Missing key ... dataloader",
+    when an ablation grid was rerun). More steps from it stop with what to do instead."""
+    dump = tmp_path / "finished"
+    shutil.copytree(reference[0], dump)
+    model_only_copy(dump / "checkpoint" / f"step-{STEPS}")
+    from neollm.checkpoint import holds_training_state
+
+    assert not holds_training_state(str(dump / "checkpoint" / f"step-{STEPS}"))
+    assert holds_training_state(str(dump / "checkpoint" / "step-4"))
+    again = run_trainer("--job.dump_folder", str(dump), *SMALL, timeout=300)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert f"training finished at step {STEPS} of {STEPS}; nothing to train" in again.stdout
+    assert not [s for s, _ in re.findall(r"(?<!validate )step:\s*(\d+)\s+loss", again.stdout)]
+
+    more = run_trainer("--job.dump_folder", str(dump), *SMALL[:1], str(STEPS + 2), *SMALL[2:], timeout=300)
+    assert more.returncode != 0
+    assert (f"holds only the model (the final save of a {STEPS}-step run with [checkpoint] last_save_model_only "
+            f"= true), so training cannot resume from it to step {STEPS + 2}") in more.stdout, more.stdout[-3000:]
+    assert "--checkpoint.initial_load_path" in more.stdout and "--checkpoint.load_step 4" in more.stdout
+
+
 @pytest.mark.slow
 def test_kill9_broken_checkpoints_sigterm_then_resume_bit_identical(reference, tmp_path):
     expected = jsonl_losses(reference[0])
