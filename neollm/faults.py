@@ -68,7 +68,7 @@ class NeoLLMCheckpointManager(CheckpointManager):
             if step == -1:
                 return False
         self._resolved_step = step
-        if self.enable and step not in (-1, 0):
+        if self.enable and step not in (-1, 0) and os.path.isdir(self.folder):
             path = self._create_checkpoint_id(step)
             if not holds_training_state(path):
                 return self._resume_from_model_only(step, path)
@@ -98,8 +98,8 @@ class NeoLLMCheckpointManager(CheckpointManager):
                    else "")
         raise ConfigError(
             f"[checkpoint] {path} holds only the model (the final save of a {step}-step run with "
-            f"[checkpoint] last_save_model_only = true), so training cannot resume from it to step "
-            f"{self.final_step} (no optimizer, schedule or data position). Train on from its weights in a new "
+            f"[checkpoint] last_save_model_only = true), so training cannot resume from it"
+            f"{'' if self.final_step is None else f' to step {self.final_step}'} (no optimizer, schedule or data position). Train on from its weights in a new "
             f"--job.dump_folder with --checkpoint.initial_load_path {path} --checkpoint.initial_load_model_only"
             f"{earlier}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_prepared_assets, run_trainer
+from conftest import LOSS_LINE, REPO, require_prepared_assets, run_trainer
 
 STEPS = 6
 SMALL = ("--training.steps", str(STEPS), "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2",
@@ -189,6 +189,13 @@ def test_a_model_only_final_checkpoint_ends_a_rerun_or_says_how_to_train_on(refe
     assert (f"holds only the model (the final save of a {STEPS}-step run with [checkpoint] last_save_model_only "
             f"= true), so training cannot resume from it to step {STEPS + 2}") in more.stdout, more.stdout[-3000:]
     assert "--checkpoint.initial_load_path" in more.stdout and "--checkpoint.load_step 4" in more.stdout
+
+    # a --checkpoint.load_step in a new dump folder (no checkpoint folder yet) trains from scratch, as in
+    # torchtitan; it once took the missing step for a finished run's final save and trained nothing
+    fresh = run_trainer("--job.dump_folder", str(tmp_path / "fresh"), *SMALL[:1], "1", *SMALL[2:],
+                        "--checkpoint.load_step", str(STEPS), timeout=300)
+    assert fresh.returncode == 0, fresh.stdout[-4000:]
+    assert "nothing to train" not in fresh.stdout and LOSS_LINE.search(fresh.stdout), fresh.stdout[-3000:]
 
 
 @pytest.mark.slow
