@@ -150,13 +150,17 @@ INJECTED = {
 
 
 INJECTED_INVERSE = {  # the diagonal step by inverted blocks (lucid.DIAGONAL "inverse")
-    "inverse's mask includes the diagonal": [("inside = rr[:, None] > rr[None, :]",
-                                              "inside = rr[:, None] >= rr[None, :]")],
+    "inverse joins blocks twice too large": [("size = 2 << level", "size = 4 << level")],
     "transposed solve applies D^-1, not D^-T": [("                    dinv = tl.trans(dinv)\n",
                                                  "                    dinv = dinv\n")],
     "inverse read from the next block": [("n_blocks + r0 // BR) * BR * BR",
                                           "n_blocks + (r0 // BR + 1) % n_blocks) * BR * BR")],
-    "inverse skips its first column": [("for i in range(0, BR):", "for i in range(1, BR):")],
+    "inverse skips its last doubling level": [("for level in tl.static_range(0, LEVELS):",
+                                               "for level in tl.static_range(0, LEVELS - 1):")],
+    "inverse adds the coupling term": [("inv = inv - tl.dot(tl.dot(inv, coupling",
+                                        "inv = inv + tl.dot(tl.dot(inv, coupling")],
+    "inverse couples the halves the wrong way round": [("second_half[:, None] & ~second_half[None, :]",
+                                                        "~second_half[:, None] & second_half[None, :]")],
 }
 
 

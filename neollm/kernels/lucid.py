@@ -26,8 +26,10 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
 
 The diagonal block ``D_i = I + N`` (``N`` strictly lower) is applied as ``D_i^-1``, which
 ``_diagonal_inverse_kernel`` computes for all blocks in parallel first (``DIAGONAL = "inverse"``, the
-default, ``NEOLLM_LUCID_DIAGONAL``), or with "substitute" solved in registers by column-wise
-substitution (``BR`` rank-1 updates) inside the walk.
+default, ``NEOLLM_LUCID_DIAGONAL``) by recursive doubling (``_doubling_inverse``: log2(BR) levels of two
+tensor-core products; until the twenty-first session by BR sequential rank-1 updates, the same
+error), or with "substitute" solved in registers by column-wise substitution (``BR`` rank-1 updates)
+inside the walk.
 The repeated-squaring product form ``(I+N)^-1 = (I-N)(I+N^2)(I+N^4)...`` is not used: with correlated
 keys (entries of N near 1) the powers of N grow like binomial coefficients and cancel: in fp32 its
 relative error against fp64 was 10 (noise 0.3) to 1e9 (noise 0.1), where substitution's was below 6e-7
@@ -150,11 +152,31 @@ if triton is not None:
         return rhs
 
     @triton.jit
+    def _doubling_inverse(k_r, r_ok, rr, scale, shift, DOTS: tl.constexpr, LEVELS: tl.constexpr):
+        """``D^-1`` of the diagonal block ``D = I + N`` (N strictly lower) of the rows ``k_r``, by recursive
+        doubling on tensor cores: ``M`` holds the inverses of D's diagonal sub-blocks of size s (at first
+        1: the identity); for each block of size 2s = [[A, 0], [C, B]], ``M - M C M`` puts
+        ``-B^-1 C A^-1`` below ``diag(A^-1, B^-1)``: its inverse. ``LEVELS`` = log2(BR) levels of two
+        products each, where the substitution (``_diagonal_solve``) makes BR sequential rank-1 updates.
+        Every M is an exact sub-block inverse (no cancelling powers of N, unlike the product form):
+        in fp32 its error against fp64 was within 1.3x the substitution's (BR 32 and 64, d 64, keys a
+        shared direction + 0.05 to 10 noise: 1e-7 to 5e-10)."""
+        e = _exp_gram(k_r, k_r, scale, shift, DOTS)  # each level below takes only its strictly lower part
+        n = tl.where(r_ok[:, None] & r_ok[None, :], e, 0.0)
+        inv = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
+        for level in tl.static_range(0, LEVELS):
+            size = 2 << level  # the blocks joined at this level; their halves are inverted already
+            same_block = (rr[:, None] // size) == (rr[None, :] // size)
+            second_half = (rr % size) >= (size // 2)
+            coupling = tl.where(same_block & second_half[:, None] & ~second_half[None, :], n, 0.0)
+            inv = inv - tl.dot(tl.dot(inv, coupling, input_precision=DOTS), inv, input_precision=DOTS)
+        return inv
+
+    @triton.jit
     def _diagonal_inverse_kernel(k_ptr, k_sb, k_sh, k_st, dinv_ptr, n_heads, seq_len, head_dim, scale, shift,
-                                 DOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+                                 DOTS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, LEVELS: tl.constexpr):
         """One (batch, head, row block i): ``D_i^-1`` of the diagonal block ``D_i = I + N`` (N strictly
-        lower): the substitution kernel's diagonal step (``_diagonal_solve``) on the identity, here for
-        every block at once instead of one block after another.
+        lower) by recursive doubling (``_doubling_inverse``), for every block at once.
         ``dinv``: contiguous fp32 ``[B*H, n_blocks, BR, BR]``; padded rows get identity rows."""
         pid = tl.program_id(0)
         blk = tl.program_id(1)
@@ -166,8 +188,7 @@ if triton is not None:
         r_ok = rows < seq_len
         k_r = tl.load(k_base + rows[:, None] * k_st + dd[None, :], mask=r_ok[:, None] & (dd < head_dim)[None, :],
                       other=0.0).to(tl.float32)
-        identity = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
-        inv = _diagonal_solve(k_r, r_ok, identity, rr, scale, shift, DOTS, BR, False)
+        inv = _doubling_inverse(k_r, r_ok, rr, scale, shift, DOTS, LEVELS)
         out = dinv_ptr + (pid.to(tl.int64) * tl.num_programs(1) + blk) * BR * BR
         tl.store(out + rr[:, None] * BR + rr[None, :], inv)
 
@@ -374,7 +395,10 @@ sequential rank-1 updates per block). On an H100 (tools/bench_attention.py --luc
 forward + backward at batch 64 against 0.615 + 1.490, and 0.209 + 0.310 against 0.377 + 0.495 at batch 8,
 with the same error against fp64 (X 5.7e-6, dK 8.7e-6). The backward's transposed solve inverts the blocks
 again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), as the op keeps only X and
-the keys. ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
+the keys. Those timings are of the inverses by BR rank-1 updates; since the twenty-first session
+they come by recursive doubling on tensor cores (``_doubling_inverse``; not yet timed on a GPU: the
+twentieth session's trainer profile put the old inverses at 3.9 ms of a 64 x 512 step's ~101 ms).
+``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
 SOLVES = ("auto", "walk", "lookback")
@@ -476,7 +500,8 @@ def diagonal_inverses(kr: torch.Tensor, *, dots: str | None = None, block_rows: 
     dinv = torch.empty(b * h, n_blocks, br, br, device=kr.device, dtype=torch.float32)
     if dinv.numel():
         _diagonal_inverse_kernel[(b * h, n_blocks)](kr, *ks, dinv, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
-                                                    DOTS=_dots(dots), BR=br, BD=bd, num_warps=warps)
+                                                    DOTS=_dots(dots), BR=br, BD=bd, LEVELS=br.bit_length() - 1,
+                                                    num_warps=warps)
     return dinv
 
 
