@@ -77,6 +77,12 @@ class Optimizer:
     a relative error of order 1e-3 in the update by TF32's rounding; +4.4% tok/s for NeoLLM-135M on an H100,
     its loss A/B not yet run; neollm/optim/conda.py)."""
 
+    conda_basis: str = "svd"
+    """Conda: where the SVDs of each basis refresh (every conda_update_proj_gap steps) run: "svd" one
+    after another on the device (the reference; 2.1 s a refresh for NeoLLM-135M on an H100), "svd-batched"
+    one batched SVD per matrix shape, "svd-cpu" on the host's CPU threads; the same bases up to rounding
+    and signs (neollm/optim/conda.py)."""
+
 
 @dataclass
 class LRScheduler:

@@ -387,13 +387,14 @@ def test_kernel_launch_sweeps_parse_sizes_and_restore_the_module_constants():
 
 def test_bench_optim_times_every_optimizer_and_records_where(tmp_path, capsys):
     """tools/bench_optim.py on the debug flavor with a smaller vocabulary: one row per optimizer (the
-    TF32 Conda row among them), the embedding's rows from --vocab, device, date and commit in the JSON."""
+    TF32 Conda row and the refresh's SVD placements among them), the embedding's rows from --vocab, device, date and commit in the JSON."""
     out = tmp_path / "optim.json"
     assert load_tool("bench_optim").main(["--flavor", "debug", "--vocab", "1000", "--steps", "1", "--warmup", "0",
                                           "--device", "cpu", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"device", "date", "commit"} <= set(data) and data["command"].endswith(f"--json {out}")
     names = [row["optimizer"] for row in data["rows"]]
-    assert "Conda batched, TF32 products (no SVD)" in names and len(names) == 7
+    assert "Conda batched, TF32 products (no SVD)" in names and len(names) == 9
+    assert "Conda (SVD refresh every step, svd-cpu)" in names
     assert all(row["step_ms"] > 0 for row in data["rows"])
     assert data["parameters"] < 20_000_000  # the debug flavor's 20.2M with its own vocabulary

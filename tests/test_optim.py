@@ -246,6 +246,54 @@ def test_conda_precision_reaches_the_optimizer_from_the_config():
         check_ranges(job)
 
 
+@pytest.mark.parametrize("basis", ["svd-batched", "svd-cpu"])
+def test_conda_basis_methods_take_the_reference_steps(basis):
+    """Every way of running the basis refresh's SVDs gives the reference's parameters (bases refreshed
+    every other step; tall, wide and square matrices, two of one shape for the batched SVD, a vector),
+    on the batched and the per-tensor step; the bases are their own tensors (not views of a stack, which
+    a checkpoint would write whole), and each sign of a singular vector cancels in the update."""
+    shapes = [(12, 5), (12, 5), (5, 12), (6, 6), (7,)]
+
+    def run(method: str, foreach: bool) -> tuple[list[torch.Tensor], Conda]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = Conda(params, lr=1e-2, update_proj_gap=2, foreach=foreach, basis=method)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    for foreach in (True, False):
+        reference, _ = run("svd", foreach)
+        got, opt = run(basis, foreach)
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        projectors = [opt.state[p]["projector"] for group in opt.param_groups for p in group["params"]
+                      if p.ndim == 2]
+        assert len(projectors) == 4 and all(t._base is None for t in projectors)
+    flipped = Conda([nn.Parameter(torch.zeros(3, 3))])  # a sign flip of one basis vector: the same direction
+    g, m, v = torch.randn(3, 3), torch.randn(3, 3), torch.rand(3, 3)
+    basis_a = torch.linalg.qr(torch.randn(3, 3))[0].T.contiguous()
+    basis_b = basis_a * torch.tensor([[1.0], [-1.0], [1.0]])
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "scale": 0.25}
+    torch.testing.assert_close(flipped._direction_local(g, m, v.clone(), basis_a, group, True),
+                               flipped._direction_local(g, m, v.clone(), basis_b, group, True))
+    with pytest.raises(ValueError, match="svd, svd-batched, svd-cpu"):
+        Conda([nn.Parameter(torch.zeros(2, 2))], basis="qr")
+
+
+def test_conda_basis_reaches_the_optimizer_from_the_config():
+    from neollm.errors import ConfigError
+
+    optimizers = build_neollm_optimizers([Small()], _config("Conda", conda_basis="svd-cpu"), parallel_dims=None)
+    assert {opt.basis for opt in optimizers.optimizers} == {"svd-cpu"}
+    default = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
+    assert {opt.basis for opt in default.optimizers} == {"svd"}
+    with pytest.raises(ConfigError, match="conda_basis 'qr' is unknown: choose one of svd, svd-batched, svd-cpu"):
+        build_neollm_optimizers([Small()], _config("Conda", conda_basis="qr"), parallel_dims=None)
+
+
 def test_conda_batched_step_equals_per_tensor_step_with_lagging_tensors():
     """Tensors without a gradient at some steps fall behind in step count: the batched step buckets
     them by step and still equals the per-tensor step."""

@@ -3,7 +3,8 @@
 The model's parameters (fp32, on the device) get random gradients; each optimizer is built with
 NeoLLM's parameter groups (no decay on norms, gains, biases) and stepped ``--steps`` times after
 ``--warmup``. Conda recomputes each matrix's SVD basis every ``update_proj_gap`` steps: its table
-shows a plain step and a step that refreshes the bases separately, and its batched step with the
+shows a plain step and a step that refreshes the bases separately (the SVDs one by one on the device,
+batched by shape, or on the host's CPU threads: ``[optimizer] conda_basis``), and its batched step with the
 projections' products in TF32 (``[optimizer] conda_precision = "tf32"``). ``--vocab`` sets the
 embedding's rows (the ablation TOML trains 64,402; the flavors' default is Qwen3's full vocabulary).
 
@@ -43,6 +44,10 @@ def candidates(device: torch.device) -> dict:
                                                                  precision="tf32"),
         "Conda per tensor (for-loop, no SVD)": lambda g: Conda(g, lr=6e-4, update_proj_gap=10**9, foreach=False),
         "Conda (SVD refresh every step)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1),
+        # the refresh's SVDs batched by shape, or on the host's CPU threads ([optimizer] conda_basis)
+        "Conda (SVD refresh every step, svd-batched)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1,
+                                                                      basis="svd-batched"),
+        "Conda (SVD refresh every step, svd-cpu)": lambda g: Conda(g, lr=6e-4, update_proj_gap=1, basis="svd-cpu"),
     }
 
 

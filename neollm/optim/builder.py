@@ -7,7 +7,8 @@ Differences from torchtitan's ``build_optimizers``:
   one group and so also decays norm gains, biases and scalar technique parameters (pulling
   e.g. RMSNorm gains towards 0): a known deficiency this builder fixes for AdamW too;
 * ``[optimizer] name`` may also be "AdEMAMix" (extra keys beta3, alpha, t_alpha, t_beta3) or
-  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias, conda_version, conda_precision); see neollm/config.py.
+  "Conda" (conda_update_proj_gap, conda_scale, conda_correct_bias, conda_version, conda_precision,
+  conda_basis); see neollm/config.py.
 
 The container is a torchtitan ``OptimizersContainer`` (one optimizer per model part), so
 checkpointing (DCP ``get/set_optimizer_state_dict``, flattened) and the LR schedulers work
@@ -28,6 +29,7 @@ from torchtitan.distributed import ParallelDims
 
 from neollm.errors import ConfigError
 from neollm.optim.ademamix import AdEMAMix
+from neollm.optim.conda import BASES as CONDA_BASES
 from neollm.optim.conda import PRECISIONS as CONDA_PRECISIONS
 from neollm.optim.conda import VERSIONS as CONDA_VERSIONS
 from neollm.optim.conda import Conda
@@ -55,6 +57,8 @@ class NeoLLMOptimizersContainer(OptimizersContainer):
 CONDA_SETTINGS = {
     "conda_version": (CONDA_VERSIONS, "the author's Conda_optimizer.py by commit date; neollm/optim/conda.py"),
     "conda_precision": (CONDA_PRECISIONS, "IEEE fp32 or TF32 tensor-core products in Conda's projections"),
+    "conda_basis": (CONDA_BASES, "where the SVDs of Conda's basis refresh run: one by one on the device, "
+                                 "batched by shape, or on the host's CPU threads"),
 }
 
 
@@ -98,6 +102,7 @@ def optimizer_class_and_kwargs(config) -> tuple[type, dict[str, Any]]:
             "scale": getattr(config, "conda_scale", 0.25),
             "version": conda_setting(config, "conda_version"),
             "precision": conda_setting(config, "conda_precision"),
+            "basis": conda_setting(config, "conda_basis"),
             # batched step: "foreach" on, "for-loop" off, "fused" (no fused kernel) = on CUDA only
             "foreach": {"foreach": True, "for-loop": False}.get(implementation),
         }

@@ -72,14 +72,26 @@ the step alone is bound by its ~10.7 ms of launches either way (BENCHMARKS.md, t
 for the optimizer step only and restored after it, so compiled model code never sees it change. No
 effect on a CPU.
 
+Bases (``basis``, TOML ``[optimizer] conda_basis``): every ``update_proj_gap`` steps each matrix's basis
+is recomputed from an SVD of its m (181 matrices in NeoLLM-135M; on an H100 such a step took 2.1 s with the
+SVDs one after another on the GPU, ~4% of a long run's time: BENCHMARKS.md, twenty-first session).
+"svd" (the default) runs them so, as the reference; "svd-batched" runs one batched SVD per matrix
+shape; "svd-cpu" copies all m to the host at once and runs the SVDs there in parallel threads. The
+same float32 SVDs: the bases differ by rounding and by each singular vector's sign, which the update
+does not see (a basis vector and its projected coordinate flip together; v holds squares). Which is
+fastest on a GPU machine is for tools/bench_optim.py to say; sharded (DTensor) matrices are gathered
+and take their SVDs one at a time on the device's or the host's side.
+
 State per parameter: ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq`` (parameter-sized)
 and, for matrices, ``projector`` (the basis). All are tensors, so DCP checkpoints them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
+import os
 from collections import defaultdict
 from typing import Iterable
 
@@ -93,6 +105,8 @@ VERSIONS = ("2025-10-26", "2026-04-16")
 """The author's Conda_optimizer.py versions on offer, by commit date (see the module docstring)."""
 PRECISIONS = ("ieee", "tf32")
 """The projections' fp32 matmul precisions on offer (see the module docstring)."""
+BASES = ("svd", "svd-batched", "svd-cpu")
+"""Where the SVDs behind the bases run (see the module docstring, "Bases")."""
 
 
 @contextlib.contextmanager
@@ -112,13 +126,46 @@ def fp32_products(precision: str):
 def svd_basis(matrix: torch.Tensor, right: bool | None = None) -> torch.Tensor:
     """The reference's orthogonal basis of a full (plain) matrix: Vh if ``right`` (default:
     rows >= cols) else U, from an SVD computed in float32 (as the reference does for every dtype,
-    float64 included), returned in the matrix's dtype."""
-    orig_dtype = matrix.dtype
+    float64 included), returned in the matrix's dtype. A stack of matrices ``[k, rows, cols]`` gives
+    the stack of their bases (one batched SVD)."""
     with fp32_products("ieee"):
-        U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    right = _is_right(matrix.shape) if right is None else right
-    basis = Vh if right else U
-    return basis.to(orig_dtype).contiguous()
+        return _svd_basis(matrix, right)
+
+
+def _svd_basis(matrix: torch.Tensor, right: bool | None = None) -> torch.Tensor:
+    """``svd_basis`` without touching the matmul precision flag (a global: threads must not set it)."""
+    U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    right = _is_right(matrix.shape[-2:]) if right is None else right
+    return (Vh if right else U).to(matrix.dtype).contiguous()
+
+
+def svd_bases(matrices: list[torch.Tensor], rights: list[bool], method: str = "svd") -> list[torch.Tensor]:
+    """``svd_basis`` of each plain matrix, by ``method`` (one of BASES): "svd" one SVD after another on
+    the matrices' device (the reference), "svd-batched" one batched SVD per shape, "svd-cpu" every
+    matrix copied to the host at once and the SVDs run there, in parallel threads, the bases copied
+    back. The same SVD of the same float32 matrices: the bases differ only by rounding and by the sign
+    of each singular vector, which the direction does not see (a vector and its coordinate flip together)."""
+    if method == "svd":
+        return [svd_basis(m, r) for m, r in zip(matrices, rights)]
+    if method == "svd-batched":
+        out: list[torch.Tensor | None] = [None] * len(matrices)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (m, r) in enumerate(zip(matrices, rights)):
+            groups[(tuple(m.shape), r, m.device, m.dtype)].append(i)
+        for (_, right, _, _), idx in groups.items():
+            for i, basis in zip(idx, svd_basis(torch.stack([matrices[i] for i in idx]), right).unbind(0)):
+                out[i] = basis.clone()  # its own storage: a view would checkpoint the whole stack
+        return out
+    if method == "svd-cpu":
+        if not matrices:
+            return []
+        flat = torch.cat([m.float().reshape(-1) for m in matrices]).cpu()  # one copy, one wait
+        hosts = [t.view(m.shape) for t, m in zip(flat.split([m.numel() for m in matrices]), matrices)]
+        workers = max(1, min(len(hosts), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # LAPACK releases the GIL
+            bases = list(pool.map(_svd_basis, hosts, rights))
+        return [b.to(device=m.device, dtype=m.dtype) for b, m in zip(bases, matrices)]
+    raise ValueError(f"Conda: basis {method!r} is unknown: choose one of {', '.join(BASES)}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +238,10 @@ class Conda(Optimizer):
         foreach: bool | None = None,
         version: str = "2025-10-26",
         precision: str = "ieee",
+        basis: str = "svd",
     ) -> None:
+        if basis not in BASES:
+            raise ValueError(f"Conda: basis {basis!r} is unknown: choose one of {', '.join(BASES)}")
         if version not in VERSIONS:
             raise ValueError(f"Conda: version {version!r} is unknown: choose one of {', '.join(VERSIONS)}")
         if precision not in PRECISIONS:
@@ -214,6 +264,7 @@ class Conda(Optimizer):
         self.version = version  # kept out of the param groups for the same reason
         self.square_right = version == "2025-10-26"
         self.precision = precision  # kept out of the param groups for the same reason
+        self.basis = basis  # likewise
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -267,9 +318,25 @@ class Conda(Optimizer):
     def _right(self, shape) -> bool:
         return _is_right(shape, self.square_right)
 
+    @staticmethod
+    def _basis_due(state: dict, step: int, group: dict) -> bool:
+        return "projector" not in state or step % group["update_proj_gap"] == 0
+
     def _refresh_basis(self, state: dict, step: int, group: dict, shape) -> None:
-        if "projector" not in state or step % group["update_proj_gap"] == 0:
+        if self._basis_due(state, step, group):
             state["projector"] = self._basis(state["exp_avg"], self._right(shape))
+
+    def _refresh_bases(self, params: list[torch.Tensor], states: list[dict], step: int, group: dict) -> None:
+        """The due bases of a foreach bucket's matrices together (``self.basis``: all SVDs at once)."""
+        due = [i for i, p in enumerate(params) if p.ndim == 2 and self._basis_due(states[i], step, group)]
+        plain = [i for i in due if not isinstance(states[i]["exp_avg"], DTensor)]
+        for i in due:
+            if i not in plain:  # sharded: gathered and broadcast one matrix at a time
+                self._refresh_basis(states[i], step, group, params[i].shape)
+        bases = svd_bases([states[i]["exp_avg"] for i in plain], [self._right(params[i].shape) for i in plain],
+                          self.basis)
+        for i, basis in zip(plain, bases):
+            states[i]["projector"] = basis
 
     def _update_single(self, p: torch.Tensor, state: dict, step: int, group: dict) -> None:
         """One tensor: the reference's order of operations."""
@@ -323,10 +390,10 @@ class Conda(Optimizer):
 
         batches: dict[tuple, list[int]] = defaultdict(list)
         gathered: dict[tuple, list[int]] = defaultdict(list)
+        self._refresh_bases(params, states, step, group)
         for i, p in enumerate(params):
             if p.ndim != 2:
                 continue
-            self._refresh_basis(states[i], step, group, p.shape)
             right = self._right(p.shape)
             shard_dims = _shard_dims(p.grad) if isinstance(p, DTensor) and _row_sharded(p.grad) else None
             if not isinstance(p, DTensor) or (shard_dims is not None and (right or not shard_dims)):
@@ -406,12 +473,12 @@ class Conda(Optimizer):
 
     # -- basis -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _basis(exp_avg: torch.Tensor, right: bool) -> torch.Tensor:
+    def _basis(self, exp_avg: torch.Tensor, right: bool) -> torch.Tensor:
         if not isinstance(exp_avg, DTensor):
-            return svd_basis(exp_avg, right)
+            return svd_bases([exp_avg], [right], self.basis)[0]
         mesh = exp_avg.device_mesh
-        basis = svd_basis(exp_avg.full_tensor(), right)  # all-gather of m, same SVD on every rank
+        # all-gather of m, the same SVD on every rank
+        basis = svd_bases([exp_avg.full_tensor()], [right], self.basis)[0]
         # Broadcast rank 0's basis (each Replicate mesh dim), so all ranks hold identical bits.
         return DTensor.from_local(basis, mesh, [Replicate()] * mesh.ndim, run_check=True).to_local()
 
