@@ -161,7 +161,11 @@ def svd_bases(matrices: list[torch.Tensor], rights: list[bool], method: str = "s
             return []
         flat = torch.cat([m.float().reshape(-1) for m in matrices]).cpu()  # one copy, one wait
         hosts = [t.view(m.shape) for t, m in zip(flat.split([m.numel() for m in matrices]), matrices)]
-        workers = max(1, min(len(hosts), os.cpu_count() or 1))
+        # each SVD may use torch's intra-op threads: share the cores this rank's process may use with the
+        # other ranks of the host, not one pool of all cores per rank
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = max(1, min(len(hosts), cores // (ranks * torch.get_num_threads())))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # LAPACK releases the GIL
             bases = list(pool.map(_svd_basis, hosts, rights))
         return [b.to(device=m.device, dtype=m.dtype) for b, m in zip(bases, matrices)]
