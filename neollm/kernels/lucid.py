@@ -160,7 +160,8 @@ if triton is not None:
         products each, where the substitution (``_diagonal_solve``) makes BR sequential rank-1 updates.
         Every M is an exact sub-block inverse (no cancelling powers of N, unlike the product form):
         in fp32 its error against fp64 was within 1.3x the substitution's (BR 32 and 64, d 64, keys a
-        shared direction + 0.05 to 10 noise: 1e-7 to 5e-10)."""
+        shared direction + 0.05 to 10 noise: 1e-7 to 5e-10). Its products take ``DOTS`` as every other
+        product here: with the opt-in "tf32" the inverse too is TF32 (the rank-1 updates were fp32 FMAs)."""
         e = _exp_gram(k_r, k_r, scale, shift, DOTS)  # each level below takes only its strictly lower part
         n = tl.where(r_ok[:, None] & r_ok[None, :], e, 0.0)
         inv = tl.where(rr[:, None] == rr[None, :], 1.0, 0.0)
