@@ -228,21 +228,25 @@ def test_conda_tf32_products_are_set_around_the_projections_only(monkeypatch, fo
         Conda([nn.Parameter(torch.zeros(2, 2))], precision="bf16")
 
 
-def test_conda_precision_reaches_the_optimizer_from_the_config():
+@pytest.mark.parametrize("key, attribute, value, default, bad, choices", [
+    ("conda_precision", "precision", "tf32", "ieee", "tf16", "ieee, tf32"),
+    ("conda_basis", "basis", "svd-cpu", "svd", "qr", "svd, svd-batched, svd-cpu"),
+])
+def test_conda_setting_reaches_the_optimizer_from_the_config(key, attribute, value, default, bad, choices):
     from neollm.errors import ConfigError
 
-    optimizers = build_neollm_optimizers([Small()], _config("Conda", conda_precision="tf32"), parallel_dims=None)
-    assert {opt.precision for opt in optimizers.optimizers} == {"tf32"}
-    default = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
-    assert {opt.precision for opt in default.optimizers} == {"ieee"}
-    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose one of ieee, tf32"):
-        build_neollm_optimizers([Small()], _config("Conda", conda_precision="tf16"), parallel_dims=None)
+    optimizers = build_neollm_optimizers([Small()], _config("Conda", **{key: value}), parallel_dims=None)
+    assert {getattr(opt, attribute) for opt in optimizers.optimizers} == {value}
+    defaults = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
+    assert {getattr(opt, attribute) for opt in defaults.optimizers} == {default}
+    with pytest.raises(ConfigError, match=f"{key} '{bad}' is unknown: choose one of {choices}"):
+        build_neollm_optimizers([Small()], _config("Conda", **{key: bad}), parallel_dims=None)
     import neollm  # noqa: F401  (registers the config's NeoLLM sections)
     from neollm.config_check import check_ranges, parse_config
 
     job = parse_config(["--job.config_file", "train_configs/debug.toml", "--optimizer.name", "Conda",
-                        "--optimizer.conda_precision", "tf16"])
-    with pytest.raises(ConfigError, match="conda_precision 'tf16' is unknown: choose one of ieee, tf32"):
+                        f"--optimizer.{key}", bad])
+    with pytest.raises(ConfigError, match=f"{key} '{bad}' is unknown: choose one of {choices}"):
         check_ranges(job)
 
 
@@ -281,17 +285,6 @@ def test_conda_basis_methods_take_the_reference_steps(basis):
                                flipped._direction_local(g, m, v.clone(), basis_b, group, True))
     with pytest.raises(ValueError, match="svd, svd-batched, svd-cpu"):
         Conda([nn.Parameter(torch.zeros(2, 2))], basis="qr")
-
-
-def test_conda_basis_reaches_the_optimizer_from_the_config():
-    from neollm.errors import ConfigError
-
-    optimizers = build_neollm_optimizers([Small()], _config("Conda", conda_basis="svd-cpu"), parallel_dims=None)
-    assert {opt.basis for opt in optimizers.optimizers} == {"svd-cpu"}
-    default = build_neollm_optimizers([Small()], _config("Conda"), parallel_dims=None)
-    assert {opt.basis for opt in default.optimizers} == {"svd"}
-    with pytest.raises(ConfigError, match="conda_basis 'qr' is unknown: choose one of svd, svd-batched, svd-cpu"):
-        build_neollm_optimizers([Small()], _config("Conda", conda_basis="qr"), parallel_dims=None)
 
 
 def test_conda_batched_step_equals_per_tensor_step_with_lagging_tensors():
