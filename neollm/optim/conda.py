@@ -333,10 +333,12 @@ class Conda(Optimizer):
     def _refresh_bases(self, params: list[torch.Tensor], states: list[dict], step: int, group: dict) -> None:
         """The due bases of a foreach bucket's matrices together (``self.basis``: all SVDs at once)."""
         due = [i for i, p in enumerate(params) if p.ndim == 2 and self._basis_due(states[i], step, group)]
-        plain = [i for i in due if not isinstance(states[i]["exp_avg"], DTensor)]
+        plain = []
         for i in due:
-            if i not in plain:  # sharded: gathered and broadcast one matrix at a time
-                self._refresh_basis(states[i], step, group, params[i].shape)
+            if isinstance(states[i]["exp_avg"], DTensor):  # sharded: gathered and broadcast one at a time
+                states[i]["projector"] = self._basis(states[i]["exp_avg"], self._right(params[i].shape))
+            else:
+                plain.append(i)
         bases = svd_bases([states[i]["exp_avg"] for i in plain], [self._right(params[i].shape) for i in plain],
                           self.basis)
         for i, basis in zip(plain, bases):
