@@ -175,6 +175,20 @@ def test_conda_latest_version_matches_reference(foreach, eps):
         assert (p.detach() - first).abs().max() > 1e-6, SHAPES[i]
 
 
+@pytest.mark.parametrize("cls", [AdEMAMix, Conda])
+@pytest.mark.parametrize("setting, words", [
+    ({"lr": -1e-3}, "invalid learning rate -0.001"),
+    ({"eps": -1e-8}, "invalid eps"),
+    ({"betas": (0.9, 1.0, 0.999)}, r"invalid beta2 1.0 \(must be in \[0, 1\)\)"),
+    ({"weight_decay": -0.1}, "invalid weight_decay -0.1"),
+])
+def test_optimizers_refuse_out_of_range_settings_by_name(cls, setting, words):
+    if cls is Conda and "betas" in setting:
+        setting = {"betas": setting["betas"][:2]}
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: {words}"):
+        cls([nn.Parameter(torch.zeros(2, 2))], **setting)
+
+
 def test_conda_rejects_an_unknown_version():
     from neollm.errors import ConfigError
 

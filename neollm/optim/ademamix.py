@@ -30,6 +30,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from neollm.optim.hyperparameters import check_common
+
 
 def alpha_at(step: int, alpha: float, t_alpha: int) -> float:
     """alpha(t): linear warm-up from 0 over ``t_alpha`` steps (official linear_warmup_scheduler)."""
@@ -67,15 +69,7 @@ class AdEMAMix(Optimizer):
         weight_decay: float = 0.0,
         foreach: bool = True,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"AdEMAMix: invalid learning rate {lr}")
-        if eps < 0.0:
-            raise ValueError(f"AdEMAMix: invalid eps {eps}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"AdEMAMix: invalid beta{i + 1} {b} (must be in [0, 1))")
-        if weight_decay < 0.0:
-            raise ValueError(f"AdEMAMix: invalid weight_decay {weight_decay}")
+        check_common("AdEMAMix", lr, eps, betas, weight_decay)
         if alpha < 0.0:
             raise ValueError(f"AdEMAMix: invalid alpha {alpha}")
         if t_alpha < 0 or t_beta3 < 0:

@@ -100,6 +100,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.optim import Optimizer
 
+from neollm.optim.hyperparameters import check_common
+
 
 VERSIONS = ("2025-10-26", "2026-04-16")
 """The author's Conda_optimizer.py versions on offer, by commit date (see the module docstring)."""
@@ -250,13 +252,7 @@ class Conda(Optimizer):
             raise ValueError(f"Conda: version {version!r} is unknown: choose one of {', '.join(VERSIONS)}")
         if precision not in PRECISIONS:
             raise ValueError(f"Conda: precision {precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
-        if lr < 0.0:
-            raise ValueError(f"Conda: invalid learning rate {lr}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Conda: invalid beta{i + 1} {b} (must be in [0, 1))")
-        if eps < 0.0:
-            raise ValueError(f"Conda: invalid eps {eps}")
+        check_common("Conda", lr, eps, betas, weight_decay)
         if update_proj_gap < 1:
             raise ValueError(f"Conda: update_proj_gap must be >= 1, got {update_proj_gap}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
