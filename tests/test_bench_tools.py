@@ -75,8 +75,34 @@ def test_a_trace_says_where_a_steps_time_goes():
     assert [(k["name"], k["calls_per_step"], k["ms_per_step"]) for k in s["top_kernels"]] == [
         ("gemm", 1, 4.0), ("triton_proj", 1, 1.2)]
     assert "GPU busy 6.70 ms (67%)" in trace.text(s)
+    # kernels only (not the memcpy), each family's per step, the late one's whole duration (1.0 ms / 2)
+    assert s["families_ms"] == pytest.approx({"GEMMs (cuBLAS, inductor templates)": 4.0, trace.OTHER_FAMILY: 3.5})
+    assert list(s["families_ms"]) == ["GEMMs (cuBLAS, inductor templates)", trace.OTHER_FAMILY]
+    assert "7.50 ms  sum of kernel time" in trace.text(s)
     with pytest.raises(ValueError, match="no ProfilerStep# spans"):
         trace.summarize(events[2:])
+
+
+@pytest.mark.parametrize("name, family", [
+    ("_lookback_kernel", "LUCID"),
+    ("_key_grad_kernel", "LUCID"),
+    ("_polynorm_glu_backward_kernel", "q/k path, epilogue, PolyNorm GLU kernels"),
+    ("_qk_path_forward_kernel", "q/k path, epilogue, PolyNorm GLU kernels"),
+    ("_loss_and_grad_rows", "fused loss kernel"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>", "flash attention"),
+    ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "fla (Gated DeltaNet, short convolution)"),
+    ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", "GEMMs (cuBLAS, inductor templates)"),
+    ("triton_per_fused__to_copy__unsafe_view_add_div_expand_mul_pow_sum_4",
+     "inductor's fused elementwise / reduction kernels"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<2>>",
+     "foreach (optimizer, gradient accumulation)"),
+    ("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>", "other (aten elementwise / reductions, copies)"),
+])
+def test_kernels_fall_in_their_family(name, family):
+    """The names are those a torch.profiler table of neollm_135m and the hybrid shows on an H100."""
+    from neollm.bench import trace
+
+    assert trace.kernel_family(name) == family
 
 
 def test_steady_state_leaves_out_the_warm_up_steps():

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from neollm.bench.trace import family_text, family_times
 from neollm.loss import LossSettings
 from neollm.model.args import FLAVORS, ModelConfigError, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
@@ -177,8 +178,11 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
         # device time of the kernels they launch: summing both counts every kernel twice)
         kernel_ms = sum(e.self_device_time_total for e in averages
                         if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / steps
+        families = family_times(((e.key, e.self_device_time_total / 1e3) for e in averages
+                                 if e.device_type == DeviceType.CUDA and not e.is_user_annotation), steps)
         head = (f"per step: {kernel_ms:.1f} ms of kernels (summed, overlap not removed) in "
-                f"{wall_ms:.1f} ms wall (profiler on)\n" + host_summary(averages, steps) + "\n")
+                f"{wall_ms:.1f} ms wall (profiler on)\n" + host_summary(averages, steps) + "\n"
+                + "kernel time per step by family (neollm/bench/trace.py):\n" + family_text(families) + "\n")
     else:
         head = f"per step: {wall_ms:.1f} ms wall (profiler on)\n"
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

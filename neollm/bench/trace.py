@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -87,7 +88,47 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         "optimizer_gpu_ms": optimizer_gpu_us * ms,
         "top_kernels": [{"name": name, "calls_per_step": len(durs) / n, "ms_per_step": sum(durs) * ms}
                         for name, durs in ranked],
+        "families_ms": family_times(((e["name"], e["dur"] * 1e-3) for e in gpu if e.get("cat") == "kernel"), n),
     }
+
+
+# Which part of the model a kernel belongs to, by its name; the first family whose test matches wins.
+# NeoLLM's own Triton kernels are named in neollm/kernels/ and neollm/loss/kernel.py.
+KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("LUCID", ("_substitute_kernel", "_lookback_kernel", "_diagonal_inverse_kernel", "_key_grad_kernel")),
+    ("q/k path, epilogue, PolyNorm GLU kernels", ("_qk_path_", "_epilogue_", "_polynorm_glu_")),
+    ("fused loss kernel", ("_loss_and_grad_rows",)),
+    ("flash attention", ("flash", "fmha")),
+    ("fla (Gated DeltaNet, short convolution)", ("chunk_", "recompute_w_u", "solve_tril", "merge_16x16", "l2norm",
+                                                 "causal_conv1d", "fused_recurrent", "kkt", "prepare_wy")),
+    ("GEMMs (cuBLAS, inductor templates)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "ampere_",
+                                             "triton_tem_")),
+    ("inductor's fused elementwise / reduction kernels", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("foreach (optimizer, gradient accumulation)", ("multi_tensor_apply",)),
+)
+OTHER_FAMILY = "other (aten elementwise / reductions, copies)"
+
+
+def kernel_family(name: str) -> str:
+    """The family of ``KERNEL_FAMILIES`` a kernel's name falls in (``OTHER_FAMILY`` if none)."""
+    for family, marks in KERNEL_FAMILIES:
+        if any(mark in name for mark in marks):
+            return family
+    return OTHER_FAMILY
+
+
+def family_times(kernels: Iterable[tuple[str, float]], steps: int = 1) -> dict[str, float]:
+    """Sum (name, time) pairs per kernel family, divided by ``steps``, largest first."""
+    totals: dict[str, float] = defaultdict(float)
+    for name, duration in kernels:
+        totals[kernel_family(name)] += duration / steps
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def family_text(times_ms: dict[str, float]) -> str:
+    """The families as a small table, ms per step, with their sum."""
+    lines = [f"{ms:8.2f} ms  {family}" for family, ms in times_ms.items()]
+    return "\n".join(lines + [f"{sum(times_ms.values()):8.2f} ms  sum of kernel time"])
 
 
 def text(summary: dict) -> str:
@@ -99,6 +140,8 @@ def text(summary: dict) -> str:
              f"optimizer step: host {s['optimizer_host_ms']:.2f} ms, its kernels {s['optimizer_gpu_ms']:.2f} ms on the GPU",
              "| kernel | calls / step | ms / step |", "|---|---:|---:|"]
     lines += [f"| {k['name'][:90]} | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |" for k in s["top_kernels"]]
+    if s.get("families_ms"):
+        lines += ["kernel time per step by family:", family_text(s["families_ms"])]
     return "\n".join(lines)
 
 
