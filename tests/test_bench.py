@@ -186,6 +186,39 @@ def test_bench_activation_checkpointing_keeps_the_losses(tmp_path, monkeypatch):
         bench.main(["--device", "cpu", "--configs", "debug", "--ac", "sometimes"])
 
 
+def test_bench_compiles_neollm_as_the_trainers_compile_section_says(tmp_path, monkeypatch):
+    """--compile-mode / --compile-scope reach the trainer's own compile function (so a bench row with CUDA
+    graphs is the trainer's step), the row's name says so, and the whole-model scope compiles the model, not
+    its blocks; the loss is the per-block compile's."""
+    import torch
+
+    from neollm.bench import throughput
+
+    bench = _bench_module()
+    seen = []
+    real_compile = throughput.compile_model_for_training
+
+    def compile_and_record(model, compile_config, fsdp=False):
+        real_compile(model, compile_config, fsdp)
+        seen.append((compile_config.mode, compile_config.scope, compile_config.backend,
+                     any(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in model.layers.children())))
+
+    monkeypatch.setattr(throughput, "compile_model_for_training", compile_and_record)
+    losses = {}
+    for scope in ("blocks", "model"):
+        out = tmp_path / f"{scope}.json"
+        assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2", "--seq", "32",
+                           "--steps", "1", "--warmup", "1", "--compile-backend", "aot_eager",
+                           "--compile-scope", scope, "--peak-tflops", "1", "--json", str(out)]) == 0
+        (row,) = json.loads(out.read_text())
+        assert row["name"] == "debug V=256" + ("" if scope == "blocks" else " compile=default,model")
+        losses[scope] = row["loss"]
+    assert seen == [("default", "blocks", "aot_eager", True), ("default", "model", "aot_eager", False)]
+    assert losses["model"] == pytest.approx(losses["blocks"], abs=1e-4)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--configs", "debug", "--compile-mode", "fast"])
+
+
 def test_bench_llama3_rows_padded_and_unpadded_on_the_same_tokens(tmp_path, monkeypatch):
     """``llama3`` gives two rows, the vocabulary as given and rounded up to 64; speedups are against
     the padded one; every row trains on one token batch; the MFU's peak is measured in the run."""

@@ -15,7 +15,12 @@ against the padded row. Prints one markdown table; ``--json`` / ``--markdown`` a
 MFU = FLOPs per token (neollm/model/flops.py for NeoLLM, torchtitan's count for llama3) x tok/s /
 the bf16 peak of ``--peak-tflops``: ``measure`` (default: a bf16 GEMM timed in this run),
 ``datasheet`` (torchtitan's figure for the GPU, as its MFU uses) or a number; the table and the
-JSON rows say which. ``--profile DIR`` writes each config's top kernels. The code is neollm/bench/.
+JSON rows say which. ``--profile DIR`` writes each config's top kernels and its kernel time by family.
+``--compile-mode`` / ``--compile-scope`` compile NeoLLM as the trainer's ``[compile]`` mode and scope do
+(``reduce-overhead`` runs each compiled graph as a CUDA graph: for host-bound steps). The code is
+neollm/bench/.
+
+    python tools/bench.py --configs neollm_135m --compile-mode reduce-overhead --compile-scope model
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch  # noqa: E402
 from neollm.bench.peak import resolve_peak  # noqa: E402
 from neollm.bench.throughput import plan, run_rows, set_speedups, synthetic_batch, table  # noqa: E402
 from neollm.compile_cache import describe_compile_cache  # noqa: E402
+from neollm.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from neollm.loss import LOSS_IMPLS  # noqa: E402
 
 
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the blocks")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="NeoLLM rows: torch.compile mode, as [compile] mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
+                   help="NeoLLM rows: compile each block or the whole model, as [compile] scope")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", default="measure",
                    help="bf16 peak for MFU: measure (a bf16 GEMM timed in this run), datasheet (torchtitan's "

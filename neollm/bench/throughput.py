@@ -15,6 +15,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ from neollm.model.args import FLAVORS, ModelConfigError, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
 from neollm.model.params import technique_switches
-from neollm.parallelize import checkpoint_blocks, compile_blocks
+from neollm.parallelize import checkpoint_blocks, compile_model_for_training
 
 VOCAB_ALIGNMENT = 64
 
@@ -67,9 +68,11 @@ def float8_filter(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_backend: str | None,
-                 loss_impl: str = "auto", float8: str = "", ac_mode: str = "none"):
-    """NeoLLM as the trainer builds it (meta init, optional float8 and AC, per-block compile with
-    ``compile_backend``, None for eager); returns (model, training FLOPs per token, step)."""
+                 loss_impl: str = "auto", float8: str = "", ac_mode: str = "none",
+                 compile_mode: str = "default", compile_scope: str = "blocks"):
+    """NeoLLM as the trainer builds it (meta init, optional float8 and AC, compiled with
+    ``compile_backend`` as the trainer's ``[compile]`` mode and scope, None for eager); returns
+    (model, training FLOPs per token, step)."""
     with torch.device("meta"):
         model = NeoLLM(args)
     model.to_empty(device=device)
@@ -88,7 +91,8 @@ def build_neollm(args: NeoLLMModelArgs, device: torch.device, compile_backend: s
               else ActivationCheckpoint(mode="selective", selective_ac_option=ac_mode))
         checkpoint_blocks(model, ac, compile_backend is not None)
     if compile_backend is not None:
-        compile_blocks(model, compile_backend)
+        compile_model_for_training(model, SimpleNamespace(backend=compile_backend, mode=compile_mode,
+                                                          scope=compile_scope))
     flops = training_flops_per_token(model, args, args.max_seq_len)
 
     def step(tokens, labels):
@@ -270,6 +274,7 @@ def plan(opts) -> list[tuple[str, int, Callable]]:
     device = torch.device(opts.device)
     backend = None if opts.no_compile else opts.compile_backend
     layers = {"n_layers": opts.layers} if opts.layers else {}
+    mode, scope = opts.compile_mode, opts.compile_scope
     rows = []
     for name in opts.configs.split(","):
         if name == "llama3":
@@ -292,9 +297,11 @@ def plan(opts) -> list[tuple[str, int, Callable]]:
                          for field, off in technique_switches(args).items()]
         suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
         suffix += f" ac={opts.ac}" if opts.ac != "none" else ""
+        suffix += f" compile={mode},{scope}" if (mode, scope) != ("default", "blocks") else ""
         for label, variant in variants:
             rows.append((f"{label} V={variant.vocab_size}{suffix}", variant.vocab_size,
-                         lambda a=variant: build_neollm(a, device, backend, opts.loss, opts.float8, opts.ac)))
+                         lambda a=variant: build_neollm(a, device, backend, opts.loss, opts.float8, opts.ac,
+                                                        mode, scope)))
     return rows
 
 
