@@ -139,6 +139,33 @@ def test_bench_trainer_times_the_trainer_and_bench_for_the_debug_flavor(tmp_path
     assert 0 < profile["optimizer_host_ms"] < profile["wall_ms"]
 
 
+def test_bench_trainer_runs_the_bench_with_the_jobs_compile_settings(tmp_path, capsys):
+    """The bench side compiles as the trainer does (CUDA graphs on both sides or neither), and not at all
+    when the job does not compile; tools/bench.py accepts the command line it is given."""
+    from neollm.bench.trainer import bench_command
+    from neollm.config_check import parse_config
+
+    def command(*overrides):
+        job = parse_config(["--job.config_file", "train_configs/ablation_135m.toml", *overrides])
+        return bench_command(job, "neollm_135m", 3, 1, tmp_path / "b.json")
+
+    graphs = command("--compile.mode", "reduce-overhead", "--compile.scope", "model")
+    at = graphs.index("--compile-mode")
+    assert graphs[at - 2:at + 4] == ["--compile-backend", "inductor", "--compile-mode", "reduce-overhead",
+                                     "--compile-scope", "model"]
+    assert "--no-compile" not in graphs
+    plain = command()
+    assert plain[plain.index("--compile-mode") + 1] == "default" and plain[plain.index("--compile-scope") + 1] == "blocks"
+    eager = command("--compile.no-enable")
+    assert "--no-compile" in eager and "--compile-mode" not in eager
+    # tools/bench.py parses that command line: it gets as far as the (unknown) config name
+    argv = graphs[2:]
+    argv[argv.index("--configs") + 1] = "no_such_flavor"
+    with pytest.raises(SystemExit):
+        load_tool("bench").main(argv + ["--device", "cpu"])
+    assert "unknown config 'no_such_flavor'" in capsys.readouterr().err
+
+
 def test_bench_trainer_refuses_a_kept_folder_that_holds_a_run(tmp_path, capsys):
     """--keep on a folder with a metrics.jsonl would append this run to it (and the report would read
     the old run's steps where this one's are missing): refused before anything runs."""

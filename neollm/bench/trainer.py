@@ -64,9 +64,9 @@ def profile_overrides(steps: int) -> list[str]:
             "--profiling.profiler_active", str(PROFILED_STEPS - 1)]
 
 
-def run_bench(job, flavor: str, steps: int, warmup: int, out: Path) -> list[dict]:
-    """tools/bench.py (a subprocess: its own compile state) for ``flavor`` at the job's batch, sequence,
-    vocabulary, loss and compile settings; its JSON rows."""
+def bench_command(job, flavor: str, steps: int, warmup: int, out: Path) -> list[str]:
+    """tools/bench.py's command line for ``flavor`` at the job's batch, sequence, vocabulary, loss and
+    compile settings (backend, mode, scope: CUDA graphs on both sides or neither)."""
     import torch
 
     from neollm.data.loader import model_vocab_size
@@ -75,10 +75,19 @@ def run_bench(job, flavor: str, steps: int, warmup: int, out: Path) -> list[dict
            "--batch", str(job.training.local_batch_size), "--seq", str(job.training.seq_len),
            "--vocab", str(model_vocab_size(job) or 0), "--steps", str(steps), "--warmup", str(warmup),
            "--loss", getattr(getattr(job, "loss", None), "impl", "auto"), "--json", str(out)]
-    if not (job.compile.enable and "model" in job.compile.components):
+    if job.compile.enable and "model" in job.compile.components:
+        cmd += ["--compile-backend", job.compile.backend, "--compile-mode", job.compile.mode,
+                "--compile-scope", job.compile.scope]
+    else:
         cmd.append("--no-compile")
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
+    return cmd
+
+
+def run_bench(job, flavor: str, steps: int, warmup: int, out: Path) -> list[dict]:
+    """tools/bench.py (a subprocess: its own compile state) as ``bench_command`` says; its JSON rows."""
+    cmd = bench_command(job, flavor, steps, warmup, out)
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise RuntimeError(f"tools/bench.py failed: {' '.join(cmd)}")
