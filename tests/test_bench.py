@@ -205,16 +205,25 @@ def test_bench_compiles_neollm_as_the_trainers_compile_section_says(tmp_path, mo
 
     monkeypatch.setattr(throughput, "compile_model_for_training", compile_and_record)
     losses = {}
-    for scope in ("blocks", "model"):
-        out = tmp_path / f"{scope}.json"
+    # aot_eager ignores the mode (no CUDA graphs on a CPU), so the mode's run is as cheap as the others
+    for mode, scope, label in (("default", "blocks", ""), ("default", "model", " compile=default,model"),
+                               ("reduce-overhead", "model", " compile=reduce-overhead,model")):
+        out = tmp_path / f"{mode}_{scope}.json"
         assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2", "--seq", "32",
-                           "--steps", "1", "--warmup", "1", "--compile-backend", "aot_eager",
+                           "--steps", "1", "--warmup", "1", "--compile-backend", "aot_eager", "--compile-mode", mode,
                            "--compile-scope", scope, "--peak-tflops", "1", "--json", str(out)]) == 0
         (row,) = json.loads(out.read_text())
-        assert row["name"] == "debug V=256" + ("" if scope == "blocks" else " compile=default,model")
-        losses[scope] = row["loss"]
-    assert seen == [("default", "blocks", "aot_eager", True), ("default", "model", "aot_eager", False)]
-    assert losses["model"] == pytest.approx(losses["blocks"], abs=1e-4)
+        assert row["name"] == "debug V=256" + label
+        losses[mode, scope] = row["loss"]
+    assert seen == [("default", "blocks", "aot_eager", True), ("default", "model", "aot_eager", False),
+                    ("reduce-overhead", "model", "aot_eager", False)]
+    assert losses["default", "model"] == pytest.approx(losses["default", "blocks"], abs=1e-4)
+    # without compiling, the compile settings name nothing
+    out = tmp_path / "eager.json"
+    assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2", "--seq", "32",
+                       "--steps", "1", "--warmup", "1", "--no-compile", "--compile-mode", "reduce-overhead",
+                       "--peak-tflops", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["name"] == "debug V=256" and len(seen) == 3
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--configs", "debug", "--compile-mode", "fast"])
 

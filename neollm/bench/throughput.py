@@ -297,7 +297,7 @@ def plan(opts) -> list[tuple[str, int, Callable]]:
                          for field, off in technique_switches(args).items()]
         suffix = (f" loss={opts.loss}" if opts.loss != "auto" else "") + (f" fp8={opts.float8}" if opts.float8 else "")
         suffix += f" ac={opts.ac}" if opts.ac != "none" else ""
-        suffix += f" compile={mode},{scope}" if (mode, scope) != ("default", "blocks") else ""
+        suffix += f" compile={mode},{scope}" if backend is not None and (mode, scope) != ("default", "blocks") else ""
         for label, variant in variants:
             rows.append((f"{label} V={variant.vocab_size}{suffix}", variant.vocab_size,
                          lambda a=variant: build_neollm(a, device, backend, opts.loss, opts.float8, opts.ac,

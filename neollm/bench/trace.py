@@ -88,12 +88,20 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         "optimizer_gpu_ms": optimizer_gpu_us * ms,
         "top_kernels": [{"name": name, "calls_per_step": len(durs) / n, "ms_per_step": sum(durs) * ms}
                         for name, durs in ranked],
-        "families_ms": family_times(((e["name"], e["dur"] * 1e-3) for e in gpu if e.get("cat") == "kernel"), n),
+        "families_ms": family_times(((e["name"], e["dur"] * 1e-3) for e in gpu), n),  # copies and sets: "other"
     }
 
 
-# Which part of the model a kernel belongs to, by its name; the first family whose test matches wins.
-# NeoLLM's own Triton kernels are named in neollm/kernels/ and neollm/loss/kernel.py.
+# Which part of the model a kernel belongs to, by its name. Inductor's kernels are told by their prefix
+# first: it names a fused kernel after the ops it fuses, which may be a custom op's (``..._qk_path_backward_...``)
+# or flash attention's backward. Then the first family whose marks match wins; NeoLLM's own Triton kernels
+# are named in neollm/kernels/ and neollm/loss/kernel.py.
+INDUCTOR_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("triton_tem_", "GEMMs (cuBLAS, inductor templates)"),
+    ("triton_poi_", "inductor's fused elementwise / reduction kernels"),
+    ("triton_red_", "inductor's fused elementwise / reduction kernels"),
+    ("triton_per_", "inductor's fused elementwise / reduction kernels"),
+)
 KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("LUCID", ("_substitute_kernel", "_lookback_kernel", "_diagonal_inverse_kernel", "_key_grad_kernel")),
     ("q/k path, epilogue, PolyNorm GLU kernels", ("_qk_path_", "_epilogue_", "_polynorm_glu_")),
@@ -101,16 +109,18 @@ KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("flash attention", ("flash", "fmha")),
     ("fla (Gated DeltaNet, short convolution)", ("chunk_", "recompute_w_u", "solve_tril", "merge_16x16", "l2norm",
                                                  "causal_conv1d", "fused_recurrent", "kkt", "prepare_wy")),
-    ("GEMMs (cuBLAS, inductor templates)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "ampere_",
-                                             "triton_tem_")),
-    ("inductor's fused elementwise / reduction kernels", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("GEMMs (cuBLAS, inductor templates)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "ampere_")),
     ("foreach (optimizer, gradient accumulation)", ("multi_tensor_apply",)),
 )
 OTHER_FAMILY = "other (aten elementwise / reductions, copies)"
 
 
 def kernel_family(name: str) -> str:
-    """The family of ``KERNEL_FAMILIES`` a kernel's name falls in (``OTHER_FAMILY`` if none)."""
+    """The family a kernel's name falls in: inductor's prefixes first, then ``KERNEL_FAMILIES``
+    (``OTHER_FAMILY`` if none)."""
+    for prefix, family in INDUCTOR_FAMILIES:
+        if name.startswith(prefix):
+            return family
     for family, marks in KERNEL_FAMILIES:
         if any(mark in name for mark in marks):
             return family
