@@ -23,7 +23,8 @@ def test_bench_data_measures_a_source_and_flags_one_slower_than_the_model(tmp_pa
     assert "consumes 1,000,000,000,000 tok/s" in text and "(trainer)" in text  # the trainer's row wins
     assert "(GPU would wait)" in text
     report = json.loads(out.read_text())
-    assert report["commit"] and report["device"]
+    assert report["commit"] and report["device"] and report["date"]
+    assert report["consume_tok_per_s"] == 1e12 and report["consume_from"] == f"{bench} (trainer)"
     [row] = report["rows"]
     assert row["source"] == "wiki_vital_en" and row["workers"] == 0 and row["tok_per_s"] > 0
 

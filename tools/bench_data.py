@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     import neollm  # noqa: F401
     from neollm.config_check import parse_config
     from neollm.data.throughput import measure_source
-    from neollm.provenance import device_name, git_commit
+    from neollm.provenance import device_name, record
 
     try:
         job = parse_config(["--job.config_file", opts.config, *opts.overrides])
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             if need else "-"
         print(f"| {r.source} | {r.path or '(default)'} | {r.workers} | {r.tok_per_s:,.0f} | {ratio} |")
     if opts.json:
-        opts.json.write_text(json.dumps({"device": device_name(), "commit": git_commit(),
-                                         "config": opts.config, "consume_tok_per_s": need,
+        opts.json.write_text(json.dumps({**record(), "config": opts.config, "overrides": opts.overrides,
+                                         "consume_tok_per_s": need, "consume_from": where,
                                          "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     return 0
 
