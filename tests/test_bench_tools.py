@@ -29,6 +29,19 @@ def test_bench_data_measures_a_source_and_flags_one_slower_than_the_model(tmp_pa
     assert row["source"] == "wiki_vital_en" and row["workers"] == 0 and row["tok_per_s"] > 0
 
 
+def test_bench_data_reads_the_consumption_from_tools_bench_json(tmp_path, capsys):
+    """tools/bench.py's --json is a list of rows named "<flavor> V=<vocab>": its row for the flavor counts,
+    a technique-off row of the same flavor does not."""
+    require_prepared_assets()
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"name": "debug -gpas V=256", "tok_per_s": 5.0},
+                                 {"name": "debug V=256", "tok_per_s": 7.0}]))
+    assert load_tool("bench_data").main([
+        "--config", "train_configs/debug.toml", "--sources", "wiki_vital_en", "--workers", "0",
+        "--batches", "2", "--warmup", "1", "--bench-json", str(bench)]) == 0
+    assert f"consumes 7 tok/s (from {bench} (bench))" in capsys.readouterr().out
+
+
 def test_bench_data_names_a_missing_flavor_row(tmp_path, capsys):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps([{"name": "plain", "tok_per_s": 5.0, "peak_gib": 1.0}]))

@@ -30,7 +30,8 @@ def consumption(opts, flavor: str) -> tuple[float | None, str]:
     if opts.bench_json:
         data = json.loads(Path(opts.bench_json).read_text())
         rows = data["rows"] if isinstance(data, dict) else data
-        named = [r for r in rows if r.get("name") == flavor]
+        # bench_trainer names rows by flavor; tools/bench.py as "<flavor> V=<vocab>[ settings]"
+        named = [r for r in rows if r.get("name") == flavor or str(r.get("name", "")).startswith(f"{flavor} V=")]
         trainer = [r for r in named if r.get("source") == "trainer"]
         row = (trainer or named or [None])[0]
         if row is None:
