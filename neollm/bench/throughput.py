@@ -180,10 +180,9 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
 
         # kernel events only, as the profiler's own "Self CUDA time total" (CPU ops also carry the
         # device time of the kernels they launch: summing both counts every kernel twice)
-        kernel_ms = sum(e.self_device_time_total for e in averages
-                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3 / steps
         families = family_times(((e.key, e.self_device_time_total / 1e3) for e in averages
                                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation), steps)
+        kernel_ms = sum(families.values())
         head = (f"per step: {kernel_ms:.1f} ms of kernels (summed, overlap not removed) in "
                 f"{wall_ms:.1f} ms wall (profiler on)\n" + host_summary(averages, steps) + "\n"
                 + "kernel time per step by family (neollm/bench/trace.py):\n" + family_text(families) + "\n")
