@@ -372,6 +372,24 @@ def test_streamed_dataset_resumes_exactly_a_second_and_third_time(stream_files, 
             assert torch.equal(a, b), f"rank {rank}, batch {step}"
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["no_workers", "2_workers"])
+@pytest.mark.parametrize("source", ["local_text", "stream"])
+def test_text_resume_is_exact_across_tokenizer_chunks(corpus, stream_files, tokenizer, monkeypatch, source,
+                                                      workers):
+    """Text is tokenized ENCODE_CHUNK documents at a time, ahead of the packing; the state must stay
+    per document. With chunks of 4 documents (a rank's 15 documents span 4 chunks) every resume point
+    falls inside or at the edge of a chunk: k = 1..5 batches, then 6 more == uninterrupted, across the
+    end of the first pass."""
+    from neollm.data import text
+
+    monkeypatch.setattr(text, "ENCODE_CHUNK", 4)  # read at call time; forked workers inherit it
+    path = corpus["local_text"] if source == "local_text" else streaming_source(monkeypatch, stream_files)
+    job = make_job(source if source == "local_text" else "stream_files", path,
+                   "--training.dataloader.num_workers", str(workers))
+    for k in range(1, 6):
+        check_resume(job, tokenizer, k=k, m=6)
+
+
 def test_streamed_ranks_and_workers_read_disjoint_documents(stream_files, tokenizer, monkeypatch):
     job = make_job("stream_files", streaming_source(monkeypatch, stream_files),
                    "--training.dataloader.num_workers", "2")

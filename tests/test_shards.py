@@ -136,6 +136,8 @@ def test_shards_give_the_same_windows_as_on_the_fly_tokenization(tool, tokenizer
     stream = [t for d in train for t in encode(tokenizer, d)]
     got = windows(TokenShardDataset(shards, 16, infinite=False))
     assert got == [stream[i:i + 17] for i in range(0, len(stream) - 16, 17)]
+    # and the on-the-fly path (documents tokenized ENCODE_CHUNK at a time) is one-at-a-time encoding's
+    assert windows(NeoLLMTextDataset("t", text, text_sample, tokenizer, 16, infinite=False)) == got
 
 
 def test_truncation_keeps_eos_and_limits_every_document(tool, tokenizer, shard_dir):

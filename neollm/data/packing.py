@@ -65,8 +65,9 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """``[tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]``, batched.
 
     For torchtitan's HuggingFaceTokenizer (NeoLLMTokenizer) the batch goes through the Rust
-    ``encode_batch`` and BOS/EOS are added by the same rule as its ``encode``; any other
-    tokenizer is called one text at a time.
+    ``encode_batch_fast`` (``encode_batch`` without character offsets, which nothing here reads:
+    the same ids, ~1.3x faster; ``encode_batch`` on tokenizers before 0.21) and BOS/EOS are added
+    by the same rule as its ``encode``; any other tokenizer is called one text at a time.
     """
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
@@ -75,7 +76,8 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     bos = tokenizer.bos_id if not tokenizer.hf_adds_bos else None
     eos = tokenizer.eos_id if not tokenizer.hf_adds_eos else None
     out = []
-    for enc in tokenizer.tokenizer.encode_batch(list(texts)):
+    rust = tokenizer.tokenizer
+    for enc in getattr(rust, "encode_batch_fast", rust.encode_batch)(list(texts)):
         ids = enc.ids
         if bos is not None:
             ids.insert(0, bos)
@@ -83,25 +85,3 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
             ids.append(eos)
         out.append(ids)
     return out
-
-
-class DocumentEncoder:
-    """Wraps a tokenizer so that ``encode`` returns truncated documents.
-
-    torchtitan's HuggingFaceTextDataset calls ``self._tokenizer.encode(text, add_bos=True,
-    add_eos=True)`` once per document; NeoLLMTextDataset gives it this wrapper, so its own
-    (checkpointed) packing loop applies ``[data] max_doc_tokens_factor``.
-    """
-
-    def __init__(self, tokenizer: Any, max_tokens: int):
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
-        self.eos_id = getattr(tokenizer, "eos_id", None)
-
-    def encode(self, *args, **kwargs) -> list[int]:
-        return truncate_document(self.tokenizer.encode(*args, **kwargs), self.max_tokens, self.eos_id)
-
-    def __getattr__(self, name: str):
-        if name == "tokenizer":  # not yet set (unpickling)
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
