@@ -5,6 +5,7 @@ memory and relative differences from the eager reference; the code is neollm/ben
 
     python tools/bench_polynorm.py
     python tools/bench_polynorm.py --rows 32768 --hidden 1536 --json polynorm.json
+    python tools/bench_polynorm.py --simplenorm   # g, u raw + SimpleNorm gains: norms apart vs folded in
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=1536, help="F, the MLP hidden size")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--simplenorm", action="store_true",
+                   help="raw g, u with SimpleNorm gains (neollm_135m's MLP): the norms compiled apart vs folded in")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for exclusive in (False, True):
-        results += rows_for(args.rows, args.hidden, getattr(torch, args.dtype), exclusive, args.steps)
+        results += rows_for(args.rows, args.hidden, getattr(torch, args.dtype), exclusive, args.steps, args.simplenorm)
     print(f"{torch.cuda.get_device_name()}, rows {args.rows}, F {args.hidden}, {args.dtype}")
     print(table(results))
     if args.json:

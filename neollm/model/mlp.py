@@ -9,7 +9,8 @@ up_proj; product -> column multiplier -> down_proj. The column multiplier is the
 multiplier c (linear.py), and dropout on the product equals dropout on the PolyNorm output (same mask, the
 product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
-PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = auto
+PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. With
+``NEOLLM_POLYNORM_FOLD_SIMPLENORM=1`` the gate's and up's SimpleNorm (simplegpt) go into the fused op too. ``NEOLLM_POLYNORM_IMPL`` = auto
 (the default: on CUDA from Ampere on) or triton computes ``PolyNorm(gate) * up`` as one fused op
 (neollm/kernels/polynorm_glu.py) when no dropout is active; torch keeps the unfused module below.
 Parameters and state_dict are the same either way.
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from neollm.kernels import polynorm_glu
 from neollm.model.args import NeoLLMModelArgs
 from neollm.model.fan import FFNFAN
-from neollm.model.linear import init_linear, make_linear
+from neollm.model.linear import Projection, init_linear, make_linear
 from neollm.model.norms import PolyNorm
 
 
@@ -73,16 +74,34 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fan is not None:
             x = self.fan(x)
-        gate = self.w1(x)
+        norms = self._simple_norms()
+        gate = self.w1.core(x) if norms else self.w1(x)
         if self._fused_polynorm(gate):
             act = self.act
-            return self.w2(polynorm_glu.polynorm_glu_op(gate, self.w3(x), act.weight, act.bias, act.exclusive_logits,
-                                                        act.eps, act.proj_eps, True)[0])
+            up, gains = (self.w3.core(x), (norms[0].weight, norms[1].weight, norms[0].eps)) if norms else (self.w3(x), ())
+            return self.w2(polynorm_glu.polynorm_glu_op(gate, up, act.weight, act.bias, act.exclusive_logits,
+                                                        act.eps, act.proj_eps, True, *gains)[0])
+        if norms:
+            gate = norms[0](gate)
         gate = F.silu(gate) if self.act is None else self.act(gate)
         hidden = gate * self.w3(x)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         return self.w2(hidden)
+
+    def _simple_norms(self) -> tuple[nn.RMSNorm, nn.RMSNorm] | tuple[()]:
+        """The gate's and up's SimpleNorms when NEOLLM_POLYNORM_FOLD_SIMPLENORM=1 and both projections are
+        exactly ``gain * RMSNorm(core(x))`` (SimpleGPT, no multipliers) with one eps: the fused op then
+        applies them itself. Empty otherwise."""
+        w1, w3 = self.w1, self.w3
+        if self.act is None or not isinstance(w1, Projection) or not isinstance(w3, Projection):
+            return ()
+        if not polynorm_glu.fold_simplenorm():
+            return ()
+        plain = all(p.norm is not None and p.row is None and p.col is None for p in (w1, w3))
+        if not plain or w1.norm.eps is None or w1.norm.eps != w3.norm.eps:
+            return ()
+        return w1.norm, w3.norm
 
     def _fused_polynorm(self, gate: torch.Tensor) -> bool:
         """PolyNorm(gate) * up as one fused op: mlp_type "polynorm", no dropout active (dropout sits on the

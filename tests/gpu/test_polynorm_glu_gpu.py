@@ -24,9 +24,10 @@ pytestmark = GPU_ONLY
 SLACK, FLOOR, FP32_TOL = 3.0, 2e-7, 1e-5
 PARAM_FLOOR = 2e-6  # the parameter gradients are sums over every element (tests/polynorm_glu_interpreted.py)
 EPS = PROJ_EPS = 1e-6
+IN_EPS = 1e-5  # the gains' (SimpleNorm) eps
 
 
-def _problem(rows, n, dtype, exclusive, seed=0):
+def _problem(rows, n, dtype, exclusive, seed=0, gains=False):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     scale = torch.exp(torch.randn(rows, 1, device="cuda", generator=gen))
     g = (torch.randn(rows, n, device="cuda", generator=gen) * scale).to(dtype)
@@ -35,40 +36,52 @@ def _problem(rows, n, dtype, exclusive, seed=0):
     weight = torch.tensor([0.5, -0.3, 0.8], device="cuda")
     bias = torch.tensor([0.2], device="cuda")
     logits = torch.tensor([0.4, -1.1], device="cuda") if exclusive else None
-    return g, u, dy, weight, bias, logits
+    gg = gu = None
+    if gains:  # g and u are raw projection outputs, SimpleNormed by the op
+        u = (u.float() * torch.exp(torch.randn(rows, 1, device="cuda", generator=gen))).to(dtype)
+        gg, gu = ((1 + 0.3 * torch.randn(n, device="cuda", generator=gen)).to(dtype) for _ in range(2))
+    return g, u, dy, weight, bias, logits, gg, gu
 
 
-def _value_and_grads(g, u, dy, weight, bias, logits, impl, dtype=None):
+def _value_and_grads(g, u, dy, weight, bias, logits, gg, gu, impl, dtype=None):
     leaves = [t if t is None else (t if dtype is None else t.to(dtype)).detach().clone().requires_grad_()
-              for t in (g, u, weight, bias, logits)]
-    out = pg.polynorm_glu(*leaves, EPS, PROJ_EPS, impl=impl)
-    dg, du, *dparams = torch.autograd.grad(out, [t for t in leaves if t is not None], dy.to(out.dtype))
-    return out, dg, du, torch.cat([d.float() if d.dtype != torch.float64 else d for d in dparams])
+              for t in (g, u, weight, bias, logits, gg, gu)]
+    out = pg.polynorm_glu(*leaves[:5], EPS, PROJ_EPS, impl=impl, g_gain=leaves[5], u_gain=leaves[6], in_eps=IN_EPS)
+    dg, du, *rest = torch.autograd.grad(out, [t for t in leaves if t is not None], dy.to(out.dtype))
+    k = len(rest) - (0 if gg is None else 2)
+    vec = lambda ds: torch.cat([d.float() if d.dtype != torch.float64 else d for d in ds]) if ds else torch.zeros(1)
+    return out, dg, du, vec(rest[:k]), vec(rest[k:])
 
 
+@pytest.mark.parametrize("gains", [False, True], ids=["no_gains", "gains"])
 @pytest.mark.parametrize("exclusive", [False, True])
 @pytest.mark.parametrize("rows,n", [(64 * 512, 1536), (1000, 200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_polynorm_glu_kernels_match_the_reference(dtype, rows, n, exclusive):
-    g, u, dy, w, b, lg = _problem(rows, n, dtype, exclusive, seed=n)
-    want = _value_and_grads(g, u, dy, w, b, lg, "torch", dtype=torch.float64)
-    ref = _value_and_grads(g, u, dy, w, b, lg, "torch")
-    got = _value_and_grads(g, u, dy, w, b, lg, "triton")
-    for name, x, r, e in zip(("out", "dg", "du", "dparams"), got, ref, want):
+def test_polynorm_glu_kernels_match_the_reference(dtype, rows, n, exclusive, gains):
+    g, u, dy, w, b, lg, gg, gu = _problem(rows, n, dtype, exclusive, seed=n, gains=gains)
+    want = _value_and_grads(g, u, dy, w, b, lg, gg, gu, "torch", dtype=torch.float64)
+    ref = _value_and_grads(g, u, dy, w, b, lg, gg, gu, "torch")
+    got = _value_and_grads(g, u, dy, w, b, lg, gg, gu, "triton")
+    for name, x, r, e in zip(("out", "dg", "du", "dparams", "dgains"), got, ref, want):
+        if name == "dgains" and not gains:
+            continue
         assert x.dtype == r.dtype and x.shape == r.shape
         err, ref_err = rel_err(x, e), rel_err(r, e)
-        print(f"{dtype} rows {rows} F {n} exclusive {exclusive} {name}: kernel {err:.2e} reference {ref_err:.2e}")
-        floor = PARAM_FLOOR if name == "dparams" else FLOOR
+        print(f"{dtype} rows {rows} F {n} exclusive {exclusive} gains {gains} {name}: kernel {err:.2e} "
+              f"reference {ref_err:.2e}")
+        floor = PARAM_FLOOR if name in ("dparams", "dgains") else FLOOR
         assert err <= SLACK * ref_err + floor, f"{name}: kernel {err:.2e} vs reference {ref_err:.2e}"
         if dtype == torch.float32:
             assert rel_err(x, r) <= FP32_TOL, f"{name}: kernel vs fp32 reference {rel_err(x, r):.2e}"
 
 
-def test_polynorm_mlp_compiles_to_one_graph_with_the_kernels(monkeypatch):
+@pytest.mark.parametrize("fold", ["0", "1"], ids=["simplenorm_apart", "simplenorm_folded"])
+def test_polynorm_mlp_compiles_to_one_graph_with_the_kernels(monkeypatch, fold):
     from neollm.model.args import FLAVORS
     from neollm.model.mlp import MLP
 
     monkeypatch.setattr(pg, "POLYNORM_IMPL", "triton")
+    monkeypatch.setattr(pg, "FOLD_SIMPLENORM", fold)
     args = dataclasses.replace(FLAVORS["neollm_135m"], dim=128, ffn_hidden_dim=384)
     assert args.mlp_type == "polynorm" and args.dropout == 0
     torch.manual_seed(0)
