@@ -361,7 +361,8 @@ def test_streamed_dataset_resumes_exactly_a_second_and_third_time(stream_files, 
     for rank in range(2):
         full, _ = take(build(job, tokenizer, rank), 16)
         got, state = [], None
-        for chunk in (4, 4, 4, 4):  # start, then three resumes from the previous checkpoint
+        for chunk in (4, 1, 4, 7):  # start, then three resumes; one checkpoint a batch after a resume, when
+            # a worker has not read since its load (its state must be the loaded one, not its stream's start)
             loader = build(job, tokenizer, rank)
             if state is not None:
                 loader.load_state_dict(state)
@@ -377,17 +378,18 @@ def test_streamed_dataset_resumes_exactly_a_second_and_third_time(stream_files, 
 def test_text_resume_is_exact_across_tokenizer_chunks(corpus, stream_files, tokenizer, monkeypatch, source,
                                                       workers):
     """Text is tokenized ENCODE_CHUNK documents at a time, ahead of the packing; the state must stay
-    per document. With chunks of 4 documents (a rank's 15 documents span 4 chunks) every resume point
-    falls inside or at the edge of a chunk: k = 1..5 batches, then 6 more == uninterrupted, across the
-    end of the first pass."""
+    per document. With chunks of 4 documents (a rank's 15 documents, ~36 batches, span 4 chunks) the
+    resume points k = 3, 9, 30 and 37 fall in the first, third and last chunk and in the second pass;
+    then 8 more batches == uninterrupted (a stream resumed in its second pass restarted elsewhere while
+    ``datasets`` shared one pass counter between the workers)."""
     from neollm.data import text
 
     monkeypatch.setattr(text, "ENCODE_CHUNK", 4)  # read at call time; forked workers inherit it
     path = corpus["local_text"] if source == "local_text" else streaming_source(monkeypatch, stream_files)
     job = make_job(source if source == "local_text" else "stream_files", path,
                    "--training.dataloader.num_workers", str(workers))
-    for k in range(1, 6):
-        check_resume(job, tokenizer, k=k, m=6)
+    for k in (3, 9, 30, 37):
+        check_resume(job, tokenizer, k=k, m=8)
 
 
 def test_streamed_ranks_and_workers_read_disjoint_documents(stream_files, tokenizer, monkeypatch):

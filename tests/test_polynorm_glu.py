@@ -58,6 +58,8 @@ def test_reference_with_gains_is_simplenorm_then_polynorm_times_up_bit_for_bit()
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="both SimpleNorm gains"):
         pg.polynorm_glu_op(g, u, *_params(pn), False, norms[0].weight, None, IN_EPS)
+    with pytest.raises(ValueError, match="in_eps must be > 0"):
+        pg.polynorm_glu_op(g, u, *_params(pn), False, norms[0].weight, norms[1].weight)
 
 
 @pytest.mark.parametrize("exclusive", [False, True])

@@ -94,9 +94,11 @@ def polynorm_glu_reference(g: torch.Tensor, u: torch.Tensor, weight: torch.Tenso
     return polynorm_reference(g, weight, bias, logits, eps, proj_eps) * u
 
 
-def _check_gains(g_gain: torch.Tensor | None, u_gain: torch.Tensor | None) -> None:
+def _check_gains(g_gain: torch.Tensor | None, u_gain: torch.Tensor | None, in_eps: float) -> None:
     if (g_gain is None) != (u_gain is None):
         raise ValueError("polynorm_glu: give both SimpleNorm gains (g_gain, u_gain) or neither")
+    if g_gain is not None and not in_eps > 0:
+        raise ValueError(f"polynorm_glu: with SimpleNorm gains in_eps must be > 0 (the norm's eps), got {in_eps}")
 
 
 def _input_norm(z: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,14 +223,14 @@ if triton is not None:
     @triton.jit
     def _polynorm_glu_forward_kernel(g_ptr, u_ptr, out_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, gg_ptr, gu_ptr, n_cols,
                                      eps, proj_eps, in_eps, EXCLUSIVE: tl.constexpr, IN_NORM: tl.constexpr,
-                                     BLOCK: tl.constexpr):
+                                     NS: tl.constexpr, BLOCK: tl.constexpr):
         """One row: (the input norms,) the three norms (and projections), the combination, the product with u."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
         x = tl.load(g_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
-        s_base = stats_ptr + row * 10
+        s_base = stats_ptr + row * NS
         if IN_NORM:
             rg = _rsqrt_mean_sq(x, n_cols, in_eps)
             ru = _rsqrt_mean_sq(u, n_cols, in_eps)
@@ -283,7 +285,8 @@ if triton is not None:
     @triton.jit
     def _polynorm_glu_backward_kernel(g_ptr, u_ptr, dy_ptr, stats_ptr, w_ptr, b_ptr, l_ptr, gg_ptr, gu_ptr, dg_ptr,
                                       du_ptr, part_ptr, dgain_ptr, n_rows, n_cols, proj_eps, EXCLUSIVE: tl.constexpr,
-                                      IN_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                      IN_NORM: tl.constexpr, ROWS: tl.constexpr, NS: tl.constexpr,
+                                      BLOCK: tl.constexpr):
         """ROWS rows: dg, du, and each row's partial sums for dweight, dbias, dlogits (6 fp32); with the
         input norms, the program's sums of the gains' gradients ([2, F] fp32 at ``dgain_ptr``)."""
         pid = tl.program_id(0).to(tl.int64)
@@ -308,7 +311,7 @@ if triton is not None:
             offs = row * n_cols + cols
             x = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            s_base = stats_ptr + row * 10
+            s_base = stats_ptr + row * NS
             if IN_NORM:
                 rg = tl.load(s_base + 8, mask=row_ok, other=0.0)
                 ru = tl.load(s_base + 9, mask=row_ok, other=0.0)
@@ -412,7 +415,7 @@ def forward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias:
         gg, gu = (w, w) if g_gain is None else (g_gain.contiguous(), u_gain.contiguous())
         _polynorm_glu_forward_kernel[(g2.shape[0],)](g2, u2, out, stats, w, b, lg, gg, gu, n, eps, proj_eps, in_eps,
                                                      EXCLUSIVE=logits is not None, IN_NORM=g_gain is not None,
-                                                     BLOCK=block, num_warps=warps)
+                                                     NS=N_STATS, BLOCK=block, num_warps=warps)
     return out.view(g.shape), stats
 
 
@@ -437,7 +440,7 @@ def backward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
         gg, gu = (w, w) if g_gain is None else (g_gain.contiguous(), u_gain.contiguous())
         _polynorm_glu_backward_kernel[(programs,)](
             g2, u2, dy2, stats.contiguous(), w, b, lg, gg, gu, dg, du, partials, gain_parts, g2.shape[0], n, proj_eps,
-            EXCLUSIVE=logits is not None, IN_NORM=g_gain is not None, ROWS=rows_per_program, BLOCK=block,
+            EXCLUSIVE=logits is not None, IN_NORM=g_gain is not None, ROWS=rows_per_program, NS=N_STATS, BLOCK=block,
             num_warps=warps)
     dgains = gain_parts.sum(0) if g_gain is not None else partials.new_zeros(0)
     return dg.view(g.shape), du.view(u.shape), partials.sum(0), dgains
@@ -460,7 +463,7 @@ def polynorm_glu_op(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
     the compute dtype (backward's input, not differentiable). ``use_kernel``: the Triton kernels
     (CUDA, or the CPU interpreter), else the reference. With ``g_gain, u_gain [F]``, g and u are
     raw projection outputs and SimpleNorm (``gain * RMSNorm(z)``, ``in_eps``) is applied to both first."""
-    _check_gains(g_gain, u_gain)
+    _check_gains(g_gain, u_gain, in_eps)
     with torch.autocast(g.device.type, enabled=False):
         if use_kernel:
             _require_kernel(g, u)

@@ -94,9 +94,9 @@ class MLP(nn.Module):
         exactly ``gain * RMSNorm(core(x))`` (SimpleGPT, no multipliers) with one eps: the fused op then
         applies them itself. Empty otherwise."""
         w1, w3 = self.w1, self.w3
-        if self.act is None or not isinstance(w1, Projection) or not isinstance(w3, Projection):
+        if self.act is None or not polynorm_glu.fold_simplenorm():
             return ()
-        if not polynorm_glu.fold_simplenorm():
+        if not isinstance(w1, Projection) or not isinstance(w3, Projection):
             return ()
         plain = all(p.norm is not None and p.row is None and p.col is None for p in (w1, w3))
         if not plain or w1.norm.eps is None or w1.norm.eps != w3.norm.eps:
