@@ -242,6 +242,12 @@ def test_folded_simplenorm_mlp_matches_the_unfolded_one(monkeypatch):
         results[fold] = [out, *torch.autograd.grad(out.square().sum(), list(mlp.parameters()))]
     for a, b in zip(results["0"], results["1"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(pg, "FOLD_SIMPLENORM", "1")  # one graph under fullgraph compile, the op inside, same values
+    torch._dynamo.reset()
+    recording = GraphRecorder("aot_eager")
+    out = torch.compile(mlp, backend=recording, fullgraph=True)(x)
+    assert len(recording.graphs) == 1 and torch.ops.neollm.polynorm_glu.default in set(recording.targets())
+    torch.testing.assert_close(out, results["1"][0], rtol=1e-10, atol=1e-12)
     monkeypatch.setattr(pg, "FOLD_SIMPLENORM", "yes")
     with pytest.raises(ConfigError, match="NEOLLM_POLYNORM_FOLD_SIMPLENORM .* must be 0 or 1"):
         mlp(x)
