@@ -180,8 +180,8 @@ INJECTED = {
     "saved r2 off by 1e-4 (relative)": [("tl.store(s_base + 1, r2)", "tl.store(s_base + 1, r2 * 1.0001)")],
     "masked lanes of g read as 1": [("x = tl.load(g_ptr + row * n_cols + cols, mask=ok, other=0.0)",
                                      "x = tl.load(g_ptr + row * n_cols + cols, mask=ok, other=1.0)")],
-    "forward input norm of u without its gain": [("u = u * ru * tl.load(gu_ptr + cols, mask=ok, other=0.0).to(tl.float32)",
-                                                  "u = u * ru")],
+    "forward input norm of u without its gain": [
+        ("u = u * ru * tl.load(gu_ptr + cols, mask=ok, other=0.0).to(tl.float32)", "u = u * ru")],
     "u's input norm backward without its projection term": [("du = _rms_bwd(du * gam_u, u_hat, ru, n_cols)",
                                                              "du = du * gam_u * ru")],
     "g's input norm backward without its gain": [("dg = _rms_bwd(dg * gam_g, g_hat, rg, n_cols)",
@@ -217,7 +217,8 @@ if __name__ == "__main__":
         ((2, 5), 200, torch.float16, False),
     ]:
         check(pg, rows, n, dtype, exclusive, seed=n)
-    for rows, n, dtype, exclusive in [  # the gate's and up's SimpleNorm folded in; 37 / 70 rows: > 1 program, the last partial
+    # the gate's and up's SimpleNorm folded in; 37 / 70 rows: more than one program, the last one partial
+    for rows, n, dtype, exclusive in [
         ((37,), 96, torch.float32, False),
         ((2, 35), 200, torch.float32, True),
         ((37,), 96, torch.bfloat16, True),

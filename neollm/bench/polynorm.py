@@ -13,10 +13,9 @@ import math
 from collections.abc import Callable
 
 import torch
-
-from neollm.bench.timing import forward_backward_costs, relative_diff
 import torch.nn.functional as F
 
+from neollm.bench.timing import forward_backward_costs, relative_diff
 from neollm.kernels import polynorm_glu as pg
 
 EPS = PROJ_EPS = 1e-6

@@ -209,7 +209,8 @@ class NeoLLMTextDataset(HuggingFaceTextDataset):
                 break
             self._sample_idx = 0
             logger.warning(f"Dataset {self.dataset_name} is being re-looped")
-            if not isinstance(self._data, Dataset) and hasattr(self._data, "set_epoch") and hasattr(self._data, "epoch"):
+            stream = not isinstance(self._data, Dataset)
+            if stream and hasattr(self._data, "set_epoch") and hasattr(self._data, "epoch"):
                 self._data.set_epoch(self._data.epoch + 1)
                 self._stream_state = None
 

@@ -8,8 +8,8 @@ Per row of F (the MLP hidden size) with ``x = g`` in fp32 (neollm/model/norms.py
 ``out = (w0 x3 + w1 x2 + w2 x1 + b) * u``.
 
 The gate and up projections' SimpleNorm (SimpleGPT in the MLP, neollm/model/linear.py: ``g = gain_g *
-RMSNorm(g_raw)``, likewise u) can be folded in (opt-in: ``FOLD_SIMPLENORM``, below): given ``g_gain`` and ``u_gain`` the op takes the raw
-projection outputs and normalises them itself (``in_eps``), so the normalised [rows, F] tensors are
+RMSNorm(g_raw)``, likewise u) can be folded in (opt-in: ``FOLD_SIMPLENORM``, below): given ``g_gain``
+and ``u_gain`` the op takes the raw projection outputs and normalises them itself (``in_eps``), so the normalised [rows, F] tensors are
 never written, read back or saved for backward. The backward then also returns the two gains'
 gradients, summed over ``ROWS_PER_PROGRAM`` rows in each program and over programs in torch.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 import torch.nn.functional as F
 
 from neollm.errors import ConfigError
@@ -307,7 +306,7 @@ if triton is not None:
         for i in range(ROWS):
             row = pid * ROWS + i
             row_ok = row < n_rows
-            ok = cols < tl.where(row_ok, n_cols, 0)  # (col_ok & row_ok: a scalar & a vector, which the interpreter refuses)
+            ok = cols < tl.where(row_ok, n_cols, 0)  # (not col_ok & row_ok: the interpreter refuses scalar & vector)
             offs = row * n_cols + cols
             x = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -433,7 +432,7 @@ def backward_kernel(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias
     w, b = weight.contiguous(), bias.contiguous()
     lg = w if logits is None else logits.contiguous()
     rows_per_program = 1 if g_gain is None else ROWS_PER_PROGRAM
-    programs = triton.cdiv(g2.shape[0], rows_per_program) if triton is not None else 0
+    programs = triton.cdiv(g2.shape[0], rows_per_program)
     gain_parts = torch.zeros(programs if g_gain is not None else 0, 2, n, device=g.device, dtype=torch.float32)
     if dg.numel():
         block, warps = _launch(n)
@@ -496,7 +495,8 @@ def polynorm_glu_backward(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
 def _(g, u, weight, bias, logits, stats, dy, eps, proj_eps, use_kernel, g_gain=None, u_gain=None, in_eps=0.0):
     dt = torch.float32 if use_kernel else compute_dtype(g)
     gains = (2, g.shape[-1]) if g_gain is not None else (0,)
-    return g.new_empty(g.shape), u.new_empty(u.shape), g.new_empty(N_PARAM_GRADS, dtype=dt), g.new_empty(gains, dtype=dt)
+    return (g.new_empty(g.shape), u.new_empty(u.shape), g.new_empty(N_PARAM_GRADS, dtype=dt),
+            g.new_empty(gains, dtype=dt))
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,11 +9,11 @@ up_proj; product -> column multiplier -> down_proj. The column multiplier is the
 multiplier c (linear.py), and dropout on the product equals dropout on the PolyNorm output (same mask, the
 product is elementwise). All three projections come from ``make_linear`` (roles gate, up, down), so CoLA,
 SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), w2 (down) as Llama's.
-PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. With
-``NEOLLM_POLYNORM_FOLD_SIMPLENORM=1`` the gate's and up's SimpleNorm (simplegpt) go into the fused op too. ``NEOLLM_POLYNORM_IMPL`` = auto
+PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = auto
 (the default: on CUDA from Ampere on) or triton computes ``PolyNorm(gate) * up`` as one fused op
 (neollm/kernels/polynorm_glu.py) when no dropout is active; torch keeps the unfused module below.
-Parameters and state_dict are the same either way.
+Parameters and state_dict are the same either way. With ``NEOLLM_POLYNORM_FOLD_SIMPLENORM=1`` the gate's and up's
+SimpleNorm (simplegpt) go into the fused op too.
 
 NeoLLM's exact MLP graph (Kitsunp/ml-cross-entropy @ ec32cad: docs/neollm-mlp-cute.md, mlp/reference.py
 ``neollm_mlp_reference``, benchmark/mlp_profile.py ``ReferenceLayer``):
@@ -78,7 +78,10 @@ class MLP(nn.Module):
         gate = self.w1.core(x) if norms else self.w1(x)
         if self._fused_polynorm(gate):
             act = self.act
-            up, gains = (self.w3.core(x), (norms[0].weight, norms[1].weight, norms[0].eps)) if norms else (self.w3(x), ())
+            if norms:
+                up, gains = self.w3.core(x), (norms[0].weight, norms[1].weight, norms[0].eps)
+            else:
+                up, gains = self.w3(x), ()
             return self.w2(polynorm_glu.polynorm_glu_op(gate, up, act.weight, act.bias, act.exclusive_logits,
                                                         act.eps, act.proj_eps, True, *gains)[0])
         if norms:
