@@ -130,11 +130,34 @@ def check_attention() -> None:
     assert err <= SLACK * ref_err + FLOOR, f"attention: error {err:.2e}, reference {ref_err:.2e}"
 
 
+def check_backward_reuses_the_forward_inverses() -> None:
+    """Through the op: one diagonal-inverse launch per forward + backward (the forward's inverses, an op
+    output kept for backward, reach the transposed walk), and the gradients of a backward that
+    computes its own, bit for bit."""
+    k, v, dx = problem(1, 2, 96, 32, torch.float32, "correlated", seed=6)
+    kr, v = rms_normalize(k, EPS).requires_grad_(), v.requires_grad_()
+    calls, original = [], lucid.diagonal_inverses
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    lucid.diagonal_inverses = counting
+    try:
+        x = lucid.lucid_solve(kr, v, True)
+        dk, dv = torch.autograd.grad(x, (kr, v), dx)
+    finally:
+        lucid.diagonal_inverses = original
+    assert len(calls) == 1, f"{len(calls)} diagonal-inverse launches in one forward + backward, not 1"
+    want_dk, want_dv = lucid.solve_backward_kernel(kr.detach(), x.detach(), dx)  # its own inverses
+    assert torch.equal(dk, want_dk) and torch.equal(dv, want_dv)
+
+
 def check_opcheck() -> None:
     """torch.library's checks of the op with the kernels (schema, fake tensor, autograd registration)."""
     k, v, _ = problem(1, 2, 40, 16, torch.float32, "independent", seed=9)
     kr = rms_normalize(k, EPS).requires_grad_()
-    torch.library.opcheck(lucid.lucid_solve, (kr, v.requires_grad_(), True),
+    torch.library.opcheck(lucid.lucid_solve_op, (kr, v.requires_grad_(), True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -242,6 +265,7 @@ if __name__ == "__main__":
         check_lucid_values(dtype)
     check_attention()
     check_opcheck()
+    check_backward_reuses_the_forward_inverses()
     check_injected_errors_fail()
     print("ok")
     sys.exit(0)

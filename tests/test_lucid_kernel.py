@@ -51,16 +51,17 @@ def test_op_passes_opcheck(dtype):
     """torch.library.opcheck on the op (reference implementation): schema, fake tensors, autograd
     registration and AOT dispatch."""
     kr, v = _keys_values(dtype=dtype)
-    torch.library.opcheck(lucid.lucid_solve, (kr.requires_grad_(), v.requires_grad_(), False))
+    torch.library.opcheck(lucid.lucid_solve_op, (kr.requires_grad_(), v.requires_grad_(), False))
 
 
 def test_op_saves_only_the_solution_and_the_keys():
+    """The keys, X and the diagonal inverses (none for the reference): P is never kept."""
     kr, v = _keys_values()
     kr, v = kr.detach().requires_grad_(), v.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         lucid.lucid_solve(kr, v, False)
-    assert saved == [tuple(kr.shape), tuple(v.shape)]
+    assert saved == [tuple(kr.shape), tuple(v.shape), (0,)]
 
 
 def _lucid_attention() -> Attention:

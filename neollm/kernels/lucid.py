@@ -14,7 +14,9 @@ never write P: each tile of ``exp(S)`` is formed from two key tiles where it is 
   ``X_i = D_i^-1 (V_i - sum_{j<i} P_ij X_j)``, one program per (batch, head, block of value
   columns): the columns of X are independent solves.
 * backward, ``dV = P^-T dX``: the same kernel transposed: block back substitution from the last
-  block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed).
+  block, with ``(P^T)_ij = exp(S_ij)`` for ``j > i`` (S is symmetric, so no transpose is formed), and
+  the forward's diagonal inverses (an op output kept for backward, 16 MiB a layer at neollm_135m's
+  64 x 512: ``(P^T)_ii^-1 = (P_ii^-1)^T``), not computed again.
 * ``SOLVE = "lookback"`` (``NEOLLM_LUCID_SOLVE``; chosen by the default "auto" when the walks would not
   fill the GPU; ``_lookback_kernel``): both substitutions with one program per row block instead of one
   walk per head; a block subtracts each earlier block's
@@ -491,14 +493,19 @@ def _diagonal(diagonal: str | None) -> bool:
     return diagonal == "inverse"
 
 
+def inverses_shape(b: int, h: int, t: int, block_rows: int) -> tuple[int, int, int, int]:
+    """``diagonal_inverses``' shape: ``[B*H, n_blocks, BR, BR]``."""
+    return b * h, -(-t // block_rows), block_rows, block_rows
+
+
 def diagonal_inverses(kr: torch.Tensor, *, dots: str | None = None, block_rows: int | None = None,
                       num_warps: int | None = None) -> torch.Tensor:
     """``D_i^-1`` of every diagonal block of P for ``kr [B, H, T, d]``: fp32 ``[B*H, n_blocks, BR, BR]``."""
     b, h, t, d = kr.shape
     br, _, bd, warps = _launch_config(block_rows, None, num_warps, d)
     kr, ks = _head_strides(kr)
-    n_blocks = triton.cdiv(t, br)
-    dinv = torch.empty(b * h, n_blocks, br, br, device=kr.device, dtype=torch.float32)
+    dinv = torch.empty(inverses_shape(b, h, t, br), device=kr.device, dtype=torch.float32)
+    n_blocks = dinv.shape[1]
     if dinv.numel():
         _diagonal_inverse_kernel[(b * h, n_blocks)](kr, *ks, dinv, h, t, d, 1.0 / math.sqrt(d), math.sqrt(d),
                                                     DOTS=_dots(dots), BR=br, BD=bd, LEVELS=br.bit_length() - 1,
@@ -509,10 +516,14 @@ def diagonal_inverses(kr: torch.Tensor, *, dots: str | None = None, block_rows: 
 def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: str | None = None,
                block_rows: int | None = None, block_cols: int | None = None,
                num_warps: int | None = None, value_split: int | None = None,
-               diagonal: str | None = None, solve: str | None = None) -> torch.Tensor:
+               diagonal: str | None = None, solve: str | None = None,
+               dinv: torch.Tensor | None = None) -> torch.Tensor:
     """``P^-1 rhs`` (``P^-T rhs`` if transposed) for ``kr, rhs [B, H, T, d]``: contiguous fp32.
     ``value_split``: programs per head, each solving d / value_split columns (the walk's); ``dots``:
-    DOT_PRECISIONS; ``diagonal``: DIAGONALS; ``solve``: SOLVES."""
+    DOT_PRECISIONS; ``diagonal``: DIAGONALS; ``solve``: SOLVES. ``dinv``: the diagonal blocks' inverses
+    already computed (``diagonal_inverses`` of these keys at these ``block_rows`` and ``dots``; the
+    forward's, in backward: ``(P^T)_ii^-1 = (P_ii^-1)^T``, which the transposed walk reads as such); else
+    computed here."""
     b, h, t, d = kr.shape
     br, bc, bd, warps = _launch_config(block_rows, block_cols, num_warps, d)
     bv = _value_block(value_split, bd)
@@ -523,7 +534,13 @@ def substitute(kr: torch.Tensor, rhs: torch.Tensor, transposed: bool, *, dots: s
     out = torch.empty(b, h, t, d, device=kr.device, dtype=torch.float32)
     if not out.numel():
         return out
-    dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps) if inverse else out  # the look-back implies inverse
+    if not inverse:
+        dinv = out  # unused: the walk solves each diagonal block in registers (the look-back implies inverse)
+    elif dinv is None:
+        dinv = diagonal_inverses(kr, dots=dots, block_rows=br, num_warps=warps)
+    elif dinv.shape != inverses_shape(b, h, t, br) or dinv.dtype != torch.float32 or not dinv.is_contiguous():
+        raise ValueError(f"dinv must be contiguous fp32 {inverses_shape(b, h, t, br)} (diagonal_inverses of "
+                         f"these keys), got {dinv.dtype} {tuple(dinv.shape)}")
     if lookback:
         n_blocks = triton.cdiv(t, br)
         sync = torch.zeros(b * h * n_blocks + 1, device=kr.device, dtype=torch.int32)  # flags, then the ticket
@@ -586,12 +603,23 @@ def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
     return substitute(kr, v, transposed=False, **launch)
 
 
+def solve_kernel_keeping_inverses(kr: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, dinv)`` at the default launch: ``dinv`` the diagonal blocks' inverses the solve used, for the
+    backward's transposed walk to reuse (the same blocks: ``_diagonal_inverse_kernel`` once a step, not
+    twice); empty where the diagonal step is "substitute" (no inverses)."""
+    if not _diagonal(None):
+        return solve_kernel(kr, v), kr.new_empty(0, dtype=torch.float32)
+    dinv = diagonal_inverses(kr)
+    return substitute(kr, v, transposed=False, dinv=dinv), dinv
+
+
 def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, key_grad_launch: dict | None = None,
-                          **launch) -> tuple[torch.Tensor, torch.Tensor]:
+                          dinv: torch.Tensor | None = None, **launch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dkr, dv)`` by the kernels (fp32), as ``solve_backward_reference``. ``launch``: the back
     substitution's (``substitute``'s keywords); the key gradient shares only its ``dots`` and takes its own
-    launch from ``key_grad_launch`` (``key_grad``'s keywords; unset: KEY_GRAD_*)."""
-    dv = substitute(kr, dx, transposed=True, **launch)
+    launch from ``key_grad_launch`` (``key_grad``'s keywords; unset: KEY_GRAD_*). ``dinv``: the forward's
+    diagonal inverses (``solve_kernel_keeping_inverses``), else recomputed."""
+    dv = substitute(kr, dx, transposed=True, dinv=dinv, **launch)
     return key_grad(kr, x, dv, **{"dots": launch.get("dots"), **(key_grad_launch or {})}), dv
 
 
@@ -602,54 +630,72 @@ def _require_kernel(kr: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError(f"LUCID's Triton kernel cannot run here: {reason}; use lucid_impl 'torch' or 'auto'")
 
 
+def _kernel_inverses_shape(kr: torch.Tensor, use_kernel: bool) -> tuple[int, ...]:
+    """The shape of ``lucid_solve_op``'s second output (``solve_kernel_keeping_inverses``)."""
+    if not use_kernel or not _diagonal(None):
+        return (0,)
+    b, h, t, _ = kr.shape
+    return inverses_shape(b, h, t, BLOCK_ROWS)
+
+
 @torch.library.custom_op("neollm::lucid_solve", mutates_args=())
-def lucid_solve(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """``X = P^-1 V`` per (batch, head) for RMS-normalised keys ``kr`` and values ``v``, both
-    ``[B, H, T, d]``; X contiguous in kr's dtype (the compute dtype: fp32, or fp64 in tests).
-    ``use_kernel``: the Triton kernels (CUDA, or the CPU interpreter), else the reference."""
+def lucid_solve_op(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, dinv)``: ``X = P^-1 V`` per (batch, head) for RMS-normalised keys ``kr`` and values ``v``, both
+    ``[B, H, T, d]``, contiguous in kr's dtype (the compute dtype: fp32, or fp64 in tests); ``dinv`` the
+    diagonal blocks' inverses, kept for backward (fp32; empty for the reference and the "substitute"
+    diagonal). ``use_kernel``: the Triton kernels (CUDA, or the CPU interpreter), else the reference."""
     with torch.autocast(kr.device.type, enabled=False):
         if use_kernel:
             _require_kernel(kr, v)
-            return solve_kernel(kr, v).to(kr.dtype)
-        return solve_reference(kr, v).contiguous()
+            x, dinv = solve_kernel_keeping_inverses(kr, v)
+            return x.to(kr.dtype), dinv
+        return solve_reference(kr, v).contiguous(), kr.new_empty(0, dtype=torch.float32)
 
 
-@lucid_solve.register_fake
+@lucid_solve_op.register_fake
 def _(kr, v, use_kernel):
-    return kr.new_empty(v.shape)
+    return kr.new_empty(v.shape), kr.new_empty(_kernel_inverses_shape(kr, use_kernel), dtype=torch.float32)
+
+
+def lucid_solve(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """``X = P^-1 V`` (``lucid_solve_op``'s first output)."""
+    return lucid_solve_op(kr, v, use_kernel)[0]
 
 
 @torch.library.custom_op("neollm::lucid_solve_backward", mutates_args=())
-def lucid_solve_backward(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+def lucid_solve_backward(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, dinv: torch.Tensor,
                          use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dkr, dv)`` in kr's dtype, contiguous: see ``solve_backward_reference``."""
+    """``(dkr, dv)`` in kr's dtype, contiguous: see ``solve_backward_reference``; ``dinv``: the forward's
+    diagonal inverses (empty: none to reuse)."""
     with torch.autocast(kr.device.type, enabled=False):
         if use_kernel:
             _require_kernel(kr, dx)
-            dkr, dv = solve_backward_kernel(kr, x, dx)
+            dkr, dv = solve_backward_kernel(kr, x, dx, dinv=dinv if dinv.numel() else None)
             return dkr.to(kr.dtype), dv.to(kr.dtype)
         dkr, dv = solve_backward_reference(kr, x, dx)
         return dkr.contiguous(), dv.contiguous()
 
 
 @lucid_solve_backward.register_fake
-def _(kr, x, dx, use_kernel):
+def _(kr, x, dx, dinv, use_kernel):
     return kr.new_empty(kr.shape), kr.new_empty(kr.shape)
 
 
 def _setup_context(ctx, inputs, output):
     kr, v, use_kernel = inputs
-    ctx.save_for_backward(kr, output)  # X and the keys: P is rebuilt in backward, never kept
+    x, dinv = output
+    ctx.mark_non_differentiable(dinv)
+    ctx.save_for_backward(kr, x, dinv)  # X, the keys and the diagonal inverses: P is rebuilt, never kept
     ctx.use_kernel, ctx.v_dtype = use_kernel, v.dtype
 
 
-def _backward(ctx, dx):
-    kr, x = ctx.saved_tensors
-    dkr, dv = lucid_solve_backward(kr, x, dx.contiguous(), ctx.use_kernel)
+def _backward(ctx, dx, _ddinv):
+    kr, x, dinv = ctx.saved_tensors
+    dkr, dv = lucid_solve_backward(kr, x, dx.contiguous(), dinv, ctx.use_kernel)
     return dkr, dv.to(ctx.v_dtype), None
 
 
-lucid_solve.register_autograd(_backward, setup_context=_setup_context)
+lucid_solve_op.register_autograd(_backward, setup_context=_setup_context)
 
 # The op whose output selective-op activation checkpointing keeps (neollm/parallelize.py): recomputing it
 # in backward would redo the T x T Gram matrix and the triangular solve, LUCID's costliest part.
