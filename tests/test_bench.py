@@ -22,7 +22,10 @@ def test_bench_measures_a_flavor_on_cpu(tmp_path, capsys):
                        "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile",
                        "--json", str(out), "--markdown", str(tmp_path / "bench.md")])
     assert code == 0
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("CPU") and report["commit"] and report["date"]
+    assert report["command"].startswith("python tools/bench.py --device cpu --configs debug")
+    rows = report["rows"]
     assert [r["name"] for r in rows] == ["debug V=256"]
     assert rows[0]["tok_per_s"] > 0 and rows[0]["mfu"] > 0
     assert math.isfinite(rows[0]["loss"]) and abs(rows[0]["loss"] - math.log(256)) < 1.0
@@ -175,7 +178,7 @@ def test_bench_activation_checkpointing_keeps_the_losses(tmp_path, monkeypatch):
         assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2",
                            "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile", "--ac", ac,
                            "--peak-tflops", "1", "--json", str(out)]) == 0
-        (row,) = json.loads(out.read_text())
+        (row,) = json.loads(out.read_text())["rows"]
         assert row["name"] == "debug V=256" + ("" if ac == "none" else f" ac={ac}")
         losses[ac] = row["loss"]
     assert [(mode, option if mode == "selective" else None, ok) for mode, option, ok in wrapped] == [
@@ -212,7 +215,7 @@ def test_bench_compiles_neollm_as_the_trainers_compile_section_says(tmp_path, mo
         assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2", "--seq", "32",
                            "--steps", "1", "--warmup", "1", "--compile-backend", "aot_eager", "--compile-mode", mode,
                            "--compile-scope", scope, "--peak-tflops", "1", "--json", str(out)]) == 0
-        (row,) = json.loads(out.read_text())
+        (row,) = json.loads(out.read_text())["rows"]
         assert row["name"] == "debug V=256" + label
         losses[mode, scope] = row["loss"]
     assert seen == [("default", "blocks", "aot_eager", True), ("default", "model", "aot_eager", False),
@@ -223,7 +226,7 @@ def test_bench_compiles_neollm_as_the_trainers_compile_section_says(tmp_path, mo
     assert bench.main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2", "--seq", "32",
                        "--steps", "1", "--warmup", "1", "--no-compile", "--compile-mode", "reduce-overhead",
                        "--peak-tflops", "1", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())[0]["name"] == "debug V=256" and len(seen) == 3
+    assert json.loads(out.read_text())["rows"][0]["name"] == "debug V=256" and len(seen) == 3
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--configs", "debug", "--compile-mode", "fast"])
 
@@ -248,7 +251,7 @@ def test_bench_llama3_rows_padded_and_unpadded_on_the_same_tokens(tmp_path, monk
     assert bench.main(["--device", "cpu", "--configs", "llama3,plain", "--vocab", "200", "--layers", "1",
                        "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "1", "--no-compile",
                        "--peak-tflops", "measure", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert [(r["name"], r["vocab"]) for r in rows] == [
         ("llama3 (torchtitan) V=200", 200), ("llama3 (torchtitan) V=256 padded", 256), ("plain V=200", 200)]
     padded = rows[1]
@@ -297,7 +300,7 @@ def test_bench_compiles_every_ablation_variant(tmp_path, monkeypatch):
     assert torch._dynamo.config.recompile_limit == 8
     out = tmp_path / "ablate.json"
     assert bench.main([*argv, "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 9 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[8]["name"].startswith("neollm_135m -") and compiled == ["eager"] * 9
 

@@ -30,12 +30,12 @@ def test_bench_data_measures_a_source_and_flags_one_slower_than_the_model(tmp_pa
 
 
 def test_bench_data_reads_the_consumption_from_tools_bench_json(tmp_path, capsys):
-    """tools/bench.py's --json is a list of rows named "<flavor> V=<vocab>": its row for the flavor counts,
+    """tools/bench.py's --json holds rows named "<flavor> V=<vocab>": its row for the flavor counts,
     a technique-off row of the same flavor does not."""
     require_prepared_assets()
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps([{"name": "debug -gpas V=256", "tok_per_s": 5.0},
-                                 {"name": "debug V=256", "tok_per_s": 7.0}]))
+    bench.write_text(json.dumps({"device": "CPU", "rows": [{"name": "debug -gpas V=256", "tok_per_s": 5.0},
+                                                           {"name": "debug V=256", "tok_per_s": 7.0}]}))
     assert load_tool("bench_data").main([
         "--config", "train_configs/debug.toml", "--sources", "wiki_vital_en", "--workers", "0",
         "--batches", "2", "--warmup", "1", "--bench-json", str(bench)]) == 0

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     # one batch for every row, below the smallest vocabulary among them
     tokens = synthetic_batch(min(v for _, v, _ in rows), opts.batch, opts.seq, device)
     results, baseline = run_rows(rows, tokens=tokens, steps=opts.steps, warmup=opts.warmup, device=device,
-                                 peak=peak, profile_dir=opts.profile, json_path=opts.json)
+                                 peak=peak, profile_dir=opts.profile, json_path=opts.json,
+                                 command=" ".join(["python tools/bench.py", *(sys.argv[1:] if argv is None else argv)]))
     set_speedups(results, baseline)
     text = table(results, baseline) + f"\n\nMFU against {peak.tflops:.1f} TFLOP/s: {peak.source}."
     print()

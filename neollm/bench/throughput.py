@@ -27,6 +27,7 @@ from neollm.model.flops import training_flops_per_token
 from neollm.model.model import NeoLLM
 from neollm.model.params import technique_switches
 from neollm.parallelize import checkpoint_blocks, compile_model_for_training
+from neollm.provenance import record
 
 VOCAB_ALIGNMENT = 64
 
@@ -306,17 +307,19 @@ def plan(opts) -> list[tuple[str, int, Callable]]:
 
 def run_rows(rows: list[tuple[str, int, Callable]], *, tokens: torch.Tensor, steps: int, warmup: int,
              device: torch.device, peak, profile_dir: Path | None = None,
-             json_path: Path | None = None) -> tuple[list[Result], Result | None]:
+             json_path: Path | None = None, command: str = "") -> tuple[list[Result], Result | None]:
     """``run`` each of ``plan``'s rows on ``tokens``, printing a line per row; ``json_path`` is rewritten
-    after every row (a run that dies later keeps the rows before). Returns the results and the
-    baseline: the last llama3 row with an aligned vocabulary (the padded one), or None."""
+    after every row (a run that dies later keeps the rows before): ``{device, date, commit, environment,
+    command, rows}``. Returns the results and the baseline: the last llama3 row with an aligned vocabulary
+    (the padded one), or None."""
     results: list[Result] = []
     baseline: list[Result] = []
 
     def write_json() -> None:
         if json_path:
             set_speedups(results, baseline[0] if baseline else None)
-            json_path.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+            rows = [dataclasses.asdict(r) for r in results]
+            json_path.write_text(json.dumps({**record(), "command": command, "rows": rows}, indent=2) + "\n")
 
     for label, vocab, build in rows:
         result = run(label, build, tokens=tokens, vocab=vocab, steps=steps, warmup=warmup,

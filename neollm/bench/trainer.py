@@ -91,7 +91,7 @@ def run_bench(job, flavor: str, steps: int, warmup: int, out: Path) -> list[dict
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise RuntimeError(f"tools/bench.py failed: {' '.join(cmd)}")
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["rows"]
 
 
 def measure(opts, command: str) -> dict:
