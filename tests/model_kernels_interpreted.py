@@ -25,7 +25,7 @@ from neollm.model.model import NeoLLM  # noqa: E402
 SLACK, FLOOR = 3.0, 2e-7
 SWITCHES = ((attention_ops, "LUCID_IMPL"), (polynorm_glu, "POLYNORM_IMPL"), (qk_path, "QK_PATH_IMPL"),
             (attention_epilogue, "EPILOGUE_IMPL"))
-KERNELS = ((lucid, "solve_kernel"), (polynorm_glu, "forward_kernel"), (qk_path, "forward_kernel"),
+KERNELS = ((lucid, "solve_kernel_keeping_inverses"), (polynorm_glu, "forward_kernel"), (qk_path, "forward_kernel"),
            (attention_epilogue, "forward_kernel"))
 
 
