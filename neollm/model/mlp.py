@@ -12,8 +12,8 @@ SimpleNorm and learnable multipliers apply. Parameter names w1 (gate), w3 (up), 
 PolyNorm adds 4 parameters (6 with the exclusive variant); dropout adds none. ``NEOLLM_POLYNORM_IMPL`` = auto
 (the default: on CUDA from Ampere on) or triton computes ``PolyNorm(gate) * up`` as one fused op
 (neollm/kernels/polynorm_glu.py) when no dropout is active; torch keeps the unfused module below.
-Parameters and state_dict are the same either way. With ``NEOLLM_POLYNORM_FOLD_SIMPLENORM=1`` the gate's and up's
-SimpleNorm (simplegpt) go into the fused op too.
+Parameters and state_dict are the same either way. The gate's and up's SimpleNorm (simplegpt) go into the
+fused op too (``NEOLLM_POLYNORM_FOLD_SIMPLENORM``, default 1; 0 normalises them here first).
 
 NeoLLM's exact MLP graph (Kitsunp/ml-cross-entropy @ ec32cad: docs/neollm-mlp-cute.md, mlp/reference.py
 ``neollm_mlp_reference``, benchmark/mlp_profile.py ``ReferenceLayer``):
@@ -93,7 +93,7 @@ class MLP(nn.Module):
         return self.w2(hidden)
 
     def _simple_norms(self) -> tuple[nn.RMSNorm, nn.RMSNorm] | tuple[()]:
-        """The gate's and up's SimpleNorms when NEOLLM_POLYNORM_FOLD_SIMPLENORM=1 and both projections are
+        """The gate's and up's SimpleNorms when NEOLLM_POLYNORM_FOLD_SIMPLENORM=1 (the default) and both projections are
         exactly ``gain * RMSNorm(core(x))`` (SimpleGPT, no multipliers) with one eps: the fused op then
         applies them itself. Empty otherwise."""
         w1, w3 = self.w1, self.w3
