@@ -97,6 +97,46 @@ def test_a_trace_says_where_a_steps_time_goes():
         trace.summarize(events[2:])
 
 
+def test_the_host_breakdown_tells_custom_ops_launches_and_python_apart(tmp_path, capsys):
+    """trace.host_breakdown on a hand-made step of two threads (us): a compiled forward graph holding a custom
+    op (its own Python, an empty and its launch), an inductor launch and an mm; a backward graph inside
+    autograd's function on the other thread; an optimizer step outside the graphs. Each part per step, the
+    ProfilerStep span not counted (the main thread's wait for backward is no host work); and the CLI."""
+    from neollm.bench import trace
+
+    def span(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 7, "args": {}}
+
+    graph = "## Call CompiledFxGraph abc ##"
+    events = [
+        span("user_annotation", "ProfilerStep#3", 0, 1_000),
+        span("cpu_op", "Torch-Compiled Region: 0/0", 0, 120),
+        span("cpu_op", graph, 10, 100),
+        span("cpu_op", "neollm::qk_path", 15, 30),  # own 30 - 2 - 5 = 23
+        span("cpu_op", "aten::empty", 16, 2),
+        span("cuda_driver", "cuLaunchKernelEx", 30, 5),
+        span("cpu_op", "triton_poi_fused_add_0", 50, 5),
+        span("cpu_op", "aten::mm", 60, 10),
+        span("user_annotation", "Optimizer.step#AdamW.step", 600, 40),
+        span("cuda_runtime", "cudaLaunchKernel", 610, 4),
+        span("cpu_op", "autograd::engine::evaluate_function: CompiledFunctionBackward", 200, 300, tid=2),
+        span("cpu_op", graph, 210, 250, tid=2),
+        span("cpu_op", "neollm::qk_path_backward", 220, 50, tid=2),
+        span("cpu_op", "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 510, 20, tid=2),
+    ]
+    host = trace.host_breakdown(events, steps=1)
+    assert host["parts_ms"] == pytest.approx({
+        trace.CUSTOM_OWN: (23 + 50) / 1e3, trace.CUSTOM_CHILDREN: 7 / 1e3, "inductor's Triton launches": 5 / 1e3,
+        "aten ops called by compiled graphs": 10 / 1e3, "compiled graphs' own Python": (100 - 45 + 250 - 50) / 1e3,
+        "outside compiled graphs": (20 + 40 + 50 + 20) / 1e3})
+    assert host["custom_ops"] == {"neollm::qk_path_backward": {"calls_per_step": 1, "ms_per_step": 0.05},
+                                  "neollm::qk_path": {"calls_per_step": 1, "ms_per_step": 0.03}}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert trace.main([str(path), "--steps", "1"]) == 0
+    assert "    0.07 ms  custom ops (neollm::*), their own Python and launch path" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, family", [
     ("_lookback_kernel", "LUCID"),
     ("_key_grad_kernel", "LUCID"),

@@ -6,6 +6,11 @@ spans) against the union of the GPU's kernel, copy and set intervals within thos
 optimizer's share is the host span of its ``Optimizer.step#...`` annotation and the GPU time of the
 kernels launched inside it (matched to their launch by the trace's ``correlation`` ids), since the
 optimizer's steps run outside the compiled model and any CUDA graph of it.
+
+Where the host's time goes (``host_breakdown``): the CPU events of each thread nested by time, so that
+inside compiled graphs the custom ops' own time (their Python wrappers and Triton's launch path), the
+kernels inductor launches, the aten ops the graphs call and the graphs' own Python are told apart.
+``python -m neollm.bench.trace TRACE [--steps N]`` prints both for a saved trace.
 """
 
 from __future__ import annotations
@@ -52,6 +57,96 @@ def _inside(ts: float, spans: list[tuple[float, float]]) -> bool:
     return any(start <= ts <= stop for start, stop in spans)
 
 
+HOST_CATEGORIES = ("cpu_op", "user_annotation", *LAUNCH_CATEGORIES)
+COMPILED_GRAPH_PREFIX = "## Call CompiledFxGraph"
+CUSTOM_OP_PREFIX = "neollm::"
+INDUCTOR_KERNEL_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")
+CUSTOM_OWN = "custom ops (neollm::*), their own Python and launch path"
+CUSTOM_CHILDREN = "custom ops' child aten ops and launches"
+HOST_PARTS = (CUSTOM_OWN, CUSTOM_CHILDREN, "inductor's Triton launches", "aten ops called by compiled graphs",
+              "compiled graphs' own Python", "outside compiled graphs")
+
+
+def _nest(events: list[dict]) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Per thread, the outermost events and each event's direct children (by time containment)."""
+    threads: dict[object, list[dict]] = defaultdict(list)
+    for e in events:
+        threads[(e.get("pid"), e.get("tid"))].append(e)
+    roots: list[dict] = []
+    children: dict[int, list[dict]] = defaultdict(list)
+    for thread in threads.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict] = []
+        for e in thread:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            (children[id(stack[-1])] if stack else roots).append(e)
+            stack.append(e)
+    return roots, children
+
+
+def host_breakdown(events: list[dict], steps: int) -> dict:
+    """Host time per step (ms) of the threads that run the model, in ``HOST_PARTS``: inside each compiled
+    graph call, the custom ops' own time (not in their child events), their children, inductor's kernel
+    launches, the other aten ops and the graph's own Python; outside graphs, the outermost events
+    (the optimizer, autograd's AccumulateGrad, the loss, ...). Also each custom op's calls and ms per step."""
+    # the ProfilerStep spans would count the main thread's wait in backward (run by autograd's thread) as host work
+    roots, children = _nest([e for e in events if e.get("cat") in HOST_CATEGORIES
+                             and not e["name"].startswith("ProfilerStep#")])
+    parts = dict.fromkeys(HOST_PARTS, 0.0)
+    ops: dict[str, list[float]] = defaultdict(list)
+
+    def own(e: dict) -> float:
+        return e["dur"] - sum(c["dur"] for c in children[id(e)])
+
+    holds: set[int] = set()  # events with a compiled graph call at or below them
+
+    def mark(e: dict) -> bool:
+        found = e["name"].startswith(COMPILED_GRAPH_PREFIX)
+        for c in children[id(e)]:
+            found = mark(c) or found
+        if found:
+            holds.add(id(e))
+        return found
+
+    def visit(e: dict) -> None:
+        if not e["name"].startswith(COMPILED_GRAPH_PREFIX):  # outside graphs: its time but the graphs' below it
+            inner = [c for c in children[id(e)] if id(c) in holds]
+            parts["outside compiled graphs"] += e["dur"] - sum(c["dur"] for c in inner)
+            for c in inner:
+                visit(c)
+            return
+        parts["compiled graphs' own Python"] += own(e)
+        for c in children[id(e)]:
+            if c["name"].startswith(CUSTOM_OP_PREFIX):
+                parts[CUSTOM_OWN] += own(c)
+                parts[CUSTOM_CHILDREN] += c["dur"] - own(c)
+                ops[c["name"]].append(c["dur"])
+            elif c["name"].startswith(INDUCTOR_KERNEL_PREFIXES) or c.get("cat") in LAUNCH_CATEGORIES:
+                parts["inductor's Triton launches"] += c["dur"]
+            else:
+                parts["aten ops called by compiled graphs"] += c["dur"]
+
+    for root in roots:
+        mark(root)
+        visit(root)
+    ms = 1e-3 / steps
+    return {"parts_ms": {k: v * ms for k, v in parts.items()},
+            "custom_ops": {name: {"calls_per_step": len(d) / steps, "ms_per_step": sum(d) * ms}
+                           for name, d in sorted(ops.items(), key=lambda item: -sum(item[1]))}}
+
+
+def host_text(host: dict) -> str:
+    """``host_breakdown`` as printed: the parts, then each custom op."""
+    parts = host["parts_ms"]
+    lines = ["host time per step (the model's threads):"]
+    lines += [f"{ms:8.2f} ms  {part}" for part, ms in parts.items()]
+    lines.append(f"{sum(parts.values()):8.2f} ms  sum")
+    lines += [f"{o['ms_per_step']:8.2f} ms  {o['calls_per_step']:4.0f} calls  {name}"
+              for name, o in host["custom_ops"].items()]
+    return "\n".join(lines)
+
+
 def summarize(events: list[dict], top: int = 15) -> dict:
     """Per profiled step (ms): wall, GPU busy, GPU idle; the optimizer's host span and kernel time;
     the ``top`` kernels by GPU time (calls and ms per step)."""
@@ -89,6 +184,7 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         "top_kernels": [{"name": name, "calls_per_step": len(durs) / n, "ms_per_step": sum(durs) * ms}
                         for name, durs in ranked],
         "families_ms": family_times(((e["name"], e["dur"] * 1e-3) for e in gpu), n),  # copies and sets: "other"
+        "host": host_breakdown(events, n),
     }
 
 
@@ -152,6 +248,8 @@ def text(summary: dict) -> str:
     lines += [f"| {k['name'][:90]} | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |" for k in s["top_kernels"]]
     if s.get("families_ms"):
         lines += ["kernel time per step by family:", family_text(s["families_ms"])]
+    if s.get("host"):
+        lines.append(host_text(s["host"]))
     return "\n".join(lines)
 
 
@@ -163,3 +261,24 @@ def latest_trace(folder: str | Path, rank: int = 0) -> Path:
         raise FileNotFoundError(f"no iteration_*/rank{rank}_trace.json under {folder}: was [profiling] on, and did "
                                 "the run reach profile_freq steps?")
     return found[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print where a saved trace's steps go: the summary (torchtitan's traces, with ProfilerStep spans) or,
+    for a trace without them (tools/bench.py --profile), the host breakdown over ``--steps`` steps."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("trace", type=Path)
+    p.add_argument("--steps", type=int, default=0, help="steps in the trace (default: its ProfilerStep spans)")
+    opts = p.parse_args(argv)
+    events = load_events(opts.trace)
+    if opts.steps:
+        print(host_text(host_breakdown(events, opts.steps)))
+    else:
+        print(text(summarize(events)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
