@@ -30,7 +30,8 @@ from neollm.titan_cpu import cpu_wanted, force_sum_reduction
 
 # Selective-op AC keeps these outputs: torchtitan's list (matmuls, attention), Gated DeltaNet's two
 # custom ops, whose recompute would rerun the delta rule's whole forward in the backward, and LUCID's
-# solve (its Gram matrix and triangular solve; X is [B, Hkv, T, d], the size of V in fp32), the
+# solve (its Gram matrix and triangular solve; X is [B, Hkv, T, d], the size of V in fp32, and the
+# diagonal blocks' inverses, which its backward reuses), the
 # fused PolyNorm GLU and attention epilogue (the down and output projections' inputs, which their
 # matmuls' backward reads) and the fused q/k path (SDPA's q and k, which SDPA's backward reads).
 SAC_SAVE_OPS = (_op_sac_save_list | set(GDN_OPS) | set(LUCID_OPS) | set(POLYNORM_OPS) | set(EPILOGUE_OPS)

@@ -153,11 +153,37 @@ def check_backward_reuses_the_forward_inverses() -> None:
     assert torch.equal(dk, want_dk) and torch.equal(dv, want_dv)
 
 
+def check_compiled_op_follows_the_settings() -> None:
+    """The launch settings that shape the op's outputs are op arguments read at each call: a compiled
+    caller recompiles when DIAGONAL changes (a graph traced with the inverses' shape must not run the
+    "substitute" op, whose inverses are empty), and its gradients are the eager ones under each setting."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    k, v, dx = problem(1, 2, 40, 16, torch.float32, "correlated", seed=4)
+    kr = rms_normalize(k, EPS)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda a, b: lucid.lucid_solve(a, b, True) * 2, backend=counter, fullgraph=True)
+    original = lucid.DIAGONAL
+    try:
+        for diagonal in ("inverse", "substitute"):
+            lucid.DIAGONAL = diagonal
+            grads = []
+            for fn in (compiled, lambda a, b: lucid.lucid_solve(a, b, True) * 2):
+                a, b = kr.clone().requires_grad_(), v.clone().requires_grad_()
+                grads.append(torch.autograd.grad(fn(a, b), (a, b), dx))
+            for got, want in zip(*grads):
+                torch.testing.assert_close(got, want)
+    finally:
+        lucid.DIAGONAL = original
+    assert counter.frame_count == 2, f"{counter.frame_count} compiles: a DIAGONAL change must recompile"
+
+
 def check_opcheck() -> None:
     """torch.library's checks of the op with the kernels (schema, fake tensor, autograd registration)."""
     k, v, _ = problem(1, 2, 40, 16, torch.float32, "independent", seed=9)
     kr = rms_normalize(k, EPS).requires_grad_()
-    torch.library.opcheck(lucid.lucid_solve_op, (kr, v.requires_grad_(), True),
+    torch.library.opcheck(lucid.lucid_solve_op, (kr, v.requires_grad_(), True, lucid.BLOCK_ROWS, lucid.DIAGONAL,
+                                                 lucid.DOT_PRECISION),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -266,6 +292,7 @@ if __name__ == "__main__":
     check_attention()
     check_opcheck()
     check_backward_reuses_the_forward_inverses()
+    check_compiled_op_follows_the_settings()
     check_injected_errors_fail()
     print("ok")
     sys.exit(0)

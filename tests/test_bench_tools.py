@@ -101,7 +101,8 @@ def test_the_host_breakdown_tells_custom_ops_launches_and_python_apart(tmp_path,
     """trace.host_breakdown on a hand-made step of two threads (us): a compiled forward graph holding a custom
     op (its own Python, an empty and its launch), an inductor launch and an mm; a backward graph inside
     autograd's function on the other thread; an optimizer step outside the graphs. Each part per step, the
-    ProfilerStep span not counted (the main thread's wait for backward is no host work); and the CLI."""
+    ProfilerStep span not counted (the main thread's wait for backward is no host work); a graph call
+    listed before the region of the same span still nests inside it; and the CLI."""
     from neollm.bench import trace
 
     def span(cat, name, ts, dur, tid=1):
@@ -123,11 +124,16 @@ def test_the_host_breakdown_tells_custom_ops_launches_and_python_apart(tmp_path,
         span("cpu_op", graph, 210, 250, tid=2),
         span("cpu_op", "neollm::qk_path_backward", 220, 50, tid=2),
         span("cpu_op", "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 510, 20, tid=2),
+        span("cpu_op", graph, 700, 50, tid=3),  # listed before the region of the same span that holds it
+        span("cpu_op", "Torch-Compiled Region: 1/0", 700, 50, tid=3),
+        span("cpu_op", "triton_for_fused_0", 705, 4, tid=3),  # inductor's foreach kernel
+        span("cpu_op", "aten::mm", 710, 10, tid=3),
     ]
     host = trace.host_breakdown(events, steps=1)
     assert host["parts_ms"] == pytest.approx({
-        trace.CUSTOM_OWN: (23 + 50) / 1e3, trace.CUSTOM_CHILDREN: 7 / 1e3, "inductor's Triton launches": 5 / 1e3,
-        "aten ops called by compiled graphs": 10 / 1e3, "compiled graphs' own Python": (100 - 45 + 250 - 50) / 1e3,
+        trace.CUSTOM_OWN: (23 + 50) / 1e3, trace.CUSTOM_CHILDREN: 7 / 1e3, "inductor's Triton launches": (5 + 4) / 1e3,
+        "aten ops called by compiled graphs": (10 + 10) / 1e3,
+        "compiled graphs' own Python": (100 - 45 + 250 - 50 + 50 - 14) / 1e3,
         "outside compiled graphs": (20 + 40 + 50 + 20) / 1e3})
     assert host["custom_ops"] == {"neollm::qk_path_backward": {"calls_per_step": 1, "ms_per_step": 0.05},
                                   "neollm::qk_path": {"calls_per_step": 1, "ms_per_step": 0.03}}

@@ -51,10 +51,11 @@ def test_op_passes_opcheck(dtype):
     """torch.library.opcheck on the op (reference implementation): schema, fake tensors, autograd
     registration and AOT dispatch."""
     kr, v = _keys_values(dtype=dtype)
-    torch.library.opcheck(lucid.lucid_solve_op, (kr.requires_grad_(), v.requires_grad_(), False))
+    torch.library.opcheck(lucid.lucid_solve_op, (kr.requires_grad_(), v.requires_grad_(), False, lucid.BLOCK_ROWS,
+                                                 lucid.DIAGONAL, lucid.DOT_PRECISION))
 
 
-def test_op_saves_only_the_solution_and_the_keys():
+def test_op_saves_the_keys_the_solution_and_the_inverses_only():
     """The keys, X and the diagonal inverses (none for the reference): P is never kept."""
     kr, v = _keys_values()
     kr, v = kr.detach().requires_grad_(), v.requires_grad_()

@@ -160,12 +160,14 @@ def lucid_config_rows(batch: int, seq: int, kv_heads: int, head_dim: int,
             launch = dict(block_rows=rows_, block_cols=cols, num_warps=warps, value_split=split, dots=dots,
                           diagonal=diagonal, solve=solve)
             try:
-                x = lucid_kernels.solve_kernel(kr, v, **launch)
-                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)
+                # as the op runs them: the backward reuses the forward's diagonal inverses
+                x, dinv = lucid_kernels.solve_kernel_keeping_inverses(kr, v, **launch)
+                kept = dinv if dinv.numel() else None
+                dk, dv = lucid_kernels.solve_backward_kernel(kr, x, dx, dinv=kept, **launch)
                 rows.append(dict(
                     **launch,
-                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel(kr, v, **launch)),
-                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, **launch)),
+                    fwd_ms=time_ms(lambda: lucid_kernels.solve_kernel_keeping_inverses(kr, v, **launch)),
+                    bwd_ms=time_ms(lambda: lucid_kernels.solve_backward_kernel(kr, x, dx, dinv=kept, **launch)),
                     rel_err_x=relative_diff(x, x64), rel_err_dk=relative_diff(dk, dk64),
                     rel_err_dv=relative_diff(dv, dv64)))
             except Exception as err:  # noqa: BLE001 - a configuration that does not compile is a result

@@ -60,7 +60,7 @@ def _inside(ts: float, spans: list[tuple[float, float]]) -> bool:
 HOST_CATEGORIES = ("cpu_op", "user_annotation", *LAUNCH_CATEGORIES)
 COMPILED_GRAPH_PREFIX = "## Call CompiledFxGraph"
 CUSTOM_OP_PREFIX = "neollm::"
-INDUCTOR_KERNEL_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")
+INDUCTOR_KERNEL_PREFIXES = ("triton_",)  # triton_poi_, _red_, _per_, _tem_, _for_ (foreach): inductor's names
 CUSTOM_OWN = "custom ops (neollm::*), their own Python and launch path"
 CUSTOM_CHILDREN = "custom ops' child aten ops and launches"
 HOST_PARTS = (CUSTOM_OWN, CUSTOM_CHILDREN, "inductor's Triton launches", "aten ops called by compiled graphs",
@@ -75,7 +75,8 @@ def _nest(events: list[dict]) -> tuple[list[dict], dict[int, list[dict]]]:
     roots: list[dict] = []
     children: dict[int, list[dict]] = defaultdict(list)
     for thread in threads.values():
-        thread.sort(key=lambda e: (e["ts"], -e["dur"]))
+        # equal spans: a compiled graph's call nests inside the other (e.g. the "Torch-Compiled Region" around it)
+        thread.sort(key=lambda e: (e["ts"], -e["dur"], e["name"].startswith(COMPILED_GRAPH_PREFIX)))
         stack: list[dict] = []
         for e in thread:
             while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
@@ -86,7 +87,7 @@ def _nest(events: list[dict]) -> tuple[list[dict], dict[int, list[dict]]]:
 
 
 def host_breakdown(events: list[dict], steps: int) -> dict:
-    """Host time per step (ms) of the threads that run the model, in ``HOST_PARTS``: inside each compiled
+    """Host time per step (ms) of every thread in the trace, in ``HOST_PARTS``: inside each compiled
     graph call, the custom ops' own time (not in their child events), their children, inductor's kernel
     launches, the other aten ops and the graph's own Python; outside graphs, the outermost events
     (the optimizer, autograd's AccumulateGrad, the loss, ...). Also each custom op's calls and ms per step."""
@@ -139,7 +140,7 @@ def host_breakdown(events: list[dict], steps: int) -> dict:
 def host_text(host: dict) -> str:
     """``host_breakdown`` as printed: the parts, then each custom op."""
     parts = host["parts_ms"]
-    lines = ["host time per step (the model's threads):"]
+    lines = ["host time per step (every thread of the trace):"]
     lines += [f"{ms:8.2f} ms  {part}" for part, ms in parts.items()]
     lines.append(f"{sum(parts.values()):8.2f} ms  sum")
     lines += [f"{o['ms_per_step']:8.2f} ms  {o['calls_per_step']:4.0f} calls  {name}"

@@ -396,11 +396,12 @@ every diagonal block, all blocks of all heads in parallel, and the walk applies 
 sequential rank-1 updates per block). On an H100 (tools/bench_attention.py --lucid-op-only, T 512, d 64,
 4 KV heads, rows 32, tf32x3; BENCHMARKS.md 2026-12-06 fifteenth session) "inverse" took 0.479 + 1.352 ms
 forward + backward at batch 64 against 0.615 + 1.490, and 0.209 + 0.310 against 0.377 + 0.495 at batch 8,
-with the same error against fp64 (X 5.7e-6, dK 8.7e-6). The backward's transposed solve inverts the blocks
-again rather than keeping the forward's (16 MiB a layer at 64 x 512, rows 32), as the op keeps only X and
-the keys. Those timings are of the inverses by BR rank-1 updates; since the twenty-first session
-they come by recursive doubling on tensor cores (``_doubling_inverse``; not yet timed on a GPU: the
-twentieth session's trainer profile put the old inverses at 3.9 ms of a 64 x 512 step's ~101 ms).
+with the same error against fp64 (X 5.7e-6, dK 8.7e-6). The backward's transposed solve reuses the
+forward's inverses (an op output kept for backward, 16 MiB a layer at 64 x 512, rows 32; until the
+twenty-fourth session it inverted the blocks again). Those timings are of the inverses by BR rank-1
+updates; since the twenty-first session they come by recursive doubling on tensor cores
+(``_doubling_inverse``): in tools/bench.py's profile of neollm_135m at 64 x 512 on an H100 (2026-12-08) they
+took 2.1 ms of a step's 97 ms of kernels, 12 launches (24, 4.2 ms, before the backward reused them).
 ``NEOLLM_LUCID_DIAGONAL`` sets it for a run."""
 
 
@@ -603,14 +604,15 @@ def solve_kernel(kr: torch.Tensor, v: torch.Tensor, **launch) -> torch.Tensor:
     return substitute(kr, v, transposed=False, **launch)
 
 
-def solve_kernel_keeping_inverses(kr: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(X, dinv)`` at the default launch: ``dinv`` the diagonal blocks' inverses the solve used, for the
-    backward's transposed walk to reuse (the same blocks: ``_diagonal_inverse_kernel`` once a step, not
-    twice); empty where the diagonal step is "substitute" (no inverses)."""
-    if not _diagonal(None):
-        return solve_kernel(kr, v), kr.new_empty(0, dtype=torch.float32)
-    dinv = diagonal_inverses(kr)
-    return substitute(kr, v, transposed=False, dinv=dinv), dinv
+def solve_kernel_keeping_inverses(kr: torch.Tensor, v: torch.Tensor, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, dinv)``: ``dinv`` the diagonal blocks' inverses the solve used, for the backward's transposed
+    walk to reuse (the same blocks: ``_diagonal_inverse_kernel`` once a step, not twice); empty where the
+    diagonal step is "substitute" (no inverses). ``launch``: ``substitute``'s keywords."""
+    if not _diagonal(launch.get("diagonal")):
+        return substitute(kr, v, transposed=False, **launch), kr.new_empty(0, dtype=torch.float32)
+    dinv = diagonal_inverses(kr, dots=launch.get("dots"), block_rows=launch.get("block_rows"),
+                             num_warps=launch.get("num_warps"))
+    return substitute(kr, v, transposed=False, dinv=dinv, **launch), dinv
 
 
 def solve_backward_kernel(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, key_grad_launch: dict | None = None,
@@ -630,69 +632,78 @@ def _require_kernel(kr: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError(f"LUCID's Triton kernel cannot run here: {reason}; use lucid_impl 'torch' or 'auto'")
 
 
-def _kernel_inverses_shape(kr: torch.Tensor, use_kernel: bool) -> tuple[int, ...]:
+def _kernel_inverses_shape(kr: torch.Tensor, use_kernel: bool, block_rows: int, diagonal: str) -> tuple[int, ...]:
     """The shape of ``lucid_solve_op``'s second output (``solve_kernel_keeping_inverses``)."""
-    if not use_kernel or not _diagonal(None):
+    if not use_kernel or not _diagonal(diagonal):
         return (0,)
     b, h, t, _ = kr.shape
-    return inverses_shape(b, h, t, BLOCK_ROWS)
+    return inverses_shape(b, h, t, block_rows)
 
 
+# The launch settings that shape the op's outputs or its numbers (the inverses' block size, whether there are
+# inverses, the products' precision) are op arguments, read from the module by ``lucid_solve`` at each call:
+# torch.compile guards on them and a cached compiled graph keys on them, and forward and backward use the same.
 @torch.library.custom_op("neollm::lucid_solve", mutates_args=())
-def lucid_solve_op(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def lucid_solve_op(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool, block_rows: int, diagonal: str,
+                   dots: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(X, dinv)``: ``X = P^-1 V`` per (batch, head) for RMS-normalised keys ``kr`` and values ``v``, both
     ``[B, H, T, d]``, contiguous in kr's dtype (the compute dtype: fp32, or fp64 in tests); ``dinv`` the
     diagonal blocks' inverses, kept for backward (fp32; empty for the reference and the "substitute"
-    diagonal). ``use_kernel``: the Triton kernels (CUDA, or the CPU interpreter), else the reference."""
+    diagonal). ``use_kernel``: the Triton kernels (CUDA, or the CPU interpreter), else the reference;
+    ``block_rows``, ``diagonal``, ``dots``: the kernels' (BLOCK_ROWS, DIAGONAL, DOT_PRECISION)."""
     with torch.autocast(kr.device.type, enabled=False):
         if use_kernel:
             _require_kernel(kr, v)
-            x, dinv = solve_kernel_keeping_inverses(kr, v)
+            x, dinv = solve_kernel_keeping_inverses(kr, v, block_rows=block_rows, diagonal=diagonal, dots=dots)
             return x.to(kr.dtype), dinv
         return solve_reference(kr, v).contiguous(), kr.new_empty(0, dtype=torch.float32)
 
 
 @lucid_solve_op.register_fake
-def _(kr, v, use_kernel):
-    return kr.new_empty(v.shape), kr.new_empty(_kernel_inverses_shape(kr, use_kernel), dtype=torch.float32)
+def _(kr, v, use_kernel, block_rows, diagonal, dots):
+    shape = _kernel_inverses_shape(kr, use_kernel, block_rows, diagonal)
+    return kr.new_empty(v.shape), kr.new_empty(shape, dtype=torch.float32)
 
 
 def lucid_solve(kr: torch.Tensor, v: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """``X = P^-1 V`` (``lucid_solve_op``'s first output)."""
-    return lucid_solve_op(kr, v, use_kernel)[0]
+    """``X = P^-1 V`` (``lucid_solve_op``'s first output) at the module's BLOCK_ROWS, DIAGONAL and
+    DOT_PRECISION."""
+    return lucid_solve_op(kr, v, use_kernel, BLOCK_ROWS, DIAGONAL, DOT_PRECISION)[0]
 
 
 @torch.library.custom_op("neollm::lucid_solve_backward", mutates_args=())
 def lucid_solve_backward(kr: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, dinv: torch.Tensor,
-                         use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         use_kernel: bool, block_rows: int, diagonal: str,
+                         dots: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dkr, dv)`` in kr's dtype, contiguous: see ``solve_backward_reference``; ``dinv``: the forward's
-    diagonal inverses (empty: none to reuse)."""
+    diagonal inverses (empty: none to reuse); the launch settings as the forward's."""
     with torch.autocast(kr.device.type, enabled=False):
         if use_kernel:
             _require_kernel(kr, dx)
-            dkr, dv = solve_backward_kernel(kr, x, dx, dinv=dinv if dinv.numel() else None)
+            dkr, dv = solve_backward_kernel(kr, x, dx, dinv=dinv if dinv.numel() else None, block_rows=block_rows,
+                                            diagonal=diagonal, dots=dots)
             return dkr.to(kr.dtype), dv.to(kr.dtype)
         dkr, dv = solve_backward_reference(kr, x, dx)
         return dkr.contiguous(), dv.contiguous()
 
 
 @lucid_solve_backward.register_fake
-def _(kr, x, dx, dinv, use_kernel):
+def _(kr, x, dx, dinv, use_kernel, block_rows, diagonal, dots):
     return kr.new_empty(kr.shape), kr.new_empty(kr.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    kr, v, use_kernel = inputs
+    kr, v, *settings = inputs
     x, dinv = output
     ctx.mark_non_differentiable(dinv)
     ctx.save_for_backward(kr, x, dinv)  # X, the keys and the diagonal inverses: P is rebuilt, never kept
-    ctx.use_kernel, ctx.v_dtype = use_kernel, v.dtype
+    ctx.settings, ctx.v_dtype = settings, v.dtype  # use_kernel, block_rows, diagonal, dots
 
 
 def _backward(ctx, dx, _ddinv):
     kr, x, dinv = ctx.saved_tensors
-    dkr, dv = lucid_solve_backward(kr, x, dx.contiguous(), dinv, ctx.use_kernel)
-    return dkr, dv.to(ctx.v_dtype), None
+    dkr, dv = lucid_solve_backward(kr, x, dx.contiguous(), dinv, *ctx.settings)
+    return dkr, dv.to(ctx.v_dtype), None, None, None, None
 
 
 lucid_solve_op.register_autograd(_backward, setup_context=_setup_context)
