@@ -343,6 +343,21 @@ def test_provenance_names_the_commit_given_for_a_copied_tree(monkeypatch):
     assert git_commit() == "f2263d9"
 
 
+def test_bench_profile_writes_the_trace_and_where_the_host_time_goes(tmp_path):
+    """--profile DIR on the CPU: per config a chrome trace and a table headed by the host breakdown
+    (eager here: all of it outside compiled graphs), read back from that trace."""
+    from neollm.bench import trace
+
+    assert _bench_module().main(["--device", "cpu", "--configs", "debug", "--vocab", "256", "--batch", "2",
+                                 "--seq", "32", "--steps", "1", "--warmup", "1", "--no-compile",
+                                 "--peak-tflops", "1", "--profile", str(tmp_path)]) == 0
+    (table,) = tmp_path.glob("*.txt")
+    (saved,) = tmp_path.glob("*.trace.json")
+    host = trace.host_breakdown(trace.load_events(saved), 3)
+    assert host["parts_ms"]["outside compiled graphs"] > 0 and not host["custom_ops"]
+    assert trace.host_text(host) in table.read_text()
+
+
 def test_profile_host_summary_counts_launches_waits_and_copies_per_step():
     """The host side of a GPU profile: launches, waits and copies per step, the costliest ops first."""
     from types import SimpleNamespace as Event

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from neollm.bench.trace import family_text, family_times
+from neollm.bench.trace import family_text, family_times, host_breakdown, host_text, load_events
 from neollm.loss import LossSettings
 from neollm.model.args import FLAVORS, ModelConfigError, NeoLLMModelArgs
 from neollm.model.flops import training_flops_per_token
@@ -161,7 +161,8 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
 
     The first line compares the summed kernel time per step with the wall time per step: where
     kernels fill much less than the wall time, the step is bound by the host's launches, not the GPU.
-    ``trace`` also writes the chrome trace (large: tens of MB) for a closer look.
+    ``trace`` also writes the chrome trace (large: tens of MB) for a closer look, and the table then
+    says where the host's time goes (``trace.host_breakdown``).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -189,6 +190,8 @@ def profile_table(step_fn, steps: int, device: torch.device, row_limit: int = 40
                 + "kernel time per step by family (neollm/bench/trace.py):\n" + family_text(families) + "\n")
     else:
         head = f"per step: {wall_ms:.1f} ms wall (profiler on)\n"
+    if trace is not None:  # where the host's time goes, from the trace's nesting (neollm/bench/trace.py)
+        head += host_text(host_breakdown(load_events(trace), steps)) + "\n"
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return head + averages.table(sort_by=key, row_limit=row_limit, max_name_column_width=90)
 
