@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,11 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def tool_command(tool: str, argv: list[str] | None = None) -> str:
+    """The command line a report names: ``python tools/<tool> ARGS`` with ``argv`` (default: this process's)."""
+    return " ".join([f"python tools/{tool}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def record() -> dict[str, object]:

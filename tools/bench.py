@@ -41,6 +41,7 @@ from neollm.bench.throughput import plan, run_rows, set_speedups, synthetic_batc
 from neollm.compile_cache import describe_compile_cache  # noqa: E402
 from neollm.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from neollm.loss import LOSS_IMPLS  # noqa: E402
+from neollm.provenance import tool_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = synthetic_batch(min(v for _, v, _ in rows), opts.batch, opts.seq, device)
     results, baseline = run_rows(rows, tokens=tokens, steps=opts.steps, warmup=opts.warmup, device=device,
                                  peak=peak, profile_dir=opts.profile, json_path=opts.json,
-                                 command=" ".join(["python tools/bench.py", *(sys.argv[1:] if argv is None else argv)]))
+                                 command=tool_command("bench.py", argv))
     set_speedups(results, baseline)
     text = table(results, baseline) + f"\n\nMFU against {peak.tflops:.1f} TFLOP/s: {peak.source}."
     print()

@@ -28,7 +28,7 @@ from neollm.model.model import NeoLLM
 from neollm.optim.ademamix import AdEMAMix
 from neollm.optim.conda import Conda
 from neollm.optim.param_groups import build_param_groups
-from neollm.provenance import record
+from neollm.provenance import record, tool_command
 
 
 def candidates(device: torch.device) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         del optimizer
     if opts.json:
         opts.json.write_text(json.dumps(dict(record(), flavor=opts.flavor, parameters=total,
-                                             command="python tools/bench_optim.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                             command=tool_command("bench_optim.py", argv),
                                              rows=rows), indent=2))
     return 0
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     from neollm.bench.polynorm import rows_for, table
-    from neollm.provenance import record
+    from neollm.provenance import record, tool_command
 
     results = []
     for exclusive in (False, True):
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}, rows {args.rows}, F {args.hidden}, {args.dtype}")
     print(table(results))
     if args.json:
-        command = " ".join(["python tools/bench_polynorm.py", *(sys.argv[1:] if argv is None else argv)])
+        command = tool_command("bench_polynorm.py", argv)
         args.json.write_text(json.dumps({**record(), "command": command, "rows": results}, indent=2) + "\n")
     return 0
 

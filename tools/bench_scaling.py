@@ -45,6 +45,7 @@ from pathlib import Path
 from neollm.ablation.runner import RunFailed
 from neollm.bench.scaling import run_layouts, write_results
 from neollm.errors import ConfigError
+from neollm.provenance import tool_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, RunFailed, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "python tools/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = tool_command("bench_scaling.py", argv)
     print(write_results(opts, results, global_batch, command))
     return 0
 

@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from neollm.bench.trainer import measure, summary
     from neollm.errors import ConfigError
+    from neollm.provenance import tool_command
 
     try:
-        report = measure(opts, "python tools/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        report = measure(opts, tool_command("bench_trainer.py", argv))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
